@@ -1,0 +1,326 @@
+"""The wire protocol: every message that crosses a process boundary, one small typed class per kind.
+
+Scheduler -> gpu_worker: `StepPlan` (carries only what changed: new requests in full, running ones as
+ids + new block ids). gpu_worker (rank 0) -> scheduler: `StepResult`.
+
+Token-id lists are declared as `TokenIds`; the codec (common.codec) packs them as int32 bytes on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from common.sampling_params import SamplingParams
+
+TokenIds = list[int]
+
+
+# --------------------------------------------------------------------------- scheduler -> gpu_worker
+
+
+@dataclass
+class NewRequestData:
+    """A request the worker has not seen (or must rebuild after preemption): everything, in full."""
+
+    req_id: str
+    prompt_token_ids: TokenIds
+    # Tokens already generated (non-empty only when a preempted request is resumed by recomputation).
+    output_token_ids: TokenIds
+    sampling_params: SamplingParams
+    block_ids: TokenIds
+    num_computed_tokens: int
+    # The seed the sampler uses for this request (the request's own seed, or one the scheduler drew).
+    sampling_seed: int
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the worker already holds: only ids, new blocks and the computed-token counter."""
+
+    req_id: str
+    new_block_ids: TokenIds
+    num_computed_tokens: int
+
+
+@dataclass
+class StepPlan:
+    TAG: ClassVar[str] = "step_plan"
+
+    step_id: int
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    # Tokens to run this step for each scheduled request, in batch order (new requests first, then cached).
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests finished or aborted since the last plan; the worker drops their state.
+    finished_req_ids: list[str] = field(default_factory=list)
+    # Requests preempted since the last plan: the worker drops their state too (they return as new).
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+# --------------------------------------------------------------------------- gpu_worker -> scheduler
+
+
+@dataclass
+class TopLogprobs:
+    """Log-probabilities for one sampled token and the top-N alternatives at that position."""
+
+    token_logprob: float
+    top_token_ids: TokenIds
+    top_logprobs: list[float]
+
+
+@dataclass
+class StepResult:
+    TAG: ClassVar[str] = "step_result"
+
+    step_id: int
+    # Requests that produced a token this step (a prefill chunk that does not reach the end samples nothing).
+    req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: TokenIds = field(default_factory=list)
+    # Parallel to req_ids; None where the request did not ask for logprobs.
+    logprobs: list[TopLogprobs | None] = field(default_factory=list)
+    # Seconds the worker spent in the forward + sampling (for metrics and benchmarks).
+    execute_time: float = 0.0
+
+
+# --------------------------------------------------------------------------- scheduler -> tokenizer (-> api)
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one engine step: new token ids, and why it finished if it did."""
+
+    req_id: str
+    new_token_ids: TokenIds
+    # Parallel to new_token_ids when the request asked for logprobs.
+    new_logprobs: list[TopLogprobs] | None = None
+    finished: bool = False
+    # "stop" (EOS / stop token / stop string), "length" (max_tokens or max_model_len), "abort", "error"
+    finish_reason: str | None = None
+    # The stop token id that ended the request, if any (OpenAI's `stop_reason`).
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class ErrorInfo:
+    """A request-level failure, shaped like the HTTP error body the api returns."""
+
+    message: str
+    type: str = "BadRequestError"
+    # The OpenAI request field at fault ("prompt", "messages.[0].role", ...), when one is.
+    param: str | None = None
+    code: int = 400  # the HTTP status the api should answer with
+
+
+# --------------------------------------------------------------------------- api -> tokenizer
+
+
+@dataclass
+class GenerateRequest:
+    """One sequence to generate. Exactly one of prompt / prompt_token_ids / messages is set.
+
+    The api fans `n > 1` out into separate requests before this point.
+    """
+
+    TAG: ClassVar[str] = "generate_request"
+
+    req_id: str
+    # Which api instance owns the request: outputs go to addresses.api_inbox[api_index].
+    api_index: int
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: TokenIds | None = None
+    # OpenAI chat messages (validated and rendered by the tokenizer's chat template).
+    messages: list[dict[str, object]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, object] | None = None
+    # Return the prompt text on the first TextDelta (completions `echo`).
+    echo: bool = False
+    arrival_time: float = 0.0
+
+
+@dataclass
+class AbortRequest:
+    """Stop a request and drop its state (api -> tokenizer on disconnect; tokenizer -> scheduler)."""
+
+    TAG: ClassVar[str] = "abort_request"
+
+    req_id: str
+
+
+@dataclass
+class TokenizeRequest:
+    """The /tokenize endpoint: exactly one of prompt / messages is set."""
+
+    TAG: ClassVar[str] = "tokenize_request"
+
+    req_id: str
+    api_index: int
+    prompt: str | None = None
+    messages: list[dict[str, object]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+@dataclass
+class DetokenizeRequest:
+    """The /detokenize endpoint."""
+
+    TAG: ClassVar[str] = "detokenize_request"
+
+    req_id: str
+    api_index: int
+    token_ids: TokenIds
+
+
+# --------------------------------------------------------------------------- tokenizer -> scheduler
+
+
+@dataclass
+class TokenizedRequest:
+    TAG: ClassVar[str] = "tokenized_request"
+
+    req_id: str
+    prompt_token_ids: TokenIds
+    sampling_params: SamplingParams
+    # Which tokenizer instance owns the request: outputs go to addresses.tokenizer_inbox[tokenizer_index].
+    tokenizer_index: int
+    # End-of-sequence ids the tokenizer knows for this model (tokenizer + generation_config).
+    eos_token_ids: TokenIds = field(default_factory=list)
+    arrival_time: float = 0.0
+
+
+# --------------------------------------------------------------------------- scheduler -> tokenizer
+
+
+@dataclass
+class BatchRequestOutput:
+    """One engine step's outputs for the requests one tokenizer instance owns."""
+
+    TAG: ClassVar[str] = "batch_request_output"
+
+    outputs: list[RequestOutput]
+    step_id: int = 0
+
+
+# --------------------------------------------------------------------------- tokenizer -> api
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of one sampled token with the tokens as text, and the top alternatives (parallel lists)."""
+
+    token: str
+    logprob: float
+    top_token_ids: TokenIds
+    top_tokens: list[str]
+    top_logprobs: list[float]
+
+
+@dataclass
+class TextDelta:
+    """What one request produced since its last delta, detokenized and stop-string checked."""
+
+    TAG: ClassVar[str] = "text_delta"
+
+    req_id: str
+    text: str = ""
+    token_ids: TokenIds = field(default_factory=list)
+    # Parallel to token_ids when the request asked for logprobs.
+    logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative, for usage
+    num_cached_tokens: int = 0
+    # The prompt as text, on the first delta of an `echo` request.
+    prompt_text: str | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class BatchTextDelta:
+    """One step's deltas for the requests one api instance owns."""
+
+    TAG: ClassVar[str] = "batch_text_delta"
+
+    deltas: list[TextDelta]
+
+
+@dataclass
+class TokenizeResponse:
+    TAG: ClassVar[str] = "tokenize_response"
+
+    req_id: str
+    token_ids: TokenIds = field(default_factory=list)
+    token_strs: list[str] | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class DetokenizeResponse:
+    TAG: ClassVar[str] = "detokenize_response"
+
+    req_id: str
+    text: str = ""
+    error: ErrorInfo | None = None
+
+
+# --------------------------------------------------------------------------- scheduler -> api
+
+
+@dataclass
+class EngineStats:
+    """Gauges and counters the api exports on /metrics (sent by the scheduler every so often)."""
+
+    TAG: ClassVar[str] = "engine_stats"
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_preemptions: int = 0  # cumulative
+    prompt_tokens: int = 0  # cumulative
+    generation_tokens: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative tokens looked up
+    prefix_cache_hits: int = 0  # cumulative tokens found
+    timestamp: float = 0.0
+
+
+# --------------------------------------------------------------------------- control (any -> any)
+
+
+@dataclass
+class Heartbeat:
+    TAG: ClassVar[str] = "heartbeat"
+
+    sender: str  # "api", "tokenizer", "scheduler", "gpu_worker"
+    index: int = 0
+    timestamp: float = 0.0
+
+
+@dataclass
+class Shutdown:
+    """Ask a process to leave its loop and exit cleanly."""
+
+    TAG: ClassVar[str] = "shutdown"
+
+    reason: str = ""

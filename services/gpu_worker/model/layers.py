@@ -1,0 +1,181 @@
+"""Building blocks of the decoder: norms, tensor-parallel linears and embeddings with their weight loaders.
+
+Weight loaders accept either a torch tensor or a safetensors slice (anything with a shape and
+`__getitem__`), and read only the rows/columns this rank owns, so a TP rank never materialises the full
+checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.gpu_worker.parallel import TPGroup
+
+
+def _shape(loaded: Any) -> tuple[int, ...]:
+    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+
+
+def _copy_into(dst: torch.Tensor, src: Any) -> None:
+    src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"weight shape {tuple(src.shape)} does not match parameter shape {tuple(dst.shape)}")
+    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any, shard: Any = None) -> None:
+    _copy_into(param.data, loaded if isinstance(loaded, torch.Tensor) else loaded[:])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        # Same operation order as transformers' LlamaRMSNorm, so float32 results match bit for bit.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W's output rows split across ranks; several logical outputs may be merged
+    (gate|up, or q|k|v), each sharded on its own so every rank holds its part of each."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.tp = tp
+        # Per logical output: (rows on this rank, first row of this rank's part in the full weight).
+        self.shards = self._plan_shards(shard_sizes)
+        out_local = sum(rows for rows, _ in self.shards)
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype, device=device), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def _plan_shards(self, shard_sizes: list[int]) -> list[tuple[int, int]]:
+        plan = []
+        for size in shard_sizes:
+            if size % self.tp.size:
+                raise ValueError(f"output size {size} is not divisible by tensor-parallel size {self.tp.size}")
+            rows = size // self.tp.size
+            plan.append((rows, self.tp.rank * rows))
+        return plan
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard: int = 0) -> None:
+        rows, src_start = self.shards[shard]
+        dst_start = sum(r for r, _ in self.shards[:shard])
+        _copy_into(param.data.narrow(0, dst_start, rows), loaded[src_start : src_start + rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q|k|v merged. Query heads split across ranks; KV heads split too, or replicated when there are
+    fewer KV heads than ranks (each rank then holds the one KV head its query heads use)."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device):
+        check_tp_heads(num_heads, num_kv_heads, tp.size)
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         bias, tp, dtype, device)
+
+    def _plan_shards(self, shard_sizes: list[int]) -> list[tuple[int, int]]:
+        tp, d = self.tp, self.head_dim
+        q_heads = self.num_heads // tp.size
+        if self.num_kv_heads >= tp.size:
+            kv_heads, kv_first = self.num_kv_heads // tp.size, tp.rank * (self.num_kv_heads // tp.size)
+        else:
+            kv_heads, kv_first = 1, tp.rank // (tp.size // self.num_kv_heads)
+        return [(q_heads * d, tp.rank * q_heads * d), (kv_heads * d, kv_first * d), (kv_heads * d, kv_first * d)]
+
+    @property
+    def local_heads(self) -> tuple[int, int]:
+        return self.shards[0][0] // self.head_dim, self.shards[1][0] // self.head_dim
+
+
+def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    if num_heads % tp_size:
+        raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {num_heads} attention heads")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(f"--tensor-parallel-size {tp_size} must divide, or be a multiple of, the model's "
+                         f"{num_kv_heads} key/value heads")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"input size {in_features} is not divisible by tensor-parallel size {tp.size}")
+        self.tp = tp
+        self.in_local = in_features // tp.size
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            self.bias.weight_loader = default_weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard: Any = None) -> None:
+        start = self.tp.rank * self.in_local
+        _copy_into(param.data, loaded[:, start : start + self.in_local])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across ranks; each rank looks up its own range and the results are summed."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)  # vocab padded up to a multiple of the TP size
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard: Any = None) -> None:
+        end = min(self.start + self.rows, self.vocab_size)
+        param.data[end - self.start :].zero_()
+        _copy_into(param.data[: end - self.start], loaded[self.start : end])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0.0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's vocab range, gathered to full vocab (float32, padding columns dropped)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight).float()
+        return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]

@@ -1,0 +1,154 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
+
+Written once: QKV bias and QK-norm are switched on by ModelArch flags. Q/K/V and gate/up are merged
+into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
+`ForwardContext`; no module keeps per-step state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from services.gpu_worker.model.arch import ModelArch
+from services.gpu_worker.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from services.gpu_worker.parallel import TPGroup
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_caches: list[KVCache]
+    backend: AttentionBackend
+    cos_sin_cache: torch.Tensor
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                                          arch.qkv_bias, tp, dtype, device)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.scale = arch.head_dim ** -0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = ctx.backend.forward(q, k, v, positions, ctx.cos_sin_cache, ctx.kv_caches[self.layer_idx],
+                                  ctx.attn, self.scale)
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        i = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], False, tp, dtype, device)
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(arch, tp, dtype, device)
+
+    def forward(self, positions, x, residual, ctx: ForwardContext):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+# HF checkpoint names that land in one of our merged parameters: (our name, shard index).
+_MERGED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Load HF-named weights (tensors or safetensors slices); returns the parameter names filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            shard: int | None = None
+            for hf_part, (ours, idx) in _MERGED.items():
+                if f".{hf_part}." in name:
+                    name, shard = name.replace(hf_part, ours), idx
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+            param = params[name]
+            param.weight_loader(param, tensor, shard)
+            loaded.add(name)
+        return loaded
+
+    def expected_parameter_names(self) -> set[str]:
+        names = set(dict(self.named_parameters()).keys())
+        if self.arch.tie_word_embeddings:
+            names.discard("lm_head.weight")
+        return names

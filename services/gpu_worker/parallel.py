@@ -1,0 +1,44 @@
+"""The tensor-parallel group a worker belongs to, passed explicitly to every parallel layer.
+
+Size 1 makes every collective a no-op, so the single-GPU path pays nothing for TP support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.broadcast(x, src)
+        return x
+
+
+SINGLE = TPGroup()

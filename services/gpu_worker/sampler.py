@@ -1,0 +1,293 @@
+"""Batched token sampler: penalties, min-tokens, temperature, min-p / top-k / top-p, logprobs.
+
+Everything runs on the logits' device for the whole batch at once. The only per-row Python work is
+building the input tensors (one pass per step) and formatting logprobs for the rows that asked.
+
+Random sampling uses the exponential (Gumbel-max) trick with noise from a counter-based hash of
+(seed, step, token id) instead of a stateful generator: a request's k-th token is always drawn with
+the same noise, whatever batch it lands in, and no per-row torch.Generator is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.messages import TopLogprobs
+from common.sampling_params import SamplingParams
+
+# Temperatures below this are treated as greedy (dividing by them would overflow; vLLM does the same).
+_GREEDY_EPS = 1e-5
+
+# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic; int64 multiply/add wrap).
+_U64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    x &= _U64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)
+_MUL1 = _i64(0xBF58476D1CE4E5B9)
+_MUL2 = _i64(0x94D049BB133111EB)
+
+
+@dataclass
+class SamplingRow:
+    """What the model runner knows per sampling request."""
+
+    params: SamplingParams
+    seed: int  # always set: the engine draws one when the user gave none
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SamplingInputs:
+    """Per-step sampling tensors on the target device. Optional tensors are None when no row needs them."""
+
+    vocab_size: int
+    all_greedy: bool
+    # [B] bool; None when all rows are greedy or all random (no mixing needed).
+    is_greedy: torch.Tensor | None
+    temperature: torch.Tensor | None  # [B] f32, 1.0 on greedy rows; None when all greedy
+    seeds: torch.Tensor | None  # [B] i64
+    steps: torch.Tensor | None  # [B] i64 = len(output_token_ids)
+    min_p: torch.Tensor | None  # [B] f32
+    top_k: torch.Tensor | None  # [B] i64, vocab_size where disabled
+    max_top_k: int
+    top_p: torch.Tensor | None  # [B] f32
+    # Penalties (all None when no row has any).
+    presence_penalty: torch.Tensor | None  # [B] f32
+    frequency_penalty: torch.Tensor | None  # [B] f32
+    repetition_penalty: torch.Tensor | None  # [B] f32
+    prompt_token_ids: torch.Tensor | None  # [B, Lp] i64 padded with vocab_size; None if no repetition penalty
+    output_token_ids: torch.Tensor | None  # [B, Lo] i64 padded with vocab_size
+    # Tokens to mask to -inf (min_tokens): [2, N] (row, token) index pairs.
+    blocked: torch.Tensor | None
+    # Logprobs: per row N (None: not asked) and the batch max (None: no row asked).
+    num_logprobs: list[int | None]
+    max_num_logprobs: int | None
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.presence_penalty is None
+
+    @property
+    def no_top_k_top_p(self) -> bool:
+        return self.top_k is None and self.top_p is None
+
+
+def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(map(len, lists)))
+    return torch.tensor([ids + [pad] * (width - len(ids)) for ids in lists], dtype=torch.int64, device=device)
+
+
+def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingInputs:
+    V = vocab_size
+    n = len(rows)
+    # One pass over the rows collecting plain Python lists; tensors are made once at the end.
+    temp, min_p, pres, freq = ([0.0] * n for _ in range(4))
+    top_p, rep = [1.0] * n, [1.0] * n
+    seeds, steps, top_k, greedy = [0] * n, [0] * n, [V] * n, [False] * n
+    max_top_k = 0
+    prompts: list[list[int]] = [[] for _ in range(n)]
+    outputs: list[list[int]] = [[] for _ in range(n)]
+    blk_rows: list[int] = []
+    blk_toks: list[int] = []
+    num_logprobs: list[int | None] = [None] * n
+    any_top_p = any_min_p = any_pen = any_rep = False
+    for i, r in enumerate(rows):
+        p = r.params
+        out = r.output_token_ids
+        g = p.temperature < _GREEDY_EPS
+        greedy[i] = g
+        temp[i] = 1.0 if g else p.temperature
+        seeds[i] = _i64(r.seed)
+        steps[i] = len(out)
+        if not g:  # sampling filters only matter for random rows
+            if 0 < p.top_k < V:
+                top_k[i] = p.top_k
+                max_top_k = max(max_top_k, p.top_k)
+            top_p[i] = p.top_p
+            any_top_p |= p.top_p < 1.0
+            min_p[i] = p.min_p
+            any_min_p |= p.min_p > 0.0
+        pres[i], freq[i], rep[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+            any_pen = True
+            outputs[i] = out  # rows without penalties stay empty (all padding) to keep the tensor small
+            if p.repetition_penalty != 1.0:
+                any_rep = True
+                prompts[i] = r.prompt_token_ids
+        if len(out) < p.min_tokens:
+            block = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + r.eos_token_ids
+            for t in set(block):
+                if t < V:
+                    blk_rows.append(i)
+                    blk_toks.append(t)
+        num_logprobs[i] = p.logprobs
+
+    all_greedy = all(greedy)
+    mixed = not all_greedy and any(greedy)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
+    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
+    asked = [k for k in num_logprobs if k is not None]
+    return SamplingInputs(
+        vocab_size=V,
+        all_greedy=all_greedy,
+        is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device) if mixed else None,
+        temperature=None if all_greedy else torch.tensor(temp, **f32),
+        seeds=None if all_greedy else torch.tensor(seeds, **i64),
+        steps=None if all_greedy else torch.tensor(steps, **i64),
+        min_p=torch.tensor(min_p, **f32) if any_min_p else None,
+        top_k=torch.tensor(top_k, **i64) if max_top_k else None,
+        max_top_k=max_top_k,
+        top_p=torch.tensor(top_p, **f32) if any_top_p else None,
+        presence_penalty=torch.tensor(pres, **f32) if any_pen else None,
+        frequency_penalty=torch.tensor(freq, **f32) if any_pen else None,
+        repetition_penalty=torch.tensor(rep, **f32) if any_pen else None,
+        prompt_token_ids=_pad(prompts, V, device) if any_rep else None,
+        output_token_ids=_pad(outputs, V, device) if any_pen else None,
+        blocked=torch.tensor([blk_rows, blk_toks], **i64) if blk_rows else None,
+        num_logprobs=num_logprobs,
+        max_num_logprobs=max(asked) if asked else None,
+    )
+
+
+# --------------------------------------------------------------------------- counter-based noise
+
+
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser, in place on int64. `>>` is arithmetic on int64: mask for a logical shift."""
+    z ^= (z >> 30) & ((1 << 34) - 1)
+    z *= _MUL1
+    z ^= (z >> 27) & ((1 << 37) - 1)
+    z *= _MUL2
+    z ^= (z >> 31) & ((1 << 33) - 1)
+    return z
+
+
+def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] float32 uniforms in (0, 1), a pure function of (seed_b, step_b, v)."""
+    # Per-row key from (seed, step), then the v-th output of a splitmix64 stream keyed by it.
+    key = _mix64_(seeds + _GAMMA)
+    key ^= steps
+    key = _mix64_(key * _MUL2 + _GAMMA)
+    offs = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device) * _GAMMA
+    z = _mix64_(key[:, None] + offs)
+    # High 23 bits -> odd multiples of 2^-24: exact in float32, never 0 or 1.
+    hi = ((z >> 41) & ((1 << 23) - 1)).to(torch.float32)
+    return hi.mul_(2.0).add_(1.0).mul_(2.0**-24)
+
+
+# --------------------------------------------------------------------------- logits processing
+
+
+def apply_penalties(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """Repetition / frequency / presence penalties (vLLM / OpenAI semantics). Returns a new tensor."""
+    if inputs.no_penalties:
+        return logits
+    B, V = logits.shape
+    out_ids = inputs.output_token_ids
+    assert out_ids is not None
+    # Token counts in the output; the padding column V is dropped.
+    counts = torch.zeros(B, V + 1, dtype=torch.int32, device=logits.device)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.int32))
+    counts = counts[:, :V]
+    out_mask = counts > 0
+    x = logits
+    if inputs.prompt_token_ids is not None:  # repetition penalty: tokens seen in prompt or output
+        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, inputs.prompt_token_ids, True)
+        seen = seen[:, :V] | out_mask
+        r = inputs.repetition_penalty[:, None]  # type: ignore[index]
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    x = x - inputs.frequency_penalty[:, None] * counts  # type: ignore[index]
+    return x - inputs.presence_penalty[:, None] * out_mask  # type: ignore[index]
+
+
+def _apply_top_k_top_p(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    neg_inf = float("-inf")
+    if inputs.top_p is None:
+        # Top-k only: a partial sort up to the largest k is much cheaper than sorting the vocab.
+        assert inputs.top_k is not None
+        vals = x.topk(inputs.max_top_k, dim=-1).values
+        kth = vals.gather(1, (inputs.top_k.clamp(max=inputs.max_top_k) - 1)[:, None])
+        # Disabled rows (k == vocab_size) keep everything.
+        kth = kth.masked_fill((inputs.top_k >= inputs.vocab_size)[:, None], neg_inf)
+        return x.masked_fill_(x < kth, neg_inf)
+    srt, idx = x.sort(dim=-1, descending=True)
+    if inputs.top_k is not None:
+        kth = srt.gather(1, inputs.top_k[:, None] - 1)
+        srt.masked_fill_(srt < kth, neg_inf)
+    probs = srt.softmax(dim=-1)
+    # Drop a token once the mass strictly before it reaches top_p; the top token has 0 before it, so stays.
+    before = probs.cumsum(dim=-1).sub_(probs)
+    srt.masked_fill_(before >= inputs.top_p[:, None], neg_inf)
+    return torch.empty_like(x).scatter_(1, idx, srt)
+
+
+def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """x: penalised logits (not modified). Returns [B] sampled ids for every row (greedy rows included)."""
+    assert inputs.temperature is not None and inputs.seeds is not None and inputs.steps is not None
+    x = x / inputs.temperature[:, None]
+    if inputs.min_p is not None:
+        # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); min_p == 0 gives -inf (keep all).
+        thresh = x.amax(dim=-1, keepdim=True) + inputs.min_p[:, None].log()
+        x.masked_fill_(x < thresh, float("-inf"))
+    if not inputs.no_top_k_top_p:
+        x = _apply_top_k_top_p(x, inputs)
+    # argmax(p / q) with q ~ Exp(1)  ==  argmax(logit - log q): same draw, no softmax, no underflow.
+    q = hash_uniform(inputs.seeds, inputs.steps, x.shape[-1]).log_().neg_()
+    return x.sub_(q.log_()).argmax(dim=-1)
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    logprobs: list[TopLogprobs | None] | None  # per row; None when no row asked
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
+        logits = logits.float()
+        # User-facing logprobs come from the raw model distribution (before penalties / temperature).
+        raw_lp = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
+
+        x = logits
+        if inputs.blocked is not None:  # min_tokens: out of place, the raw logits stay intact
+            x = x.clone()
+            x[inputs.blocked[0], inputs.blocked[1]] = float("-inf")
+        x = apply_penalties(x, inputs)
+        if inputs.all_greedy:
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = _sample_random(x, inputs)
+            if inputs.is_greedy is not None:  # mixed batch: greedy rows take the argmax of the penalised logits
+                tokens = torch.where(inputs.is_greedy, x.argmax(dim=-1), tokens)
+
+        return SamplerOutput(tokens, None if raw_lp is None else self._logprobs(raw_lp, tokens, inputs))
+
+    @staticmethod
+    def _logprobs(
+        raw_lp: torch.Tensor, tokens: torch.Tensor, inputs: SamplingInputs
+    ) -> list[TopLogprobs | None]:
+        n = min(inputs.max_num_logprobs or 0, raw_lp.shape[-1])
+        tok_lp = raw_lp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        if n > 0:
+            top_lp, top_ids = raw_lp.topk(n, dim=-1)
+            top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+        # Output formatting: slice each row's top-N from the batch top-max.
+        result: list[TopLogprobs | None] = []
+        for i, k in enumerate(inputs.num_logprobs):
+            if k is None:
+                result.append(None)
+            else:
+                ids, lps = (top_ids_l[i][:k], top_lp_l[i][:k]) if k > 0 else ([], [])
+                result.append(TopLogprobs(token_logprob=tok_lp[i], top_token_ids=ids, top_logprobs=lps))
+        return result
