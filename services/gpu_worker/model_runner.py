@@ -64,6 +64,7 @@ class ModelRunner:
         loaded = load_model(self.source, self.device, dtype, tp, seed=config.model.seed)
         self.load_seconds = time.perf_counter() - t0
         self.model, self.arch, self.hf_config, self.dtype = loaded.model, loaded.arch, loaded.hf_config, loaded.dtype
+        self.eos_token_ids = self.source.eos_token_ids(self.hf_config)
         self.max_model_len = self._resolve_max_model_len()
         self.block_size = config.cache.block_size
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device)
@@ -251,7 +252,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             states = [self.requests[rid] for rid in batch.sample_req_ids]
             rows = [SamplingRow(s.params, s.seed, s.token_ids[: s.num_prompt_tokens],
-                                s.token_ids[s.num_prompt_tokens :], self.arch.eos_token_ids) for s in states]
+                                s.token_ids[s.num_prompt_tokens :], self.eos_token_ids) for s in states]
             inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
             out = self.sampler(logits, inputs)
             sampled = out.sampled_token_ids.tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 
@@ -32,6 +33,19 @@ class ModelSource:
     config_dir: str | None  # folder holding config.json (None for random presets)
     tokenizer_dir: str  # folder holding the tokenizer files
     preset: str | None = None
+
+    def eos_token_ids(self, hf_config) -> tuple[int, ...]:
+        """EOS ids from config.json and generation_config.json together (instruct models list several)."""
+        ids: list[int] = []
+        sources = [getattr(hf_config, "eos_token_id", None)]
+        if self.config_dir and os.path.isfile(os.path.join(self.config_dir, "generation_config.json")):
+            with open(os.path.join(self.config_dir, "generation_config.json")) as f:
+                sources.append(json.load(f).get("eos_token_id"))
+        for eos in sources:
+            for t in (eos if isinstance(eos, list) else [eos]):
+                if isinstance(t, int) and t not in ids:
+                    ids.append(t)
+        return tuple(ids)
 
     def hf_config(self):
         """The transformers config object (rope parameters standardised by transformers itself)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import CacheConfig, EngineConfig
+from common.config import CacheConfig, EngineConfig, ModelConfig
 from common.sampling_params import SamplingParams
 from services.gpu_worker.model_runner import ModelRunner
 from tests.services.gpu_worker.plan_driver import PlanDriver
@@ -25,7 +25,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def runner(embedded_source):
-    return ModelRunner(EngineConfig(cache=CacheConfig(num_blocks=256)), source=embedded_source, log=lambda *_: None)
+    return ModelRunner(EngineConfig(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=256)), source=embedded_source, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")

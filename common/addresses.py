@@ -1,0 +1,96 @@
+"""The address plan: every ZeroMQ endpoint of the engine, derived from one ServerConfig.
+
+Each inbox is bound by the process that reads it and connected to by its senders:
+
+    api_inbox[i]        PULL bound by api i         <- tokenizers (TextDelta, ...), scheduler (EngineStats)
+    tokenizer_inbox[j]  PULL bound by tokenizer j   <- api (requests, aborts), scheduler (BatchRequestOutput)
+    scheduler_inbox     PULL bound by scheduler     <- tokenizers (TokenizedRequest, AbortRequest)
+    worker_plan         PUB bound by scheduler      -> every gpu_worker rank (StepPlan)
+    worker_result       PULL bound by scheduler     <- gpu_worker rank 0 (StepResult)
+
+transport "ipc": `ipc://<ipc_dir>/<name>` (one host). transport "tcp": `tcp://<host>:<port>` where host is the
+service name ("api-0", "tokenizer-1", "scheduler") as a container network resolves it, and ports count up
+from `base_port` so no two endpoints share one even when every service runs on one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.config import ConfigError, ServerConfig
+
+# Longest path a Unix domain socket accepts (sockaddr_un.sun_path is 108 bytes with the NUL on Linux).
+_MAX_IPC_PATH = 107
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    bind: str  # what the owner binds ("tcp://*:port" listens on every interface)
+    connect: str  # what its peers connect to
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    api_inbox: tuple[Endpoint, ...]
+    tokenizer_inbox: tuple[Endpoint, ...]
+    scheduler_inbox: Endpoint
+    worker_plan: Endpoint
+    worker_result: Endpoint
+
+
+def with_ipc_dir(server: ServerConfig) -> ServerConfig:
+    """The launcher calls this once, so every process it starts derives the same socket paths."""
+    if server.transport != "ipc" or server.ipc_dir:
+        return server
+    return dataclasses.replace(server, ipc_dir=tempfile.mkdtemp(prefix="headrace-"))
+
+
+def address_plan(server: ServerConfig, *, base_port: int | None = None,
+                 hosts: Mapping[str, str] | None = None) -> AddressPlan:
+    """Every address of the engine. `hosts` overrides a service's host name (key: "tokenizer-1", ...);
+    `base_port` (tcp only) defaults to the HTTP port + 1000."""
+    names = _names(server)
+    if server.transport == "ipc":
+        if not server.ipc_dir:
+            raise ConfigError("transport 'ipc' needs ipc_dir (the launcher sets it with with_ipc_dir)")
+        eps = {name: _ipc(server.ipc_dir, name) for name in names}
+    else:
+        port = server.port + 1000 if base_port is None else base_port
+        if not (0 < port and port + len(names) <= 65536):
+            raise ConfigError(f"zmq ports {port}..{port + len(names) - 1} do not fit in 1..65535")
+        hosts = hosts or {}
+        eps = {}
+        for k, name in enumerate(names):
+            host = hosts.get(name) or _default_host(name)
+            eps[name] = Endpoint(bind=f"tcp://*:{port + k}", connect=f"tcp://{host}:{port + k}")
+    return AddressPlan(
+        api_inbox=tuple(eps[f"api-{i}"] for i in range(server.num_api_servers)),
+        tokenizer_inbox=tuple(eps[f"tokenizer-{j}"] for j in range(server.num_tokenizers)),
+        scheduler_inbox=eps["scheduler"],
+        worker_plan=eps["worker-plan"],
+        worker_result=eps["worker-result"],
+    )
+
+
+def _names(server: ServerConfig) -> list[str]:
+    # Fixed endpoints first so their ports do not move when instance counts change.
+    return (["scheduler", "worker-plan", "worker-result"]
+            + [f"tokenizer-{j}" for j in range(server.num_tokenizers)]
+            + [f"api-{i}" for i in range(server.num_api_servers)])
+
+
+def _default_host(name: str) -> str:
+    # The worker channels are bound by the scheduler, so they live on its host.
+    return "scheduler" if name.startswith("worker-") else name
+
+
+def _ipc(ipc_dir: str, name: str) -> Endpoint:
+    path = os.path.join(ipc_dir, name)
+    if len(path) > _MAX_IPC_PATH:
+        raise ConfigError(f"ipc socket path {path!r} is longer than {_MAX_IPC_PATH} bytes; use a shorter ipc_dir")
+    address = f"ipc://{path}"
+    return Endpoint(bind=address, connect=address)

@@ -1,0 +1,265 @@
+"""The continuous-batching policy: which requests run in the next step, with how many tokens each.
+
+There are no prefill and decode phases. Every request has `num_tokens` (prompt + outputs so far) and
+`num_computed_tokens` (those whose KV is written); a step gives each scheduled request some of the
+difference. A decode is a request one token behind; a prefill is one further behind, and a long one is
+split over several steps (chunked prefill) so decodes keep flowing beside it.
+
+One step, in order:
+  1. RUNNING requests, oldest admission first. Each decode takes one token; an unfinished prefill takes a
+     chunk (capped by long_prefill_token_threshold), always leaving one token of budget for every running
+     request behind it. When the KV pool runs dry, the most recently admitted running request is
+     preempted (blocks freed, progress dropped, put back at the FRONT of the queue) until the allocation
+     fits; if the request in hand is the last one left, it is preempted itself.
+  2. WAITING requests, first come first served, while the token budget, max_num_seqs and the KV pool
+     (minus a small watermark) allow. Skipped in a step that preempted anything.
+
+Conventions the worker relies on:
+  - `num_computed_tokens` advances when a request is scheduled (here, not in update_from_output), so a
+    plan's NewRequestData/CachedRequestData carry the count *before* the step: the worker computes
+    tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens[req_id]).
+  - `plan.num_scheduled_tokens` is in batch order: new requests first, then cached ones, as listed in
+    the plan; the worker lays its batch out in that dict's insertion order.
+  - A request is sent as NewRequestData when the worker does not hold it (first admission, or resumption
+    after preemption, which carries the outputs so far to recompute), as CachedRequestData afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from common.config import CacheConfig, SchedulerConfig
+from common.messages import CachedRequestData, NewRequestData, RequestOutput, StepPlan, StepResult, TopLogprobs
+from services.scheduler.block_manager import BlockManager
+from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
+
+RUNNING = RequestStatus.RUNNING
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 max_model_len: int) -> None:
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        threshold = scheduler_config.long_prefill_token_threshold
+        # None (or not positive): a prefill chunk is bounded by the step's token budget alone.
+        self.long_prefill_token_threshold = threshold if threshold and threshold > 0 else self.max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.waiting: OrderedDict[str, Request] = OrderedDict()  # FCFS; preempted ones re-enter at the front
+        self.running: list[Request] = []  # admission order: the last is the first to be preempted
+        self._finished_req_ids: list[str] = []  # finished or aborted since the last plan, held by the worker
+        self._next_step_id = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request. Raises ValueError for one that could never run."""
+        n = req.num_prompt_tokens
+        if req.req_id in self.requests:
+            raise ValueError(f"request id {req.req_id!r} is already in use")
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, more than max_model_len ({self.max_model_len})")
+        req.max_model_len = self.max_model_len  # also resolves req.max_tokens
+        # The longest it can get in KV: every token but the last sampled one is fed back.
+        need = -(-(n + req.max_tokens - 1) // self.block_manager.block_size)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_tokens need {need} KV blocks, the cache has "
+                             f"{self.block_manager.num_blocks}; lower max_tokens")
+        req.status = RequestStatus.WAITING
+        self.requests[req.req_id] = req
+        self.waiting[req.req_id] = req
+
+    def abort_requests(self, req_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish requests now, wherever they are; their blocks are freed at once. Unknown ids are ignored."""
+        outputs = []
+        for req_id in req_ids:
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            if req.status != RUNNING:
+                del self.waiting[req_id]
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(req, []))
+        if outputs:
+            self.running = [r for r in self.running if r.status == RUNNING]
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    # ------------------------------------------------------------------ the step plan
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step. An empty plan may still carry finished/preempted ids for the worker."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        running = self.running
+        cached_reqs: list[CachedRequestData] = []
+        cached_counts: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        new_counts: dict[str, int] = {}
+        preempted: list[str] = []
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            if num_new > 1:  # still prefilling: a chunk that leaves one token for each request behind it
+                num_new = min(num_new, self.long_prefill_token_threshold, budget - (len(running) - 1 - i))
+            if num_new <= 0:
+                i += 1
+                continue
+            while (new_block_ids := bm.allocate_slots(req, num_new)) is None:
+                victim = running.pop()  # only requests behind req: none of them is in this plan yet
+                self._preempt(victim)
+                preempted.append(victim.req_id)
+                if victim is req:
+                    break
+            if new_block_ids is None:
+                break  # req was the last running request and made room by preempting itself
+            cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
+            cached_counts[req.req_id] = num_new
+            req.num_computed_tokens += num_new
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, first come first served. After a preemption memory is too tight to admit.
+        now = time.time()
+        waiting = self.waiting
+        while not preempted and waiting and budget > 0 and len(running) < self.max_num_seqs:
+            req = next(iter(waiting.values()))
+            hits, num_hits = bm.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, budget)
+            # Keep the watermark free for running requests to grow into; a lone request needs no headroom.
+            if running and not bm.can_allocate(req, num_new, hits):
+                break
+            if bm.allocate_slots(req, num_new, hits) is None:
+                break
+            waiting.popitem(last=False)
+            running.append(req)
+            req.status = RUNNING
+            req.num_computed_tokens = num_hits
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hits  # reported as the prompt's cache hits: first admission only
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            new_reqs.append(NewRequestData(
+                req.req_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                list(req.block_ids), num_hits, req.sampling_seed))
+            new_counts[req.req_id] = num_new
+            req.num_computed_tokens += num_new
+            budget -= num_new
+
+        if new_counts:
+            new_counts.update(cached_counts)  # batch order: new requests first, then cached
+        plan = StepPlan(self._next_step_id, new_reqs, cached_reqs, new_counts or cached_counts,
+                        self._finished_req_ids, preempted)
+        self._next_step_id += 1
+        self._finished_req_ids = []
+        return plan
+
+    def _preempt(self, req: Request) -> None:
+        """Drop req's KV and progress; it resumes from the front of the queue by recomputation."""
+        self.block_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting[req.req_id] = req
+        self.waiting.move_to_end(req.req_id, last=False)
+
+    # ------------------------------------------------------------------ the step's results
+
+    def update_from_output(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Apply one step's sampled tokens; finished requests free their blocks and leave the running set.
+
+        Returns one RequestOutput per request that got a token (finished or not). A request aborted
+        since the plan was made is skipped: its token arrives too late to matter.
+        """
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result of step {result.step_id} applied to plan {plan.step_id}")
+        requests = self.requests
+        if self.block_manager.enable_prefix_caching:
+            # The step has written these tokens' KV: their full blocks may now serve other prompts.
+            for req_id in plan.num_scheduled_tokens:
+                req = requests.get(req_id)
+                if req is not None and req.status == RUNNING:
+                    self.block_manager.commit_blocks(req)
+
+        outputs = []
+        any_finished = False
+        for req_id, token_id, logprobs in zip(result.req_ids, result.sampled_token_ids,
+                                              result.logprobs or itertools.repeat(None)):
+            req = requests.get(req_id)
+            if req is None or req.status != RUNNING:
+                continue
+            req.append_output_token(token_id, logprobs)
+            new_logprobs = None if logprobs is None else [logprobs]
+            # Cheap test first (this runs for every token); _check_stop sorts out the reason.
+            if token_id in req.ending_token_ids or len(req.output_token_ids) >= req.max_tokens:
+                status = self._check_stop(req, token_id)
+                if status is not None:
+                    self._finish(req, status)
+                    any_finished = True
+                    outputs.append(self._output(req, [token_id], new_logprobs))
+                    continue
+            outputs.append(RequestOutput(req_id, [token_id], new_logprobs, False, None, None,
+                                         len(req.prompt_token_ids), req.num_cached_tokens))
+        if any_finished:
+            self.running = [r for r in self.running if r.status == RUNNING]
+        return outputs
+
+    @staticmethod
+    def _check_stop(req: Request, token_id: int) -> RequestStatus | None:
+        """Why req stops after sampling token_id, or None. Stop strings are the tokenizer's job."""
+        params = req.sampling_params
+        num_output = req.num_output_tokens
+        if num_output >= params.min_tokens:
+            if token_id in req.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                req.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        # max_tokens is already capped so that prompt + outputs never exceed max_model_len.
+        if num_output >= req.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Mark req finished and free its blocks; the caller removes it from the running list or queue."""
+        if req.status == RUNNING:  # the worker holds its state (a preempted request's was already dropped)
+            self._finished_req_ids.append(req.req_id)
+        req.status = status
+        self.block_manager.free(req)
+        del self.requests[req.req_id]
+
+    @staticmethod
+    def _output(req: Request, new_token_ids: list[int],
+                new_logprobs: list[TopLogprobs] | None = None) -> RequestOutput:
+        finished = req.is_finished
+        return RequestOutput(
+            req.req_id, new_token_ids, new_logprobs, finished,
+            FINISH_REASONS[req.status] if finished else None, req.stop_reason,
+            req.num_prompt_tokens, max(req.num_cached_tokens, 0))
