@@ -73,6 +73,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # host:port where rank 0 rendezvous torch.distributed (the launcher picks a free local port).
+    dist_init_addr: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")

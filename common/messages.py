@@ -111,6 +111,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # HTTP-style status for `error`: 400 when the request itself was at fault, 500/503 when the engine was.
+    error_code: int | None = None
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -324,3 +326,50 @@ class Shutdown:
     TAG: ClassVar[str] = "shutdown"
 
     reason: str = ""
+
+
+# --------------------------------------------------------------------------- engine lifecycle
+
+
+@dataclass
+class WorkerReady:
+    """gpu_worker rank -> scheduler, once its model and KV cache exist (also after a restart)."""
+
+    TAG: ClassVar[str] = "worker_ready"
+
+    rank: int
+    num_blocks: int
+    max_model_len: int
+    eos_token_ids: TokenIds
+    load_seconds: float = 0.0
+    device: str = ""
+
+
+@dataclass
+class WorkerFailed:
+    """Launcher (supervisor) -> scheduler: a worker rank died; its in-flight requests must fail."""
+
+    TAG: ClassVar[str] = "worker_failed"
+
+    rank: int
+    reason: str
+
+
+@dataclass
+class WorkerError:
+    """gpu_worker rank 0 -> scheduler: executing a step raised; the step's requests fail with this message."""
+
+    TAG: ClassVar[str] = "worker_error"
+
+    step_id: int
+    message: str
+
+
+@dataclass
+class PeerRestarted:
+    """Launcher -> api: a tokenizer instance was restarted; requests it held are lost and must fail."""
+
+    TAG: ClassVar[str] = "peer_restarted"
+
+    kind: str  # "tokenizer"
+    index: int

@@ -46,6 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--long-prefill-token-threshold", type=int, default=_env("long_prefill_token_threshold", None, int))
     g = p.add_argument_group("parallel and device")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=_env("tensor_parallel_size", 1, int))
+    g.add_argument("--dist-init-addr", default=_env("dist_init_addr", None),
+                   help="host:port for torch.distributed rendezvous between worker ranks")
     g.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
     g.add_argument("--attention-backend", default=_env("attention_backend", "auto"),
                    choices=["auto", "torch", "triton"])
@@ -87,7 +89,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
                                   long_prefill_token_threshold=args.long_prefill_token_threshold),
-        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, dist_init_addr=args.dist_init_addr),
         server=server,
         device=device,
         attention_backend=args.attention_backend,

@@ -1,0 +1,90 @@
+"""`headrace` command line: serve, run-batch, bench, and one entry per service process (for containers).
+
+    headrace serve [engine flags] [server flags]     every process on this host, under one supervisor
+    headrace run-batch -i in.jsonl -o out.jsonl      offline OpenAI Batch API files
+    headrace bench {latency,throughput,serve} ...    benchmarks (print numbers, write JSON)
+    headrace {api,tokenizer,scheduler,worker} ...    one service process (compose.yaml runs these)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from headrace.config_args import add_engine_args, add_server_args, engine_config_from_args
+
+VERSION = "0.1.0"
+
+
+def _service_parser(sub, name: str, help_text: str, indexed: bool) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    add_engine_args(p)
+    add_server_args(p)
+    if indexed:
+        p.add_argument("--index", type=int, default=0, help="this process's index (tokenizer/api instance, worker rank)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headrace", description="Serve LLMs over an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"headrace {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the whole pipeline on this host")
+    serve.add_argument("model_tag", nargs="?", default=None, help="model (same as --model)")
+    add_engine_args(serve)
+    add_server_args(serve)
+
+    batch = sub.add_parser("run-batch", help="run an OpenAI Batch API JSONL file offline")
+    batch.add_argument("-i", "--input-file", required=True)
+    batch.add_argument("-o", "--output-file", required=True)
+    add_engine_args(batch)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name in ("latency", "throughput", "serve"):
+        bench_sub.add_parser(name, help=f"{name} benchmark", add_help=False)
+
+    _service_parser(sub, "api", "one API server process", indexed=True)
+    _service_parser(sub, "tokenizer", "one tokenizer process", indexed=True)
+    _service_parser(sub, "scheduler", "the scheduler process", indexed=False)
+    _service_parser(sub, "worker", "one GPU worker process (rank = --index)", indexed=True)
+    return parser
+
+
+# Each service's process entry: module with `main(config_dict, index)`.
+SERVICE_ENTRIES = {
+    "api": "services.api.server",
+    "tokenizer": "services.tokenizer.tokenizer_service",
+    "scheduler": "services.scheduler.service",
+    "worker": "services.gpu_worker.worker",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Benchmarks own their flags (spelled as vLLM's): hand them the rest of the line untouched.
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("latency", "throughput", "serve"):
+        return int(importlib.import_module(f"headrace.bench.{argv[1]}").main(argv[2:]) or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        if args.model_tag and not args.model:
+            args.model = args.model_tag
+        from headrace.launcher import serve
+
+        return serve(engine_config_from_args(args))
+    if args.command == "run-batch":
+        from headrace.run_batch import run_batch
+
+        return run_batch(engine_config_from_args(args), args.input_file, args.output_file)
+    if args.command in SERVICE_ENTRIES:
+        config = engine_config_from_args(args)
+        module = importlib.import_module(SERVICE_ENTRIES[args.command])
+        module.main(config.to_dict(), getattr(args, "index", 0))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""`headrace serve`: every process of the pipeline on one host, under one supervisor.
+
+The launcher resolves the model once (converting a GGUF into the cache before anyone needs it), fixes
+every address, starts scheduler, worker ranks, tokenizers and api servers as separate processes, and
+then only watches them: a dead tokenizer or api is restarted, a dead worker is reported to the
+scheduler (which fails its in-flight requests) and the ranks are restarted, a dead scheduler ends the
+server. SIGINT/SIGTERM drain the api servers first, then stop everything; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+from common.config import EngineConfig
+from common.messages import Shutdown, WorkerFailed
+
+log = logging.getLogger("headrace.launcher")
+
+RESTART_WINDOW_S = 60.0
+MAX_RESTARTS_IN_WINDOW = 5
+DRAIN_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+ENTRIES = {
+    "scheduler": ("services.scheduler.service", "main"),
+    "worker": ("services.gpu_worker.worker", "main"),
+    "tokenizer": ("services.tokenizer.tokenizer_service", "main"),
+    "api": ("services.api.server", "main"),
+}
+
+
+def _child_entry(kind: str, config_dict: dict[str, Any], index: int) -> None:
+    """Runs in the child: die with the launcher (PR_SET_PDEATHSIG), then the service's main."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the services' own parent-pid checks still end them
+    import importlib
+
+    module, fn = ENTRIES[kind]
+    getattr(importlib.import_module(module), fn)(config_dict, index)
+
+
+@dataclass
+class Child:
+    kind: str
+    index: int
+    process: mp.Process
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.index}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
+    """Resolve everything every process must agree on, once, before any process starts."""
+    from common.addresses import with_ipc_dir
+    from services.gpu_worker.loader.source import resolve_model
+    from services.gpu_worker.model.arch import arch_from_hf_config
+    from services.gpu_worker.model.layers import check_tp_heads
+
+    source = resolve_model(config.model.model, config.model.tokenizer, log=log_fn)
+    arch = arch_from_hf_config(source.hf_config())
+    check_tp_heads(arch.num_heads, arch.num_kv_heads, config.parallel.tensor_parallel_size)
+    model = dataclasses.replace(
+        config.model,
+        tokenizer=source.tokenizer_dir,
+        served_model_name=config.model.served_model_name or source.name,
+        max_model_len=config.model.max_model_len or arch.max_position_embeddings,
+    )
+    parallel = config.parallel
+    if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
+        parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
+    return config.replace(model=model, parallel=parallel, server=with_ipc_dir(config.server))
+
+
+class Launcher:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.config_dict = config.to_dict()
+        self.ctx = mp.get_context("spawn")
+        self.children: list[Child] = []
+        self.stopping = False
+        self.announced = False
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawn(self, kind: str, index: int) -> mp.Process:
+        proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index), name=f"headrace-{kind}-{index}")
+        proc.start()
+        return proc
+
+    def start(self) -> None:
+        s = self.config.server
+        plan = [("scheduler", 0)]
+        plan += [("worker", r) for r in range(self.config.parallel.tensor_parallel_size)]
+        plan += [("tokenizer", j) for j in range(s.num_tokenizers)]
+        plan += [("api", i) for i in range(s.num_api_servers)]
+        for kind, index in plan:
+            self.children.append(Child(kind, index, self._spawn(kind, index)))
+
+    def _notify_scheduler(self, msg: Any) -> None:
+        import zmq
+
+        from common import codec
+        from common.addresses import address_plan
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(address_plan(self.config.server).scheduler.connect)
+        sock.send(codec.encode(msg))
+        sock.close()
+
+    def _restart(self, child: Child, reason: str) -> bool:
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(child.restarts) > MAX_RESTARTS_IN_WINDOW:
+            log.error("%s died %d times in %.0fs; giving up", child.name, len(child.restarts), RESTART_WINDOW_S)
+            return False
+        log.warning("%s %s; restarting it", child.name, reason)
+        child.process = self._spawn(child.kind, child.index)
+        return True
+
+    def _on_exit(self, child: Child) -> bool:
+        """Handle one child's exit; False means the server cannot go on."""
+        reason = f"exited with code {child.process.exitcode}"
+        if child.kind == "scheduler":
+            log.error("the scheduler %s; shutting down", reason)
+            return False
+        if child.kind == "worker":
+            self._notify_scheduler(WorkerFailed(child.index, reason))
+            # A lost rank leaves the others stuck in collectives: restart every rank of the replica.
+            ok = True
+            for other in self.children:
+                if other.kind == "worker" and other is not child and other.process.is_alive():
+                    other.process.kill()
+                    other.process.join(5)
+                    ok = self._restart(other, "restarted with its replica") and ok
+            return self._restart(child, reason) and ok
+        return self._restart(child, reason)
+
+    # ------------------------------------------------------------------ supervision
+
+    def supervise(self) -> int:
+        while not self.stopping:
+            sentinels = {c.process.sentinel: c for c in self.children}
+            for sentinel in wait(list(sentinels), timeout=0.5):
+                child = sentinels[sentinel]
+                child.process.join(0)
+                if self.stopping:
+                    break
+                if not self._on_exit(child):
+                    return 1
+            if not self.announced and self._healthy():
+                self.announced = True
+                s = self.config.server
+                print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.model.served_model_name})",
+                      flush=True)
+        return 0
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        s = self.config.server
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        try:
+            return httpx.get(f"http://{host}:{s.port}/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, drain: bool = True) -> None:
+        """Drain the api servers (they finish in-flight requests), then stop every process."""
+        self.stopping = True
+        apis = [c.process for c in self.children if c.kind == "api" and c.process.is_alive()]
+        for p in apis:
+            p.terminate()  # uvicorn's graceful shutdown: stop accepting, finish open responses
+        deadline = time.monotonic() + (DRAIN_TIMEOUT_S if drain else 2.0)
+        for p in apis:
+            p.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self._notify_scheduler(Shutdown("launcher stopping"))
+        except Exception:  # noqa: BLE001 - best effort; terminate below covers it
+            pass
+        rest = [c.process for c in self.children if c.process.is_alive()]
+        for p in rest:
+            p.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in rest:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for c in self.children:
+            if c.process.is_alive():
+                log.warning("%s did not stop; killing it", c.name)
+                c.process.kill()
+                c.process.join(5)
+        s = self.config.server
+        if s.transport == "ipc" and s.ipc_dir:
+            shutil.rmtree(s.ipc_dir, ignore_errors=True)
+
+
+def serve(config: EngineConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+    try:
+        config = prepare_config(config, log_fn=log.info)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"headrace: error: {e}", file=sys.stderr)
+        return 2
+    launcher = Launcher(config)
+
+    def on_signal(signum, _frame):
+        log.info("received %s; draining", signal.Signals(signum).name)
+        launcher.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    launcher.start()
+    code = 1
+    try:
+        code = launcher.supervise()
+    finally:
+        launcher.stop(drain=code == 0)
+    return code

@@ -1,0 +1,309 @@
+"""The scheduler process: the continuous-batching loop between the tokenizers and the gpu_worker ranks.
+
+It binds the `scheduler` ROUTER (tokenizers, apis, the launcher), the `worker-plan` PUB and the
+`worker-result` PULL. Each step: take new requests and aborts, plan (services/scheduler/scheduler.py),
+publish the plan to every rank, wait for rank 0's result while still taking requests, then route the
+new tokens to the tokenizer that owns each request. Engine gauges go to every api every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from common import codec
+from common.addresses import AddressPlan, address_plan
+from common.codec import MessageDecodeError
+from common.config import EngineConfig
+from common.messages import (
+    AbortRequest,
+    BatchRequestOutput,
+    EngineStats,
+    Heartbeat,
+    RequestOutput,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    TokenizedRequest,
+    WorkerError,
+    WorkerFailed,
+    WorkerReady,
+)
+from services.scheduler.request import Request
+from services.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("headrace.scheduler")
+
+STATS_INTERVAL_S = 0.5
+PEER_TIMEOUT_S = 3.0
+WORKER_TIMEOUT_S = 10.0  # no heartbeat from a rank for this long: the rank is dead (compose has no launcher)
+
+
+@dataclass
+class PeerState:
+    last_seen: float
+    req_ids: set[str] = field(default_factory=set)
+
+
+class SchedulerService:
+    def __init__(self, config: EngineConfig, plan: AddressPlan):
+        self.config = config
+        self.tp_size = config.parallel.tensor_parallel_size
+        self.ctx = zmq.Context()
+        self.frontend = self._bind(zmq.ROUTER, plan.scheduler.bind)
+        self.plan_pub = self._bind(zmq.PUB, plan.worker_plan.bind)
+        self.results = self._bind(zmq.PULL, plan.worker_result.bind)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.results, zmq.POLLIN)
+
+        self.scheduler: Scheduler | None = None  # exists once every rank is ready
+        self.ready: dict[int, WorkerReady] = {}
+        self.worker_seen: dict[int, float] = {}
+        self.eos_token_ids: tuple[int, ...] = ()
+        self.tokenizers: dict[bytes, PeerState] = {}
+        self.apis: dict[bytes, float] = {}
+        self.owner: dict[str, bytes] = {}  # req_id -> tokenizer identity
+        self.inflight: StepPlan | None = None
+        self.seeds = random.Random(config.model.seed)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.last_stats = 0.0
+        self.running = True
+
+    def _bind(self, kind: int, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer may reuse an identity
+        sock.bind(address)
+        return sock
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, parent_pid: int | None = None) -> None:
+        while self.running:
+            if self.scheduler is not None and self.inflight is None and self.scheduler.has_unfinished_requests():
+                self._start_step()
+            timeout = 0 if self._can_step() else 50
+            events = dict(self.poller.poll(timeout))
+            if self.frontend in events:
+                self._drain_frontend()
+            if self.results in events:
+                self._drain_results()
+            now = time.monotonic()
+            if now - self.last_stats >= STATS_INTERVAL_S:
+                self.last_stats = now
+                self._send_stats()
+                self._check_peers(now)
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.error("parent process died; exiting")
+                    break
+
+    def _can_step(self) -> bool:
+        return (self.scheduler is not None and self.inflight is None
+                and self.scheduler.has_unfinished_requests())
+
+    def close(self) -> None:
+        self.plan_pub.send(codec.encode(Shutdown("scheduler exiting")))
+        self.ctx.destroy(linger=0)
+
+    # ------------------------------------------------------------------ tokenizers, apis, launcher
+
+    def _drain_frontend(self) -> None:
+        while True:
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("dropped a message with %d frames", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                msg = codec.decode(payload)
+            except MessageDecodeError as e:
+                log.warning("dropped a malformed message: %s", e)
+                continue
+            try:
+                self._on_frontend(identity, msg)
+            except Exception:  # one bad message must not take the engine down
+                log.exception("failed on %s", type(msg).__name__)
+
+    def _on_frontend(self, identity: bytes, msg: Any) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            if msg.sender == "api":
+                self.apis[identity] = now
+            else:
+                self.tokenizers.setdefault(identity, PeerState(now)).last_seen = now
+        elif isinstance(msg, TokenizedRequest):
+            self.tokenizers.setdefault(identity, PeerState(now)).last_seen = now
+            self._add_request(identity, msg)
+        elif isinstance(msg, AbortRequest):
+            self._abort([msg.req_id])
+        elif isinstance(msg, WorkerFailed):
+            self._worker_failed(f"GPU worker rank {msg.rank} died: {msg.reason}")
+        elif isinstance(msg, Shutdown):
+            log.info("shutdown: %s", msg.reason)
+            self.running = False
+        else:
+            log.warning("unexpected %s on the scheduler socket", type(msg).__name__)
+
+    def _add_request(self, identity: bytes, msg: TokenizedRequest) -> None:
+        if self.scheduler is None:
+            self._reply_error(identity, msg.req_id, "the engine is still loading; retry shortly", 503)
+            return
+        params = msg.sampling_params
+        seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
+        eos = tuple(msg.eos_token_ids) or self.eos_token_ids
+        req = Request(msg.req_id, msg.prompt_token_ids, params, seed, eos,
+                      arrival_time=msg.arrival_time or None)
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:  # the request cannot run here (too long, duplicate id): the client's fault
+            self._reply_error(identity, msg.req_id, str(e), 400)
+            return
+        self.owner[msg.req_id] = identity
+        self.tokenizers[identity].req_ids.add(msg.req_id)
+        self.prompt_tokens += len(msg.prompt_token_ids)
+
+    def _reply_error(self, identity: bytes, req_id: str, message: str, code: int) -> None:
+        out = RequestOutput(req_id, [], finished=True, finish_reason="error", error=message, error_code=code)
+        self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput([out]))])
+
+    def _abort(self, req_ids: list[str]) -> None:
+        if self.scheduler is None:
+            return
+        outputs = self.scheduler.abort_requests(req_ids)
+        self._route(outputs)
+
+    def _check_peers(self, now: float) -> None:
+        for identity, peer in list(self.tokenizers.items()):
+            if now - peer.last_seen > PEER_TIMEOUT_S:
+                log.warning("tokenizer %r went silent; aborting its %d requests", identity, len(peer.req_ids))
+                del self.tokenizers[identity]
+                self._abort(list(peer.req_ids))
+        for identity, seen in list(self.apis.items()):
+            if now - seen > PEER_TIMEOUT_S:
+                del self.apis[identity]
+        if self.scheduler is not None:
+            for rank, seen in self.worker_seen.items():
+                if now - seen > WORKER_TIMEOUT_S:
+                    self._worker_failed(f"GPU worker rank {rank} stopped answering for {WORKER_TIMEOUT_S:.0f}s")
+                    break
+
+    def _send_stats(self) -> None:
+        s = self.scheduler
+        stats = EngineStats(
+            num_running=s.num_running if s else 0, num_waiting=s.num_waiting if s else 0,
+            kv_cache_usage=s.kv_usage if s else 0.0, num_preemptions=s.num_preemptions if s else 0,
+            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, timestamp=time.time())
+        if s is None:
+            return  # no stats while loading: the apis answer /health with 503
+        payload = codec.encode(stats)
+        for identity in self.apis:
+            self.frontend.send_multipart([identity, payload])
+
+    # ------------------------------------------------------------------ workers
+
+    def _start_step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.plan_pub.send(codec.encode(plan))
+        if plan.is_empty:
+            return  # nothing to run (only finished/preempted ids for the workers); no result comes back
+        self.inflight = plan
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                payload = self.results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = codec.decode(payload)
+            except MessageDecodeError as e:
+                log.warning("dropped a malformed worker message: %s", e)
+                continue
+            self._on_result(msg)
+
+    def _on_result(self, msg: Any) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            self.worker_seen[msg.index] = now
+        elif isinstance(msg, WorkerReady):
+            self._on_worker_ready(msg)
+        elif isinstance(msg, StepResult):
+            if self.inflight is None or msg.step_id != self.inflight.step_id:
+                log.warning("dropped a result for step %d", msg.step_id)
+                return
+            plan, self.inflight = self.inflight, None
+            outputs = self.scheduler.update_from_output(plan, msg)
+            self.generation_tokens += len(msg.sampled_token_ids)
+            self._route(outputs)
+        elif isinstance(msg, WorkerError):
+            self._worker_failed(f"the GPU worker failed: {msg.message}")
+        else:
+            log.warning("unexpected %s from a worker", type(msg).__name__)
+
+    def _on_worker_ready(self, msg: WorkerReady) -> None:
+        self.ready[msg.rank] = msg
+        self.worker_seen[msg.rank] = time.monotonic()
+        log.info("worker rank %d ready on %s: %d KV blocks, max_model_len %d, loaded in %.1fs",
+                 msg.rank, msg.device, msg.num_blocks, msg.max_model_len, msg.load_seconds)
+        if len(self.ready) == self.tp_size and self.scheduler is None:
+            num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
+            first = self.ready[0]
+            self.eos_token_ids = tuple(first.eos_token_ids)
+            self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks, first.max_model_len)
+            log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
+
+    def _worker_failed(self, reason: str) -> None:
+        """Fail every in-flight request with a clear error, then wait for the ranks to come back."""
+        log.error("%s; failing every request in flight", reason)
+        if self.scheduler is not None:
+            failed = list(self.scheduler.requests)
+            outputs = self.scheduler.abort_requests(failed)
+            for out in outputs:
+                out.finish_reason, out.error, out.error_code = "error", reason, 503
+            self._route(outputs)
+        self.scheduler = None
+        self.ready.clear()
+        self.worker_seen.clear()
+        self.inflight = None
+
+    # ------------------------------------------------------------------ outputs
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        by_tokenizer: dict[bytes, list[RequestOutput]] = {}
+        for out in outputs:
+            identity = self.owner.get(out.req_id)
+            if identity is None:
+                continue
+            by_tokenizer.setdefault(identity, []).append(out)
+            if out.finished:
+                del self.owner[out.req_id]
+                peer = self.tokenizers.get(identity)
+                if peer is not None:
+                    peer.req_ids.discard(out.req_id)
+        step = self.inflight.step_id if self.inflight else 0
+        for identity, outs in by_tokenizer.items():
+            self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput(outs, step))])
+
+
+def main(config_dict: dict[str, Any], index: int = 0) -> None:
+    """Process entry: `main(config.to_dict())`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
+    config = EngineConfig.from_dict(config_dict)
+    service = SchedulerService(config, address_plan(config.server))
+    log.info("scheduler up; waiting for %d worker rank(s)", config.parallel.tensor_parallel_size)
+    try:
+        service.run(parent_pid=os.getppid())
+    finally:
+        service.close()
