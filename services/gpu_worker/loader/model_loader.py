@@ -44,17 +44,41 @@ def safetensors_weights(folder: str) -> Iterator[tuple[str, Any]]:
                 yield name, f.get_slice(name)
 
 
-@torch.no_grad()
-def init_random_weights(model: torch.nn.Module, seed: int) -> None:
-    """Draw weights on the model's device (no host round trip): N(0, 0.02) matrices, unit norms."""
-    gen = None
-    for name, p in model.named_parameters():
-        if gen is None:
-            gen = torch.Generator(device=p.device).manual_seed(seed)
-        if p.dim() == 1 and "norm" in name:
-            p.fill_(1.0)
-        else:  # matrices and biases
-            p.normal_(0.0, 0.02, generator=gen)
+def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor of an HF checkpoint of this shape, with its full (unsharded) shape."""
+    h, i, q, kv, d = arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size, arch.head_dim
+    yield "model.embed_tokens.weight", (arch.vocab_size, h)
+    for n in range(arch.num_layers):
+        p = f"model.layers.{n}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "post_attention_layernorm.weight", (h,)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            yield p + f"self_attn.{name}.weight", (rows, h)
+            if arch.qkv_bias:
+                yield p + f"self_attn.{name}.bias", (rows,)
+        yield p + "self_attn.o_proj.weight", (h, q)
+        if arch.qk_norm:
+            yield p + "self_attn.q_norm.weight", (d,)
+            yield p + "self_attn.k_norm.weight", (d,)
+        yield p + "mlp.gate_proj.weight", (i, h)
+        yield p + "mlp.up_proj.weight", (i, h)
+        yield p + "mlp.down_proj.weight", (h, i)
+    yield "model.norm.weight", (h,)
+    if not arch.tie_word_embeddings:
+        yield "lm_head.weight", (arch.vocab_size, h)
+
+
+def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full tensors drawn on the device (no host round trip), N(0, 0.02) matrices and unit norms. Each
+    tensor's generator is seeded from (seed, its index), so every TP rank slices the same full weights."""
+    gen = torch.Generator(device=device)
+    for index, (name, shape) in enumerate(checkpoint_shapes(arch)):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        gen.manual_seed(seed * 1_000_003 + index)
+        yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
 
 
 @torch.no_grad()
@@ -63,14 +87,12 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, tp
     hf_config = source.hf_config()
     arch = arch_from_hf_config(hf_config)
     model = LlamaForCausalLM(arch, tp, dtype, device)
-    if source.kind == "random":
-        init_random_weights(model, seed)
-    else:
-        loaded = model.load_weights(safetensors_weights(source.config_dir))
-        missing = model.expected_parameter_names() - loaded
-        if missing:
-            raise ValueError(f"checkpoint in {source.config_dir} lacks {len(missing)} tensors, e.g. "
-                             f"{sorted(missing)[:3]}")
+    weights = random_weights(arch, seed, device, dtype) if source.kind == "random" else \
+        safetensors_weights(source.config_dir)
+    missing = model.expected_parameter_names() - model.load_weights(weights)
+    if missing:
+        raise ValueError(f"checkpoint {source.config_dir or source.name} lacks {len(missing)} tensors, e.g. "
+                         f"{sorted(missing)[:3]}")
     model.eval()
     return LoadedModel(model, arch, hf_config, dtype)
 
