@@ -1,16 +1,16 @@
 """The address plan: every ZeroMQ endpoint of the engine, derived from one ServerConfig.
 
-Each inbox is bound by the process that reads it and connected to by its senders:
+Only the scheduler and the apis bind; tokenizers and workers are pure clients, so any number of them can
+come and go (`docker compose up --scale tokenizer=N`):
 
-    api_inbox[i]        PULL bound by api i         <- tokenizers (TextDelta, ...), scheduler (EngineStats)
-    tokenizer_inbox[j]  PULL bound by tokenizer j   <- api (requests, aborts), scheduler (BatchRequestOutput)
-    scheduler_inbox     PULL bound by scheduler     <- tokenizers (TokenizedRequest, AbortRequest)
-    worker_plan         PUB bound by scheduler      -> every gpu_worker rank (StepPlan)
-    worker_result       PULL bound by scheduler     <- gpu_worker rank 0 (StepResult)
+    scheduler      ROUTER bound by scheduler   <- DEALERs of every tokenizer, every api and the launcher
+    api_inbox[i]   ROUTER bound by api i       <- one DEALER per tokenizer
+    worker_plan    PUB bound by scheduler      -> every gpu_worker rank (SUB)
+    worker_result  PULL bound by scheduler     <- every gpu_worker rank (PUSH)
 
 transport "ipc": `ipc://<ipc_dir>/<name>` (one host). transport "tcp": `tcp://<host>:<port>` where host is the
-service name ("api-0", "tokenizer-1", "scheduler") as a container network resolves it, and ports count up
-from `base_port` so no two endpoints share one even when every service runs on one host.
+service name ("scheduler", "api-0", ...) as a container network resolves it, and ports count up from
+`base_port` so no two endpoints share one even when every service runs on one host.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class AddressPlan:
+    scheduler: Endpoint
     api_inbox: tuple[Endpoint, ...]
-    tokenizer_inbox: tuple[Endpoint, ...]
-    scheduler_inbox: Endpoint
     worker_plan: Endpoint
     worker_result: Endpoint
+
+    def all(self) -> tuple[Endpoint, ...]:
+        return (self.scheduler, *self.api_inbox, self.worker_plan, self.worker_result)
 
 
 def with_ipc_dir(server: ServerConfig) -> ServerConfig:
@@ -51,7 +53,7 @@ def with_ipc_dir(server: ServerConfig) -> ServerConfig:
 
 def address_plan(server: ServerConfig, *, base_port: int | None = None,
                  hosts: Mapping[str, str] | None = None) -> AddressPlan:
-    """Every address of the engine. `hosts` overrides a service's host name (key: "tokenizer-1", ...);
+    """Every address of the engine. `hosts` overrides a service's host name (key: "scheduler", "api-1");
     `base_port` (tcp only) defaults to the HTTP port + 1000."""
     names = _names(server)
     if server.transport == "ipc":
@@ -65,32 +67,29 @@ def address_plan(server: ServerConfig, *, base_port: int | None = None,
         hosts = hosts or {}
         eps = {}
         for k, name in enumerate(names):
-            host = hosts.get(name) or _default_host(name)
+            host = hosts.get(name) or _default_host(name, hosts)
             eps[name] = Endpoint(bind=f"tcp://*:{port + k}", connect=f"tcp://{host}:{port + k}")
     return AddressPlan(
+        scheduler=eps["scheduler"],
         api_inbox=tuple(eps[f"api-{i}"] for i in range(server.num_api_servers)),
-        tokenizer_inbox=tuple(eps[f"tokenizer-{j}"] for j in range(server.num_tokenizers)),
-        scheduler_inbox=eps["scheduler"],
         worker_plan=eps["worker-plan"],
         worker_result=eps["worker-result"],
     )
 
 
 def _names(server: ServerConfig) -> list[str]:
-    # Fixed endpoints first so their ports do not move when instance counts change.
-    return (["scheduler", "worker-plan", "worker-result"]
-            + [f"tokenizer-{j}" for j in range(server.num_tokenizers)]
-            + [f"api-{i}" for i in range(server.num_api_servers)])
+    # Fixed endpoints first so their ports do not move when the api count changes.
+    return ["scheduler", "worker-plan", "worker-result"] + [f"api-{i}" for i in range(server.num_api_servers)]
 
 
-def _default_host(name: str) -> str:
+def _default_host(name: str, hosts: Mapping[str, str]) -> str:
     # The worker channels are bound by the scheduler, so they live on its host.
-    return "scheduler" if name.startswith("worker-") else name
+    return hosts.get("scheduler", "scheduler") if name.startswith("worker-") else name
 
 
 def _ipc(ipc_dir: str, name: str) -> Endpoint:
     path = os.path.join(ipc_dir, name)
-    if len(path) > _MAX_IPC_PATH:
+    if len(path.encode()) > _MAX_IPC_PATH:
         raise ConfigError(f"ipc socket path {path!r} is longer than {_MAX_IPC_PATH} bytes; use a shorter ipc_dir")
     address = f"ipc://{path}"
     return Endpoint(bind=address, connect=address)

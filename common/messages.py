@@ -363,13 +363,3 @@ class WorkerError:
 
     step_id: int
     message: str
-
-
-@dataclass
-class PeerRestarted:
-    """Launcher -> api: a tokenizer instance was restarted; requests it held are lost and must fail."""
-
-    TAG: ClassVar[str] = "peer_restarted"
-
-    kind: str  # "tokenizer"
-    index: int

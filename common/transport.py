@@ -1,13 +1,21 @@
 """ZeroMQ sockets with the engine's options, and send/recv of codec messages (sync and asyncio).
 
-Inboxes (PULL) and PUB channels are bound by their owner; PUSH and SUB sockets connect (see
-common.addresses). Every factory works with a `zmq.Context` or a `zmq.asyncio.Context`; the socket
-follows the context, so the api uses the same helpers with `await`.
+ROUTER sockets are bound by their owner (the scheduler, each api); peers connect DEALERs to them, each with
+a ZeroMQ identity that names the peer on the ROUTER (see common.addresses). A ROUTER learns a peer's
+identity from the peer's first message, so every DEALER says hello with a `Heartbeat` right after it
+connects. PULL and PUB (the worker channels) are bound by the scheduler; PUSH and SUB connect.
+
+Every factory works with a `zmq.Context` or a `zmq.asyncio.Context`; the socket follows the context, so the
+api uses the same factories and the `*_async` send/recv with `await`.
+
+Receivers: malformed bytes (not a message, or the wrong number of frames) raise `MessageDecodeError` after
+the whole bad message has been consumed, so a loop that catches it and logs carries on with the next one.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import zmq
@@ -15,19 +23,33 @@ import zmq.asyncio
 
 from common import codec
 from common.addresses import Endpoint
+from common.codec import MessageDecodeError
+
+# --------------------------------------------------------------------------- liveness timing (every process)
+
+# Every peer that connects a DEALER sends a Heartbeat on every socket this often.
+HEARTBEAT_INTERVAL_S = 1.0
+# A peer not heard from for this long is dead: its pending requests fail (api) or are aborted (scheduler).
+PEER_TIMEOUT_S = 3.0
+# The scheduler sends EngineStats to every api this often; the api's /health is its arrival.
+ENGINE_STATS_INTERVAL_S = 0.5
 
 # 0 = unbounded queues. Backpressure belongs to the scheduler's waiting queue: a send that blocks on a
 # full queue inside a single-threaded loop can deadlock two processes that feed each other.
 DEFAULT_HWM = 0
 
+Identity = bytes
+
 
 def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: bool,
-                hwm: int = DEFAULT_HWM, linger_ms: int = 0) -> zmq.Socket:
+                hwm: int = DEFAULT_HWM, linger_ms: int = 0, identity: Identity | None = None) -> zmq.Socket:
     sock = ctx.socket(kind)
     # linger 0: a process that exits never hangs on messages its dead peer will not take.
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, _valid_identity(identity))  # before connect: peers read it on handshake
     if isinstance(address, Endpoint):
         address = address.bind if bind else address.connect
     if bind:
@@ -37,6 +59,40 @@ def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: b
     else:
         sock.connect(address)
     return sock
+
+
+def new_identity(prefix: str) -> Identity:
+    """A fresh identity for one process start (b"tok-3f9c0a1b2c4d"): a restarted peer is a new peer."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}".encode()
+
+
+def _valid_identity(identity: Identity) -> Identity:
+    # ZeroMQ reserves identities starting with a zero byte for the ones it makes up itself.
+    if not isinstance(identity, bytes) or not 0 < len(identity) <= 255 or identity[0] == 0:
+        raise ValueError(f"a ZeroMQ identity is 1..255 bytes not starting with a zero byte, got {identity!r}")
+    return identity
+
+
+def router_socket(ctx: zmq.Context, address: Endpoint | str, *, bind: bool = True) -> zmq.Socket:
+    sock = make_socket(ctx, zmq.ROUTER, address, bind=bind)
+    # Sending to a peer that has gone is a silent drop, not an error: the sender's loop must not die of it,
+    # and liveness (heartbeats) is what notices the peer is gone.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    # A peer that reconnects with an identity still held by its stale connection takes it over.
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    return sock
+
+
+def dealer_socket(ctx: zmq.Context, address: Endpoint | str, identity: Identity | None = None, *,
+                  prefix: str = "peer", bind: bool = False) -> zmq.Socket:
+    """A DEALER named `identity` (or a fresh `new_identity(prefix)`); read it back with `identity_of`."""
+    if identity is None:
+        identity = new_identity(prefix)
+    return make_socket(ctx, zmq.DEALER, address, bind=bind, identity=identity)
+
+
+def identity_of(sock: zmq.Socket) -> Identity:
+    return sock.getsockopt(zmq.ROUTING_ID)
 
 
 def push_socket(ctx: zmq.Context, address: Endpoint | str, *, bind: bool = False) -> zmq.Socket:
@@ -57,27 +113,69 @@ def sub_socket(ctx: zmq.Context, address: Endpoint | str, *, bind: bool = False)
     return sock
 
 
+# --------------------------------------------------------------------------- frames -> messages
+
+
+def _one(frames: list[bytes]) -> Any:
+    if len(frames) != 1:
+        raise MessageDecodeError(f"expected 1 frame, got {len(frames)}")
+    return codec.decode(frames[0])
+
+
+def _routed(frames: list[bytes]) -> tuple[Identity, Any]:
+    if len(frames) != 2:
+        raise MessageDecodeError(f"expected [identity, message] frames, got {len(frames)} frames")
+    identity, data = frames
+    try:
+        return identity, codec.decode(data)
+    except MessageDecodeError as e:
+        raise MessageDecodeError(f"from {identity!r}: {e}") from None
+
+
+def _recv_frames(sock: zmq.Socket, timeout_ms: int | None) -> list[bytes] | None:
+    """All frames of the next message, or None when `timeout_ms` passes first (0: only what is queued)."""
+    if timeout_ms == 0:
+        try:
+            return sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    return sock.recv_multipart()
+
+
 # --------------------------------------------------------------------------- sync
 
 
 def send(sock: zmq.Socket, msg: Any) -> None:
+    """One message on a PUSH, PUB or DEALER socket."""
     sock.send(codec.encode(msg), copy=False)
 
 
 def recv(sock: zmq.Socket, timeout_ms: int | None = None) -> Any | None:
-    """The next message, or None when `timeout_ms` passes first. Malformed bytes raise MessageDecodeError
-    (the bad frame is consumed, so the caller can log it and keep receiving)."""
-    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
-        return None
-    return codec.decode(sock.recv())
+    """The next message on a PULL, SUB or DEALER socket, or None when `timeout_ms` passes first."""
+    frames = _recv_frames(sock, timeout_ms)
+    return None if frames is None else _one(frames)
 
 
 def recv_nowait(sock: zmq.Socket) -> Any | None:
-    try:
-        data = sock.recv(zmq.NOBLOCK)
-    except zmq.Again:
-        return None
-    return codec.decode(data)
+    return recv(sock, 0)
+
+
+def router_send(sock: zmq.Socket, identity: Identity, msg: Any) -> None:
+    """One message to the peer named `identity`; dropped silently if that peer is not connected."""
+    sock.send_multipart([identity, codec.encode(msg)], copy=False)
+
+
+def router_recv(sock: zmq.Socket, timeout_ms: int | None = None) -> tuple[Identity, Any] | None:
+    """(sender identity, message) from a ROUTER, or None when `timeout_ms` passes first (0: no wait)."""
+    frames = _recv_frames(sock, timeout_ms)
+    return None if frames is None else _routed(frames)
+
+
+# DEALER traffic is one frame each way, as on PUSH/PULL; the names say which side of a ROUTER a caller is on.
+dealer_send = send
+dealer_recv = recv
 
 
 # --------------------------------------------------------------------------- asyncio
@@ -92,4 +190,16 @@ async def send_async(sock: zmq.asyncio.Socket, msg: Any) -> None:
 
 
 async def recv_async(sock: zmq.asyncio.Socket) -> Any:
-    return codec.decode(await sock.recv())
+    return _one(await sock.recv_multipart())
+
+
+async def router_send_async(sock: zmq.asyncio.Socket, identity: Identity, msg: Any) -> None:
+    await sock.send_multipart([identity, codec.encode(msg)], copy=False)
+
+
+async def router_recv_async(sock: zmq.asyncio.Socket) -> tuple[Identity, Any]:
+    return _routed(await sock.recv_multipart())
+
+
+dealer_send_async = send_async
+dealer_recv_async = recv_async

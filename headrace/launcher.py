@@ -105,8 +105,10 @@ class Launcher:
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, kind: str, index: int) -> mp.Process:
-        proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index), name=f"headrace-{kind}-{index}")
+        proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index),
+                                name=f"headrace-{kind}-{index}")
         proc.start()
+        log.info("started %s-%d (pid %d)", kind, index, proc.pid)
         return proc
 
     def start(self) -> None:

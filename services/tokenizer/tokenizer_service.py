@@ -1,18 +1,29 @@
-"""The tokenizer process: one single-threaded loop on its PULL inbox.
+"""The tokenizer process: a pure client (it binds nothing) in one single-threaded loop.
+
+Sockets: one DEALER to the scheduler's ROUTER, and one DEALER per api ROUTER, so a reply to a request goes
+back on the socket the request came in on, to the api that owns it. The DEALERs share one identity, fresh
+for each process start: a restarted tokenizer is a new peer and the old one's requests are not confused
+with its own. Every HEARTBEAT_INTERVAL_S it sends a `Heartbeat` on every socket; the first one is its hello
+(a ROUTER learns a peer's identity from its first message).
 
 In:  api -> GenerateRequest / AbortRequest / TokenizeRequest / DetokenizeRequest
      scheduler -> BatchRequestOutput
-Out: scheduler <- TokenizedRequest, AbortRequest (client gone, or a stop string matched)
-     api[i] <- BatchTextDelta (one per step per api instance), TextDelta (errors), Tokenize/DetokenizeResponse
+     either -> Shutdown
+Out: scheduler <- TokenizedRequest, AbortRequest (client gone, a stop string matched, or outputs for a
+                  request this process does not hold, e.g. from before a restart), Heartbeat
+     api <- BatchTextDelta (one per step per api), TextDelta (errors), Tokenize/DetokenizeResponse, Heartbeat
 
 Each request's detokenizer state lives here from its GenerateRequest until it finishes, so requests stick to
-one tokenizer instance. Bad input fails that request only; the loop never dies of a message.
+one tokenizer instance. Bad input fails that request only; the loop never dies of a message. The scheduler
+sends nothing periodic to tokenizers, so only Shutdown or the parent's death ends the loop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,16 +55,18 @@ from common.messages import (
 from services.tokenizer.chat import ChatTemplate, validate_messages
 from services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from services.tokenizer.errors import RequestError
-from services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_source
+from services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
-_POLL_MS = 1000  # how often an idle loop checks that its parent is still alive
+# Messages taken from one socket per poll round: under a flood the loop still gets back to its heartbeat
+# well inside PEER_TIMEOUT_S, and one busy api cannot starve the scheduler's outputs.
+_RECV_BUDGET = 64
 
 
 @dataclass
 class _Request:
-    api_index: int
+    api: int  # position of the api socket the request came in on; its outputs go back there
     detokenizer: IncrementalDetokenizer
     num_prompt_tokens: int
     want_logprobs: bool
@@ -63,8 +76,9 @@ class _Request:
 
 class TokenizerService:
     def __init__(self, index: int, tokenizer: Any, plan: AddressPlan, *, chat_template: str | None = None,
-                 eos_token_ids: Sequence[int] = (), max_model_len: int | None = None):
-        self.index = index
+                 eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
+                 identity: bytes | None = None, heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
+        self.index = index  # for logs and heartbeats only: the identity is what routes
         self.tokenizer = tokenizer
         self.raw = tokenizer.backend_tokenizer  # the Rust tokenizers.Tokenizer behind the HF fast tokenizer
         self.vocab_size = len(tokenizer)
@@ -74,44 +88,80 @@ class TokenizerService:
         self.chat_template = ChatTemplate(template, tokenizer.special_tokens_map) if template else None
         self.token_texts = TokenTexts(self.raw)
         self.requests: dict[str, _Request] = {}
+        self.heartbeat_interval_s = heartbeat_interval_s
 
+        self.identity = identity if identity is not None else transport.new_identity("tok")
         self.ctx = zmq.Context()
-        self.inbox = transport.pull_socket(self.ctx, plan.tokenizer_inbox[index])
-        self.to_scheduler = transport.push_socket(self.ctx, plan.scheduler_inbox)
-        self.to_api = [transport.push_socket(self.ctx, ep) for ep in plan.api_inbox]
+        self.to_scheduler = transport.dealer_socket(self.ctx, plan.scheduler, self.identity)
+        self.to_api = [transport.dealer_socket(self.ctx, ep, self.identity) for ep in plan.api_inbox]
+        # Which api a socket leads to (None: the scheduler).
+        self.api_of: dict[zmq.Socket, int | None] = {self.to_scheduler: None}
+        self.api_of.update({sock: i for i, sock in enumerate(self.to_api)})
+        self.poller = zmq.Poller()
+        for sock in self.api_of:
+            self.poller.register(sock, zmq.POLLIN)
         self.running = True
-        self.handlers: dict[type, Callable[[Any], None]] = {
+        self.api_handlers: dict[type, Callable[[Any, int], None]] = {
             GenerateRequest: self.on_generate,
-            BatchRequestOutput: self.on_outputs,
             AbortRequest: self.on_abort,
             TokenizeRequest: self.on_tokenize,
             DetokenizeRequest: self.on_detokenize,
-            Heartbeat: lambda _: None,
-            Shutdown: self.on_shutdown,
         }
 
     # ------------------------------------------------------------------ loop
 
     def run(self, parent_pid: int | None = None) -> None:
+        next_beat = 0.0  # the first heartbeat goes out at once: it is the hello
         while self.running:
-            try:
-                msg = transport.recv(self.inbox, _POLL_MS)
-            except MessageDecodeError as e:
-                log.warning("tokenizer %d: dropped a malformed message: %s", self.index, e)
-                continue
-            if msg is None:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.heartbeat()
+                next_beat = now + self.heartbeat_interval_s
                 if parent_pid is not None and os.getppid() != parent_pid:
                     log.error("tokenizer %d: parent process died; exiting", self.index)
                     break
-                continue
-            handler = self.handlers.get(type(msg))
-            if handler is None:
-                log.warning("tokenizer %d: unexpected %s", self.index, type(msg).__name__)
-                continue
+            wait_ms = math.ceil(max(0.0, next_beat - time.monotonic()) * 1000)
+            for sock, _ in self.poller.poll(wait_ms):
+                self._drain(sock)
+                if not self.running:
+                    break
+
+    def heartbeat(self) -> None:
+        beat = Heartbeat("tokenizer", self.index, time.time())
+        for sock in self.api_of:
+            transport.dealer_send(sock, beat)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        api = self.api_of[sock]
+        for _ in range(_RECV_BUDGET):
             try:
-                handler(msg)
+                msg = transport.dealer_recv(sock, 0)
+            except MessageDecodeError as e:
+                log.warning("tokenizer %d: dropped a malformed message from %s: %s", self.index,
+                            "the scheduler" if api is None else f"api {api}", e)
+                continue
+            if msg is None:
+                return
+            try:
+                self._dispatch(msg, api)
             except Exception:  # a bug on one message must not take every other request down
                 log.exception("tokenizer %d: failed on %s", self.index, type(msg).__name__)
+            if not self.running:
+                return
+
+    def _dispatch(self, msg: Any, api: int | None) -> None:
+        kind = type(msg)
+        if kind is Shutdown:
+            self.on_shutdown(msg)
+        elif kind is Heartbeat:
+            pass
+        elif api is None and kind is BatchRequestOutput:
+            self.on_outputs(msg)
+        elif api is not None and kind in self.api_handlers:
+            self.api_handlers[kind](msg, api)
+        else:
+            log.warning("tokenizer %d: unexpected %s from %s", self.index, kind.__name__,
+                        "the scheduler" if api is None else f"api {api}")
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
@@ -122,9 +172,8 @@ class TokenizerService:
 
     # ------------------------------------------------------------------ api -> scheduler
 
-    def on_generate(self, req: GenerateRequest) -> None:
-        if not self._api_ok(req.api_index, req.req_id):
-            return
+    def on_generate(self, req: GenerateRequest, api: int) -> None:
+        # req.api_index is the api's own number, for its logs; the socket the request came on routes replies.
         try:
             if req.req_id in self.requests:
                 raise RequestError(f"duplicate request id {req.req_id!r}", "request_id")
@@ -133,27 +182,27 @@ class TokenizerService:
                                      req.chat_template_kwargs)
             self._check_length(ids, req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
         except Exception as e:
-            self._reply(req.api_index, TextDelta(req.req_id, finished=True, finish_reason="error",
-                                                 error=self._error(e, req.req_id)))
+            self._reply(api, TextDelta(req.req_id, finished=True, finish_reason="error",
+                                       error=self._error(e, req.req_id)))
             return
         params = req.sampling_params
         prompt_text = None
         if req.echo:
             prompt_text = text if text is not None else self.tokenizer.decode(ids)
         self.requests[req.req_id] = _Request(
-            api_index=req.api_index,
+            api=api,
             detokenizer=IncrementalDetokenizer(self.raw, params, ids),
             num_prompt_tokens=len(ids),
             want_logprobs=params.logprobs is not None,
             prompt_text=prompt_text,
         )
-        transport.send(self.to_scheduler, TokenizedRequest(
+        transport.dealer_send(self.to_scheduler, TokenizedRequest(
             req_id=req.req_id, prompt_token_ids=ids, sampling_params=params, tokenizer_index=self.index,
             eos_token_ids=self.eos_token_ids, arrival_time=req.arrival_time))
 
-    def on_abort(self, msg: AbortRequest) -> None:
+    def on_abort(self, msg: AbortRequest, api: int) -> None:
         self.requests.pop(msg.req_id, None)
-        transport.send(self.to_scheduler, msg)
+        transport.dealer_send(self.to_scheduler, msg)
 
     def _prompt(self, prompt: str | None, token_ids: list[int] | None, messages: list[dict[str, object]] | None,
                 add_special_tokens: bool, add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -202,19 +251,23 @@ class TokenizerService:
         for out in batch.outputs:
             state = self.requests.get(out.req_id)
             if state is None:
-                continue  # aborted, or already finished by a stop string; the scheduler had it in flight
+                # Aborted or stopped by a stop string here while the scheduler had it in flight (the abort is on
+                # its way), or held by this tokenizer's previous life: abort again so its KV blocks are freed.
+                if not out.finished:
+                    transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
+                continue
             try:
                 delta = self._delta(out, state)
             except Exception as e:  # fail this request, keep the batch
                 log.exception("tokenizer %d: detokenizing %s failed", self.index, out.req_id)
                 delta = TextDelta(out.req_id, finished=True, finish_reason="error",
                                   error=ErrorInfo(f"detokenization failed: {e}", "InternalServerError", None, 500))
-                transport.send(self.to_scheduler, AbortRequest(out.req_id))
+                transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
             if delta.finished:
                 del self.requests[out.req_id]
-            by_api.setdefault(state.api_index, []).append(delta)
-        for api_index, deltas in by_api.items():
-            self._reply(api_index, BatchTextDelta(deltas))
+            by_api.setdefault(state.api, []).append(delta)
+        for api, deltas in by_api.items():
+            self._reply(api, BatchTextDelta(deltas))
 
     def _delta(self, out: RequestOutput, state: _Request) -> TextDelta:
         # The scheduler finishes with "stop" only on a stop token (EOS or stop_token_ids); stop strings are ours.
@@ -225,7 +278,7 @@ class TokenizerService:
         if stop_string is not None:
             finished, finish_reason, stop_reason = True, "stop", stop_string
             if not out.finished:
-                transport.send(self.to_scheduler, AbortRequest(out.req_id))
+                transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
         state.num_output_tokens += len(out.new_token_ids)
         error = None
         if out.error:
@@ -249,35 +302,25 @@ class TokenizerService:
 
     # ------------------------------------------------------------------ /tokenize, /detokenize
 
-    def on_tokenize(self, req: TokenizeRequest) -> None:
-        if not self._api_ok(req.api_index, req.req_id):
-            return
+    def on_tokenize(self, req: TokenizeRequest, api: int) -> None:
         try:
             ids, _ = self._prompt(req.prompt, None, req.messages, req.add_special_tokens, req.add_generation_prompt)
             strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         except Exception as e:
-            self._reply(req.api_index, TokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
+            self._reply(api, TokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
             return
-        self._reply(req.api_index, TokenizeResponse(req.req_id, ids, strs))
+        self._reply(api, TokenizeResponse(req.req_id, ids, strs))
 
-    def on_detokenize(self, req: DetokenizeRequest) -> None:
-        if not self._api_ok(req.api_index, req.req_id):
-            return
+    def on_detokenize(self, req: DetokenizeRequest, api: int) -> None:
         try:
             self._check_ids(req.token_ids, "tokens")
             text = self.tokenizer.decode(req.token_ids)
         except Exception as e:
-            self._reply(req.api_index, DetokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
+            self._reply(api, DetokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
             return
-        self._reply(req.api_index, DetokenizeResponse(req.req_id, text))
+        self._reply(api, DetokenizeResponse(req.req_id, text))
 
     # ------------------------------------------------------------------ helpers
-
-    def _api_ok(self, api_index: int, req_id: str) -> bool:
-        if isinstance(api_index, int) and 0 <= api_index < len(self.to_api):
-            return True
-        log.warning("tokenizer %d: request %s names unknown api instance %r", self.index, req_id, api_index)
-        return False
 
     def _error(self, e: Exception, req_id: str) -> ErrorInfo:
         """The request's fault (400 with the param) or ours (500, logged); either way the api gets an answer."""
@@ -286,8 +329,8 @@ class TokenizerService:
         log.exception("tokenizer %d: request %s failed", self.index, req_id)
         return ErrorInfo(f"tokenizer failed: {type(e).__name__}: {e}", "InternalServerError", None, 500)
 
-    def _reply(self, api_index: int, msg: Any) -> None:
-        transport.send(self.to_api[api_index], msg)
+    def _reply(self, api: int, msg: Any) -> None:
+        transport.dealer_send(self.to_api[api], msg)
 
 
 def main(config_dict: dict[str, Any], index: int) -> None:
@@ -295,12 +338,12 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tokenizer-{index} %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
     tokenizer = load_tokenizer(config.model)
-    folder, _ = tokenizer_source(config.model)
+    folder = tokenizer_folder(config.model)
     service = TokenizerService(
         index, tokenizer, address_plan(config.server),
         chat_template=chat_template_source(tokenizer, config.model.chat_template),
         eos_token_ids=eos_token_ids(tokenizer, folder), max_model_len=config.model.max_model_len)
-    log.info("tokenizer %d ready", index)
+    log.info("tokenizer %d ready as %r", index, service.identity)
     try:
         service.run(parent_pid=os.getppid())
     finally:

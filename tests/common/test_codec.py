@@ -33,6 +33,9 @@ from common.messages import (
     TokenizeResponse,
     TokenLogprobs,
     TopLogprobs,
+    WorkerError,
+    WorkerFailed,
+    WorkerReady,
 )
 from common.sampling_params import SamplingParams
 
@@ -74,6 +77,9 @@ SAMPLES = [
                 generation_tokens=20, prefix_cache_queries=8, prefix_cache_hits=4, timestamp=12.5),
     Heartbeat("tokenizer", 1, 99.0),
     Shutdown("test"),
+    WorkerReady(1, 4096, 2048, [2, 7], 3.5, "cuda:1"),
+    WorkerFailed(0, "exited with code -9"),
+    WorkerError(12, "RuntimeError: boom"),
 ]
 
 

@@ -1,20 +1,14 @@
-"""The embedded SmolLM2 tokenizer (byte-level BPE), converted from its GGUF once per test session."""
+"""The embedded SmolLM2 tokenizer (byte-level BPE), from the converted model cache."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.tokenizer.loading import embedded_gguf
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder, gguf_file = embedded_gguf()
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)  # the ~4 s conversion
-    return str(out)
+def tokenizer_dir(embedded_source):
+    return embedded_source.tokenizer_dir  # the converted, cached embedded model (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
