@@ -54,12 +54,14 @@ def worker_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _heartbeat(ctx: zmq.Context, address: str, rank: int, stop: threading.Event) -> None:
+def _heartbeat(ctx: zmq.Context, address: str, rank: int, ready: list[WorkerReady], stop: threading.Event) -> None:
+    """Once loaded, the heartbeat IS the WorkerReady message: a restarted scheduler re-learns every rank
+    within a second, and a rank the scheduler dropped after a failure re-registers by itself."""
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     while not stop.wait(HEARTBEAT_INTERVAL_S):
-        sock.send(codec.encode(Heartbeat("gpu_worker", rank, time.time())))
+        sock.send(codec.encode(ready[0] if ready else Heartbeat("gpu_worker", rank, time.time())))
     sock.close()
 
 
@@ -77,7 +79,9 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     results.setsockopt(zmq.LINGER, 0)
     results.connect(plan.worker_result.connect)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(ctx, plan.worker_result.connect, rank, stop), daemon=True)
+    announced: list[WorkerReady] = []
+    beat = threading.Thread(target=_heartbeat, args=(ctx, plan.worker_result.connect, rank, announced, stop),
+                            daemon=True)
     beat.start()
     parent = os.getppid()
     try:
@@ -87,6 +91,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         ready = WorkerReady(rank, runner.num_blocks, runner.max_model_len, list(runner.eos_token_ids),
                             runner.load_seconds, str(device))
         results.send(codec.encode(ready))
+        announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)
         _serve(runner, plans, results, rank, ready, parent)
     finally:

@@ -253,8 +253,10 @@ class SchedulerService:
             log.warning("unexpected %s from a worker", type(msg).__name__)
 
     def _on_worker_ready(self, msg: WorkerReady) -> None:
-        self.ready[msg.rank] = msg
         self.worker_seen[msg.rank] = time.monotonic()
+        if msg.rank in self.ready:
+            return  # a heartbeat of a rank already registered
+        self.ready[msg.rank] = msg
         log.info("worker rank %d ready on %s: %d KV blocks, max_model_len %d, loaded in %.1fs",
                  msg.rank, msg.device, msg.num_blocks, msg.max_model_len, msg.load_seconds)
         if len(self.ready) == self.tp_size and self.scheduler is None:
