@@ -1,0 +1,1 @@
+"""Benchmarks: `headrace bench {latency,throughput,serve}`."""
