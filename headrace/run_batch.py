@@ -1,0 +1,391 @@
+"""`headrace run-batch`: an OpenAI Batch API input file through the in-process engine, offline.
+
+Input, one JSON object a line: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
+"body": <the endpoint's request body>}. Every valid line goes into one engine at once (continuous batching);
+each result is written the moment its request finishes, one flushed line at a time, as OpenAI's batch output:
+
+    {"id": "batch_req_...", "custom_id": ..., "response": {"status_code": 200, "request_id": ..., "body": ...},
+     "error": null}
+
+A line that is not a batch request at all (bad JSON, missing fields, unknown url) gets "response": null and
+"error": {"code", "message"}; a request the endpoint would refuse (bad body, bad sampling params, too long) gets
+the endpoint's 400 answer in "response" and the same "error". A bad line never stops the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from common.config import EngineConfig
+from common.messages import TokenLogprobs
+from common.sampling_params import SamplingParams, SamplingParamsError
+from headrace.llm import LLM, CompletionOutput, GenerationOutput
+from headrace.offline_text import check_context_length
+from services.tokenizer.errors import RequestError
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+ENDPOINTS = (COMPLETIONS, CHAT)
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI-compatible servers clamp to this
+
+
+class LineError(ValueError):
+    """The line is not a batch request (it never reaches an endpoint): `code` names what is wrong."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.custom_id = custom_id
+
+
+# --------------------------------------------------------------------------- request body -> sampling params
+
+
+def _field(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    """body[name] checked against a JSON type ("number", "integer", "boolean", "string"); null means default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = {
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise RequestError(f"{name} must be a {kind}, got {json.dumps(value)}.", name)
+    return value
+
+
+def _string_list(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise RequestError(f"{name} must be a string or an array of strings.", name)
+
+
+def _int_list(body: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return tuple(value)
+    raise RequestError(f"{name} must be an array of integers.", name)
+
+
+def sampling_params_from_body(body: Mapping[str, Any], chat: bool, max_n: int = 16) -> SamplingParams:
+    """The OpenAI completion / chat body's sampling fields (plus vLLM's extras) as SamplingParams.
+
+    Raises RequestError naming the field at fault. The API server validates the same fields through its own
+    pydantic models; this is the offline path's single copy of the mapping.
+    """
+    if _field(body, "stream", "boolean", False):
+        raise RequestError("stream is not supported in batch requests.", "stream")
+    max_tokens = _field(body, "max_tokens", "integer", None if chat else 16)
+    if chat:  # the newer name wins where both are given
+        max_tokens = _field(body, "max_completion_tokens", "integer", max_tokens)
+        logprobs = None
+        if _field(body, "logprobs", "boolean", False):
+            logprobs = _field(body, "top_logprobs", "integer", 0)
+        elif body.get("top_logprobs") is not None:
+            raise RequestError("top_logprobs needs logprobs set to true.", "top_logprobs")
+    else:
+        logprobs = _field(body, "logprobs", "integer")
+    n = _field(body, "n", "integer", 1)
+    if isinstance(n, int) and n > max_n:
+        raise RequestError(f"n must be at most {max_n}, got {n}.", "n")
+    try:
+        return SamplingParams(
+            n=n,
+            temperature=_field(body, "temperature", "number", 1.0),
+            top_p=_field(body, "top_p", "number", 1.0),
+            top_k=_field(body, "top_k", "integer", 0),
+            min_p=_field(body, "min_p", "number", 0.0),
+            seed=_field(body, "seed", "integer"),
+            presence_penalty=_field(body, "presence_penalty", "number", 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", "number", 0.0),
+            repetition_penalty=_field(body, "repetition_penalty", "number", 1.0),
+            max_tokens=max_tokens,
+            min_tokens=_field(body, "min_tokens", "integer", 0),
+            stop=_string_list(body, "stop"),
+            stop_token_ids=_int_list(body, "stop_token_ids"),
+            ignore_eos=_field(body, "ignore_eos", "boolean", False),
+            logprobs=logprobs,
+            skip_special_tokens=_field(body, "skip_special_tokens", "boolean", True),
+            include_stop_str_in_output=_field(body, "include_stop_str_in_output", "boolean", False),
+        )
+    except SamplingParamsError as e:
+        raise RequestError(str(e), e.param) from None
+
+
+# --------------------------------------------------------------------------- one line
+
+
+@dataclass
+class _Line:
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+    params: SamplingParams | None = None
+    echo: bool = False
+    prompts: list[tuple[list[int], str | None]] = field(default_factory=list)
+    results: list[GenerationOutput | None] = field(default_factory=list)
+    pending: int = 0
+
+
+def parse_line(raw: bytes | str, seen_ids: set[str]) -> _Line:
+    """Check the batch envelope; raises LineError (carrying the custom_id when it is readable)."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LineError("invalid_json", f"the line is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise LineError("invalid_request", "the line must be a JSON object.")
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise LineError("missing_required_parameter", "custom_id must be a non-empty string.")
+    if custom_id in seen_ids:
+        raise LineError("duplicate_custom_id", f"custom_id {custom_id!r} appears on an earlier line.", custom_id)
+    seen_ids.add(custom_id)
+    if obj.get("method") != "POST":
+        raise LineError("invalid_method", f"method must be \"POST\", got {json.dumps(obj.get('method'))}.",
+                        custom_id)
+    if obj.get("url") not in ENDPOINTS:
+        raise LineError("invalid_url", f"url must be one of {', '.join(ENDPOINTS)}, got {json.dumps(obj.get('url'))}.",
+                        custom_id)
+    if not isinstance(obj.get("body"), dict):
+        raise LineError("missing_required_parameter", "body must be a JSON object.", custom_id)
+    return _Line(custom_id, obj["url"], obj["body"])
+
+
+def _prepare(line: _Line, llm: LLM) -> None:
+    """Sampling params and token ids for every prompt of the line; raises RequestError (an HTTP 400)."""
+    body, chat = line.body, line.url == CHAT
+    line.params = sampling_params_from_body(body, chat, llm.config.server.max_n)
+    if chat:
+        ids, text = llm.codec.encode_chat(
+            body.get("messages"),
+            add_generation_prompt=_field(body, "add_generation_prompt", "boolean", True),
+            continue_final_message=_field(body, "continue_final_message", "boolean", False),
+            template_kwargs=_template_kwargs(body))
+        line.prompts = [(ids, text)]
+    else:
+        add_special = _field(body, "add_special_tokens", "boolean", True)
+        line.echo = _field(body, "echo", "boolean", False)
+        if line.echo and line.params.logprobs is not None:
+            raise RequestError("echo with logprobs is not supported (no prompt logprobs).", "echo")
+        line.prompts = []
+        for p in _completion_prompts(body.get("prompt")):
+            if isinstance(p, str):
+                line.prompts.append((llm.codec.encode_text(p, add_special), p))
+            else:
+                ids = llm.codec.check_ids(p)
+                line.prompts.append((ids, llm.codec.decode(ids) if line.echo else None))
+    for ids, _ in line.prompts:
+        check_context_length(len(ids), line.params.max_tokens, llm.max_model_len, "messages" if chat else "prompt")
+
+
+def _template_kwargs(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise RequestError("chat_template_kwargs must be an object.", "chat_template_kwargs")
+    return kwargs
+
+
+def _completion_prompts(prompt: Any) -> list[Any]:
+    """A string, token ids, or an array of either (each its own set of n choices)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, (str, list)) for p in prompt):
+            return prompt
+    raise RequestError("prompt must be a string, an array of token ids, or a non-empty array of those.", "prompt")
+
+
+# --------------------------------------------------------------------------- OpenAI response bodies
+
+
+def _lp(value: float) -> float:
+    return max(value, _MIN_LOGPROB)
+
+
+def _completion_logprobs(c: CompletionOutput) -> dict[str, Any] | None:
+    if c.logprobs is None:
+        return None
+    offsets, offset = [], 0
+    for lp in c.logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in c.logprobs],
+        "token_logprobs": [_lp(lp.logprob) for lp in c.logprobs],
+        "top_logprobs": [{lp.token: _lp(lp.logprob)} | {t: _lp(v) for t, v in zip(lp.top_tokens, lp.top_logprobs)}
+                         for lp in c.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _chat_token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def _chat_logprobs(logprobs: list[TokenLogprobs] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    return {"content": [_chat_token(lp.token, lp.logprob)
+                        | {"top_logprobs": [_chat_token(t, v) for t, v in zip(lp.top_tokens, lp.top_logprobs)]}
+                        for lp in logprobs]}
+
+
+def response_body(line: _Line, model_name: str) -> dict[str, Any]:
+    """The completion / chat.completion object the endpoint would have returned, usage included."""
+    chat = line.url == CHAT
+    results = [r for r in line.results if r is not None]  # every prompt's, once the line is done
+    n = line.params.n if line.params else 1
+    choices = []
+    for k, result in enumerate(results):
+        for c in result.outputs:
+            choice: dict[str, Any] = {"index": k * n + c.index}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["logprobs"] = _chat_logprobs(c.logprobs)
+            else:
+                choice["text"] = (result.prompt or "") + c.text if line.echo else c.text
+                choice["logprobs"] = _completion_logprobs(c)
+            choice["finish_reason"] = c.finish_reason
+            choice["stop_reason"] = c.stop_reason
+            choices.append(choice)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
+    completion_tokens = sum(r.num_output_tokens for r in results)
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def _record(custom_id: str | None, response: dict[str, Any] | None, error: dict[str, str] | None) -> dict[str, Any]:
+    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": response, "error": error}
+
+
+def _ok_record(line: _Line, model_name: str) -> dict[str, Any]:
+    return _record(line.custom_id, {"status_code": 200, "request_id": "req_" + uuid.uuid4().hex,
+                                    "body": response_body(line, model_name)}, None)
+
+
+def _http_error_record(custom_id: str, message: str, param: str | None, status: int) -> dict[str, Any]:
+    """The endpoint's error answer (as the API server writes it) in `response`, and the same in `error`."""
+    kind, code = ("BadRequestError", "invalid_request_error") if status == 400 else ("InternalServerError",
+                                                                                     "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return _record(custom_id, {"status_code": status, "request_id": "req_" + uuid.uuid4().hex, "body": body},
+                   {"code": code, "message": message})
+
+
+# --------------------------------------------------------------------------- the file
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class _Writer:
+    def __init__(self, out: IO[str], summary: BatchSummary):
+        self.out, self.summary = out, summary
+
+    def write(self, record: dict[str, Any]) -> None:
+        ok = record["error"] is None
+        self.summary.succeeded += ok
+        self.summary.failed += not ok
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()  # a reader (or a crash) sees every finished request, line-complete
+
+
+def process_batch(llm: LLM, lines: Iterable[bytes | str], out: IO[str], use_tqdm: bool = True) -> BatchSummary:
+    """Run every request of `lines` through `llm`, writing each result to `out` as it finishes."""
+    summary = BatchSummary()
+    writer = _Writer(out, summary)
+    seen: set[str] = set()
+    by_job: dict[str, tuple[_Line, int]] = {}
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue  # blank lines (a trailing newline) are not requests
+        summary.total += 1
+        try:
+            line = parse_line(raw, seen)
+        except LineError as e:
+            writer.write(_record(e.custom_id, None, {"code": e.code, "message": f"line {number}: {e}"}))
+            continue
+        job_ids: list[str] = []
+        try:
+            _prepare(line, llm)
+            for k, (ids, text) in enumerate(line.prompts):
+                job_id = f"{number}:{k}"
+                llm.submit(job_id, ids, line.params, prompt=text)  # ValueError: the engine could never run it
+                job_ids.append(job_id)
+        except Exception as e:  # this line's fault (400), or ours on this line only (500)
+            llm.abort(job_ids)
+            status = e.code if isinstance(e, RequestError) else 400 if isinstance(e, ValueError) else 500
+            writer.write(_http_error_record(line.custom_id, str(e), getattr(e, "param", None), status))
+            continue
+        for k, job_id in enumerate(job_ids):
+            by_job[job_id] = (line, k)
+        line.results = [None] * len(job_ids)
+        line.pending = len(job_ids)
+    for result in llm.stream_finished(use_tqdm):
+        line, k = by_job.pop(result.request_id)
+        line.results[k] = result
+        line.pending -= 1
+        if line.pending:
+            continue
+        failed = [c for r in line.results if r for c in r.outputs if c.finish_reason == "error"]
+        if failed:
+            writer.write(_http_error_record(line.custom_id, failed[0].error or "the request failed", None, 500))
+        else:
+            writer.write(_ok_record(line, llm.model_name))
+    return summary
+
+
+def run_batch(config: EngineConfig, input_file: str, output_file: str) -> int:
+    """`headrace run-batch -i IN -o OUT`: 0 once the file is processed (per-line errors are in the output);
+    1 when the input cannot be read or the output cannot be written (checked before the model loads)."""
+    if not os.path.isfile(input_file):
+        print(f"headrace run-batch: no input file at {input_file!r}", file=sys.stderr)
+        return 1
+    try:
+        src = open(input_file, "rb")
+    except OSError as e:
+        print(f"headrace run-batch: cannot read {input_file!r}: {e}", file=sys.stderr)
+        return 1
+    with src:
+        try:
+            dst = open(output_file, "w", encoding="utf-8")
+        except OSError as e:
+            print(f"headrace run-batch: cannot write {output_file!r}: {e}", file=sys.stderr)
+            return 1
+        with dst:
+            llm = LLM.from_config(config, log=lambda *a: print(*a, file=sys.stderr))
+            started = time.perf_counter()
+            summary = process_batch(llm, src, dst)
+    print(f"headrace run-batch: {summary.total} requests, {summary.succeeded} succeeded, {summary.failed} failed "
+          f"in {time.perf_counter() - started:.1f} s -> {output_file}", file=sys.stderr)
+    return 0
