@@ -1,0 +1,372 @@
+"""The api's ZeroMQ side: tokenizers on our ROUTER, the scheduler's EngineStats on a DEALER.
+
+    api_inbox[i] ROUTER (bound)  <- every tokenizer's DEALER: Heartbeat hello, BatchTextDelta/TextDelta,
+                                    Tokenize/DetokenizeResponse
+                                 -> one tokenizer by identity: GenerateRequest, AbortRequest, Tokenize/Detokenize
+    scheduler ROUTER (connect)   <- EngineStats (every ENGINE_STATS_INTERVAL_S)
+                                 -> Heartbeat(sender="api") every HEARTBEAT_INTERVAL_S (the first is our hello)
+
+A tokenizer is live while we heard from it within PEER_TIMEOUT_S; requests go round-robin to live ones and
+stay with theirs for life. When one goes silent, every request it holds fails with a 503 (no request ever
+waits on a dead peer; there is no other timeout, since long generations are legitimate).
+
+Sends to tokenizers are synchronous and non-blocking (queues are unbounded, see common.transport.DEFAULT_HWM),
+so they can be made from anywhere on the event loop, including a cancelled request's cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common import codec, transport
+from common.addresses import AddressPlan, Endpoint
+from common.codec import MessageDecodeError
+from common.messages import (
+    AbortRequest,
+    BatchTextDelta,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EngineStats,
+    ErrorInfo,
+    GenerateRequest,
+    Heartbeat,
+    TextDelta,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from common.transport import HEARTBEAT_INTERVAL_S, PEER_TIMEOUT_S
+from services.api.errors import ApiError
+from services.api.records import RequestRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Peer:
+    identity: bytes
+    name: str
+    last_seen: float
+
+
+class Generation:
+    """The engine requests behind one HTTP request (n choices x prompts), multiplexed onto one queue.
+
+    Iterating yields (choice index, TextDelta) until every choice has delivered its finished delta; a
+    tokenizer that dies delivers an error delta for each choice it held.
+    """
+
+    def __init__(self, client: EngineClient, tokenizer: _Peer, requests: list[GenerateRequest], now: float):
+        self._client = client
+        self.tokenizer = tokenizer
+        self.req_ids = [r.req_id for r in requests]
+        self.records = [RequestRecord(r.req_id, arrival=now) for r in requests]
+        self._queue: asyncio.Queue[tuple[int, TextDelta]] = asyncio.Queue()
+        self._unfinished = set(range(len(requests)))  # not yet finished as delivered by the engine
+        self._unread = len(requests)  # finished deltas the consumer has not taken yet
+
+    @property
+    def finished(self) -> bool:
+        """Every choice's last delta has been read."""
+        return self._unread == 0
+
+    async def next_batch(self) -> list[tuple[int, TextDelta]]:
+        """At least one (index, delta), plus whatever else is already waiting."""
+        items = [await self._queue.get()]
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        self._unread -= sum(delta.finished for _, delta in items)
+        return items
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, TextDelta]]:
+        while not self.finished:
+            for item in await self.next_batch():
+                yield item
+
+    def abort(self) -> None:
+        """Stop every choice still running (client gone, or one choice failed). Safe to call twice."""
+        self._client._abort(self)
+
+    def _deliver(self, index: int, delta: TextDelta, now: float) -> None:
+        if index not in self._unfinished:
+            return
+        self.records[index].on_delta(delta, now)
+        if delta.finished:
+            self._unfinished.discard(index)
+        self._queue.put_nowait((index, delta))
+
+
+class EngineClient:
+    def __init__(self, api_index: int, inbox: Endpoint, scheduler: Endpoint, *,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, peer_timeout_s: float = PEER_TIMEOUT_S,
+                 on_finished: Callable[[RequestRecord], None] | None = None):
+        self.api_index = api_index
+        self._inbox_address = inbox.bind
+        self._scheduler_address = scheduler.connect
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.peer_timeout_s = peer_timeout_s
+        # Called once per engine request when it finishes, fails or is aborted (the metrics hook).
+        self.on_finished = on_finished or (lambda record: None)
+
+        self.stats: EngineStats | None = None
+        self._stats_seen = 0.0
+        self._engine_alive = False
+        self._peers: dict[bytes, _Peer] = {}
+        self._round_robin = 0
+        self._requests: dict[str, tuple[Generation, int]] = {}
+        self._generations: set[Generation] = set()
+        self._calls: dict[str, tuple[bytes, asyncio.Future[Any]]] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def from_plan(cls, plan: AddressPlan, api_index: int, **kwargs: Any) -> EngineClient:
+        return cls(api_index, plan.api_inbox[api_index], plan.scheduler, **kwargs)
+
+    async def start(self) -> None:
+        self._ctx = transport.async_context()
+        self._router = transport.router_socket(self._ctx, self._inbox_address)
+        # Unlike the engine's other ROUTERs: a send to an identity that is gone raises (our _send handles it),
+        # so a request never goes to a tokenizer that has already disconnected.
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._dealer = transport.dealer_socket(self._ctx, self._scheduler_address, prefix=f"api{self.api_index}")
+        self._tasks = [asyncio.create_task(coro) for coro in
+                       (self._recv_tokenizers(), self._recv_scheduler(), self._say_hello(), self._watch_peers())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for gen in list(self._generations):
+            self._fail(gen, ErrorInfo("the server is shutting down.", "ServiceUnavailableError", None, 503))
+        for _, future in self._calls.values():
+            if not future.done():
+                future.set_exception(ApiError(503, "the server is shutting down."))
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    # ------------------------------------------------------------------ state the routes read
+
+    @property
+    def engine_alive(self) -> bool:
+        """EngineStats keeps arriving (the scheduler is up and its engine loaded)."""
+        return self._engine_alive
+
+    @property
+    def num_live_tokenizers(self) -> int:
+        return len(self._peers)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, requests: list[GenerateRequest]) -> Generation:
+        """Send every engine request of one HTTP request to one live tokenizer."""
+        payloads = [_encode(req) for req in requests]
+        while True:
+            peer = self._pick()
+            gen = Generation(self, peer, requests, time.monotonic())
+            for k, req in enumerate(requests):
+                self._requests[req.req_id] = (gen, k)
+            self._generations.add(gen)
+            try:
+                for data in payloads:
+                    self._send_bytes(peer, data)
+                return gen
+            except _PeerGone:
+                self._unregister(gen)  # it never started: retry the whole request on the next live tokenizer
+                self._forget(peer, "it disconnected")
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        return await self._call(req.req_id, req)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        return await self._call(req.req_id, req)
+
+    async def _call(self, req_id: str, msg: Any) -> Any:
+        data = _encode(msg)
+        while True:
+            peer = self._pick()
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._calls[req_id] = (peer.identity, future)
+            try:
+                self._send_bytes(peer, data)
+            except _PeerGone:
+                self._calls.pop(req_id, None)
+                self._forget(peer, "it disconnected")
+                continue
+            try:
+                return await future
+            finally:
+                self._calls.pop(req_id, None)
+
+    def _pick(self) -> _Peer:
+        peers = list(self._peers.values())
+        if not peers:
+            raise ApiError(503, "No tokenizer is available; the server is starting or recovering. Retry shortly.")
+        self._round_robin = (self._round_robin + 1) % len(peers)
+        return peers[self._round_robin]
+
+    def _abort(self, gen: Generation) -> None:
+        now = time.monotonic()
+        for k in sorted(gen._unfinished):
+            req_id = gen.req_ids[k]
+            self._requests.pop(req_id, None)
+            gen.records[k].on_finish("abort", now)
+            self.on_finished(gen.records[k])
+            if gen.tokenizer.identity in self._peers:
+                try:
+                    self._send(gen.tokenizer, AbortRequest(req_id))
+                except _PeerGone:
+                    pass  # it is gone: nothing left to stop there
+        gen._unfinished.clear()
+        self._generations.discard(gen)
+
+    def _unregister(self, gen: Generation) -> None:
+        for req_id in gen.req_ids:
+            self._requests.pop(req_id, None)
+        self._generations.discard(gen)
+
+    def _fail(self, gen: Generation, error: ErrorInfo) -> None:
+        now = time.monotonic()
+        for k in sorted(gen._unfinished):
+            self._deliver(gen, k, TextDelta(gen.req_ids[k], finished=True, finish_reason="error", error=error), now)
+
+    def _deliver(self, gen: Generation, k: int, delta: TextDelta, now: float) -> None:
+        gen._deliver(k, delta, now)
+        if delta.finished:
+            self._requests.pop(gen.req_ids[k], None)
+            self.on_finished(gen.records[k])
+            if not gen._unfinished:
+                self._generations.discard(gen)
+
+    # ------------------------------------------------------------------ sockets
+
+    def _send(self, peer: _Peer, msg: Any) -> None:
+        self._send_bytes(peer, _encode(msg))
+
+    def _send_bytes(self, peer: _Peer, data: bytes) -> None:
+        assert self._router is not None, "EngineClient.start() was not awaited"
+        sent = self._router.send_multipart([peer.identity, data], flags=zmq.DONTWAIT)
+        error = sent.exception() if sent.done() else None
+        if isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
+            raise _PeerGone()
+        if error is not None:
+            raise error
+
+    async def _recv_tokenizers(self) -> None:
+        assert self._router is not None
+        while True:
+            try:
+                identity, msg = await transport.router_recv_async(self._router)
+            except MessageDecodeError as e:
+                log.warning("api %d: dropped a malformed message from a tokenizer: %s", self.api_index, e)
+                continue
+            now = time.monotonic()
+            self._heard_from(identity, msg, now)
+            try:
+                self._dispatch(msg, now)
+            except Exception:  # one bad message must not stop every request's deltas
+                log.exception("api %d: failed on %s", self.api_index, type(msg).__name__)
+
+    def _heard_from(self, identity: bytes, msg: Any, now: float) -> None:
+        peer = self._peers.get(identity)
+        if peer is None:
+            index = msg.index if isinstance(msg, Heartbeat) else "?"
+            name = f"tokenizer-{index} ({identity.decode('ascii', 'replace')})"
+            peer = self._peers[identity] = _Peer(identity, name, now)
+            log.info("api %d: %s connected", self.api_index, peer.name)
+        peer.last_seen = now
+
+    def _dispatch(self, msg: Any, now: float) -> None:
+        if isinstance(msg, BatchTextDelta):
+            for delta in msg.deltas:
+                self._on_delta(delta, now)
+        elif isinstance(msg, TextDelta):
+            self._on_delta(msg, now)
+        elif isinstance(msg, (TokenizeResponse, DetokenizeResponse)):
+            call = self._calls.get(msg.req_id)
+            if call is not None and not call[1].done():
+                call[1].set_result(msg)
+        elif not isinstance(msg, Heartbeat):
+            log.warning("api %d: unexpected %s from a tokenizer", self.api_index, type(msg).__name__)
+
+    def _on_delta(self, delta: TextDelta, now: float) -> None:
+        entry = self._requests.get(delta.req_id)
+        if entry is not None:  # else aborted or failed already; the tokenizer had it in flight
+            self._deliver(entry[0], entry[1], delta, now)
+
+    async def _recv_scheduler(self) -> None:
+        assert self._dealer is not None
+        while True:
+            try:
+                msg = await transport.dealer_recv_async(self._dealer)
+            except MessageDecodeError as e:
+                log.warning("api %d: dropped a malformed message from the scheduler: %s", self.api_index, e)
+                continue
+            if isinstance(msg, EngineStats):
+                self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), True
+
+    async def _say_hello(self) -> None:
+        assert self._dealer is not None
+        while True:
+            await transport.dealer_send_async(self._dealer, Heartbeat("api", self.api_index, time.time()))
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _watch_peers(self) -> None:
+        tick = min(self.heartbeat_interval_s, self.peer_timeout_s / 4)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            stalled = now - last > 2 * tick + 0.1
+            last = now
+            if stalled:
+                # Our own loop was busy: messages may be waiting unread. Judge peers on the next tick.
+                continue
+            if self._engine_alive and now - self._stats_seen > self.peer_timeout_s:
+                log.warning("api %d: no EngineStats for %.1f s; reporting unhealthy", self.api_index,
+                            now - self._stats_seen)
+                self._engine_alive = False
+            for peer in [p for p in self._peers.values() if now - p.last_seen > self.peer_timeout_s]:
+                self._forget(peer, f"it sent nothing for {now - peer.last_seen:.1f} s")
+
+    def _forget(self, peer: _Peer, why: str) -> None:
+        """Stop routing to a tokenizer and fail every request it holds."""
+        self._peers.pop(peer.identity, None)
+        log.error("api %d: %s is gone (%s); failing its requests", self.api_index, peer.name, why)
+        error = ErrorInfo(f"The tokenizer serving this request ({peer.name}) stopped responding ({why}); "
+                          "the request was lost. Retry it.", "ServiceUnavailableError", None, 503)
+        for gen in [g for g in self._generations if g.tokenizer.identity == peer.identity]:
+            self._fail(gen, error)
+        for req_id, (identity, future) in list(self._calls.items()):
+            if identity == peer.identity and not future.done():
+                future.set_exception(ApiError.from_info(error))
+
+
+def _encode(msg: Any) -> bytes:
+    try:
+        return codec.encode(msg)
+    except (OverflowError, TypeError, ValueError) as e:  # e.g. a >64-bit integer inside chat messages
+        raise ApiError(400, f"the request holds a value that cannot be encoded: {e}") from None
+
+
+class _PeerGone(Exception):
+    """The ROUTER no longer knows this identity (the tokenizer disconnected)."""

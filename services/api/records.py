@@ -1,0 +1,55 @@
+"""Per-request timing: one small record per engine request, filled as its deltas arrive.
+
+The engine client keeps one for every engine request and hands it to its `on_finished` hook, so metrics
+(TTFT, inter-token latency, e2e latency, token counts) can be computed without touching the routes.
+Times are `time.monotonic()` seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.messages import TextDelta
+
+
+@dataclass
+class RequestRecord:
+    req_id: str
+    arrival: float
+    first_token: float | None = None
+    # One entry per output token (tokens that arrive in one delta share its time).
+    token_times: list[float] = field(default_factory=list)
+    finished: float | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    def on_delta(self, delta: TextDelta, now: float) -> None:
+        new_tokens = len(delta.token_ids)
+        if new_tokens:
+            if self.first_token is None:
+                self.first_token = now
+            self.token_times.extend([now] * new_tokens)
+        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
+        self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
+        if delta.finished:
+            self.on_finish(delta.finish_reason, now)
+
+    def on_finish(self, reason: str | None, now: float) -> None:
+        if self.finished is None:
+            self.finished, self.finish_reason = now, reason
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        times = self.token_times
+        return [b - a for a, b in zip(times, times[1:])]

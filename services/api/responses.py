@@ -1,0 +1,176 @@
+"""OpenAI response bodies and stream chunks, built from each choice's accumulated deltas.
+
+`CompletionShape` (/v1/completions, object "text_completion") and `ChatShape` (/v1/chat/completions,
+"chat.completion" / "chat.completion.chunk") differ only in how a choice, its delta and its logprobs look.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.messages import TextDelta, TokenLogprobs
+
+# JSON has no -inf; a token the model ruled out reports this instead (vLLM does the same).
+_MIN_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) and value > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+@dataclass
+class ChoiceState:
+    """One choice's output so far."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    # Characters of echoed prompt before the first output token, and (streaming) before the next token:
+    # completions' logprobs.text_offset.
+    echo_chars: int = 0
+    text_offset: int = 0
+
+    def add(self, delta: TextDelta) -> str:
+        """Fold one delta in; return the text it adds (the echoed prompt first, on its first delta)."""
+        text = delta.text
+        if delta.prompt_text is not None:
+            text = delta.prompt_text + text
+            self.echo_chars = self.text_offset = len(delta.prompt_text)
+        if text:
+            self.text.append(text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
+        if delta.finished:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        return text
+
+    @property
+    def full_text(self) -> str:
+        return "".join(self.text)
+
+
+def usage(states: list[ChoiceState], n: int) -> dict[str, int]:
+    """Prompt tokens once per prompt (its n choices share it); completion tokens summed over every choice."""
+    prompt = sum(max(s.num_prompt_tokens for s in states[p:p + n]) for p in range(0, len(states), n))
+    completion = sum(s.num_output_tokens for s in states)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Shape:
+    object: str
+    chunk_object: str
+
+    def __init__(self, request_id: str, created: int, model: str, *, logprobs: bool, include_usage: bool):
+        self.request_id, self.created, self.model = request_id, created, model
+        self.want_logprobs = logprobs
+        self.include_usage = include_usage
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def response(self, states: list[ChoiceState], n: int) -> dict[str, Any]:
+        body = self._envelope(self.object, [self._choice(s) for s in states])
+        body["usage"] = usage(states, n)
+        return body
+
+    def start_chunks(self, num_choices: int) -> list[dict[str, Any]]:
+        return []
+
+    def delta_chunks(self, state: ChoiceState, text: str, delta: TextDelta) -> list[dict[str, Any]]:
+        """The chunk for one delta, or none when it adds nothing a client sees (text held back for a stop
+        string, say) and does not finish the choice."""
+        logprobs = delta.logprobs if self.want_logprobs else None
+        if not text and not delta.finished and not logprobs:
+            return []
+        return [self._chunk(self._delta_choice(state, text, logprobs, delta))]
+
+    def usage_chunk(self, states: list[ChoiceState], n: int) -> dict[str, Any]:
+        chunk = self._envelope(self.chunk_object, [])
+        chunk["usage"] = usage(states, n)
+        return chunk
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        chunk = self._envelope(self.chunk_object, [choice])
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI: every chunk has the key; only the last one fills it
+        return chunk
+
+    def _choice(self, state: ChoiceState) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
+                      delta: TextDelta) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionShape(Shape):
+    object = chunk_object = "text_completion"
+
+    def _choice(self, state: ChoiceState) -> dict[str, Any]:
+        logprobs = _completion_logprobs(state.logprobs, state.echo_chars) if self.want_logprobs else None
+        return {"index": state.index, "text": state.full_text, "logprobs": logprobs,
+                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+
+    def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
+                      delta: TextDelta) -> dict[str, Any]:
+        block = None
+        if self.want_logprobs:
+            block = _completion_logprobs(logprobs or [], state.text_offset)
+            state.text_offset += sum(len(lp.token) for lp in logprobs or [])
+        return {"index": state.index, "text": text, "logprobs": block,
+                "finish_reason": delta.finish_reason if delta.finished else None,
+                "stop_reason": delta.stop_reason if delta.finished else None}
+
+
+class ChatShape(Shape):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def _choice(self, state: ChoiceState) -> dict[str, Any]:
+        return {"index": state.index, "message": {"role": "assistant", "content": state.full_text},
+                "logprobs": _chat_logprobs(state.logprobs) if self.want_logprobs else None,
+                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+
+    def start_chunks(self, num_choices: int) -> list[dict[str, Any]]:
+        # OpenAI opens every choice with the role and empty content.
+        return [self._chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}) for k in range(num_choices)]
+
+    def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
+                      delta: TextDelta) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": state.index, "delta": {"content": text} if text else {},
+                                  "logprobs": _chat_logprobs(logprobs or []) if self.want_logprobs else None,
+                                  "finish_reason": delta.finish_reason if delta.finished else None}
+        if delta.finished:
+            choice["stop_reason"] = delta.stop_reason
+        return choice
+
+
+def _completion_logprobs(logprobs: list[TokenLogprobs], offset: int) -> dict[str, Any]:
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [_logprob(lp.logprob) for lp in logprobs],
+        "top_logprobs": [{t: _logprob(v) for t, v in zip(lp.top_tokens, lp.top_logprobs)} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+    return {"content": [
+        {"token": lp.token, "logprob": _logprob(lp.logprob), "bytes": list(lp.token.encode("utf-8")),
+         "top_logprobs": [{"token": t, "logprob": _logprob(v), "bytes": list(t.encode("utf-8"))}
+                          for t, v in zip(lp.top_tokens, lp.top_logprobs)]}
+        for lp in logprobs]}

@@ -1,0 +1,88 @@
+"""Process entry of one api instance: `main(config.to_dict(), index)`.
+
+We bind the HTTP socket ourselves with SO_REUSEPORT, so every api instance listens on the same port and the
+kernel spreads connections across them. SIGTERM/SIGINT shut uvicorn down gracefully (in-flight requests get
+`GRACEFUL_SHUTDOWN_S` to finish, then are cancelled, which aborts them); the process also leaves when its
+parent (the launcher) dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from common.config import EngineConfig
+from services.api.app import create_app
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 10.0
+_PARENT_POLL_S = 1.0
+
+
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def build_server(app: FastAPI) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none",
+                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+
+async def serve(server: uvicorn.Server, sock: socket.socket, parent_pid: int | None = None) -> None:
+    """Run uvicorn on `sock` until a signal, a failed startup, or (with `parent_pid`) the parent's death."""
+    watcher = asyncio.create_task(_watch_parent(server, parent_pid)) if parent_pid is not None else None
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:
+    while not server.should_exit:
+        await asyncio.sleep(_PARENT_POLL_S)
+        if os.getppid() != parent_pid:
+            log.error("parent process %d is gone; shutting down", parent_pid)
+            server.should_exit = True
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def main(config_dict: dict[str, Any], index: int) -> None:
+    """Process entrypoint for the launcher and `headrace api --index i`."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s api-{index} %(levelname)s %(message)s")
+    config = EngineConfig.from_dict(config_dict)
+    parent_pid = os.getppid()
+    app = create_app(config, index)
+    sock = bind_socket(config.server.host, config.server.port)
+    log.info("api %d listening on http://%s:%d", index, config.server.host, config.server.port)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(build_server(app), sock, parent_pid))
+    finally:
+        sock.close()

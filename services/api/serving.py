@@ -1,0 +1,160 @@
+"""Completions and chat completions: fan a request out into engine requests, then answer with one JSON body
+or a stream of SSE chunks.
+
+Streams hold their headers until the first delta arrives, so a request the tokenizer rejects (prompt too
+long, bad template) still gets its real HTTP status; failures after that become an SSE error event.
+A client that goes away (or a cancelled request) aborts every engine request it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from common.messages import GenerateRequest, TextDelta
+from services.api.engine_client import EngineClient, Generation
+from services.api.errors import ApiError
+from services.api.protocol import ChatCompletionRequest, CompletionRequest
+from services.api.responses import ChatShape, ChoiceState, CompletionShape, Shape
+from services.api.sampling import chat_params, check_model, choice_params, completion_params, completion_prompts
+from services.api.streaming import DONE, SSEResponse, sse, sse_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Answered (never seen) when the client left before its response was ready; nginx's "client closed request".
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    client: EngineClient
+    api_index: int
+    model_name: str
+    max_n: int
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
+    check_model(body.model, ctx.model_name)
+    params = completion_params(body, ctx.max_n)
+    prompts = completion_prompts(body)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    now = time.time()
+    engine_requests = [
+        GenerateRequest(req_id=f"{request_id}-{p * params.n + k}", api_index=ctx.api_index,
+                        sampling_params=choice_params(params, k),
+                        prompt=prompt if isinstance(prompt, str) else None,
+                        prompt_token_ids=prompt if isinstance(prompt, list) else None,
+                        echo=body.echo, arrival_time=now)
+        for p, prompt in enumerate(prompts) for k in range(params.n)]
+    shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
+                            include_usage=body.include_usage)
+    return await _generate(ctx, engine_requests, shape, params.n, bool(body.stream), request)
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
+    check_model(body.model, ctx.model_name)
+    params = chat_params(body, ctx.max_n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    now = time.time()
+    messages = [m.to_wire() for m in body.messages]
+    engine_requests = [
+        GenerateRequest(req_id=f"{request_id}-{k}", api_index=ctx.api_index,
+                        sampling_params=choice_params(params, k), messages=messages,
+                        add_generation_prompt=body.add_generation_prompt,
+                        continue_final_message=body.continue_final_message,
+                        chat_template_kwargs=body.chat_template_kwargs, arrival_time=now)
+        for k in range(params.n)]
+    shape = ChatShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
+                      include_usage=body.include_usage)
+    return await _generate(ctx, engine_requests, shape, params.n, bool(body.stream), request)
+
+
+async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, n: int,
+                    stream: bool, request: Request) -> Response:
+    gen = ctx.client.submit(engine_requests)
+    states = [ChoiceState(k) for k in range(len(engine_requests))]
+    streaming = False
+    try:
+        if stream:
+            first = await unless_disconnected(gen.next_batch(), request)
+            _raise_first_error(first)
+            response = SSEResponse(_events(gen, shape, states, n, first), on_close=gen.abort)
+            streaming = True  # from here on the response aborts whatever is left when it closes
+            return response
+        await unless_disconnected(_collect(gen, states), request)
+        return JSONResponse(shape.response(states, n))
+    except ClientDisconnected:
+        log.info("client left before %s finished; aborted", shape.request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        if not streaming:
+            gen.abort()  # a no-op once every choice finished
+
+
+async def _collect(gen: Generation, states: list[ChoiceState]) -> None:
+    async for index, delta in gen:
+        if delta.error is not None:
+            raise ApiError.from_info(delta.error)
+        states[index].add(delta)
+
+
+def _raise_first_error(batch: list[tuple[int, TextDelta]]) -> None:
+    for _, delta in batch:
+        if delta.error is not None:
+            raise ApiError.from_info(delta.error)
+
+
+async def _events(gen: Generation, shape: Shape, states: list[ChoiceState], n: int,
+                  batch: list[tuple[int, TextDelta]]) -> AsyncIterator[str]:
+    out = [sse(chunk) for chunk in shape.start_chunks(len(states))]
+    while True:
+        for index, delta in batch:
+            if delta.error is not None:
+                gen.abort()
+                yield "".join(out) + sse_error(ApiError.from_info(delta.error)) + DONE
+                return
+            text = states[index].add(delta)
+            out.extend(sse(chunk) for chunk in shape.delta_chunks(states[index], text, delta))
+        if out:
+            yield "".join(out)  # one write per wake-up, however many deltas arrived together
+            out = []
+        if gen.finished:
+            break
+        batch = await gen.next_batch()
+    if shape.include_usage:
+        out.append(sse(shape.usage_chunk(states, n)))
+    yield "".join(out) + DONE
+
+
+async def unless_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await `work`, or raise ClientDisconnected as soon as the client hangs up (the body is read by now, so
+    the next ASGI message can only be the disconnect)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientDisconnected()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,80 @@
+"""OpenAI response bodies and chunks from accumulated deltas."""
+
+from __future__ import annotations
+
+from common.messages import TextDelta, TokenLogprobs
+from services.api.responses import ChatShape, ChoiceState, CompletionShape, usage
+
+
+def lp(token: str, value: float = -1.0) -> TokenLogprobs:
+    return TokenLogprobs(token, value, [1, 2], [token, "alt"], [value, float("-inf")])
+
+
+def test_usage_counts_each_prompt_once_and_every_choice():
+    # 2 prompts x n=2: prompt sizes 3 and 5; outputs 1, 2, 3, 4
+    states = [ChoiceState(k, num_prompt_tokens=p, num_output_tokens=k + 1) for k, p in enumerate((3, 3, 5, 5))]
+    assert usage(states, 2) == {"prompt_tokens": 8, "completion_tokens": 10, "total_tokens": 18}
+    assert usage(states, 1) == {"prompt_tokens": 16, "completion_tokens": 10, "total_tokens": 26}
+
+
+def test_choice_state_folds_deltas_and_echo():
+    state = ChoiceState(0)
+    assert state.add(TextDelta("r", text="lo", token_ids=[1], prompt_text="Hel", num_prompt_tokens=2,
+                               num_output_tokens=1)) == "Hello"
+    assert state.add(TextDelta("r", text="", token_ids=[2], finished=True, finish_reason="stop", stop_reason="!",
+                               num_prompt_tokens=2, num_output_tokens=2)) == ""
+    assert (state.full_text, state.finish_reason, state.stop_reason, state.num_output_tokens) == \
+        ("Hello", "stop", "!", 2)
+    assert state.echo_chars == 3
+
+
+def test_completion_response_and_logprobs_offsets():
+    shape = CompletionShape("cmpl-1", 123, "m", logprobs=True, include_usage=False)
+    state = ChoiceState(0)
+    state.add(TextDelta("r", text="ab c", token_ids=[1, 2], logprobs=[lp("ab"), lp(" c", -0.5)], finished=True,
+                        finish_reason="length", num_prompt_tokens=1, num_output_tokens=2))
+    body = shape.response([state], 1)
+    assert body["object"] == "text_completion" and body["id"] == "cmpl-1" and body["created"] == 123
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["ab", " c"], "token_logprobs": [-1.0, -0.5],
+        "top_logprobs": [{"ab": -1.0, "alt": -9999.0}, {" c": -0.5, "alt": -9999.0}], "text_offset": [0, 2]}
+    assert body["usage"]["total_tokens"] == 3
+
+
+def test_streamed_completion_offsets_continue_across_chunks():
+    shape = CompletionShape("cmpl-1", 1, "m", logprobs=True, include_usage=True)
+    state = ChoiceState(0)
+    offsets = []
+    for text in ("ab", "cde"):
+        delta = TextDelta("r", text=text, token_ids=[1], logprobs=[lp(text)])
+        (chunk,) = shape.delta_chunks(state, state.add(delta), delta)
+        offsets += chunk["choices"][0]["logprobs"]["text_offset"]
+        assert chunk["usage"] is None
+    assert offsets == [0, 2]
+
+
+def test_empty_deltas_make_no_chunk_unless_they_finish():
+    shape = ChatShape("chatcmpl-1", 1, "m", logprobs=False, include_usage=False)
+    state = ChoiceState(1)
+    held = TextDelta("r", text="", token_ids=[5])  # text held back (a stop string may be starting)
+    assert shape.delta_chunks(state, state.add(held), held) == []
+    done = TextDelta("r", text="", token_ids=[6], finished=True, finish_reason="stop", stop_reason=6)
+    (chunk,) = shape.delta_chunks(state, state.add(done), done)
+    assert chunk["object"] == "chat.completion.chunk" and "usage" not in chunk
+    assert chunk["choices"] == [{"index": 1, "delta": {}, "logprobs": None, "finish_reason": "stop",
+                                 "stop_reason": 6}]
+
+
+def test_chat_start_chunks_open_every_choice_with_the_role():
+    chunks = ChatShape("chatcmpl-1", 1, "m", logprobs=False, include_usage=True).start_chunks(2)
+    assert [c["choices"][0]["index"] for c in chunks] == [0, 1]
+    assert all(c["choices"][0]["delta"] == {"role": "assistant", "content": ""} and c["usage"] is None
+               for c in chunks)
+    assert CompletionShape("cmpl-1", 1, "m", logprobs=False, include_usage=False).start_chunks(2) == []
+
+
+def test_usage_chunk_has_no_choices():
+    shape = ChatShape("chatcmpl-1", 1, "m", logprobs=False, include_usage=True)
+    chunk = shape.usage_chunk([ChoiceState(0, num_prompt_tokens=4, num_output_tokens=2)], 1)
+    assert chunk["choices"] == [] and chunk["usage"] == {"prompt_tokens": 4, "completion_tokens": 2,
+                                                         "total_tokens": 6}
