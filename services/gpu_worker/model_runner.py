@@ -19,6 +19,7 @@ from common.messages import StepPlan, StepResult
 from common.sampling_params import SamplingParams
 from services.gpu_worker.attention import make_backend
 from services.gpu_worker.attention.base import AttentionMetadata
+from services.gpu_worker.cuda_graphs import maybe_capture_decode_graphs
 from services.gpu_worker.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_caches, kv_bytes_per_block
 from services.gpu_worker.loader.model_loader import load_model, resolve_dtype
 from services.gpu_worker.loader.source import ModelSource, resolve_model
@@ -73,6 +74,10 @@ class ModelRunner:
         self.num_blocks = self._determine_num_blocks()
         self.kv_caches = allocate_kv_caches(self.arch.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads_local, self.arch.head_dim, self.dtype, self.device)
+        # Decode-only steps replay CUDA graphs (None: every step runs eagerly).
+        self.graphs = maybe_capture_decode_graphs(config, self.model, self.backend, self.kv_caches,
+                                                  self.cos_sin_cache, self.device, tp.size, self.max_model_len,
+                                                  self.block_size, log=log)
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
 
@@ -246,8 +251,11 @@ class ModelRunner:
         if plan.is_empty:
             return result
         batch = self._prepare(plan.num_scheduled_tokens)
-        ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
-        hidden = self.model(batch.input_ids, batch.positions, ctx)
+        if self.graphs is not None and self.graphs.accepts(batch.attn):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
+        else:
+            ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
+            hidden = self.model(batch.input_ids, batch.positions, ctx)
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             states = [self.requests[rid] for rid in batch.sample_req_ids]

@@ -7,6 +7,7 @@ checkpoint tensor.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if x.is_cuda and _triton_kernels() is not None:
+            return self._forward_triton(x, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -48,6 +51,35 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * xf.to(x.dtype)
         return out if residual is None else (out, residual)
+
+    def _forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """One fused kernel (add + norm) in fp32 with a single rounding at the store: bf16 results differ
+        from the torch path (which rounds twice) in the last bit at most."""
+        rmsnorm = _triton_kernels()[0]
+        x2 = x.reshape(-1, x.shape[-1])  # QK-norm sees [T, heads, head_dim]
+        if residual is None:
+            return rmsnorm.rms_norm(x2, self.weight, self.eps).view(x.shape)
+        out, new_residual = rmsnorm.fused_add_rms_norm(x2, residual.reshape(x2.shape), self.weight, self.eps)
+        return out.view(x.shape), new_residual.view(x.shape)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate: silu(x[..., :I]) * x[..., I:]; one Triton kernel on CUDA, exact torch math elsewhere."""
+    if x.is_cuda and x.dim() == 2 and _triton_kernels() is not None:
+        return _triton_kernels()[1].silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@functools.cache
+def _triton_kernels():
+    """(kernels.rmsnorm, kernels.activation), or None where Triton is missing. Imported on first CUDA use
+    only: CPU processes never load Triton."""
+    try:
+        from kernels import activation, rmsnorm
+    except ImportError:
+        return None
+    return rmsnorm, activation
 
 
 class ColumnParallelLinear(nn.Module):

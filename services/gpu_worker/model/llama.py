@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
@@ -23,6 +22,7 @@ from services.gpu_worker.model.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    silu_and_mul,
 )
 from services.gpu_worker.parallel import TPGroup
 
@@ -71,8 +71,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

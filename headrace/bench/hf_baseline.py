@@ -1,0 +1,74 @@
+"""The naive baseline: transformers' `generate` on our model's exact weights, same prompts, greedy, EOS ignored.
+
+The HF model is built from ours (same loader, same seed for random presets) through
+`export_hf_state_dict`, on the same device and dtype, so both sides run the same function. Batches are
+left-padded as `generate` expects; `min_new_tokens = max_new_tokens` keeps EOS from ending a row early.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common.config import EngineConfig, resolve_device
+from services.gpu_worker.loader.model_loader import export_hf_state_dict, load_model, resolve_dtype
+from services.gpu_worker.loader.source import resolve_model
+
+
+def load_hf_twin(config: EngineConfig, log=print):
+    """transformers' model with the weights our engine loads for `config` (our copy is dropped after)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(resolve_device(config.device))
+    source = resolve_model(config.model.model, config.model.tokenizer, log=log)
+    dtype = resolve_dtype(config.model.dtype, device)
+    ours = load_model(source, device, dtype, seed=config.model.seed)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False)
+    # A tied LM head is the embedding itself; nothing else may be left at its random init.
+    missing = [m for m in missing if not (m == "lm_head.weight" and ours.arch.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"HF twin does not match our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    del ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return hf.eval()
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, max_len], prompts right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.int64)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def timed_generate(hf, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for one batched greedy `generate` of exactly `new_tokens` tokens per prompt."""
+    device = hf.device
+    pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
+    ids, mask = left_padded(prompts, pad_id, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, pad_token_id=pad_id)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise RuntimeError(f"HF generate made {out.shape[1] - ids.shape[1]} tokens, asked for {new_tokens}")
+    return seconds
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

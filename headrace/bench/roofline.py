@@ -1,0 +1,158 @@
+"""Rooflines measured on the device at hand, and the token rates they bound.
+
+Two ceilings, measured in the same run as the benchmark they judge (never datasheet numbers):
+- copy bandwidth: a large device-to-device copy, counting bytes read plus bytes written;
+- matmul rate: an n x n x n product in the model's dtype (8192 and bf16 on a GPU), on random data.
+From them: a decode step must read every weight once plus the live KV of its batch (memory bound); a
+token costs 2 x params FLOPs in the matmuls (compute bound).
+
+    python -m headrace.bench.roofline [--device cuda] [--dtype bfloat16] [--output-json rates.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from services.gpu_worker.model.arch import ModelArch
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    device: str  # the device's name (GPU model, or "cpu (N threads)")
+    copy_bytes_per_s: float  # bytes read + bytes written per second
+    matmul_flops_per_s: float
+    matmul_dtype: str
+    matmul_size: int
+    copy_bytes: int  # size of the copied buffer
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "copy_gb_per_s": self.copy_bytes_per_s / 1e9,
+                "matmul_tflops": self.matmul_flops_per_s / 1e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def time_median(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median seconds of fn(): CUDA events on a GPU, host timers elsewhere; warm-up calls untimed."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None,
+                           reps: int | None = None) -> tuple[float, int]:
+    """(bytes read + written per second, buffer bytes) of dst.copy_(src); 1 GiB on a GPU (far past L2)."""
+    gpu = device.type == "cuda"
+    nbytes = nbytes or (1 << 30 if gpu else 64 << 20)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_median(lambda: dst.copy_(src), device, reps or (20 if gpu else 5))
+    del src, dst
+    return 2 * nbytes / seconds, nbytes
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                        reps: int | None = None) -> tuple[float, int]:
+    """(FLOP/s, n) of an n x n x n product on random data (8192 on a GPU, 1024 on a CPU)."""
+    gpu = device.type == "cuda"
+    n = n or (8192 if gpu else 1024)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = time_median(lambda: torch.mm(a, b, out=out), device, reps or (20 if gpu else 3), warmup=3 if gpu else 1)
+    return 2 * n**3 / seconds, n
+
+
+def measure(device: torch.device, dtype: torch.dtype) -> DeviceRates:
+    """Both ceilings on `device`; call it before the engine takes the GPU's memory for its KV cache."""
+    copy, nbytes = measure_copy_bandwidth(device)
+    flops, n = measure_matmul_rate(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return DeviceRates(device_name(device), copy, flops, str(dtype).removeprefix("torch."), n, nbytes)
+
+
+# ----------------------------------------------------------------------------- model-side counts
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def step_weight_params(arch: ModelArch) -> int:
+    """Parameters a forward step reads in full: all but the input-embedding table, of which a step reads
+    only its tokens' rows (a tied table is still read in full, as the LM head). These are also the
+    parameters of the step's matmuls."""
+    params = arch.num_params()
+    if not arch.tie_word_embeddings:
+        params -= arch.vocab_size * arch.hidden_size
+    return params
+
+
+def kv_bytes_per_token(arch: ModelArch, nbytes: int) -> int:
+    """K and V of one token in every layer."""
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * nbytes
+
+
+def decode_step_bytes(arch: ModelArch, nbytes: int, batch: int, mean_context: float) -> float:
+    """Bytes one decode step must read: the weights once, plus each sequence's live KV."""
+    return step_weight_params(arch) * nbytes + batch * mean_context * kv_bytes_per_token(arch, nbytes)
+
+
+def decode_roofline_tokens_per_s(rates: DeviceRates, arch: ModelArch, nbytes: int, batch: int,
+                                 mean_context: float) -> float:
+    """Output tokens/s of a memory-bound decode of `batch` sequences at `mean_context` tokens each."""
+    return batch * rates.copy_bytes_per_s / decode_step_bytes(arch, nbytes, batch, mean_context)
+
+
+def compute_roofline_tokens_per_s(rates: DeviceRates, arch: ModelArch) -> float:
+    """Tokens/s (prompt or output) if every token cost only its 2 x params matmul FLOPs at the measured rate."""
+    return rates.matmul_flops_per_s / (2 * step_weight_params(arch))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m headrace.bench.roofline", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="matmul dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rates = measure(device, dtype)
+    print(f"{rates.device}: copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s (read + write), "
+          f"{rates.matmul_dtype} matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s (n={rates.matmul_size})")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rates.to_dict(), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""`headrace bench throughput`: offline throughput, engine-direct: N requests submitted at once, EOS ignored,
+the engine stepped until all finish. Reports requests/s and input/output/total tokens/s, and how close
+they come to two rooflines measured in the same run:
+- compute: every token (prompt or output) costs 2 x params matmul FLOPs at the measured matmul rate;
+- decode: output tokens/s of memory-bound decode steps of min(N, --max-num-seqs) sequences at the
+  requests' mean decode context, at the measured copy bandwidth.
+`--baseline hf` then runs transformers' `generate` on the same weights, one left-padded batch of the
+first B requests for each --hf-batch-sizes B, and reports its best (rows padded to the batch's longest
+prompt and output; only the tokens the requests asked for count).
+
+    headrace bench throughput --model random:llama-3-8b --dataset-name random --input-len 1024 \
+        --output-len 128 --num-prompts 1000 --baseline hf --hf-batch-sizes 64 256 --output-json tp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from common.config import resolve_device
+from common.sampling_params import SamplingParams
+from headrace.bench import hf_baseline, roofline
+from headrace.bench.datasets import DATASET_NAMES, BenchRequest, sample_requests
+from headrace.config_args import add_engine_args, engine_config_from_args
+from headrace.engine import LLMEngine
+from services.gpu_worker.loader.model_loader import resolve_dtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headrace bench throughput", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    d.add_argument("--dataset-path", default=None, help='for jsonl: one {"prompt": ..., "output_len": N} per line')
+    d.add_argument("--num-prompts", type=int, default=1000)
+    d.add_argument("--random-input-len", type=int, default=1024)
+    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-range-ratio", type=float, default=0.0)
+    d.add_argument("--input-len", type=int, default=None, help="same as --random-input-len")
+    d.add_argument("--output-len", type=int, default=None, help="same as --random-output-len")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--num-warmup-prompts", type=int, default=16,
+                   help="untimed requests first (up to 8 output tokens each): Triton compiles, allocator warms")
+    b.add_argument("--output-json", default=None)
+    b.add_argument("--disable-tqdm", action="store_true")
+    b.add_argument("--baseline", choices=["hf"], default=None,
+                   help="also time transformers' generate on the same weights and prompts")
+    b.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[64, 128, 256])
+    return p
+
+
+class _ModelVocab:
+    """The tokenizer, with its vocabulary cut to the model's: random-weight test presets have fewer ids
+    than the tokenizer they borrow, and prompt ids must be valid embeddings."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self.vocab_size = min(tokenizer.vocab_size, vocab_size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def load_requests(args: argparse.Namespace, tokenizer, num_prompts: int, seed: int) -> list[BenchRequest]:
+    return sample_requests(args.dataset_name, num_prompts, tokenizer,
+                           input_len=args.input_len or args.random_input_len,
+                           output_len=args.output_len or args.random_output_len, seed=seed,
+                           dataset_path=args.dataset_path, range_ratio=args.random_range_ratio, as_token_ids=True)
+
+
+def run_requests(engine: LLMEngine, requests: list[BenchRequest], tag: str, max_tokens_cap: int | None = None,
+                 progress: bool = False) -> tuple[float, int, int]:
+    """Submit every request at once and step until all finish; returns (seconds, output tokens, steps)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(requests), desc=tag, disable=not progress, unit="req")
+    t0 = time.perf_counter()
+    for i, req in enumerate(requests):
+        out_len = min(req.output_len, max_tokens_cap or req.output_len)
+        engine.add_request(f"{tag}-{i}", list(req.prompt),
+                           SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+    made = steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        made += sum(len(o.new_token_ids) for o in outs)
+        bar.update(sum(o.finished for o in outs))
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return seconds, made, steps
+
+
+def run_hf(config, requests: list[BenchRequest], batch_sizes: list[int]) -> dict:
+    """One left-padded `generate` per batch size over the first B requests; OOM is recorded, not fatal."""
+    hf = hf_baseline.load_hf_twin(config)
+    hf_baseline.timed_generate(hf, [list(requests[0].prompt)], 2)  # warm-up: kernels, handles
+    runs = []
+    for batch in sorted({min(b, len(requests)) for b in batch_sizes}):
+        chunk = requests[:batch]
+        seconds = None
+        try:
+            seconds = hf_baseline.timed_generate(hf, [list(r.prompt) for r in chunk], max(r.output_len for r in chunk))
+        except Exception as exc:  # noqa: BLE001 - an OOM at one batch size still leaves the others' numbers
+            if not hf_baseline.is_oom(exc):
+                raise
+        if seconds is None:  # outside the except block: its traceback no longer pins the failed batch's memory
+            runs.append({"batch_size": batch, "error": "out of memory"})
+            print(f"HF batch {batch}: out of memory", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        inp, out = sum(r.prompt_len for r in chunk), sum(r.output_len for r in chunk)
+        runs.append({"batch_size": batch, "elapsed_s": seconds, "requests_per_s": batch / seconds,
+                     "input_tokens_per_s": inp / seconds, "output_tokens_per_s": out / seconds,
+                     "total_tokens_per_s": (inp + out) / seconds})
+        print(f"HF batch {batch}: {(inp + out) / seconds:,.1f} total tok/s, {out / seconds:,.1f} output tok/s",
+              flush=True)
+    del hf
+    ok = [r for r in runs if "error" not in r]
+    return {"runs": runs, "best": max(ok, key=lambda r: r["total_tokens_per_s"]) if ok else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_prompts < 1:
+        raise SystemExit("--num-prompts must be >= 1")
+    config = engine_config_from_args(args)
+    device = torch.device(resolve_device(config.device))
+    dtype = resolve_dtype(config.model.dtype, device)
+    rates = roofline.measure(device, dtype)  # before the engine claims the GPU's memory
+    print(f"{rates.device}: copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s, "
+          f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s ({rates.matmul_dtype})", flush=True)
+
+    engine = LLMEngine(config)
+    runner = engine.runner
+    arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
+    from transformers import AutoTokenizer
+
+    tokenizer = _ModelVocab(AutoTokenizer.from_pretrained(runner.source.tokenizer_dir), arch.vocab_size)
+    requests = load_requests(args, tokenizer, args.num_prompts, args.seed)
+    if args.num_warmup_prompts > 0:  # other prompts than the timed ones, so prefix caching gains nothing
+        warmup = load_requests(args, tokenizer, args.num_warmup_prompts, args.seed + 1)
+        run_requests(engine, warmup, "warmup", max_tokens_cap=8)
+    preempt0 = engine.scheduler.num_preemptions
+    replays0 = runner.graphs.num_replays if runner.graphs is not None else 0
+    elapsed, output_tokens, steps = run_requests(engine, requests, "requests", progress=not args.disable_tqdm)
+    input_tokens = sum(r.prompt_len for r in requests)
+    total = input_tokens + output_tokens
+
+    batch = min(len(requests), config.scheduler.max_num_seqs)
+    mean_context = statistics.fmean(r.prompt_len + r.output_len / 2 for r in requests)
+    compute_bound = roofline.compute_roofline_tokens_per_s(rates, arch)
+    decode_bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context)
+    ours = {
+        "elapsed_s": elapsed, "requests_per_s": len(requests) / elapsed,
+        "input_tokens_per_s": input_tokens / elapsed, "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": total / elapsed,
+        "compute_roofline_tokens_per_s": compute_bound, "fraction_of_compute_roofline": total / elapsed / compute_bound,
+        "decode_roofline_output_tokens_per_s": decode_bound,
+        "fraction_of_decode_roofline": output_tokens / elapsed / decode_bound,
+        "decode_roofline_batch": batch, "mean_decode_context": mean_context,
+        "engine_steps": steps,
+        "graph_replays": (runner.graphs.num_replays - replays0) if runner.graphs is not None else 0,
+        "preemptions": engine.scheduler.num_preemptions - preempt0,
+    }
+    summary = {
+        "benchmark": "throughput", "model": config.model.model or "embedded",
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "device": rates.device, "attention_backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
+        "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
+        "dataset": args.dataset_name, "num_requests": len(requests), "input_tokens": input_tokens,
+        "output_tokens": output_tokens, "requested_output_tokens": sum(r.output_len for r in requests),
+        "max_num_seqs": config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler.max_num_batched_tokens, "ours": ours,
+    }
+    print(f"ours: {ours['requests_per_s']:.2f} req/s, {ours['total_tokens_per_s']:,.1f} total tok/s "
+          f"({ours['fraction_of_compute_roofline']:.1%} of compute roofline), {ours['output_tokens_per_s']:,.1f} "
+          f"output tok/s ({ours['fraction_of_decode_roofline']:.1%} of decode roofline)", flush=True)
+    del engine, runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    if args.baseline == "hf":
+        hf = run_hf(config, requests, args.hf_batch_sizes)
+        summary["hf"] = hf
+        if hf["best"] is not None:
+            summary["ours_over_hf_total_tokens_per_s"] = ours["total_tokens_per_s"] / hf["best"]["total_tokens_per_s"]
+            summary["ours_over_hf_output_tokens_per_s"] = (ours["output_tokens_per_s"]
+                                                           / hf["best"]["output_tokens_per_s"])
+            print(f"ours / HF best (batch {hf['best']['batch_size']}): "
+                  f"{summary['ours_over_hf_total_tokens_per_s']:.2f}x total tok/s, "
+                  f"{summary['ours_over_hf_output_tokens_per_s']:.2f}x output tok/s")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""The `triton` attention backend: fused RoPE + KV write, then paged attention kernels (GPU).
+
+One step's flat batch is decodes first, then prefill chunks. RoPE and the cache write run once over the
+whole batch; the decode rows go to the split-K decode kernel, the prefill rows to the prefill kernel.
+`forward` never reads a device value on the host, so a decode-only step can be captured in a CUDA graph:
+every launch parameter (grid, number of KV splits) depends only on tensor shapes.
+"""
+
+from __future__ import annotations
+
+from kernels import _utils
+from kernels.paged_decode_attention import default_num_kv_splits, paged_decode_attention
+from kernels.prefill_attention import paged_prefill_attention
+from kernels.rope_kv import rope_and_cache
+from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    # Read by services.gpu_worker.cuda_graphs: this backend's decode path has no host syncs or host loops.
+    supports_cuda_graphs = True
+
+    def forward(self, q, k, v, positions, cos_sin_cache, kv_cache, meta: AttentionMetadata, scale: float):
+        if not q.is_cuda and not _utils.interpret_mode():
+            raise RuntimeError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                               "use --attention-backend torch")
+        k_cache, v_cache = kv_cache
+        q, k = rope_and_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+        nd, ns = meta.num_decodes, meta.num_seqs
+        decode_out = None
+        if nd:
+            tables = meta.block_tables[:nd]
+            # From shapes only (the table width is static in a captured graph), never from seq_lens values.
+            splits = default_num_kv_splits(nd, k_cache.shape[2], k_cache.shape[3],
+                                           tables.shape[1] * k_cache.shape[1], q.device)
+            decode_out = paged_decode_attention(q[:nd], k_cache, v_cache, tables, meta.seq_lens[:nd], scale, splits)
+            if nd == ns:
+                return decode_out
+        # Prefill rows keep their absolute offsets into the flat batch: the kernel writes only the rows that
+        # query_start_loc[nd:] covers, so the decode rows are filled from decode_out below (no rebase, no cat).
+        out = paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
+                                      meta.seq_lens[nd:], meta.context_lens[nd:], meta.max_query_len, scale)
+        if decode_out is not None:
+            out[: meta.num_decode_tokens].copy_(decode_out)
+        return out
