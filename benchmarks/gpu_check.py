@@ -38,7 +38,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_logits(preset: str, backend: str, prompt_len: int = 512, decode_steps: int = 8) -> dict:
+def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: int = 512,
+                 decode_steps: int = 8) -> dict:
     """Our bf16 logits vs transformers bf16 and fp32 on the same weights: prefill and paged decode steps."""
     from transformers import AutoModelForCausalLM
 
@@ -48,7 +49,8 @@ def check_logits(preset: str, backend: str, prompt_len: int = 512, decode_steps:
     from services.gpu_worker.model_runner import ModelRunner
     from tests.services.gpu_worker.plan_driver import PlanDriver
 
-    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1),
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1,
+                                         tokenizer=tokenizer),
                        cache=CacheConfig(num_blocks=512), attention_backend=backend)
     runner = ModelRunner(cfg, log=print)
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +108,7 @@ def run_pytest(paths: list[str]) -> dict:
 
 
 SECTIONS = {
-    "logits": lambda a: [check_logits(a.preset, b) for b in a.backends],
+    "logits": lambda a: [check_logits(a.preset, b, a.tokenizer) for b in a.backends],
     "kernels": lambda a: run_pytest(["tests/kernels"]),
 }
 
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS))
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--backends", nargs="+", default=["torch"])
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for random-weight presets")
     args = ap.parse_args()
     results: dict = {"device": device_info()}
     print(json.dumps(results["device"]))

@@ -113,6 +113,10 @@ class RequestOutput:
     error: str | None = None
     # HTTP-style status for `error`: 400 when the request itself was at fault, 500/503 when the engine was.
     error_code: int | None = None
+    # Seconds from entering the scheduler's queue to first being scheduled (None until then), and times
+    # preempted so far: per-request metrics (request_queue_time_seconds, num_preemptions_total).
+    queue_time: float | None = None
+    num_preemptions: int = 0
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -257,6 +261,9 @@ class TextDelta:
     # The prompt as text, on the first delta of an `echo` request.
     prompt_text: str | None = None
     error: ErrorInfo | None = None
+    # Carried from the request's latest RequestOutput (see there), for the api's metrics.
+    queue_time: float | None = None
+    num_preemptions: int = 0
 
 
 @dataclass
@@ -343,6 +350,7 @@ class WorkerReady:
     eos_token_ids: TokenIds
     load_seconds: float = 0.0
     device: str = ""
+    vocab_size: int = 0
 
 
 @dataclass

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -41,8 +42,9 @@ ENTRIES = {
 }
 
 
-def _child_entry(kind: str, config_dict: dict[str, Any], index: int) -> None:
+def _child_entry(kind: str, config_dict: dict[str, Any], index: int, env: dict[str, str]) -> None:
     """Runs in the child: die with the launcher (PR_SET_PDEATHSIG), then the service's main."""
+    os.environ.update(env)  # before the service imports anything that reads it (prometheus_client)
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -99,13 +101,16 @@ class Launcher:
         self.config_dict = config.to_dict()
         self.ctx = mp.get_context("spawn")
         self.children: list[Child] = []
+        # The api processes' shared Prometheus files (services/api/metrics.py); made in start(), removed in stop().
+        self.metrics_dir: str | None = None
         self.stopping = False
         self.announced = False
 
     # ------------------------------------------------------------------ processes
 
     def _spawn(self, kind: str, index: int) -> mp.Process:
-        proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index),
+        env = {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir} if self.metrics_dir else {}
+        proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index, env),
                                 name=f"headrace-{kind}-{index}")
         proc.start()
         log.info("started %s-%d (pid %d)", kind, index, proc.pid)
@@ -113,6 +118,7 @@ class Launcher:
 
     def start(self) -> None:
         s = self.config.server
+        self.metrics_dir = tempfile.mkdtemp(prefix="headrace-metrics-")
         plan = [("scheduler", 0)]
         plan += [("worker", r) for r in range(self.config.parallel.tensor_parallel_size)]
         plan += [("tokenizer", j) for j in range(s.num_tokenizers)]
@@ -217,6 +223,8 @@ class Launcher:
         s = self.config.server
         if s.transport == "ipc" and s.ipc_dir:
             shutil.rmtree(s.ipc_dir, ignore_errors=True)
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 def serve(config: EngineConfig) -> int:

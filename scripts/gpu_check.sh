@@ -1,14 +1,92 @@
 #!/usr/bin/env bash
-# One device-tool call runs the whole GPU check:  bash scripts/gpu_check.sh [gpu_check.py args...]
-# The serving stack's wheels (pyzmq, fastapi, ...) travel in .whl/ (carry it); results land in $OUT.
+# The whole GPU check, in phases that each fit one device-tool call (10 minutes):
+#   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
+#   bash scripts/gpu_check.sh serve    # GPU tests, bf16 logits vs transformers, HTTP pipeline vs engine-direct, online rates, TP=2
+# Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
+# plus a summary on stdout. Env knobs (for a CPU smoke run): MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HEADRACE_CACHE=/tmp/headrace-cache
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 HEADRACE_CACHE=${HEADRACE_CACHE:-/tmp/headrace-cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+OUT=${OUT:-/tmp/out}; R=$OUT/run; mkdir -p "$R"
+MODEL=${MODEL:-random:llama-3-8b}; N=${N:-1000}; DEVICE_FLAGS=${DEVICE_FLAGS:-}
+# Random-weight models borrow the embedded model's tokenizer; its files travel in .tok/ (carry it) because
+# the 98 MB embedded GGUF is over the device tool's transfer limit.
+TOK=${TOK:-$PWD/.tok}
+M="--model $MODEL --tokenizer $TOK --max-model-len 2048 $DEVICE_FLAGS"
+[ "$MODEL" = embedded ] && M="--max-model-len 2048 $DEVICE_FLAGS"  # CPU smoke runs of the serve phase
+HF="--baseline hf"; [ "${SKIP_HF:-0}" = 1 ] && HF=""
+T0=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, keep its log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (t+$(( $(date +%s) - T0 ))s, limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" > "$R/$name.log" 2>&1; local rc=$?
+  echo "--- $name rc=$rc"; grep -E "^\s*(RESULT|[A-Za-z].*(tok/s|TB/s|GB/s|TFLOP|ratio|roofline|ms|throughput|err|pass|PASS|FAIL|passed|failed))" "$R/$name.log" | tail -n 30
+  return $rc
+}
+
+serve_start() {  # serve_start NAME PORT ARGS...: start a server in the background, wait until it is ready
+  local name=$1 port=$2; shift 2
+  python3 -m headrace.cli serve --port "$port" "$@" > "$R/$name.log" 2>&1 &
+  echo $! > "$R/$name.pid"
+  for _ in $(seq 1 300); do
+    grep -q "headrace is ready" "$R/$name.log" && { echo "$name ready after $(( $(date +%s) - T0 ))s"; grep -E "KV budget|KV blocks|peak|captured" "$R/$name.log" | tail -n 6; return 0; }
+    kill -0 "$(cat "$R/$name.pid")" 2>/dev/null || { echo "$name died"; tail -n 40 "$R/$name.log"; return 1; }
+    sleep 1
+  done
+  echo "$name not ready"; tail -n 40 "$R/$name.log"; return 1
+}
+
+serve_stop() { kill -TERM "$(cat "$R/$1.pid")" 2>/dev/null; wait "$(cat "$R/$1.pid")" 2>/dev/null; sleep 2; }
+
+bench_serve() {  # bench_serve NAME PORT TIMEOUT ARGS...
+  local name=$1 port=$2 limit=$3; shift 3
+  step "$name" "$limit" python3 -m headrace.cli bench serve --base-url "http://127.0.0.1:$port" --ignore-eos --tokenizer "$TOK" \
+    --save-result --result-dir "$R" --result-filename "$name.json" --disable-tqdm "$@"
+}
+
+phase_engine() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/nvidia-smi.txt" 2>&1; cat "$R/nvidia-smi.txt"
+  step kernels_bench 60 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
+    --prefill-tokens 4096 --output-json "$R/kernels.json"
+  step latency 140 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 1 64 \
+    --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
+  step throughput_1024_128 160 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
+    --output-len 128 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_1024_128.json"
+  step throughput_128_1024 170 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 128 \
+    --output-len 1024 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_128_1024.json"
+}
+
+phase_serve() {
+  step gpu_tests 80 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
+    tests/services/gpu_worker/attention/test_triton_backend.py
+  step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
+  # The full HTTP pipeline at saturation (compare with throughput_1024_128 from the engine phase), then online rates.
+  if serve_start serve_tp1 8000 $M; then
+    bench_serve serve_saturation 8000 150 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
+    bench_serve online_4rps 8000 45 --dataset-name sharegpt-like --request-rate 4 --num-prompts 120
+    bench_serve online_16rps 8000 40 --dataset-name sharegpt-like --request-rate 16 --num-prompts 400
+    bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
+    serve_stop serve_tp1
+  fi
+  if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    if serve_start serve_tp2 8001 $M --tensor-parallel-size 2; then
+      bench_serve batch1_tp2 8001 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
+      bench_serve saturation_tp2 8001 120 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
+      serve_stop serve_tp2
+    fi
+    BIG=${BIG_MODEL:-$(python3 -c 'import torch; print("random:llama-3-70b-40l" if torch.cuda.get_device_properties(0).total_memory < 100e9 else "random:llama-3-70b")')}
+    if serve_start serve_big_tp2 8002 --model "$BIG" --tokenizer "$TOK" --max-model-len 2048 --tensor-parallel-size 2 --gpu-memory-utilization 0.95; then
+      bench_serve big_tp2 8002 40 --dataset-name random --random-input-len 128 --random-output-len 64 --num-prompts 8 --max-concurrency 4
+      serve_stop serve_big_tp2
+    fi
+  fi
+}
+
+for phase in "$@"; do "phase_$phase"; done
+tar -czf "$OUT/results.tar.gz" -C "$OUT" run && echo "results: $OUT/results.tar.gz ($(( $(date +%s) - T0 ))s)"

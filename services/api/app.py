@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes, /tokenize, /detokenize, /health, /version.
+"""The FastAPI app: OpenAI routes, /tokenize, /detokenize, /health, /version, /metrics.
 
 Bodies are parsed here (not by FastAPI) so a body without a JSON content type still parses, and every
 failure is one of our 400s. The EngineClient starts and stops with the app's lifespan.
@@ -22,10 +22,12 @@ from common.addresses import address_plan
 from common.config import EngineConfig
 from common.messages import DetokenizeRequest, TokenizeRequest
 from services.api import errors
-from services.api.engine_client import EngineClient
+from services.api.engine_client import EngineClient, current_http_request
 from services.api.errors import ApiError
+from services.api.metrics import Metrics
 from services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, api_key_check
 from services.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody
+from services.api.records import HttpRequest
 from services.api.sampling import check_model, served_model_name
 from services.api.serving import ServingContext, create_chat_completion, create_completion
 
@@ -44,6 +46,9 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     ctx = ServingContext(client=client, api_index=index, model_name=served_model_name(config.model),
                          max_n=config.server.max_n)
     started = int(time.time())
+    metrics = Metrics(ctx.model_name, config.model.max_model_len)
+    client.on_generation_finished = lambda gen: metrics.observe(gen.records, gen.http)
+    client.on_stats = metrics.on_stats
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +60,7 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
 
     app = FastAPI(title="headrace", version=VERSION, lifespan=lifespan)
     app.state.serving = ctx
+    app.state.metrics = metrics
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: its header and 500 cover everything inside
@@ -70,11 +76,15 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
 
     @v1.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(ctx, await _read(request, CompletionRequest), request)
+        body = await _read(request, CompletionRequest)
+        _name_request(request, body.n)
+        return await create_completion(ctx, body, request)
 
     @v1.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(ctx, await _read(request, ChatCompletionRequest), request)
+        body = await _read(request, ChatCompletionRequest)
+        _name_request(request, body.n)
+        return await create_chat_completion(ctx, body, request)
 
     @v1.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -116,10 +126,16 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     async def server_version() -> dict[str, str]:
         return {"version": VERSION}
 
-    # GET /metrics goes here (Prometheus): EngineClient.on_finished receives one RequestRecord per engine
-    # request (TTFT, token times, e2e), and EngineClient.stats holds the scheduler's latest EngineStats.
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+def _name_request(request: Request, n: int) -> None:
+    """Tell the engine client which HTTP request its next submit() serves (see current_http_request)."""
+    current_http_request.set(HttpRequest(getattr(request.state, "request_id", None), n))
 
 
 async def _read(request: Request, model: type[B]) -> B:

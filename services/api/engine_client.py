@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ from common.messages import (
 )
 from common.transport import HEARTBEAT_INTERVAL_S, PEER_TIMEOUT_S
 from services.api.errors import ApiError
-from services.api.records import RequestRecord
+from services.api.records import HttpRequest, RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class _Peer:
     last_seen: float
 
 
+# Set by the route that serves the request (services.api.app), read by submit(). Uvicorn runs each HTTP
+# request in its own task, so a value never leaks into another request.
+current_http_request: ContextVar[HttpRequest] = ContextVar("current_http_request", default=HttpRequest())
+
+
 class Generation:
     """The engine requests behind one HTTP request (n choices x prompts), multiplexed onto one queue.
 
@@ -63,11 +69,13 @@ class Generation:
     tokenizer that dies delivers an error delta for each choice it held.
     """
 
-    def __init__(self, client: EngineClient, tokenizer: _Peer, requests: list[GenerateRequest], now: float):
+    def __init__(self, client: EngineClient, tokenizer: _Peer, requests: list[GenerateRequest], now: float,
+                 http: HttpRequest = HttpRequest()):
         self._client = client
         self.tokenizer = tokenizer
         self.req_ids = [r.req_id for r in requests]
         self.records = [RequestRecord(r.req_id, arrival=now) for r in requests]
+        self.http = http if http.n >= 1 and len(requests) % http.n == 0 else HttpRequest(http.request_id)
         self._queue: asyncio.Queue[tuple[int, TextDelta]] = asyncio.Queue()
         self._unfinished = set(range(len(requests)))  # not yet finished as delivered by the engine
         self._unread = len(requests)  # finished deltas the consumer has not taken yet
@@ -106,7 +114,9 @@ class Generation:
 class EngineClient:
     def __init__(self, api_index: int, inbox: Endpoint, scheduler: Endpoint, *,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, peer_timeout_s: float = PEER_TIMEOUT_S,
-                 on_finished: Callable[[RequestRecord], None] | None = None):
+                 on_finished: Callable[[RequestRecord], None] | None = None,
+                 on_generation_finished: Callable[[Generation], None] | None = None,
+                 on_stats: Callable[[EngineStats], None] | None = None):
         self.api_index = api_index
         self._inbox_address = inbox.bind
         self._scheduler_address = scheduler.connect
@@ -114,6 +124,10 @@ class EngineClient:
         self.peer_timeout_s = peer_timeout_s
         # Called once per engine request when it finishes, fails or is aborted (the metrics hook).
         self.on_finished = on_finished or (lambda record: None)
+        # Called once per Generation, after on_finished for each of its records (the metrics and request log).
+        self.on_generation_finished = on_generation_finished or (lambda gen: None)
+        # Called with every EngineStats the scheduler sends (the engine gauges).
+        self.on_stats = on_stats or (lambda stats: None)
 
         self.stats: EngineStats | None = None
         self._stats_seen = 0.0
@@ -178,9 +192,10 @@ class EngineClient:
     def submit(self, requests: list[GenerateRequest]) -> Generation:
         """Send every engine request of one HTTP request to one live tokenizer."""
         payloads = [_encode(req) for req in requests]
+        http = current_http_request.get()
         while True:
             peer = self._pick()
-            gen = Generation(self, peer, requests, time.monotonic())
+            gen = Generation(self, peer, requests, time.monotonic(), http)
             for k, req in enumerate(requests):
                 self._requests[req.req_id] = (gen, k)
             self._generations.add(gen)
@@ -223,6 +238,8 @@ class EngineClient:
         return peers[self._round_robin]
 
     def _abort(self, gen: Generation) -> None:
+        if not gen._unfinished:
+            return  # every choice finished already
         now = time.monotonic()
         for k in sorted(gen._unfinished):
             req_id = gen.req_ids[k]
@@ -236,6 +253,7 @@ class EngineClient:
                     pass  # it is gone: nothing left to stop there
         gen._unfinished.clear()
         self._generations.discard(gen)
+        self._generation_finished(gen)
 
     def _unregister(self, gen: Generation) -> None:
         for req_id in gen.req_ids:
@@ -254,6 +272,13 @@ class EngineClient:
             self.on_finished(gen.records[k])
             if not gen._unfinished:
                 self._generations.discard(gen)
+                self._generation_finished(gen)
+
+    def _generation_finished(self, gen: Generation) -> None:
+        try:
+            self.on_generation_finished(gen)
+        except Exception:  # metrics must never fail a request
+            log.exception("api %d: the finished-request hook failed", self.api_index)
 
     # ------------------------------------------------------------------ sockets
 
@@ -321,6 +346,10 @@ class EngineClient:
                 continue
             if isinstance(msg, EngineStats):
                 self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), True
+                try:
+                    self.on_stats(msg)
+                except Exception:  # a metrics failure must not stop the engine's heartbeat
+                    log.exception("api %d: the engine stats hook failed", self.api_index)
 
     async def _say_hello(self) -> None:
         assert self._dealer is not None

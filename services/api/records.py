@@ -1,7 +1,8 @@
 """Per-request timing: one small record per engine request, filled as its deltas arrive.
 
-The engine client keeps one for every engine request and hands it to its `on_finished` hook, so metrics
-(TTFT, inter-token latency, e2e latency, token counts) can be computed without touching the routes.
+The engine client keeps one for every engine request and hands it to its `on_finished` hook (and all of an
+HTTP request's records, with its `HttpRequest`, to `on_generation_finished`), so metrics (TTFT, inter-token
+latency, e2e latency, token counts) can be computed without touching the routes.
 Times are `time.monotonic()` seconds.
 """
 
@@ -10,6 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.messages import TextDelta
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """The HTTP request behind a set of engine requests: its X-Request-Id (for the finished-request log
+    line) and n, the choices per prompt (so prompt tokens count once per prompt, as usage counts them)."""
+
+    request_id: str | None = None
+    n: int = 1
 
 
 @dataclass
@@ -24,6 +34,9 @@ class RequestRecord:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    # From the engine: seconds queued before first scheduled (None if never scheduled), times preempted.
+    queue_time: float | None = None
+    num_preemptions: int = 0
 
     def on_delta(self, delta: TextDelta, now: float) -> None:
         new_tokens = len(delta.token_ids)
@@ -34,6 +47,9 @@ class RequestRecord:
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
+        if delta.queue_time is not None:
+            self.queue_time = delta.queue_time
+        self.num_preemptions = max(self.num_preemptions, delta.num_preemptions)
         if delta.finished:
             self.on_finish(delta.finish_reason, now)
 

@@ -59,6 +59,7 @@ class ModelRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.tp = tp
         self.log = log
+        self.requests: dict[str, RequestState] = {}
         self.source = source or resolve_model(config.model.model, config.model.tokenizer, log=log)
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
@@ -79,7 +80,6 @@ class ModelRunner:
                                                   self.cos_sin_cache, self.device, tp.size, self.max_model_len,
                                                   self.block_size, log=log)
         self.sampler = Sampler()
-        self.requests: dict[str, RequestState] = {}
 
     # ------------------------------------------------------------------ sizing
 

@@ -89,7 +89,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         tp = init_tensor_parallel(config, rank, device)
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
         ready = WorkerReady(rank, runner.num_blocks, runner.max_model_len, list(runner.eos_token_ids),
-                            runner.load_seconds, str(device))
+                            runner.load_seconds, str(device), runner.arch.vocab_size)
         results.send(codec.encode(ready))
         announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)

@@ -36,7 +36,7 @@ class Request:
         "req_id", "prompt_token_ids", "sampling_params", "sampling_seed", "eos_token_ids", "arrival_time",
         "_max_model_len", "_max_tokens", "output_token_ids", "output_logprobs", "status", "stop_reason",
         "block_ids", "block_hashes", "num_committed_blocks", "num_computed_tokens", "num_cached_tokens",
-        "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids",
+        "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids", "queued_time",
     )
 
     def __init__(
@@ -60,6 +60,8 @@ class Request:
         self.ending_token_ids = frozenset(sampling_params.stop_token_ids).union(
             () if sampling_params.ignore_eos else self.eos_token_ids)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
+        # When the engine took it (arrival_time is the client's arrival at the api): queue time starts here.
+        self.queued_time = time.time()
         # The scheduler binds this to its model's context length in add_request (which resolves max_tokens).
         self.max_model_len = max_model_len
 

@@ -67,9 +67,10 @@ class SchedulerService:
         self.ready: dict[int, WorkerReady] = {}
         self.worker_seen: dict[int, float] = {}
         self.eos_token_ids: tuple[int, ...] = ()
+        self.vocab_size = 0
         self.tokenizers: dict[bytes, PeerState] = {}
         self.apis: dict[bytes, float] = {}
-        self.owner: dict[str, bytes] = {}  # req_id -> tokenizer identity
+        self.owner: dict[str, tuple[bytes, Request]] = {}  # req_id -> (tokenizer identity, request)
         self.inflight: StepPlan | None = None
         self.seeds = random.Random(config.model.seed)
         self.prompt_tokens = 0
@@ -160,6 +161,11 @@ class SchedulerService:
         if self.scheduler is None:
             self._reply_error(identity, msg.req_id, "the engine is still loading; retry shortly", 503)
             return
+        bad = next((t for t in msg.prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # an id past the embedding table would fail the whole step on the worker
+            self._reply_error(identity, msg.req_id, f"token id {bad} is outside the model's vocabulary "
+                              f"(0..{self.vocab_size - 1})", 400)
+            return
         params = msg.sampling_params
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         # The model's EOS ids (config + generation_config, as the worker read them) are authoritative.
@@ -170,7 +176,7 @@ class SchedulerService:
         except ValueError as e:  # the request cannot run here (too long, duplicate id): the client's fault
             self._reply_error(identity, msg.req_id, str(e), 400)
             return
-        self.owner[msg.req_id] = identity
+        self.owner[msg.req_id] = identity, req
         self.tokenizers[identity].req_ids.add(msg.req_id)
         self.prompt_tokens += len(msg.prompt_token_ids)
 
@@ -263,6 +269,7 @@ class SchedulerService:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
             first = self.ready[0]
             self.eos_token_ids = tuple(first.eos_token_ids)
+            self.vocab_size = first.vocab_size
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks, first.max_model_len)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
@@ -285,9 +292,13 @@ class SchedulerService:
     def _route(self, outputs: list[RequestOutput]) -> None:
         by_tokenizer: dict[bytes, list[RequestOutput]] = {}
         for out in outputs:
-            identity = self.owner.get(out.req_id)
-            if identity is None:
+            entry = self.owner.get(out.req_id)
+            if entry is None:
                 continue
+            identity, req = entry
+            if req.first_scheduled_time is not None:  # for the api's metrics
+                out.queue_time = req.first_scheduled_time - req.queued_time
+            out.num_preemptions = req.num_preemptions
             by_tokenizer.setdefault(identity, []).append(out)
             if out.finished:
                 del self.owner[out.req_id]

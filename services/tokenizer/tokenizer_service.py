@@ -290,7 +290,8 @@ class TokenizerService:
             logprobs=self._logprobs(out.new_token_ids, out.new_logprobs) if state.want_logprobs else None,
             finished=finished, finish_reason=finish_reason, stop_reason=stop_reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
-            num_cached_tokens=out.num_cached_tokens, prompt_text=prompt_text, error=error)
+            num_cached_tokens=out.num_cached_tokens, prompt_text=prompt_text, error=error,
+            queue_time=out.queue_time, num_preemptions=out.num_preemptions)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TopLogprobs] | None) -> list[TokenLogprobs] | None:
         if not logprobs:

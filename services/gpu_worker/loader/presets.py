@@ -22,7 +22,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
     },
-    # Llama-3-70B's layer shape with 8 of its 80 layers: too wide for comfort on one card at TP=1 batch sizes.
+    # Llama-3-70B (141 GB in bf16) and cut-down versions of its layer shape: 40 layers (73 GB) does not
+    # fit one 80 GB H100 with any KV cache, 8 layers (18 GB) is a quick wide-layer check.
+    "llama-3-70b": {
+        **_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8,
+    },
+    "llama-3-70b-40l": {
+        **_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 40,
+        "num_attention_heads": 64, "num_key_value_heads": 8,
+    },
     "llama-3-70b-8l": {
         **_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 8,
         "num_attention_heads": 64, "num_key_value_heads": 8,

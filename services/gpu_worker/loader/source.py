@@ -82,8 +82,14 @@ def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | No
         if preset not in PRESETS:
             raise ModelNotFoundError(
                 f"unknown random-weight preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-        # Random models borrow the embedded model's tokenizer so they can be served end to end.
-        tok = tokenizer or resolve_model("", cache_root=cache_root, log=log).tokenizer_dir
+        # Random models borrow the embedded model's tokenizer so they can be served end to end; the
+        # worker needs none, so a missing embedded package only matters to the tokenizer processes.
+        tok = tokenizer
+        if tok is None:
+            try:
+                tok = resolve_model("", cache_root=cache_root, log=log).tokenizer_dir
+            except ModelNotFoundError:
+                tok = ""
         return ModelSource("random", model, None, tok, preset=preset)
     if not model:
         folder = convert_gguf(embedded_gguf_path(), cache_root, log=log)

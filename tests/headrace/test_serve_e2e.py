@@ -1,0 +1,184 @@
+"""End to end: a real `headrace serve` (every process), driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.headrace.server_process import ServerProcess, alive
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--num-tokenizers", "2", "--max-model-len", "2048", "--max-num-seqs", "64")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        left = srv.stop()
+        assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, content: str, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          temperature=0, **kw)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_capital_of_france(client):
+    out = chat(client, "What is the capital of France?", max_tokens=24)
+    assert "Paris" in out.choices[0].message.content
+    assert out.usage.completion_tokens == len(out.choices[0].message.content) > 0 or out.usage.completion_tokens > 0
+
+
+def test_streamed_chat_equals_non_streamed(client):
+    full = chat(client, "Write one sentence about rivers.", max_tokens=40)
+    stream = chat(client, "Write one sentence about rivers.", max_tokens=40, stream=True,
+                  stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == full.choices[0].message.content
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.total_tokens == full.usage.total_tokens
+
+
+def test_completions_stream_and_usage(client):
+    full = client.completions.create(model=MODEL, prompt="The three primary colors are", max_tokens=20,
+                                     temperature=0)
+    parts = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The three primary colors are", max_tokens=20, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == full.choices[0].text
+    assert full.usage.completion_tokens == 20 or full.choices[0].finish_reason == "stop"
+
+
+def test_64_concurrent_streams(server):
+    prompts = [f"Name a fruit that starts with the letter {c}." for c in "ABCDEFGH"]
+    ref_client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    reference = {p: chat(ref_client, p, max_tokens=16).choices[0].message.content for p in prompts}
+
+    async def one(aclient, prompt):
+        stream = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                       temperature=0, max_tokens=16, stream=True)
+        text = ""
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return prompt, text
+
+    async def all_of_them():
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(aclient, prompts[i % len(prompts)]) for i in range(64)))
+
+    results = asyncio.run(all_of_them())
+    assert len(results) == 64
+    for prompt, text in results:
+        assert text == reference[prompt]
+
+
+BAD_INPUTS = [
+    # (body or raw bytes, expected status, param or None)
+    (b"{not json", 400, None),
+    ({"model": MODEL, "messages": "hello"}, 400, None),
+    ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404, None),
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 10_000}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000_000}, 400, None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_INPUTS)
+def test_bad_input_gets_openai_error(server, body, status, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = server.post("/v1/chat/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    assert server.get("/health").status_code == 200
+
+
+def test_oversized_body_is_rejected(server):
+    r = server.post("/v1/completions", json={"model": MODEL, "prompt": "x" * (9 * 1024 * 1024)})
+    assert r.status_code == 413
+    assert "error" in r.json()
+
+
+def test_client_disconnect_aborts_the_request(server):
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 1500,
+                            "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = server.get("/metrics").text
+        running = [line for line in metrics.splitlines() if line.startswith("headrace:num_requests_running")]
+        if running and float(running[0].split()[-1]) == 0.0:
+            return
+        time.sleep(0.2)
+    pytest.fail("the request kept running after its client left")
+
+
+def test_tokenizer_killed_mid_load(server):
+    """Kill tokenizer-1 while requests run: the others finish, later requests succeed after the restart."""
+    pid = server.child_pid("tokenizer-1")
+
+    async def one(aclient, i):
+        try:
+            r = await aclient.completions.create(model=MODEL, prompt=f"Count to {i}:", max_tokens=60,
+                                                 temperature=0, extra_body={"ignore_eos": True})
+            return "ok", r.choices[0].text
+        except openai.APIStatusError as e:
+            return "error", e.status_code
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+        tasks = [asyncio.create_task(one(aclient, i)) for i in range(12)]
+        await asyncio.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    oks = [r for r in results if r[0] == "ok"]
+    errors = [r for r in results if r[0] == "error"]
+    assert oks, results
+    assert all(code in (502, 503) for _, code in errors), results
+    assert not alive(pid)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the launcher restarts it; every request then succeeds
+        if f"started tokenizer-1 (pid" in server.output and server.child_pid("tokenizer-1") != pid:
+            break
+        time.sleep(0.5)
+    time.sleep(4)  # the api hears the new tokenizer's hello
+    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    for i in range(6):
+        assert c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4).choices[0].text is not None

@@ -1,0 +1,166 @@
+"""GET /metrics and the request log: an api over real HTTP with the peers played here, and the multiprocess
+merge of several api processes' files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.messages import ErrorInfo, TextDelta
+from services.api.metrics import Metrics, one_two_five_buckets, usage_tokens
+from services.api.records import RequestRecord
+from tests.services.api.fakes import delta, until
+
+pytestmark = pytest.mark.anyio
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Exposition text -> {(sample name, sorted labels): value}; the parser rejects malformed text."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(parsed: dict, name: str, **labels: str) -> float:
+    return parsed[(name, tuple(sorted({"model_name": MODEL, **labels}.items())))]
+
+
+def scripted(req) -> list[list[TextDelta]]:
+    """Three tokens (the first two arriving together), queue time and one preemption from the engine."""
+    last = 2
+    return [[delta(req.req_id, "a", 0, 3, prompt_tokens=4, queue_time=0.25),
+             delta(req.req_id, "b", 1, 3, prompt_tokens=4, queue_time=0.25, num_preemptions=1)],
+            [delta(req.req_id, "c", last, 3, finish_reason="stop", prompt_tokens=4, queue_time=0.25,
+                   num_preemptions=1)]]
+
+
+async def test_metrics_count_every_finished_request_and_match_usage(stack, caplog):
+    caplog.set_level(logging.INFO, logger="headrace.api.requests")
+    await stack.add_tokenizer(scripted)
+    await stack.ready()
+    await until(lambda: stack.client.stats is not None)
+    usages = []
+    bodies = [({"prompt": "x"}, "/v1/completions"),
+              ({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}}, "/v1/completions"),
+              ({"prompt": [[1, 2], [3, 4, 5]], "n": 2}, "/v1/completions"),  # 2 prompts x 2 choices
+              ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "/v1/chat/completions")]
+    for k, (body, path) in enumerate(bodies):
+        r = await stack.http.post(path, json=body, headers={"X-Request-Id": f"client-{k}"})
+        assert r.status_code == 200, r.text
+        if body.get("stream"):
+            usages.append(json.loads(r.text.split("data: ")[-2])["usage"])
+        else:
+            usages.append(r.json()["usage"])
+    engine_requests = 1 + 1 + 4 + 3
+
+    r = await stack.http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = samples(r.text)
+    # Token counters equal what the responses reported (a prompt counts once for its n choices).
+    assert value(m, "headrace:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages) == 4 + 4 + 8 + 4
+    assert value(m, "headrace:generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    # Everything else is per engine request.
+    assert value(m, "headrace:request_success_total", finished_reason="stop") == engine_requests
+    assert value(m, "headrace:request_success_total", finished_reason="abort") == 0
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert value(m, f"headrace:{name}_count") == engine_requests, name
+    assert value(m, "headrace:inter_token_latency_seconds_count") == 2 * engine_requests  # 3 tokens: 2 gaps
+    assert value(m, "headrace:request_queue_time_seconds_sum") == pytest.approx(0.25 * engine_requests)
+    assert value(m, "headrace:request_generation_tokens_sum") == 3 * engine_requests
+    assert value(m, "headrace:request_prompt_tokens_bucket", le="5.0") == engine_requests
+    assert value(m, "headrace:request_prompt_tokens_bucket", le="2.0") == 0
+    assert value(m, "headrace:num_preemptions_total") == engine_requests
+    # The engine gauges follow EngineStats (the fake scheduler reports one running request).
+    assert value(m, "headrace:num_requests_running") == 1
+    assert value(m, "headrace:num_requests_waiting") == 0
+    assert value(m, "headrace:kv_cache_usage_perc") == 0
+
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "headrace.api.requests"]
+    assert len(lines) == len(bodies)
+    chat = next(line for line in lines if "request_id=client-3 " in line)
+    fields = dict(part.split("=", 1) for part in chat.split()[1:])
+    assert fields["engine_request_ids"].count(",") == 2 and fields["engine_request_ids"].startswith("chatcmpl-")
+    assert (fields["model"], fields["prompt_tokens"], fields["generation_tokens"]) == (MODEL, "4", "9")
+    assert fields["finish_reason"] == "stop,stop,stop"
+    assert float(fields["ttft_s"]) <= float(fields["e2e_s"]) and float(fields["queue_s"]) == 0.25
+
+
+async def test_failed_and_aborted_requests_count_by_reason(stack, caplog):
+    caplog.set_level(logging.INFO, logger="headrace.api.requests")
+
+    def script(req):
+        if req.prompt == "too long":
+            info = ErrorInfo("the prompt is too long.", "BadRequestError", "prompt", 400)
+            return [[TextDelta(req.req_id, finished=True, finish_reason="error", error=info)]]
+        return [[delta(req.req_id, "one", 0, 5)]]  # never finishes
+
+    tok = await stack.add_tokenizer(script)
+    assert (await stack.http.post("/v1/completions", json={"prompt": "too long"})).status_code == 400
+    async with stack.http.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True},
+                                 headers={"X-Request-Id": "leaver"}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                break  # hang up mid-stream
+    await tok.wait_aborted()
+    await until(lambda: any("request_id=leaver " in rec.getMessage() for rec in caplog.records))
+    m = samples((await stack.http.get("/metrics")).text)
+    assert value(m, "headrace:request_success_total", finished_reason="error") == 1
+    assert value(m, "headrace:request_success_total", finished_reason="abort") == 1
+    assert value(m, "headrace:request_success_total", finished_reason="stop") == 0
+    assert value(m, "headrace:time_to_first_token_seconds_count") == 1  # the failed one had no token
+    assert value(m, "headrace:e2e_request_latency_seconds_count") == 2
+    assert value(m, "headrace:generation_tokens_total") == 1
+    leaver = next(rec.getMessage() for rec in caplog.records if "request_id=leaver " in rec.getMessage())
+    assert "finish_reason=abort" in leaver and "generation_tokens=1" in leaver
+
+
+def test_token_buckets_and_usage_counting():
+    assert one_two_five_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
+    assert one_two_five_buckets(1024)[-3:] == [200, 500, 1000]
+    records = [RequestRecord(f"r-{k}", 0.0, num_prompt_tokens=p, num_output_tokens=o)
+               for k, (p, o) in enumerate([(5, 1), (5, 2), (0, 0), (7, 3)])]
+    assert usage_tokens(records, 2) == (5 + 7, 6)  # a choice that failed early has no prompt count
+    assert usage_tokens(records, 1) == (17, 6)
+
+
+# One api process: observe `count` finished requests of 2 prompt + 3 generated tokens, then report
+# `running` requests from the engine. It writes into PROMETHEUS_MULTIPROC_DIR and exits.
+_API_PROCESS = textwrap.dedent("""
+    import sys
+    from common.messages import EngineStats, TextDelta
+    from services.api.metrics import Metrics
+    from services.api.records import HttpRequest, RequestRecord
+
+    count, running = int(sys.argv[1]), int(sys.argv[2])
+    metrics = Metrics("m", 1024)
+    for k in range(count):
+        record = RequestRecord(f"r-{k}", arrival=0.0)
+        record.on_delta(TextDelta(f"r-{k}", token_ids=[1, 2, 3], finished=True, finish_reason="length",
+                                  num_prompt_tokens=2, num_output_tokens=3), 0.5)
+        metrics.observe([record], HttpRequest(f"h-{k}"))
+    metrics.on_stats(EngineStats(num_running=running))
+""")
+
+
+def test_several_api_processes_merge_into_one_view(tmp_path, monkeypatch):
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[3])}
+    for count, running in ((3, 7), (2, 4)):  # the second process reports last
+        subprocess.run([sys.executable, "-c", _API_PROCESS, str(count), str(running)], env=env, check=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    m = {(name, dict(labels).get("finished_reason"), dict(labels).get("le")): v
+         for (name, labels), v in samples(Metrics("m").render().decode()).items()}
+    assert m[("headrace:request_success_total", "length", None)] == 5  # summed over processes
+    assert m[("headrace:prompt_tokens_total", None, None)] == 10
+    assert m[("headrace:generation_tokens_total", None, None)] == 15
+    assert m[("headrace:e2e_request_latency_seconds_count", None, None)] == 5
+    assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.5")] == 5
+    assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.3")] == 0
+    assert m[("headrace:num_requests_running", None, None)] == 4  # the newest write, not a sum
