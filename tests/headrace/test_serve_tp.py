@@ -1,0 +1,50 @@
+"""Tensor parallelism through the real server on CPU (gloo): same greedy tokens as TP=1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.headrace.server_process import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def greedy(srv: ServerProcess, prompts: list, max_tokens: int) -> list[list[str]]:
+    out = []
+    for p in prompts:
+        r = srv.post("/v1/completions", json={"model": srv.model, "prompt": p, "max_tokens": max_tokens,
+                                               "temperature": 0, "ignore_eos": True, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["logprobs"]["tokens"])
+    return out
+
+
+def run(model_args: list[str], tp: int, prompts: list, max_tokens: int) -> list[list[str]]:
+    srv = ServerProcess(*model_args, "--max-model-len", "512", "--tensor-parallel-size", str(tp))
+    try:
+        srv.wait_ready()
+        srv.model = srv.get("/v1/models").json()["data"][0]["id"]
+        return greedy(srv, prompts, max_tokens)
+    finally:
+        assert not srv.stop()
+
+
+def test_embedded_model_tp3_equals_tp1():
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    assert run([], 3, prompts, 12) == run([], 1, prompts, 12)
+
+
+def test_tiny_random_llama_tp2_equals_tp1():
+    prompts = [[1, 5, 9, 200, 31, 77, 4, 18], [7, 7, 8, 100, 13, 400, 2, 9, 9, 11]]
+    args = ["--model", "random:tiny-llama"]
+    assert run(args, 2, prompts, 10) == run(args, 1, prompts, 10)
+
+
+def test_tp2_on_embedded_model_fails_at_start_naming_head_counts():
+    out = subprocess.run([sys.executable, "-m", "headrace.cli", "serve", "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "9 attention heads" in out.stderr
