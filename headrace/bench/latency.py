@@ -24,12 +24,11 @@ import time
 import numpy as np
 import torch
 
-from common.config import EngineConfig, resolve_device
+from common.config import EngineConfig
 from common.sampling_params import SamplingParams
 from headrace.bench import hf_baseline, roofline
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
-from services.gpu_worker.loader.model_loader import resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     config: EngineConfig = engine_config_from_args(args)
     if max(args.batch_size) > config.scheduler.max_num_seqs:
         raise SystemExit(f"--batch-size {max(args.batch_size)} exceeds --max-num-seqs {config.scheduler.max_num_seqs}")
-    device = torch.device(resolve_device(config.device))
-    dtype = resolve_dtype(config.model.dtype, device)
-    rates = roofline.measure(device, dtype)  # before the engine claims the GPU's memory
-    print(f"{rates.device}: copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s, "
-          f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s ({rates.matmul_dtype})", flush=True)
+    rates = roofline.measure_for_engine(config)  # before the engine claims the GPU's memory
 
     engine = LLMEngine(config)
     runner = engine.runner
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     del engine, runner
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     if args.baseline == "hf":

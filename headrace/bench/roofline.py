@@ -102,6 +102,19 @@ def measure(device: torch.device, dtype: torch.dtype) -> DeviceRates:
 # ----------------------------------------------------------------------------- model-side counts
 
 
+def measure_for_engine(config) -> DeviceRates:
+    """Measure the ceilings of the device and dtype an engine config will run on, and print them. Call it
+    before the engine starts: the measurement needs free device memory."""
+    from common.config import resolve_device
+    from services.gpu_worker.loader.model_loader import resolve_dtype
+
+    device = torch.device(resolve_device(config.device))
+    rates = measure(device, resolve_dtype(config.model.dtype, device))
+    print(f"{rates.device}: copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s, "
+          f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s ({rates.matmul_dtype})", flush=True)
+    return rates
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -22,13 +22,11 @@ import time
 
 import torch
 
-from common.config import resolve_device
 from common.sampling_params import SamplingParams
 from headrace.bench import hf_baseline, roofline
 from headrace.bench.datasets import DATASET_NAMES, BenchRequest, sample_requests
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
-from services.gpu_worker.loader.model_loader import resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_prompts < 1:
         raise SystemExit("--num-prompts must be >= 1")
     config = engine_config_from_args(args)
-    device = torch.device(resolve_device(config.device))
-    dtype = resolve_dtype(config.model.dtype, device)
-    rates = roofline.measure(device, dtype)  # before the engine claims the GPU's memory
-    print(f"{rates.device}: copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s, "
-          f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s ({rates.matmul_dtype})", flush=True)
+    rates = roofline.measure_for_engine(config)  # before the engine claims the GPU's memory
 
     engine = LLMEngine(config)
     runner = engine.runner
@@ -184,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
           f"output tok/s ({ours['fraction_of_decode_roofline']:.1%} of decode roofline)", flush=True)
     del engine, runner
     gc.collect()
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     if args.baseline == "hf":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -175,7 +174,7 @@ def test_tokenizer_killed_mid_load(server):
     assert not alive(pid)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # the launcher restarts it; every request then succeeds
-        if f"started tokenizer-1 (pid" in server.output and server.child_pid("tokenizer-1") != pid:
+        if "started tokenizer-1 (pid" in server.output and server.child_pid("tokenizer-1") != pid:
             break
         time.sleep(0.5)
     time.sleep(4)  # the api hears the new tokenizer's hello

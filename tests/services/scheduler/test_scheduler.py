@@ -11,8 +11,6 @@ as a wrong token or a failed check.
 from __future__ import annotations
 
 import random
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import pytest
