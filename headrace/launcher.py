@@ -73,6 +73,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_devices(device: str, tp: int) -> None:
+    """Fail before starting anything when this host has fewer GPUs than ranks."""
+    from common.config import resolve_device
+
+    if resolve_device(device) == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count < tp:
+            raise ValueError(f"--tensor-parallel-size {tp} needs {tp} GPUs; this host has {count}")
+
+
 def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
     """Resolve everything every process must agree on, once, before any process starts."""
     from common.addresses import with_ipc_dir
@@ -82,7 +94,9 @@ def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
 
     source = resolve_model(config.model.model, config.model.tokenizer, log=log_fn)
     arch = arch_from_hf_config(source.hf_config())
-    check_tp_heads(arch.num_heads, arch.num_kv_heads, config.parallel.tensor_parallel_size)
+    tp = config.parallel.tensor_parallel_size
+    check_tp_heads(arch.num_heads, arch.num_kv_heads, tp)
+    check_devices(config.device, tp)
     model = dataclasses.replace(
         config.model,
         tokenizer=source.tokenizer_dir,
