@@ -259,8 +259,8 @@ class ModelRunner:
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
             states = [self.requests[rid] for rid in batch.sample_req_ids]
-            rows = [SamplingRow(s.params, s.seed, s.token_ids[: s.num_prompt_tokens],
-                                s.token_ids[s.num_prompt_tokens :], self.eos_token_ids) for s in states]
+            rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
+                    for s in states]
             inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
             out = self.sampler(logits, inputs)
             sampled = out.sampled_token_ids.tolist()

@@ -37,13 +37,32 @@ _MUL2 = _i64(0x94D049BB133111EB)
 
 @dataclass
 class SamplingRow:
-    """What the model runner knows per sampling request."""
+    """What the model runner knows per sampling request. The runner's own token list is shared, not copied:
+    prompt and output slices are taken only for rows that need them (penalties), never per step for all."""
 
     params: SamplingParams
     seed: int  # always set: the engine draws one when the user gave none
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + outputs so far
+    num_prompt_tokens: int
     eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_parts(cls, params: SamplingParams, seed: int, prompt_token_ids: list[int],
+                   output_token_ids: list[int], eos_token_ids: tuple[int, ...]) -> SamplingRow:
+        return cls(params, seed, list(prompt_token_ids) + list(output_token_ids), len(prompt_token_ids),
+                   eos_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 @dataclass
@@ -103,12 +122,12 @@ def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torc
     any_top_p = any_min_p = any_pen = any_rep = False
     for i, r in enumerate(rows):
         p = r.params
-        out = r.output_token_ids
+        num_out = r.num_output_tokens
         g = p.temperature < _GREEDY_EPS
         greedy[i] = g
         temp[i] = 1.0 if g else p.temperature
         seeds[i] = _i64(r.seed)
-        steps[i] = len(out)
+        steps[i] = num_out
         if not g:  # sampling filters only matter for random rows
             if 0 < p.top_k < V:
                 top_k[i] = p.top_k
@@ -120,11 +139,11 @@ def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torc
         pres[i], freq[i], rep[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
             any_pen = True
-            outputs[i] = out  # rows without penalties stay empty (all padding) to keep the tensor small
+            outputs[i] = r.output_token_ids  # rows without penalties stay empty (all padding): a small tensor
             if p.repetition_penalty != 1.0:
                 any_rep = True
                 prompts[i] = r.prompt_token_ids
-        if len(out) < p.min_tokens:
+        if num_out < p.min_tokens:
             block = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + r.eos_token_ids
             for t in set(block):
                 if t < V:

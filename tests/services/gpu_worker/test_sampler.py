@@ -21,7 +21,7 @@ EOS = 3
 
 
 def row(seed: int = 0, output: list[int] | None = None, prompt: list[int] | None = None, **kw) -> SamplingRow:
-    return SamplingRow(
+    return SamplingRow.from_parts(
         params=SamplingParams(max_tokens=None, **kw),
         seed=seed,
         prompt_token_ids=prompt if prompt is not None else [1, 2],
