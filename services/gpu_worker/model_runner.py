@@ -29,15 +29,33 @@ from services.gpu_worker.parallel import SINGLE, TPGroup
 from services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
 
 
-@dataclass
 class RequestState:
-    req_id: str
-    token_ids: list[int]  # prompt + every token sampled so far
-    num_prompt_tokens: int
-    block_ids: list[int]
-    num_computed_tokens: int
-    params: SamplingParams
-    seed: int
+    """What the worker keeps per request between steps; the block table lives in a growable numpy row so a
+    step's batch table is assembled with array copies, not Python loops over block ids."""
+
+    __slots__ = ("req_id", "token_ids", "num_prompt_tokens", "block_table", "num_blocks", "num_computed_tokens",
+                 "params", "seed")
+
+    def __init__(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
+                 num_computed_tokens: int, params: SamplingParams, seed: int):
+        self.req_id = req_id
+        self.token_ids = token_ids  # prompt + every token sampled so far
+        self.num_prompt_tokens = num_prompt_tokens
+        self.block_table = np.zeros(max(16, 2 * len(block_ids)), dtype=np.int32)
+        self.num_blocks = 0
+        self.num_computed_tokens = num_computed_tokens
+        self.params = params
+        self.seed = seed
+        self.add_blocks(block_ids)
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        end = self.num_blocks + len(block_ids)
+        if end > len(self.block_table):
+            grown = np.zeros(2 * end, dtype=np.int32)
+            grown[: self.num_blocks] = self.block_table[: self.num_blocks]
+            self.block_table = grown
+        self.block_table[self.num_blocks : end] = block_ids
+        self.num_blocks = end
 
 
 @dataclass
@@ -166,79 +184,73 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for new in plan.new_requests:
             self.requests[new.req_id] = RequestState(
-                req_id=new.req_id,
-                token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
-                num_prompt_tokens=len(new.prompt_token_ids),
-                block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
-                params=new.sampling_params,
-                seed=new.sampling_seed,
-            )
+                new.req_id, list(new.prompt_token_ids) + list(new.output_token_ids), len(new.prompt_token_ids),
+                new.block_ids, new.num_computed_tokens, new.sampling_params, new.sampling_seed)
         for cached in plan.cached_requests:
             state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                state.add_blocks(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ------------------------------------------------------------------ input preparation
 
     def _prepare(self, scheduled: dict[str, int]) -> PreparedBatch:
-        """One flat batch: decode requests (one token) first, then prefill chunks, in plan order."""
+        """One flat batch: decode requests (one token) first, then prefill chunks, in plan order. Per-request
+        Python work is one token lookup (decodes) or one slice (prefills) plus one table-row copy; positions,
+        slots and lengths are computed as arrays."""
         decodes = [rid for rid, n in scheduled.items() if n == 1]
         prefills = [rid for rid, n in scheduled.items() if n != 1]
         order = decodes + prefills
+        states = [self.requests[rid] for rid in order]
+        num_seqs, nd = len(order), len(decodes)
+        starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, num_seqs)
+        counts = np.fromiter((scheduled[rid] for rid in order), np.int64, num_seqs)
+        known = np.fromiter((len(st.token_ids) for st in states), np.int64, num_seqs)
+        ends = starts + counts
+        if (ends > known).any():
+            i = int(np.argmax(ends > known))
+            raise ValueError(f"request {order[i]}: scheduled tokens {starts[i]}..{ends[i]} past its {known[i]} tokens")
+        flat_ids = [st.token_ids[p] for st, p in zip(states[:nd], starts[:nd].tolist())]
+        for st, a, b in zip(states[nd:], starts[nd:].tolist(), ends[nd:].tolist()):
+            flat_ids.extend(st.token_ids[a:b])
+        # positions of every token: decodes are their start; prefills an arange each
+        if num_seqs > nd:
+            positions = np.concatenate([starts[:nd]] + [np.arange(a, b) for a, b in zip(starts[nd:], ends[nd:])])
+        else:
+            positions = starts
+        max_blocks = max(st.num_blocks for st in states)
+        table = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, st in enumerate(states):
+            table[i, : st.num_blocks] = st.block_table[: st.num_blocks]
         bs = self.block_size
-        ids_parts, pos_parts, slot_parts = [], [], []
-        query_lens, seq_lens, ctx_lens, sample_ids, logits_idx = [], [], [], [], []
-        tables = []
-        offset = 0
-        for rid in order:
-            state = self.requests[rid]
-            n = scheduled[rid]
-            start = state.num_computed_tokens
-            end = start + n
-            if end > len(state.token_ids):
-                raise ValueError(f"request {rid}: scheduled tokens {start}..{end} past its {len(state.token_ids)} tokens")
-            positions = np.arange(start, end, dtype=np.int64)
-            blocks = np.asarray(state.block_ids, dtype=np.int64)
-            ids_parts.append(state.token_ids[start:end])
-            pos_parts.append(positions)
-            slot_parts.append(blocks[positions // bs] * bs + positions % bs)
-            query_lens.append(n)
-            seq_lens.append(end)
-            ctx_lens.append(start)
-            tables.append(state.block_ids)
-            offset += n
-            if end == len(state.token_ids):  # the chunk reaches the newest token: sample the next one
-                sample_ids.append(rid)
-                logits_idx.append(offset - 1)
-        max_blocks = max((len(t) for t in tables), default=1)
-        table_arr = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table_arr[i, : len(t)] = t
-        qsl = np.zeros(len(order) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)
+        slots = table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=qsl[1:])
+        samples = ends == known  # the chunk reaches the newest token: sample the next one
+        sample_ids = [rid for rid, yes in zip(order, samples.tolist()) if yes]
         dev = self.device
-        flat_ids = [t for part in ids_parts for t in part]
+        seq_lens = ends.astype(np.int32)
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
             query_start_loc=torch.from_numpy(qsl).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(table_arr).to(dev, non_blocking=True),
-            num_decodes=len(decodes),
-            num_decode_tokens=len(decodes),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            seq_lens_host=seq_lens,
-            query_lens_host=query_lens,
+            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
+            context_lens=torch.from_numpy(starts.astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            num_decodes=nd,
+            num_decode_tokens=nd,
+            max_query_len=int(counts.max()),
+            max_seq_len=int(ends.max()),
+            seq_lens_host=seq_lens.tolist(),
+            query_lens_host=counts.tolist(),
         )
         return PreparedBatch(
             input_ids=torch.tensor(flat_ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev, non_blocking=True),
+            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
             attn=attn,
             req_order=order,
             sample_req_ids=sample_ids,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64).to(dev, non_blocking=True),
+            logits_indices=torch.from_numpy(qsl[1:][samples].astype(np.int64) - 1).to(dev, non_blocking=True),
         )
 
     # ------------------------------------------------------------------ the step
