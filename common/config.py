@@ -64,6 +64,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     # Long prompts are split into chunks of at most this many tokens per step (chunked prefill).
     long_prefill_token_threshold: int | None = None
+    # Plan step t+1 while step t runs (the scheduler process keeps two plans in flight).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "--max-num-seqs must be positive")

@@ -44,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=_env("max_num_seqs", 256, int))
     g.add_argument("--max-num-batched-tokens", type=int, default=_env("max_num_batched_tokens", None, int))
     g.add_argument("--long-prefill-token-threshold", type=int, default=_env("long_prefill_token_threshold", None, int))
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   default=_env("async_scheduling", True, bool),
+                   help="plan each step only after the previous one returned")
     g = p.add_argument_group("parallel and device")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=_env("tensor_parallel_size", 1, int))
     g.add_argument("--dist-init-addr", default=_env("dist_init_addr", None),
@@ -88,7 +91,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           kv_cache_memory=args.kv_cache_memory, num_blocks=args.num_blocks,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched,
-                                  long_prefill_token_threshold=args.long_prefill_token_threshold),
+                                  long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                  async_scheduling=args.async_scheduling),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, dist_init_addr=args.dist_init_addr),
         server=server,
         device=device,

@@ -90,10 +90,11 @@ class BlockManager:
             hits.append(block.block_id)
         return hits, len(hits) * bs
 
-    def commit_blocks(self, req: Request) -> None:
-        """Register req's full blocks whose KV is now written (call after the step that computed them)."""
+    def commit_blocks(self, req: Request, num_written: int | None = None) -> None:
+        """Register req's full blocks whose KV is now written (call after the step that computed them);
+        num_written: tokens whose KV that step left written (default: every computed token)."""
         bs = self.block_size
-        num_full = req.num_computed_tokens // bs
+        num_full = (req.num_computed_tokens if num_written is None else num_written) // bs
         if not self.enable_prefix_caching or num_full <= req.num_committed_blocks:
             return
         tokens = req.all_token_ids

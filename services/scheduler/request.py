@@ -37,6 +37,7 @@ class Request:
         "_max_model_len", "_max_tokens", "output_token_ids", "output_logprobs", "status", "stop_reason",
         "block_ids", "block_hashes", "num_committed_blocks", "num_computed_tokens", "num_cached_tokens",
         "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids", "queued_time",
+        "num_pending_tokens",
     )
 
     def __init__(
@@ -77,6 +78,9 @@ class Request:
         self.num_committed_blocks = 0  # leading blocks registered in the prefix cache
         # Tokens whose KV is (or is being, this step) written; advanced when the scheduler schedules them.
         self.num_computed_tokens = 0
+        # Tokens being sampled by steps already planned but not yet returned (asynchronous scheduling plans
+        # step t+1 before step t's tokens arrive): the sequence is num_tokens + num_pending_tokens long.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until then
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0

@@ -125,7 +125,10 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
+            if req.num_output_tokens + req.num_pending_tokens >= req.max_tokens:
+                i += 1  # its last token is already being sampled: it finishes when that step returns
+                continue
+            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
             if num_new > 1:  # still prefilling: a chunk that leaves one token for each request behind it
                 num_new = min(num_new, self.long_prefill_token_threshold, budget - (len(running) - 1 - i))
             if num_new <= 0:
@@ -142,6 +145,8 @@ class Scheduler:
             cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
             cached_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
+            if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
+                req.num_pending_tokens += 1  # this step samples its next token
             budget -= num_new
             i += 1
 
@@ -170,6 +175,8 @@ class Scheduler:
                 list(req.block_ids), num_hits, req.sampling_seed))
             new_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
+            if req.num_computed_tokens == req.num_tokens:
+                req.num_pending_tokens = 1
             budget -= num_new
 
         if new_counts:
@@ -185,6 +192,7 @@ class Scheduler:
         self.block_manager.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_pending_tokens = 0  # a token still in flight is dropped on arrival and sampled again later
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting[req.req_id] = req
@@ -202,19 +210,23 @@ class Scheduler:
             raise ValueError(f"result of step {result.step_id} applied to plan {plan.step_id}")
         requests = self.requests
         if self.block_manager.enable_prefix_caching:
-            # The step has written these tokens' KV: their full blocks may now serve other prompts.
-            for req_id in plan.num_scheduled_tokens:
+            # The step has written these tokens' KV: their full blocks may now serve other prompts. (A later
+            # step may already be planned, so what is written comes from this plan, not the request.)
+            before = {r.req_id: r.num_computed_tokens for r in plan.new_requests}
+            before.update((r.req_id, r.num_computed_tokens) for r in plan.cached_requests)
+            for req_id, count in plan.num_scheduled_tokens.items():
                 req = requests.get(req_id)
                 if req is not None and req.status == RUNNING:
-                    self.block_manager.commit_blocks(req)
+                    self.block_manager.commit_blocks(req, before[req_id] + count)
 
         outputs = []
         any_finished = False
         for req_id, token_id, logprobs in zip(result.req_ids, result.sampled_token_ids,
                                               result.logprobs or itertools.repeat(None)):
             req = requests.get(req_id)
-            if req is None or req.status != RUNNING:
-                continue
+            if req is None or req.status != RUNNING or req.num_pending_tokens == 0:
+                continue  # finished, aborted or preempted since this step was planned
+            req.num_pending_tokens -= 1
             req.append_output_token(token_id, logprobs)
             new_logprobs = None if logprobs is None else [logprobs]
             # Cheap test first (this runs for every token); _check_stop sorts out the reason.

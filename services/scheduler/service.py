@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,13 @@ class SchedulerService:
         self.tokenizers: dict[bytes, PeerState] = {}
         self.apis: dict[bytes, float] = {}
         self.owner: dict[str, tuple[bytes, Request]] = {}  # req_id -> (tokenizer identity, request)
-        self.inflight: StepPlan | None = None
+        # Plans sent and not yet answered, oldest first: with async scheduling step t+1 is planned and sent
+        # while step t runs, so the worker starts it without waiting for a round trip through here.
+        self.inflight: deque[StepPlan] = deque()
+        self.max_inflight = 2 if config.scheduler.async_scheduling else 1
+        # Set when planning found nothing to run (e.g. every running request waits on a token in flight):
+        # no new plan until some message arrives, instead of spinning.
+        self.stalled = False
         self.seeds = random.Random(config.model.seed)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -90,10 +97,12 @@ class SchedulerService:
 
     def run(self, parent_pid: int | None = None) -> None:
         while self.running:
-            if self.scheduler is not None and self.inflight is None and self.scheduler.has_unfinished_requests():
+            if self._can_step():
                 self._start_step()
             timeout = 0 if self._can_step() else 50
             events = dict(self.poller.poll(timeout))
+            if events:
+                self.stalled = False
             if self.frontend in events:
                 self._drain_frontend()
             if self.results in events:
@@ -108,7 +117,7 @@ class SchedulerService:
                     break
 
     def _can_step(self) -> bool:
-        return (self.scheduler is not None and self.inflight is None
+        return (self.scheduler is not None and not self.stalled and len(self.inflight) < self.max_inflight
                 and self.scheduler.has_unfinished_requests())
 
     def close(self) -> None:
@@ -221,10 +230,13 @@ class SchedulerService:
 
     def _start_step(self) -> None:
         plan = self.scheduler.schedule()
-        self.plan_pub.send(codec.encode(plan))
         if plan.is_empty:
-            return  # nothing to run (only finished/preempted ids for the workers); no result comes back
-        self.inflight = plan
+            self.stalled = True
+            if not (plan.finished_req_ids or plan.preempted_req_ids):
+                return
+        self.plan_pub.send(codec.encode(plan))
+        if not plan.is_empty:  # an empty plan only carries ids for the workers; no result comes back
+            self.inflight.append(plan)
 
     def _drain_results(self) -> None:
         while True:
@@ -246,10 +258,10 @@ class SchedulerService:
         elif isinstance(msg, WorkerReady):
             self._on_worker_ready(msg)
         elif isinstance(msg, StepResult):
-            if self.inflight is None or msg.step_id != self.inflight.step_id:
+            if not self.inflight or msg.step_id != self.inflight[0].step_id:
                 log.warning("dropped a result for step %d", msg.step_id)
                 return
-            plan, self.inflight = self.inflight, None
+            plan = self.inflight.popleft()
             outputs = self.scheduler.update_from_output(plan, msg)
             self.generation_tokens += len(msg.sampled_token_ids)
             self._route(outputs)
@@ -285,7 +297,7 @@ class SchedulerService:
         self.scheduler = None
         self.ready.clear()
         self.worker_seen.clear()
-        self.inflight = None
+        self.inflight.clear()
 
     # ------------------------------------------------------------------ outputs
 
@@ -305,7 +317,7 @@ class SchedulerService:
                 peer = self.tokenizers.get(identity)
                 if peer is not None:
                     peer.req_ids.discard(out.req_id)
-        step = self.inflight.step_id if self.inflight else 0
+        step = self.inflight[0].step_id if self.inflight else 0
         for identity, outs in by_tokenizer.items():
             self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput(outs, step))])
 

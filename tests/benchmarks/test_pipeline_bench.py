@@ -45,8 +45,8 @@ def test_scaling_note_names_the_cores_and_oversubscription():
 @pytest.mark.slow
 def test_tiny_run_reports_every_field_and_stops_its_processes(tmp_path, capsys):
     out = tmp_path / "out.json"
-    result = bench.main(["--tokenizers", "1", "2", "--requests", "6", "--detok-steps", "3", "--api-requests", "3",
-                         "--concurrency", "2", "--json", str(out)])
+    result = bench.main(["--tokenizers", "1", "2", "--requests", "6", "--detok-steps", "3", "--detok-batch", "4",
+                         "--rounds", "2", "--api-requests", "3", "--concurrency", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == result
     assert multiprocessing.active_children() == []
 
@@ -54,6 +54,8 @@ def test_tiny_run_reports_every_field_and_stops_its_processes(tmp_path, capsys):
     assert [r["tokenizers"] for r in tok["runs"]] == [1, 2]
     for r in tok["runs"]:
         assert r["requests"] == 6 and r["detok_deltas"] == 6 * 3
+        assert len(r["encode_requests_per_s_rounds"]) == len(r["detok_deltas_per_s_rounds"]) == 2
+        assert r["encode_requests_per_s"] == max(r["encode_requests_per_s_rounds"])
         # The same corpus tokenizes to the same tokens whichever processes did it.
         assert r["prompt_tokens"] == tok["prompt_tokens"] > 6
         for key in ("encode_requests_per_s", "encode_prompt_tokens_per_s", "detok_deltas_per_s"):

@@ -11,6 +11,7 @@ as a wrong token or a failed check.
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -129,35 +130,48 @@ class Run:
 
 
 def drive(sched: Scheduler, arrivals: dict[int, list[Request]], aborts: dict[int, list[str]] | None = None,
-          worker: FakeWorker | None = None, max_steps: int = 100_000) -> Run:
+          worker: FakeWorker | None = None, max_steps: int = 100_000, lookahead: int = 1) -> Run:
     """Run the engine loop until every request is done, checking each plan's limits.
 
     aborts[step] lands before that step's schedule() for even-numbered steps, and between schedule() and
-    update_from_output() for odd ones (a client disconnecting while the GPU runs the step).
+    update_from_output() for odd ones (a client disconnecting while the GPU runs the step). With lookahead 2
+    the loop plans step t+1 before step t's tokens come back, as the scheduler process does.
     """
     aborts = aborts or {}
     bm = sched.block_manager
     worker = worker or FakeWorker(bm.num_blocks, bm.block_size)
     run = Run()
     last_arrival = max(arrivals, default=0)
+    in_flight: deque[tuple[StepPlan, StepResult]] = deque()
+
+    def deliver(outs: list[RequestOutput]) -> None:
+        plan, result = in_flight.popleft()
+        outs += sched.update_from_output(plan, result)
+        for out in outs:
+            assert out.new_token_ids or out.finished
+            run.outputs[out.req_id].append(out)
+
     for step in range(max_steps):
         for req in arrivals.get(step, []):
             sched.add_request(req)
             run.outputs[req.req_id] = []
         if step > last_arrival and not sched.has_unfinished_requests():
+            while in_flight:  # the tokens of steps planned ahead of time go nowhere now
+                deliver([])
             break
         outs = sched.abort_requests(aborts.get(step, [])) if step % 2 == 0 else []
         plan = sched.schedule()
         assert plan.total_num_scheduled_tokens <= sched.max_num_batched_tokens
         assert len(plan.num_scheduled_tokens) <= sched.num_running <= sched.max_num_seqs
         run.plans.append(plan)
-        result = worker.execute(plan)
+        in_flight.append((plan, worker.execute(plan)))
         if step % 2 == 1:
             outs += sched.abort_requests(aborts.get(step, []))
-        outs += sched.update_from_output(plan, result)
-        for out in outs:
-            assert out.new_token_ids or out.finished
-            run.outputs[out.req_id].append(out)
+        if len(in_flight) >= lookahead:
+            deliver(outs)
+        else:
+            for out in outs:
+                run.outputs[out.req_id].append(out)
     else:
         pytest.fail("requests did not finish")
     # The last finished ids reach the worker with the next plan.
@@ -500,9 +514,9 @@ def check_request(req: Request, run: Run, aborted: set[str], max_model_len: int)
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), block_size=st.sampled_from([8, 16]), num_blocks=st.integers(16, 48),
        prefix_caching=st.booleans(), max_num_seqs=st.integers(1, 32),
-       max_num_batched_tokens=st.sampled_from([16, 48, 128]))
+       max_num_batched_tokens=st.sampled_from([16, 48, 128]), lookahead=st.sampled_from([1, 2]))
 def test_thousand_random_requests_all_finish_exactly_once(seed, block_size, num_blocks, prefix_caching,
-                                                          max_num_seqs, max_num_batched_tokens):
+                                                          max_num_seqs, max_num_batched_tokens, lookahead):
     rng = random.Random(seed)
     max_model_len = 128
     sched = make_scheduler(num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -527,7 +541,7 @@ def test_thousand_random_requests_all_finish_exactly_once(seed, block_size, num_
     for req_id in sorted(aborted):
         aborts.setdefault(rng.randrange(600), []).append(req_id)
 
-    run = drive(sched, arrivals, aborts)
+    run = drive(sched, arrivals, aborts, lookahead=lookahead)
     assert set(run.outputs) == {r.req_id for r in reqs}
     for req in reqs:
         check_request(req, run, aborted, max_model_len)
