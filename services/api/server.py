@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from common.config import EngineConfig
+from common.process import freeze_startup_heap
 from services.api.app import create_app
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     parent_pid = os.getppid()
     app = create_app(config, index)
     sock = bind_socket(config.server.host, config.server.port)
+    freeze_startup_heap()
     log.info("api %d listening on http://%s:%d", index, config.server.host, config.server.port)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -21,6 +21,7 @@ from common.addresses import address_plan
 from common.codec import MessageDecodeError
 from common.config import EngineConfig, resolve_device
 from common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
+from common.process import freeze_startup_heap
 from services.gpu_worker.model_runner import ModelRunner
 from services.gpu_worker.parallel import TPGroup
 
@@ -90,6 +91,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
         ready = WorkerReady(rank, runner.num_blocks, runner.max_model_len, list(runner.eos_token_ids),
                             runner.load_seconds, str(device), runner.arch.vocab_size)
+        freeze_startup_heap()
         results.send(codec.encode(ready))
         announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)

@@ -36,6 +36,7 @@ from common.messages import (
     WorkerFailed,
     WorkerReady,
 )
+from common.process import freeze_startup_heap
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
 
@@ -327,6 +328,7 @@ def main(config_dict: dict[str, Any], index: int = 0) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
     service = SchedulerService(config, address_plan(config.server))
+    freeze_startup_heap()
     log.info("scheduler up; waiting for %d worker rank(s)", config.parallel.tensor_parallel_size)
     try:
         service.run(parent_pid=os.getppid())

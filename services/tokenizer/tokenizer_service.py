@@ -52,6 +52,7 @@ from common.messages import (
     TokenLogprobs,
     TopLogprobs,
 )
+from common.process import freeze_startup_heap
 from services.tokenizer.chat import ChatTemplate, validate_messages
 from services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from services.tokenizer.errors import RequestError
@@ -345,6 +346,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
         chat_template=chat_template_source(tokenizer, config.model.chat_template),
         eos_token_ids=eos_token_ids(tokenizer, folder), max_model_len=config.model.max_model_len)
     log.info("tokenizer %d ready as %r", index, service.identity)
+    freeze_startup_heap()
     try:
         service.run(parent_pid=os.getppid())
     finally:
