@@ -46,7 +46,22 @@ def delta(req_id: str, text: str, k: int, total: int, finish_reason: str = "leng
                      num_prompt_tokens=prompt_tokens, num_output_tokens=k + 1, **extra)
 
 
-class FakeTokenizer:
+class _AsyncPeer:
+    """A peer that runs a few background tasks on its own zmq context; close() stops both."""
+
+    _tasks: list[asyncio.Task[None]]
+    _ctx: Any
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._ctx.destroy(linger=0)
+
+
+class FakeTokenizer(_AsyncPeer):
     def __init__(self, address: str, index: int = 0, script: Script | None = None, heartbeat_s: float = 0.1):
         self.address, self.index, self.script, self.heartbeat_s = address, index, script, heartbeat_s
         self.requests: list[GenerateRequest] = []
@@ -62,13 +77,6 @@ class FakeTokenizer:
         self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._serve())]
         return self
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._ctx.destroy(linger=0)
 
     async def send(self, msg: Any) -> None:
         await transport.dealer_send_async(self._sock, msg)
@@ -114,7 +122,7 @@ class FakeTokenizer:
                 await self.send(DetokenizeResponse(msg.req_id, "-".join(map(str, msg.token_ids))))
 
 
-class FakeScheduler:
+class FakeScheduler(_AsyncPeer):
     """Binds the scheduler ROUTER; while `sending`, sends EngineStats to every api that said hello."""
 
     def __init__(self, address: str, interval_s: float = 0.1):
@@ -130,13 +138,6 @@ class FakeScheduler:
         self._tasks = [asyncio.create_task(self._recv()), asyncio.create_task(self._stats())]
         return self
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._ctx.destroy(linger=0)
 
     async def _recv(self) -> None:
         while True:
