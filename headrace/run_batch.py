@@ -23,11 +23,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from pydantic import ValidationError
+
 from common.config import EngineConfig
 from common.messages import TokenLogprobs
-from common.sampling_params import SamplingParams, SamplingParamsError
+from common.sampling_params import SamplingParams
 from headrace.llm import LLM, CompletionOutput, GenerationOutput
 from headrace.offline_text import check_context_length
+from services.api.errors import ApiError, from_validation_errors
+from services.api.protocol import ChatCompletionRequest, CompletionRequest
+from services.api.sampling import chat_params, completion_params, completion_prompts
 from services.tokenizer.errors import RequestError
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -47,85 +52,28 @@ class LineError(ValueError):
 # --------------------------------------------------------------------------- request body -> sampling params
 
 
-def _field(body: Mapping[str, Any], name: str, kind: str, default: Any = None) -> Any:
-    """body[name] checked against a JSON type ("number", "integer", "boolean", "string"); null means default."""
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = {
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "boolean": isinstance(value, bool),
-        "string": isinstance(value, str),
-    }[kind]
-    if not ok:
-        raise RequestError(f"{name} must be a {kind}, got {json.dumps(value)}.", name)
-    return value
-
-
-def _string_list(body: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    value = body.get(name)
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise RequestError(f"{name} must be a string or an array of strings.", name)
-
-
-def _int_list(body: Mapping[str, Any], name: str) -> tuple[int, ...]:
-    value = body.get(name)
-    if value is None:
-        return ()
-    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return tuple(value)
-    raise RequestError(f"{name} must be an array of integers.", name)
+def parse_body(body: Mapping[str, Any], chat: bool, max_n: int = 16
+               ) -> tuple[CompletionRequest | ChatCompletionRequest, SamplingParams]:
+    """Validate a completion / chat body with the API server's own models and sampling rules (one copy
+    of them for both paths). Raises RequestError naming the field at fault."""
+    if body.get("stream"):
+        raise RequestError("stream is not supported in batch requests.", "stream")
+    try:
+        if chat:
+            req = ChatCompletionRequest.model_validate(body)
+            return req, chat_params(req, max_n)
+        req = CompletionRequest.model_validate(body)
+        return req, completion_params(req, max_n)
+    except ValidationError as e:
+        err = from_validation_errors(e.errors())
+        raise RequestError(err.message, err.param) from None
+    except ApiError as e:
+        raise RequestError(e.message, e.param) from None
 
 
 def sampling_params_from_body(body: Mapping[str, Any], chat: bool, max_n: int = 16) -> SamplingParams:
-    """The OpenAI completion / chat body's sampling fields (plus vLLM's extras) as SamplingParams.
-
-    Raises RequestError naming the field at fault. The API server validates the same fields through its own
-    pydantic models; this is the offline path's single copy of the mapping.
-    """
-    if _field(body, "stream", "boolean", False):
-        raise RequestError("stream is not supported in batch requests.", "stream")
-    max_tokens = _field(body, "max_tokens", "integer", None if chat else 16)
-    if chat:  # the newer name wins where both are given
-        max_tokens = _field(body, "max_completion_tokens", "integer", max_tokens)
-        logprobs = None
-        if _field(body, "logprobs", "boolean", False):
-            logprobs = _field(body, "top_logprobs", "integer", 0)
-        elif body.get("top_logprobs") is not None:
-            raise RequestError("top_logprobs needs logprobs set to true.", "top_logprobs")
-    else:
-        logprobs = _field(body, "logprobs", "integer")
-    n = _field(body, "n", "integer", 1)
-    if isinstance(n, int) and n > max_n:
-        raise RequestError(f"n must be at most {max_n}, got {n}.", "n")
-    try:
-        return SamplingParams(
-            n=n,
-            temperature=_field(body, "temperature", "number", 1.0),
-            top_p=_field(body, "top_p", "number", 1.0),
-            top_k=_field(body, "top_k", "integer", 0),
-            min_p=_field(body, "min_p", "number", 0.0),
-            seed=_field(body, "seed", "integer"),
-            presence_penalty=_field(body, "presence_penalty", "number", 0.0),
-            frequency_penalty=_field(body, "frequency_penalty", "number", 0.0),
-            repetition_penalty=_field(body, "repetition_penalty", "number", 1.0),
-            max_tokens=max_tokens,
-            min_tokens=_field(body, "min_tokens", "integer", 0),
-            stop=_string_list(body, "stop"),
-            stop_token_ids=_int_list(body, "stop_token_ids"),
-            ignore_eos=_field(body, "ignore_eos", "boolean", False),
-            logprobs=logprobs,
-            skip_special_tokens=_field(body, "skip_special_tokens", "boolean", True),
-            include_stop_str_in_output=_field(body, "include_stop_str_in_output", "boolean", False),
-        )
-    except SamplingParamsError as e:
-        raise RequestError(str(e), e.param) from None
+    """The OpenAI completion / chat body's sampling fields (plus vLLM's extras) as SamplingParams."""
+    return parse_body(body, chat, max_n)[1]
 
 
 # --------------------------------------------------------------------------- one line
@@ -170,22 +118,22 @@ def parse_line(raw: bytes | str, seen_ids: set[str]) -> _Line:
 
 def _prepare(line: _Line, llm: LLM) -> None:
     """Sampling params and token ids for every prompt of the line; raises RequestError (an HTTP 400)."""
-    body, chat = line.body, line.url == CHAT
-    line.params = sampling_params_from_body(body, chat, llm.config.server.max_n)
+    chat = line.url == CHAT
+    req, line.params = parse_body(line.body, chat, llm.config.server.max_n)
     if chat:
         ids, text = llm.codec.encode_chat(
-            body.get("messages"),
-            add_generation_prompt=_field(body, "add_generation_prompt", "boolean", True),
-            continue_final_message=_field(body, "continue_final_message", "boolean", False),
-            template_kwargs=_template_kwargs(body))
+            [m.to_wire() for m in req.messages], add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message, template_kwargs=req.chat_template_kwargs)
         line.prompts = [(ids, text)]
     else:
-        add_special = _field(body, "add_special_tokens", "boolean", True)
-        line.echo = _field(body, "echo", "boolean", False)
-        if line.echo and line.params.logprobs is not None:
-            raise RequestError("echo with logprobs is not supported (no prompt logprobs).", "echo")
+        add_special = line.body.get("add_special_tokens", True) is not False
+        line.echo = req.echo
         line.prompts = []
-        for p in _completion_prompts(body.get("prompt")):
+        try:
+            prompts = completion_prompts(req)
+        except ApiError as e:
+            raise RequestError(e.message, e.param) from None
+        for p in prompts:
             if isinstance(p, str):
                 line.prompts.append((llm.codec.encode_text(p, add_special), p))
             else:
@@ -193,25 +141,6 @@ def _prepare(line: _Line, llm: LLM) -> None:
                 line.prompts.append((ids, llm.codec.decode(ids) if line.echo else None))
     for ids, _ in line.prompts:
         check_context_length(len(ids), line.params.max_tokens, llm.max_model_len, "messages" if chat else "prompt")
-
-
-def _template_kwargs(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise RequestError("chat_template_kwargs must be an object.", "chat_template_kwargs")
-    return kwargs
-
-
-def _completion_prompts(prompt: Any) -> list[Any]:
-    """A string, token ids, or an array of either (each its own set of n choices)."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, (str, list)) for p in prompt):
-            return prompt
-    raise RequestError("prompt must be a string, an array of token ids, or a non-empty array of those.", "prompt")
 
 
 # --------------------------------------------------------------------------- OpenAI response bodies

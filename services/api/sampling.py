@@ -13,8 +13,8 @@ from common.config import ModelConfig
 from common.sampling_params import SamplingParams, SamplingParamsError
 from services.api.errors import ApiError, model_not_found
 from services.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+from services.gpu_worker.loader.source import EMBEDDED_NAME
 
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # One prompt of a completion request: text, or token ids.
 Prompt = str | list[int]
@@ -23,7 +23,7 @@ Prompt = str | list[int]
 def served_model_name(model: ModelConfig) -> str:
     if model.served_model_name:
         return model.served_model_name
-    return model.model or EMBEDDED_MODEL_NAME
+    return model.model or EMBEDDED_NAME
 
 
 def check_model(requested: str | None, served: str) -> None:

@@ -128,7 +128,7 @@ def test_results_are_written_as_they_finish(llm):
 
 def test_n_multi_prompt_echo_stop_and_logprobs(llm):
     lines = [
-        line("multi", {"prompt": ["The sky is", [504, 3575]], "n": 2, "max_tokens": 3, "seed": 5}),
+        line("multi", {"prompt": ["The sky is", "Water boils at"], "n": 2, "max_tokens": 3, "seed": 5}),
         line("echo", {"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "echo": True}),
         line("echo-ids", {"prompt": [504, 3575], "max_tokens": 1, "echo": True}),
         line("stop", {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0, "stop": [" 6"]}),
@@ -139,7 +139,8 @@ def test_n_multi_prompt_echo_stop_and_logprobs(llm):
     records = by_id(run(llm, lines))
     multi = records["multi"]["response"]["body"]
     assert [c["index"] for c in sorted(multi["choices"], key=lambda c: c["index"])] == [0, 1, 2, 3]
-    assert multi["usage"]["prompt_tokens"] == len(llm.tokenizer.encode("The sky is")) + 2
+    assert multi["usage"]["prompt_tokens"] == (len(llm.tokenizer.encode("The sky is"))
+                                               + len(llm.tokenizer.encode("Water boils at")))
     assert multi["usage"]["completion_tokens"] == 12
     assert records["echo"]["response"]["body"]["choices"][0]["text"].startswith("The capital of France is ")
     assert records["echo-ids"]["response"]["body"]["choices"][0]["text"].startswith("The capital")
