@@ -74,3 +74,27 @@ def test_seeded_sampling_is_reproducible_in_any_batch(runner, embedded_tokenizer
     mixed = run_all(make_engine(runner), {**others, "a": prompt},
                     params)["a"]
     assert alone == mixed
+
+
+def test_prefix_caching_reuses_kv_and_keeps_greedy_tokens(runner, embedded_tokenizer):
+    """Requests sharing a long prefix read its KV from cached blocks and still produce their solo tokens."""
+    system = embedded_tokenizer("You are a careful assistant who answers in one short sentence. " * 4)["input_ids"]
+    prompts = {f"q{i}": system + embedded_tokenizer(f" Question {i}: name a color.")["input_ids"] for i in range(3)}
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    reference = run_all(make_engine(runner), prompts, params)
+    cfg = runner.config.replace(cache=CacheConfig(num_blocks=runner.num_blocks, enable_prefix_caching=True))
+    engine = LLMEngine(cfg, runner=runner)
+    first = run_all(engine, {"q0": prompts["q0"]}, params)
+    cached = {}
+    for rid in ("q1", "q2"):
+        engine.add_request(rid, prompts[rid], params)
+    out = {"q1": [], "q2": []}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.req_id] += o.new_token_ids
+            if o.finished:
+                cached[o.req_id] = o.num_cached_tokens
+    assert first["q0"] == reference["q0"]
+    assert out == {"q1": reference["q1"], "q2": reference["q2"]}
+    bs = runner.block_size
+    assert all(c >= (len(system) // bs) * bs - bs for c in cached.values()) and min(cached.values()) > 0
