@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from common.config import ConfigError
 from headrace.config_args import add_engine_args, add_server_args, engine_config_from_args
 
 VERSION = "0.1.0"
@@ -63,6 +64,14 @@ SERVICE_ENTRIES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ConfigError as e:  # a bad flag combination: one line, like argparse's own errors
+        print(f"headrace: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Benchmarks own their flags (spelled as vLLM's): hand them the rest of the line untouched.
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("latency", "throughput", "serve"):

@@ -29,3 +29,13 @@ def test_tp_that_does_not_divide_heads_fails_before_start():
                        device="cpu")
     with pytest.raises(ValueError, match="4 attention heads"):
         prepare_config(cfg, log_fn=lambda *_: None)
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    from headrace.cli import main
+
+    assert main(["serve", "--port", "0"]) == 2
+    assert main(["serve", "--block-size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "headrace: error: --port must be in 1..65535" in err and "Traceback" not in err
+    assert "--block-size must be one of" in err
