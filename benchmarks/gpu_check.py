@@ -47,7 +47,7 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     from common.sampling_params import SamplingParams
     from services.gpu_worker.loader.model_loader import export_hf_state_dict
     from services.gpu_worker.model_runner import ModelRunner
-    from tests.services.gpu_worker.plan_driver import PlanDriver
+    from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits
 
     cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1,
                                          tokenizer=tokenizer),
@@ -57,15 +57,8 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     prompt = torch.randint(0, runner.arch.vocab_size, (prompt_len,), generator=gen).tolist()
 
     # Ours: greedy continuation through the paged cache, logits captured for every sampled position.
-    captured: list[torch.Tensor] = []
     original = runner.model.compute_logits
-
-    def capture(hidden):
-        out = original(hidden)
-        captured.append(out.float().cpu())
-        return out
-
-    runner.model.compute_logits = capture
+    captured = capture_logits(runner)
     (ours_tokens,) = PlanDriver(runner).generate([prompt], SamplingParams(temperature=0.0), decode_steps)
     runner.model.compute_logits = original
     ours = torch.cat(captured)  # [decode_steps, V]: logits at the last prompt position and each decode step

@@ -56,3 +56,18 @@ class PlanDriver:
         self.runner.execute(StepPlan(step_id=self.step, finished_req_ids=list(reqs)))
         self.step += 1
         return [r["out"] for r in reqs.values()]
+
+
+def capture_logits(runner) -> list:
+    """Wrap runner.model.compute_logits so every call's logits (float32, on the CPU) are appended to the
+    returned list: the logits at each sampled position, for comparisons with an oracle."""
+    seen: list = []
+    original = runner.model.compute_logits
+
+    def compute_logits(hidden):
+        logits = original(hidden)
+        seen.append(logits.float().cpu())
+        return logits
+
+    runner.model.compute_logits = compute_logits
+    return seen

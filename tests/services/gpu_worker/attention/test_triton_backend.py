@@ -21,7 +21,7 @@ from services.gpu_worker.attention.base import AttentionMetadata  # noqa: E402
 from services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from services.gpu_worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from services.gpu_worker.model_runner import ModelRunner  # noqa: E402
-from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
+from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -128,17 +128,6 @@ def make_runner(backend: str) -> ModelRunner:
     return ModelRunner(cfg, log=lambda *_: None)
 
 
-def capture_logits(runner: ModelRunner) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    original = runner.model.compute_logits
-
-    def compute_logits(hidden):
-        logits = original(hidden)
-        seen.append(logits.float().cpu())
-        return logits
-
-    runner.model.compute_logits = compute_logits
-    return seen
 
 
 class Lockstep:
