@@ -152,3 +152,28 @@ def _jsonl_requests(path: str, num_prompts: int, tokenizer, default_output_len: 
             prompt = tokenizer.decode(prompt, clean_up_tokenization_spaces=False)
         requests.append(BenchRequest(prompt, len(ids), out_len))
     return requests
+
+
+def add_dataset_args(p):
+    """The dataset flags every benchmark shares, spelled as vLLM's (an argparse parser or group owner)."""
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    d.add_argument("--dataset-path", default=None, help='for jsonl: one {"prompt": ..., "output_len": N} per line')
+    d.add_argument("--num-prompts", type=int, default=1000)
+    d.add_argument("--random-input-len", type=int, default=1024)
+    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random lengths are uniform in [len*(1-r), len*(1+r)]")
+    d.add_argument("--input-len", type=int, default=None, help="same as --random-input-len")
+    d.add_argument("--output-len", type=int, default=None,
+                   help="same as --random-output-len (also the jsonl default output length)")
+    return d
+
+
+def resolve_length_aliases(args) -> None:
+    """Fold --input-len / --output-len into --random-input-len / --random-output-len."""
+    if args.input_len is not None:
+        args.random_input_len = args.input_len
+    if args.output_len is not None:
+        args.random_output_len = args.output_len
+

@@ -22,7 +22,7 @@ from datetime import datetime
 import httpx
 import numpy as np
 
-from headrace.bench.datasets import DATASET_NAMES, BenchRequest, sample_requests
+from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.bench.metrics_summary import (
     LATENCY_METRICS,
     BenchmarkMetrics,
@@ -55,17 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default: $OPENAI_API_KEY)")
 
-    d = p.add_argument_group("dataset")
-    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
-    d.add_argument("--dataset-path", default=None, help='for jsonl: one {"prompt": ..., "output_len": N} per line')
-    d.add_argument("--num-prompts", type=int, default=1000)
-    d.add_argument("--random-input-len", type=int, default=1024)
-    d.add_argument("--random-output-len", type=int, default=128)
-    d.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="random lengths are uniform in [len*(1-r), len*(1+r)]")
-    d.add_argument("--input-len", type=int, default=None, help="same as --random-input-len")
-    d.add_argument("--output-len", type=int, default=None,
-                   help="same as --random-output-len (also the jsonl default output length)")
+    d = add_dataset_args(p)
     d.add_argument("--seed", type=int, default=0)
 
     t = p.add_argument_group("traffic")
@@ -118,10 +108,7 @@ def main(argv: list[str]) -> int:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    if args.input_len is not None:
-        args.random_input_len = args.input_len
-    if args.output_len is not None:
-        args.random_output_len = args.output_len
+    resolve_length_aliases(args)
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
     if args.request_rate <= 0 or args.burstiness <= 0:

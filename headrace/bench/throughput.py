@@ -24,7 +24,7 @@ import torch
 
 from common.sampling_params import SamplingParams
 from headrace.bench import hf_baseline, roofline
-from headrace.bench.datasets import DATASET_NAMES, BenchRequest, sample_requests
+from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
 
@@ -33,15 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headrace bench throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
-    d = p.add_argument_group("dataset")
-    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
-    d.add_argument("--dataset-path", default=None, help='for jsonl: one {"prompt": ..., "output_len": N} per line')
-    d.add_argument("--num-prompts", type=int, default=1000)
-    d.add_argument("--random-input-len", type=int, default=1024)
-    d.add_argument("--random-output-len", type=int, default=128)
-    d.add_argument("--random-range-ratio", type=float, default=0.0)
-    d.add_argument("--input-len", type=int, default=None, help="same as --random-input-len")
-    d.add_argument("--output-len", type=int, default=None, help="same as --random-output-len")
+    add_dataset_args(p)
     b = p.add_argument_group("benchmark")
     b.add_argument("--num-warmup-prompts", type=int, default=16,
                    help="untimed requests first (up to 8 output tokens each): Triton compiles, allocator warms")
@@ -67,8 +59,7 @@ class _ModelVocab:
 
 def load_requests(args: argparse.Namespace, tokenizer, num_prompts: int, seed: int) -> list[BenchRequest]:
     return sample_requests(args.dataset_name, num_prompts, tokenizer,
-                           input_len=args.input_len or args.random_input_len,
-                           output_len=args.output_len or args.random_output_len, seed=seed,
+                           input_len=args.random_input_len, output_len=args.random_output_len, seed=seed,
                            dataset_path=args.dataset_path, range_ratio=args.random_range_ratio, as_token_ids=True)
 
 
@@ -126,6 +117,7 @@ def run_hf(config, requests: list[BenchRequest], batch_sizes: list[int]) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_length_aliases(args)
     if args.num_prompts < 1:
         raise SystemExit("--num-prompts must be >= 1")
     config = engine_config_from_args(args)
