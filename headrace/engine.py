@@ -8,11 +8,12 @@ StepPlan / StepResult messages over ZeroMQ instead of calling each other.
 from __future__ import annotations
 
 import random
+from collections import deque
 
 from common.config import EngineConfig
-from common.messages import RequestOutput
+from common.messages import RequestOutput, StepPlan
 from common.sampling_params import SamplingParams
-from services.gpu_worker.model_runner import ModelRunner
+from services.gpu_worker.model_runner import InflightStep, ModelRunner
 from services.scheduler.request import Request
 from services.scheduler.scheduler import Scheduler
 
@@ -27,7 +28,10 @@ class LLMEngine:
         self.eos_token_ids = self.runner.eos_token_ids
         self.max_model_len = self.runner.max_model_len
         self._seeds = random.Random(config.model.seed)
-        self._step_id = 0
+        # Launched steps not yet applied to the scheduler, oldest first. With async scheduling step t+1 is
+        # planned and launched before step t's tokens are read back, as the served pipeline does.
+        self._inflight: deque[tuple[StepPlan, InflightStep]] = deque()
+        self._depth = 2 if config.scheduler.async_scheduling else 1
 
     def draw_seed(self, params: SamplingParams) -> int:
         """The request's own seed, or one drawn from the engine's seeded stream (reproducible runs)."""
@@ -40,12 +44,36 @@ class LLMEngine:
                                            max_model_len=self.max_model_len))
 
     def abort(self, req_ids: list[str]) -> list[RequestOutput]:
-        return self.scheduler.abort_requests(req_ids)
+        outputs = self.scheduler.abort_requests(req_ids)
+        self._drain_if_idle()
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
-        return self.scheduler.update_from_output(plan, result)
+        """Keep up to `depth` steps launched, then wait for the oldest and apply its tokens."""
+        while len(self._inflight) < self._depth and self.scheduler.has_unfinished_requests():
+            plan = self.scheduler.schedule()
+            launched = self.runner.launch(plan)
+            self._inflight.append((plan, launched))
+            if plan.is_empty:  # nothing runnable until a token in flight arrives
+                break
+        if not self._inflight:
+            return []
+        plan, launched = self._inflight.popleft()
+        result = self.runner.finish(launched)
+        outputs = [] if plan.is_empty else self.scheduler.update_from_output(plan, result)
+        self._drain_if_idle()
+        return outputs
+
+    def _drain_if_idle(self) -> None:
+        """Once every request has ended, what is still in flight belongs to none of them (aborted requests,
+        an empty plan): finish it, so an idle engine leaves its runner with nothing launched."""
+        if self.scheduler.has_unfinished_requests():
+            return
+        while self._inflight:
+            plan, launched = self._inflight.popleft()
+            result = self.runner.finish(launched)
+            if not plan.is_empty:
+                self.scheduler.update_from_output(plan, result)

@@ -22,7 +22,9 @@ _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
 
 
-@triton.jit
+# Integer arguments that vary from step to step (table width, split count) are not specialised on: Triton
+# would otherwise compile a new variant the first time one is 1 or a multiple of 16, mid-serving.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
@@ -86,7 +88,7 @@ def _decode_stage1_kernel(
     tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage2_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
@@ -164,8 +166,11 @@ def paged_decode_attention(
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, Hkv, D, block_tables.shape[1] * block_size, q.device)
     assert num_kv_splits >= 1
-    mid_o = _utils.empty((B, Hq, num_kv_splits, D), torch.float32, q.device)
-    mid_lse = _utils.empty((B, Hq, num_kv_splits), torch.float32, q.device)
+    # The split dimension is padded to a multiple of 16 so the partials' strides keep one alignment class
+    # (one compiled variant) whatever the split count.
+    padded = -(-num_kv_splits // 16) * 16
+    mid_o = _utils.empty((B, Hq, padded, D), torch.float32, q.device)
+    mid_lse = _utils.empty((B, Hq, padded), torch.float32, q.device)
 
     BLOCK_H = max(16, _utils.next_pow2(group))  # tl.dot needs >= 16 rows
     BLOCK_N, warps, stages = _config(D, B * Hkv * num_kv_splits, q.device)
@@ -187,7 +192,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_kv_splits,
-        HEAD_DIM=D, BLOCK_S=_utils.next_pow2(num_kv_splits),
+        HEAD_DIM=D, BLOCK_S=max(_utils.next_pow2(num_kv_splits), _utils.next_pow2(_split_policy(D)[1])),
         num_warps=4 if D >= 128 else 2,
     )
     return out

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
-#   bash scripts/gpu_check.sh serve    # GPU tests, bf16 logits vs transformers, HTTP pipeline vs engine-direct, online rates, TP=2
+#   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
+#   bash scripts/gpu_check.sh profile  # where a decode step's time goes (torch.profiler), bf16 logits vs transformers
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
 # plus a summary on stdout. Env knobs (for a CPU smoke run): MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS.
 set -uo pipefail
@@ -52,8 +53,8 @@ bench_serve() {  # bench_serve NAME PORT TIMEOUT ARGS...
 
 phase_engine() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/nvidia-smi.txt" 2>&1; cat "$R/nvidia-smi.txt"
-  step kernels_bench 60 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
-    --prefill-tokens 4096 --output-json "$R/kernels.json"
+  step kernels_bench 70 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
+    --prefill-tokens 4096 --sampling-batch 1 256 --output-json "$R/kernels.json"
   step latency 140 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 1 64 \
     --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
   step throughput_1024_128 160 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
@@ -63,9 +64,9 @@ phase_engine() {
 }
 
 phase_serve() {
-  step gpu_tests 80 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
-    tests/services/gpu_worker/attention/test_triton_backend.py
-  step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
+  step gpu_tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
+    tests/services/gpu_worker/attention/test_triton_backend.py tests/services/gpu_worker/test_model_runner.py \
+    tests/services/gpu_worker/test_sampler.py
   # The full HTTP pipeline at saturation (compare with throughput_1024_128 from the engine phase), then online rates.
   if serve_start serve_tp1 8000 $M; then
     bench_serve serve_saturation 8000 150 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
@@ -86,6 +87,12 @@ phase_serve() {
       serve_stop serve_big_tp2
     fi
   fi
+}
+
+phase_profile() {
+  step step_profile 100 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 \
+    --output-json "$R/step_profile.json"
+  step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
 }
 
 for phase in "$@"; do "phase_$phase"; done

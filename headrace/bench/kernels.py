@@ -1,13 +1,15 @@
-"""Attention kernel micro-benchmarks on the current device, judged against ceilings measured in the same run.
+"""Kernel micro-benchmarks on the current device, judged against ceilings measured in the same run.
 
 - paged decode attention, B sequences x C context tokens: achieved bytes/s (K and V read once, q and
   out) over the measured copy bandwidth;
 - paged prefill attention, one causal prompt of T tokens: achieved FLOP/s (4 x heads x head_dim per
-  visible query-key pair) over the measured matmul rate, next to torch's SDPA on the same data.
-Each kernel's output is also checked against a reference (relative error reported).
+  visible query-key pair) over the measured matmul rate, next to torch's SDPA on the same data;
+- seeded random sampling (CUDA only), B rows x V logits: the fused hash + Gumbel-argmax kernel next to the
+  sampler's torch path (hash_uniform + log + argmax); bytes/s of float32 logits read, and the speedup.
+Each kernel's output is also checked against a reference (relative error, or token agreement, reported).
 
     python -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 --prefill-tokens 4096 \
-        --output-json kernels.json
+        --sampling-batch 1 256 --output-json kernels.json
 
 Shapes default to Llama-3-8B's attention: 32 query heads, 8 KV heads, head_dim 128, block size 16, bf16.
 Run it as a module (`-m`): run as a file, its own name would shadow the top-level `kernels` package.
@@ -28,6 +30,8 @@ from kernels.paged_decode_attention import (
     paged_decode_attention_ref,
 )
 from kernels.prefill_attention import paged_prefill_attention
+from kernels.sampling import hash_gumbel_argmax
+from services.gpu_worker.sampler import gumbel_argmax_
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,11 +104,32 @@ def bench_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_s
             "ours_over_sdpa": sdpa_seconds / seconds, "rel_err_vs_sdpa": err}
 
 
+def bench_sampling(batch: int, vocab: int, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
+    x = 3 * torch.randn(batch, vocab, device=device)
+    x[:, ::7] = float("-inf")  # filtered tokens (top-k / top-p / min-p leave -inf behind)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (batch,), device=device)
+    steps = torch.randint(0, 4096, (batch,), device=device)
+    ours = hash_gumbel_argmax(x, seeds, steps)
+    agree = float((ours == gumbel_argmax_(x.clone(), seeds, steps)).float().mean()) if batch else 1.0
+    scratch = x.clone()  # the torch path overwrites its input (as in the sampler, where x is a temporary)
+    seconds = roofline.time_median(lambda: hash_gumbel_argmax(x, seeds, steps), device, reps)
+    torch_seconds = roofline.time_median(lambda: gumbel_argmax_(scratch, seeds, steps), device, reps)
+    nbytes = x.numel() * x.element_size()  # logits read once; seeds, steps and ids are noise
+    return {"kernel": "hash_gumbel_argmax", "batch": batch, "vocab": vocab, "time_us": seconds * 1e6,
+            "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
+            "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s,
+            "torch_time_us": torch_seconds * 1e6, "torch_gb_per_s": nbytes / torch_seconds / 1e9,
+            "ours_over_torch": torch_seconds / seconds, "token_agreement": agree}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
     p.add_argument("--decode-context", type=int, default=2048)
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=[4096])
+    p.add_argument("--sampling-batch", type=int, nargs="*", default=[256],
+                   help="rows for the sampling kernel (CUDA only; skipped on a CPU)")
+    p.add_argument("--sampling-vocab", type=int, default=128256)
     p.add_argument("--num-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -122,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench_decode(b, args.decode_context, *shape, rates.copy_bytes_per_s, args.reps)
                for b in args.decode_batch]
     results += [bench_prefill(t, *shape, rates.matmul_flops_per_s, args.reps) for t in args.prefill_tokens]
+    if device.type == "cuda":  # the interpreter would take minutes at a real vocabulary, and says nothing of speed
+        results += [bench_sampling(b, args.sampling_vocab, device, rates.copy_bytes_per_s, args.reps)
+                    for b in args.sampling_batch]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
-               "block_size": args.block_size, "results": results}
+               "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
     print(f"kernels on {rates.device} ({summary['dtype']}): copy {rates.copy_bytes_per_s / 1e9:,.0f} GB/s, "
           f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s")
     for r in results:
@@ -132,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  decode  B={r['batch']:<4} ctx={r['context']:<6} splits={r['num_kv_splits']:<3} "
                   f"{r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy"
                   f"  (rel err {r['rel_err']:.1e})")
+        elif r["kernel"] == "hash_gumbel_argmax":
+            print(f"  sample  B={r['batch']:<4} V={r['vocab']:<7} {r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = "
+                  f"{r['fraction_of_copy_bandwidth']:6.1%} of copy; torch {r['torch_time_us']:9.1f} us "
+                  f"({r['ours_over_torch']:.1f}x faster, tokens agree {r['token_agreement']:.1%})")
         else:
             print(f"  prefill T={r['tokens']:<6} {r['time_us']:9.1f} us  {r['tflops']:7.1f} TFLOP/s = "
                   f"{r['fraction_of_matmul_rate']:6.1%} of matmul; SDPA {r['sdpa_tflops']:7.1f} TFLOP/s "

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     t.add_argument("--ignore-eos", action="store_true",
                    help="ask the server to ignore EOS (always on for --dataset-name random)")
-    t.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
+    t.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (default 0: greedy, as vllm bench serve)")
     t.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request body")
 
     r = p.add_argument_group("results")
@@ -153,7 +154,7 @@ async def _run(args: argparse.Namespace, plan: Plan) -> int:
             except (httpx.HTTPError, ValueError, KeyError) as e:
                 print(f"headrace bench serve: cannot list models at {base_url}/v1/models: {e}")
                 return 1
-        sampling = {"temperature": args.temperature} if args.temperature is not None else {}
+        sampling = {"temperature": args.temperature}
         extra = {**sampling, **(args.extra_body or {})}
         print(f"Model: {model}  endpoint: {base_url}{args.endpoint}  dataset: {args.dataset_name} "
               f"({len(requests)} prompts)")

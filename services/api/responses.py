@@ -86,10 +86,11 @@ class Shape:
         return []
 
     def delta_chunks(self, state: ChoiceState, text: str, delta: TextDelta) -> list[dict[str, Any]]:
-        """The chunk for one delta, or none when it adds nothing a client sees (text held back for a stop
-        string, say) and does not finish the choice."""
+        """The chunk for one delta. Like vLLM, a new token gets a chunk even when it adds no text yet (a
+        partial UTF-8 character, text held back for a stop string): clients see progress per token and
+        time-to-first-token means the first token. Only a delta with no token and no finish is dropped."""
         logprobs = delta.logprobs if self.want_logprobs else None
-        if not text and not delta.finished and not logprobs:
+        if not text and not delta.finished and not logprobs and not delta.token_ids:
             return []
         return [self._chunk(self._delta_choice(state, text, logprobs, delta))]
 
@@ -147,7 +148,7 @@ class ChatShape(Shape):
 
     def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
                       delta: TextDelta) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": state.index, "delta": {"content": text} if text else {},
+        choice: dict[str, Any] = {"index": state.index, "delta": {"content": text} if text or not delta.finished else {},
                                   "logprobs": _chat_logprobs(logprobs or []) if self.want_logprobs else None,
                                   "finish_reason": delta.finish_reason if delta.finished else None}
         if delta.finished:

@@ -7,8 +7,9 @@ first n rows and replayed at the next captured size, its extra rows padded with 
 and seq_len 0 (attention of nothing: zeros). Graphs are captured largest first into one shared memory
 pool. Only the model's forward is captured: logits and sampling run eagerly on the static hidden output.
 
-Off with --enforce-eager, off the GPU, with a backend that loops on the host (torch), and under tensor
-parallelism (collectives are not captured). On CPU this module imports and stays unused.
+Under tensor parallelism the graphs capture the NCCL all-reduces too (every rank captures the same sizes
+in the same order, so the collectives still pair up). Off with --enforce-eager, off the GPU, and with a
+backend that loops on the host (torch). On CPU this module imports and stays unused.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ def disabled_reason(config: EngineConfig, device: torch.device, backend: Attenti
         return f"device {device.type}"
     if not getattr(backend, "supports_cuda_graphs", False):
         return f"the {backend.name} attention backend syncs with the host"
-    if tp_size > 1:
-        return "tensor parallelism (collectives are not captured)"
     return None
 
 
@@ -116,13 +115,16 @@ class DecodeGraphs:
         return self.hidden[: attn.num_seqs]
 
     @torch.no_grad()
-    def capture(self) -> None:
+    def capture(self, tp_size: int = 1) -> None:
         pool = torch.cuda.graph_pool_handle()
+        # With NCCL in the graph, "thread_local" lets the process group's watchdog thread keep polling its
+        # events while this thread captures (the default mode would fail the capture on its calls).
+        mode = "thread_local" if tp_size > 1 else "global"
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
             self.forward_static(bs)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
             torch.cuda.synchronize(self.hidden.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self.forward_static(bs)
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.hidden.device)
@@ -140,7 +142,7 @@ def maybe_capture_decode_graphs(config: EngineConfig, model: LlamaForCausalLM, b
     graphs = DecodeGraphs(model, backend, kv_caches, cos_sin_cache, sizes, -(-max_model_len // block_size),
                           block_size)
     try:
-        graphs.capture()
+        graphs.capture(tp_size)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be captured still serves, eagerly
         log(f"CUDA graphs off: capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
         return None

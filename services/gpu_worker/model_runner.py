@@ -9,7 +9,7 @@ on the device.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -66,6 +66,27 @@ class PreparedBatch:
     req_order: list[str]  # batch order (decodes first)
     sample_req_ids: list[str]
     logits_indices: torch.Tensor  # flat-batch index of the last token of each sampling request
+    sample_states: list[RequestState] = field(default_factory=list)  # parallel to sample_req_ids
+
+
+@dataclass
+class InflightStep:
+    """A launched step. Its sampled ids stay on the device until `_resolve` copies them to the host and
+    appends them to the requests' token lists; until then the next step's decodes read them from `sampled`.
+    States are held by object, not id: a request aborted and re-added under the same id is a new state."""
+
+    result: StepResult
+    t0: float
+    states: list[RequestState] = field(default_factory=list)
+    row_of_state: dict[int, int] = field(default_factory=dict)  # id(state) -> row of `sampled`
+    sampled: torch.Tensor | None = None  # [n] int64 on the device
+    host: torch.Tensor | None = None  # [n] int64, pinned; valid once `event` has completed
+    event: torch.cuda.Event | None = None
+    resolved: bool = False
+
+    def done(self) -> bool:
+        """Whether finishing it would not block."""
+        return self.resolved or self.event is None or self.event.query()
 
 
 class ModelRunner:
@@ -93,11 +114,16 @@ class ModelRunner:
         self.num_blocks = self._determine_num_blocks()
         self.kv_caches = allocate_kv_caches(self.arch.num_layers, self.num_blocks, self.block_size,
                                             self.num_kv_heads_local, self.arch.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda":
+            sched = config.scheduler
+            self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
+                                 min(sched.max_num_batched_tokens, self.max_model_len))
         # Decode-only steps replay CUDA graphs (None: every step runs eagerly).
         self.graphs = maybe_capture_decode_graphs(config, self.model, self.backend, self.kv_caches,
                                                   self.cos_sin_cache, self.device, tp.size, self.max_model_len,
                                                   self.block_size, log=log)
         self.sampler = Sampler()
+        self._launched: list[InflightStep] = []  # launched and not yet finished, oldest first
 
     # ------------------------------------------------------------------ sizing
 
@@ -194,10 +220,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ input preparation
 
-    def _prepare(self, scheduled: dict[str, int]) -> PreparedBatch:
+    def _prepare(self, scheduled: dict[str, int], pending: InflightStep | None = None) -> PreparedBatch:
         """One flat batch: decode requests (one token) first, then prefill chunks, in plan order. Per-request
         Python work is one token lookup (decodes) or one slice (prefills) plus one table-row copy; positions,
-        slots and lengths are computed as arrays."""
+        slots and lengths are computed as arrays.
+
+        `pending` is the step still running on the device: a decode whose input is the token that step is
+        sampling reads it from the device (PreparedBatch.fill_*), so this step launches before it ends."""
         decodes = [rid for rid, n in scheduled.items() if n == 1]
         prefills = [rid for rid, n in scheduled.items() if n != 1]
         order = decodes + prefills
@@ -206,11 +235,23 @@ class ModelRunner:
         starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, num_seqs)
         counts = np.fromiter((scheduled[rid] for rid in order), np.int64, num_seqs)
         known = np.fromiter((len(st.token_ids) for st in states), np.int64, num_seqs)
+        pending_rows = pending.row_of_state if pending is not None else {}
+        if pending_rows:
+            known += np.fromiter((id(st) in pending_rows for st in states), np.int64, num_seqs)
         ends = starts + counts
         if (ends > known).any():
             i = int(np.argmax(ends > known))
             raise ValueError(f"request {order[i]}: scheduled tokens {starts[i]}..{ends[i]} past its {known[i]} tokens")
-        flat_ids = [st.token_ids[p] for st, p in zip(states[:nd], starts[:nd].tolist())]
+        fill_pos: list[int] = []
+        fill_rows: list[int] = []
+        flat_ids = []
+        for i, (st, p) in enumerate(zip(states[:nd], starts[:nd].tolist())):
+            if p < len(st.token_ids):
+                flat_ids.append(st.token_ids[p])
+            else:  # the token the running step is sampling: taken from the device below
+                flat_ids.append(0)
+                fill_pos.append(i)
+                fill_rows.append(pending_rows[id(st)])
         for st, a, b in zip(states[nd:], starts[nd:].tolist(), ends[nd:].tolist()):
             flat_ids.extend(st.token_ids[a:b])
         # positions of every token: decodes are their start; prefills an arange each
@@ -229,14 +270,23 @@ class ModelRunner:
         np.cumsum(counts, out=qsl[1:])
         samples = ends == known  # the chunk reaches the newest token: sample the next one
         sample_ids = [rid for rid, yes in zip(order, samples.tolist()) if yes]
-        dev = self.device
         seq_lens = ends.astype(np.int32)
+        logits_indices = qsl[1:][samples].astype(np.int64) - 1
+        # Two host-to-device copies per step (one per dtype) from pinned staging buffers: a copy from
+        # pageable memory may wait for the device, which would serialise the host with the running step.
+        (input_ids, pos_t, slot_t, logit_t, fill_pos_t, fill_rows_t), (qsl_t, seq_t, ctx_t, table_t) = (
+            self._upload([np.asarray(flat_ids, dtype=np.int64), positions, slots, logits_indices,
+                          np.asarray(fill_pos, dtype=np.int64), np.asarray(fill_rows, dtype=np.int64)], np.int64),
+            self._upload([qsl, seq_lens, starts.astype(np.int32), table.reshape(-1)], np.int32))
+        if fill_pos:
+            assert pending is not None and pending.sampled is not None
+            input_ids.index_copy_(0, fill_pos_t, pending.sampled.index_select(0, fill_rows_t))
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(qsl).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
-            context_lens=torch.from_numpy(starts.astype(np.int32)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_t,
+            context_lens=ctx_t,
+            block_tables=table_t.view(num_seqs, max_blocks),
             num_decodes=nd,
             num_decode_tokens=nd,
             max_query_len=int(counts.max()),
@@ -245,24 +295,54 @@ class ModelRunner:
             query_lens_host=counts.tolist(),
         )
         return PreparedBatch(
-            input_ids=torch.tensor(flat_ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            input_ids=input_ids,
+            positions=pos_t,
             attn=attn,
             req_order=order,
             sample_req_ids=sample_ids,
-            logits_indices=torch.from_numpy(qsl[1:][samples].astype(np.int64) - 1).to(dev, non_blocking=True),
+            logits_indices=logit_t,
+            sample_states=[st for st, yes in zip(states, samples.tolist()) if yes],
         )
+
+    def _upload(self, arrays: list[np.ndarray], dtype: type) -> list[torch.Tensor]:
+        """Pack same-dtype host arrays into one (pinned, on CUDA) buffer, copy it to the device without
+        blocking, and return per-array views of the device copy."""
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        tdtype = torch.int64 if dtype is np.int64 else torch.int32
+        cuda = self.device.type == "cuda"
+        host = torch.empty(max(total, 1), dtype=tdtype, pin_memory=cuda)
+        if total:
+            np.concatenate(arrays, out=host.numpy()[:total], casting="unsafe")
+        dev = host.to(self.device, non_blocking=True) if cuda else host
+        return list(dev[:total].split(sizes))
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step and wait for its tokens."""
+        return self.finish(self.launch(plan))
+
+    @torch.no_grad()
+    def launch(self, plan: StepPlan) -> InflightStep:
+        """Apply the plan and queue its forward and sampling on the device without waiting for them.
+
+        At most one launched step stays unresolved (its tokens not yet on the host): the one this step may
+        read decode inputs from. Steps must be finished in launch order."""
         t0 = time.perf_counter()
+        for older in self._launched[:-1]:
+            self._resolve(older)
+        pending = self._launched[-1] if self._launched and not self._launched[-1].resolved else None
         self._apply_plan(plan)
-        result = StepResult(step_id=plan.step_id)
+        step = InflightStep(StepResult(step_id=plan.step_id), t0)
+        self._launched.append(step)
         if plan.is_empty:
-            return result
-        batch = self._prepare(plan.num_scheduled_tokens)
+            step.resolved = True
+            return step
+        if pending is not None and self._needs_host_tokens(plan, pending):
+            self._resolve(pending)
+            pending = None
+        batch = self._prepare(plan.num_scheduled_tokens, pending)
         if self.graphs is not None and self.graphs.accepts(batch.attn):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.attn)
         else:
@@ -270,16 +350,60 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, ctx)
         if batch.sample_req_ids:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-            states = [self.requests[rid] for rid in batch.sample_req_ids]
-            rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
-                    for s in states]
+            pending_rows = pending.row_of_state if pending is not None else {}
+            rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
+                                1 if id(s) in pending_rows else 0) for s in batch.sample_states]
             inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
             out = self.sampler(logits, inputs)
-            sampled = out.sampled_token_ids.tolist()
-            for state, tok in zip(states, sampled):
-                state.token_ids.append(tok)
-            result.req_ids = batch.sample_req_ids
-            result.sampled_token_ids = sampled
-            result.logprobs = out.logprobs if out.logprobs is not None else [None] * len(sampled)
-        result.execute_time = time.perf_counter() - t0
-        return result
+            step.states = batch.sample_states
+            step.row_of_state = {id(s): i for i, s in enumerate(batch.sample_states)}
+            step.sampled = out.sampled_token_ids
+            step.result.req_ids = batch.sample_req_ids
+            step.result.logprobs = out.logprobs if out.logprobs is not None else [None] * len(rows)
+            if self.device.type == "cuda":
+                step.host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+                step.host.copy_(out.sampled_token_ids, non_blocking=True)
+                step.event = torch.cuda.Event()
+                step.event.record()
+            else:
+                step.host = out.sampled_token_ids
+        else:
+            step.resolved = True
+        return step
+
+    def finish(self, step: InflightStep) -> StepResult:
+        """Wait for a launched step (the oldest not yet finished) and return its result."""
+        assert self._launched and self._launched[0] is step, "steps are finished in launch order"
+        self._launched.pop(0)
+        self._resolve(step)
+        step.result.execute_time = time.perf_counter() - step.t0
+        return step.result
+
+    def _resolve(self, step: InflightStep) -> None:
+        """Bring a step's sampled tokens to the host and append them to their requests."""
+        if step.resolved:
+            return
+        if step.event is not None:
+            step.event.synchronize()
+        sampled = step.host.tolist()
+        for state, tok in zip(step.states, sampled):
+            state.token_ids.append(tok)
+        step.result.sampled_token_ids = sampled
+        step.resolved = True
+        step.sampled = None  # free the device tensor; later steps no longer read from it
+
+    def _needs_host_tokens(self, plan: StepPlan, pending: InflightStep) -> bool:
+        """Whether a request of this plan with a token in flight samples with penalties, which read every
+        output token on the host: then the pending step is waited for first."""
+        rows = pending.row_of_state
+        for rid in plan.num_scheduled_tokens:
+            st = self.requests[rid]
+            if id(st) in rows:
+                p = st.params
+                if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                    return True
+        return False
+
+    def abandon(self) -> None:
+        """Forget every launched step (after a failure: the caller resets the request state)."""
+        self._launched.clear()

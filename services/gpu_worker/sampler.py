@@ -5,13 +5,14 @@ building the input tensors (one pass per step) and formatting logprobs for the r
 
 Random sampling uses the exponential (Gumbel-max) trick with noise from a counter-based hash of
 (seed, step, token id) instead of a stateful generator: a request's k-th token is always drawn with
-the same noise, whatever batch it lands in, and no per-row torch.Generator is needed.
+the same noise, whatever batch it lands in, and no per-row torch.Generator is needed. On CUDA the draw
+is one Triton kernel (kernels/sampling.py) that makes the noise in registers; elsewhere, torch ops.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class SamplingRow:
     token_ids: list[int]  # prompt + outputs so far
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...]
+    # Tokens sampled by a step still running on the device, not yet in token_ids (the runner overlaps
+    # step t+1's launch with step t): they count toward the output length, which seeds the draws.
+    num_pending: int = 0
 
     @classmethod
     def from_parts(cls, params: SamplingParams, seed: int, prompt_token_ids: list[int],
@@ -54,7 +58,7 @@ class SamplingRow:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -101,9 +105,18 @@ class SamplingInputs:
         return self.top_k is None and self.top_p is None
 
 
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting for the device: `torch.tensor(data, device=cuda)` copies
+    synchronously, which would stall the host until every step already queued has run."""
+    host = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max(1, max(map(len, lists)))
-    return torch.tensor([ids + [pad] * (width - len(ids)) for ids in lists], dtype=torch.int64, device=device)
+    return to_device([ids + [pad] * (width - len(ids)) for ids in lists], torch.int64, device)
 
 
 def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingInputs:
@@ -153,26 +166,24 @@ def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torc
 
     all_greedy = all(greedy)
     mixed = not all_greedy and any(greedy)
-    f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
-    i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
     asked = [k for k in num_logprobs if k is not None]
     return SamplingInputs(
         vocab_size=V,
         all_greedy=all_greedy,
-        is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device) if mixed else None,
-        temperature=None if all_greedy else torch.tensor(temp, **f32),
-        seeds=None if all_greedy else torch.tensor(seeds, **i64),
-        steps=None if all_greedy else torch.tensor(steps, **i64),
-        min_p=torch.tensor(min_p, **f32) if any_min_p else None,
-        top_k=torch.tensor(top_k, **i64) if max_top_k else None,
+        is_greedy=to_device(greedy, torch.bool, device) if mixed else None,
+        temperature=None if all_greedy else to_device(temp, torch.float32, device),
+        seeds=None if all_greedy else to_device(seeds, torch.int64, device),
+        steps=None if all_greedy else to_device(steps, torch.int64, device),
+        min_p=to_device(min_p, torch.float32, device) if any_min_p else None,
+        top_k=to_device(top_k, torch.int64, device) if max_top_k else None,
         max_top_k=max_top_k,
-        top_p=torch.tensor(top_p, **f32) if any_top_p else None,
-        presence_penalty=torch.tensor(pres, **f32) if any_pen else None,
-        frequency_penalty=torch.tensor(freq, **f32) if any_pen else None,
-        repetition_penalty=torch.tensor(rep, **f32) if any_pen else None,
+        top_p=to_device(top_p, torch.float32, device) if any_top_p else None,
+        presence_penalty=to_device(pres, torch.float32, device) if any_pen else None,
+        frequency_penalty=to_device(freq, torch.float32, device) if any_pen else None,
+        repetition_penalty=to_device(rep, torch.float32, device) if any_pen else None,
         prompt_token_ids=_pad(prompts, V, device) if any_rep else None,
         output_token_ids=_pad(outputs, V, device) if any_pen else None,
-        blocked=torch.tensor([blk_rows, blk_toks], **i64) if blk_rows else None,
+        blocked=to_device([blk_rows, blk_toks], torch.int64, device) if blk_rows else None,
         num_logprobs=num_logprobs,
         max_num_logprobs=max(asked) if asked else None,
     )
@@ -192,7 +203,11 @@ def _mix64_(z: torch.Tensor) -> torch.Tensor:
 
 
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] float32 uniforms in (0, 1), a pure function of (seed_b, step_b, v)."""
+    """[B, V] float32 uniforms in (0, 1), a pure function of (seed_b, step_b, v).
+
+    kernels/sampling.py generates the same bits in registers (the CUDA path of `_sample_random`) and keeps a
+    torch twin (hash_uniform_ref); tests/kernels/test_sampling.py pins all three together: change them
+    together, and note that any change alters every seeded output."""
     # Per-row key from (seed, step), then the v-th output of a splitmix64 stream keyed by it.
     key = _mix64_(seeds + _GAMMA)
     key ^= steps
@@ -261,9 +276,34 @@ def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         x.masked_fill_(x < thresh, float("-inf"))
     if not inputs.no_top_k_top_p:
         x = _apply_top_k_top_p(x, inputs)
-    # argmax(p / q) with q ~ Exp(1)  ==  argmax(logit - log q): same draw, no softmax, no underflow.
-    q = hash_uniform(inputs.seeds, inputs.steps, x.shape[-1]).log_().neg_()
+    fused = _fused_sampling(x.device)
+    if fused is not None:
+        # The same draw in one kernel: noise made in registers, logits read once (no [B, V] int64 noise).
+        return fused.hash_gumbel_argmax(x, inputs.seeds, inputs.steps)
+    return gumbel_argmax_(x, inputs.seeds, inputs.steps)
+
+
+def gumbel_argmax_(x: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Torch path of the draw, overwriting x ([B, V] float32): [B] argmax_v(x - log(-log u)), u = hash noise.
+    argmax(p / q) with q ~ Exp(1)  ==  argmax(logit - log q): same draw, no softmax, no underflow."""
+    q = hash_uniform(seeds, steps, x.shape[-1]).log_().neg_()
     return x.sub_(q.log_()).argmax(dim=-1)
+
+
+def _fused_sampling(device: torch.device):
+    """kernels.sampling on CUDA where Triton is importable, else None (the torch path)."""
+    return _triton_sampling() if device.type == "cuda" else None
+
+
+@functools.cache
+def _triton_sampling():
+    """kernels.sampling, or None where Triton is missing. Imported on first CUDA use only: CPU processes
+    never load Triton."""
+    try:
+        from kernels import sampling
+    except ImportError:
+        return None
+    return sampling
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -103,16 +104,18 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
 
 def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: int, ready: WorkerReady,
            parent: int) -> None:
+    """Launch each plan as soon as it arrives, before waiting for the step already on the device: the
+    scheduler sends step t+1 while step t runs (async scheduling), so the host prepares t+1 while the GPU
+    computes t, and the GPU finds t+1 queued when t ends. A finished step's result goes out at once."""
+    inflight: deque[StepPlan] = deque()
+    launched: deque = deque()
     while True:
-        if not plans.poll(POLL_MS):
-            if os.getppid() != parent:
-                log.error("parent process died; exiting")
-                return
-            continue
-        try:
-            msg = codec.decode(plans.recv())
-        except MessageDecodeError as e:
-            log.warning("dropped a malformed plan: %s", e)
+        msg = _next_message(plans, launched, parent)
+        if msg is _PARENT_GONE:
+            log.error("parent process died; exiting")
+            return
+        if msg is None:  # the oldest step is done: hand its result back
+            _finish_oldest(runner, inflight, launched, results, rank, ready)
             continue
         if isinstance(msg, Shutdown):
             log.info("shutdown: %s", msg.reason)
@@ -120,13 +123,74 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
         if not isinstance(msg, StepPlan):
             continue
         try:
-            result = runner.execute(msg)
+            step = runner.launch(msg)
         except Exception as e:  # noqa: BLE001 - report, reset, and keep serving
-            log.exception("step %d failed", msg.step_id)
-            runner.requests.clear()
-            if rank == 0:
-                results.send(codec.encode(WorkerError(msg.step_id, f"{type(e).__name__}: {e}")))
-            results.send(codec.encode(ready))  # the scheduler starts over with a clean slate
+            _fail(runner, msg.step_id, e, inflight, launched, results, rank, ready)
             continue
-        if rank == 0 and not msg.is_empty:
-            results.send(codec.encode(result))
+        inflight.append(msg)
+        launched.append(step)
+        while len(launched) > 1:  # the new step is queued behind these: wait for them now
+            if not _finish_oldest(runner, inflight, launched, results, rank, ready):
+                break
+
+
+_PARENT_GONE = object()
+_SPIN_S = 50e-6
+
+
+def _next_message(plans: zmq.Socket, launched: deque, parent: int):
+    """The next decoded message, None once the oldest launched step is done with no plan waiting, or
+    _PARENT_GONE. While a step runs on the device, both are watched with a short spin."""
+    while True:
+        if launched:
+            if launched[0].done():  # a finished step's tokens go out first (on CPU every step is done here)
+                return None
+            if plans.poll(0):
+                got = _recv(plans)
+                if got is not None:
+                    return got
+                continue
+            time.sleep(_SPIN_S)
+            continue
+        if not plans.poll(POLL_MS):
+            if os.getppid() != parent:
+                return _PARENT_GONE
+            continue
+        got = _recv(plans)
+        if got is not None:
+            return got
+
+
+def _recv(plans: zmq.Socket):
+    try:
+        return codec.decode(plans.recv())
+    except MessageDecodeError as e:
+        log.warning("dropped a malformed plan: %s", e)
+        return None
+
+
+def _finish_oldest(runner: ModelRunner, inflight: deque, launched: deque, results: zmq.Socket, rank: int,
+                   ready: WorkerReady) -> bool:
+    plan: StepPlan = inflight.popleft()
+    step = launched.popleft()
+    try:
+        result = runner.finish(step)
+    except Exception as e:  # noqa: BLE001
+        _fail(runner, plan.step_id, e, inflight, launched, results, rank, ready)
+        return False
+    if rank == 0 and not plan.is_empty:
+        results.send(codec.encode(result))
+    return True
+
+
+def _fail(runner: ModelRunner, step_id: int, error: Exception, inflight: deque, launched: deque,
+          results: zmq.Socket, rank: int, ready: WorkerReady) -> None:
+    """A step failed: drop every step in flight and all request state, tell the scheduler, start over."""
+    log.error("step %d failed", step_id, exc_info=error)
+    inflight.clear()
+    launched.clear()
+    runner.abandon()
+    runner.requests.clear()
+    if rank == 0:
+        results.send(codec.encode(WorkerError(step_id, f"{type(error).__name__}: {error}")))
+    results.send(codec.encode(ready))  # the scheduler starts over with a clean slate

@@ -64,3 +64,7 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
+
+    def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
+        """Compile whatever this backend compiles lazily (Triton kernel variants) before serving, so no
+        request pays for it. The cache's contents are scratch at this point. Default: nothing to do."""

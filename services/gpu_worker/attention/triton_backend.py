@@ -8,6 +8,8 @@ every launch parameter (grid, number of KV splits) depends only on tensor shapes
 
 from __future__ import annotations
 
+import torch
+
 from kernels import _utils
 from kernels.paged_decode_attention import default_num_kv_splits, paged_decode_attention
 from kernels.prefill_attention import paged_prefill_attention
@@ -43,3 +45,26 @@ class TritonAttentionBackend(AttentionBackend):
         if decode_out is not None:
             out[: meta.num_decode_tokens].copy_(decode_out)
         return out
+
+    def warm_up(self, kv_cache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
+        """Compile every launch configuration serving can pick: the decode kernel's two tile sizes (few vs
+        many programs) and the prefill kernel's short- and long-prompt tiles. The kernels do not specialise
+        on the integers that vary per step, so these are all the variants there are for this model."""
+        k_cache, v_cache = kv_cache
+        _, block_size, _, head_dim = k_cache.shape
+        dev, dtype = k_cache.device, k_cache.dtype
+        max_blocks = -(-max(max_query_len, 1) // block_size)
+        for batch in sorted({1, max_num_seqs}):
+            q = torch.zeros(batch, num_heads, head_dim, dtype=dtype, device=dev)
+            tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev)
+            lens = torch.ones(batch, dtype=torch.int32, device=dev)
+            paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0)
+        for tokens in sorted({min(16, max_query_len), min(2048, max_query_len)}):
+            q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=dev)
+            tables = torch.zeros(1, -(-tokens // block_size), dtype=torch.int32, device=dev)
+            qsl = torch.tensor([0, tokens], dtype=torch.int32, device=dev)
+            lens = torch.tensor([tokens], dtype=torch.int32, device=dev)
+            ctx = torch.zeros(1, dtype=torch.int32, device=dev)
+            paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, 1.0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)

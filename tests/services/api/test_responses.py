@@ -53,11 +53,16 @@ def test_streamed_completion_offsets_continue_across_chunks():
     assert offsets == [0, 2]
 
 
-def test_empty_deltas_make_no_chunk_unless_they_finish():
+def test_every_token_makes_a_chunk_even_without_text():
+    """As vLLM: a token whose text is held back still makes a chunk (clients see progress, TTFT is the
+    first token); a delta with neither token nor finish makes none."""
     shape = ChatShape("chatcmpl-1", 1, "m", logprobs=False, include_usage=False)
     state = ChoiceState(1)
     held = TextDelta("r", text="", token_ids=[5])  # text held back (a stop string may be starting)
-    assert shape.delta_chunks(state, state.add(held), held) == []
+    (chunk,) = shape.delta_chunks(state, state.add(held), held)
+    assert chunk["choices"][0]["delta"] == {"content": ""} and chunk["choices"][0]["finish_reason"] is None
+    nothing = TextDelta("r", text="")
+    assert shape.delta_chunks(state, state.add(nothing), nothing) == []
     done = TextDelta("r", text="", token_ids=[6], finished=True, finish_reason="stop", stop_reason=6)
     (chunk,) = shape.delta_chunks(state, state.add(done), done)
     assert chunk["object"] == "chat.completion.chunk" and "usage" not in chunk

@@ -169,3 +169,45 @@ def test_tiny_model_greedy_tokens_match_torch_backend():
     lockstep = Lockstep(make_runner("torch"), triton_runner)
     outs = PlanDriver(lockstep, chunk_size=5).generate(prompts, SamplingParams(temperature=0.0), 6)
     assert [len(o) for o in outs] == [6, 6, 6] and lockstep.compared == 18
+
+
+def _compiled_variants(kernel) -> int | None:
+    caches = getattr(kernel, "device_caches", None)
+    if not caches:
+        return None
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_warm_up_compiles_every_variant_serving_reaches():
+    """After warm_up no step shape compiles a new kernel variant (a mid-serving compile stalls every
+    request for about a second). In the interpreter nothing compiles: warm_up just has to run."""
+    from kernels import paged_decode_attention as dec
+    from kernels import prefill_attention as pre
+
+    heads, kv_heads, head_dim, block_size = 8, 2, 64 if DEVICE.type == "cuda" else 16, 16
+    cache = [torch.zeros(64 if DEVICE.type == "cuda" else 8, block_size, kv_heads, head_dim, dtype=DTYPE,
+                         device=DEVICE) for _ in range(2)]
+    backend = TritonAttentionBackend()
+    max_seqs, max_query = (256, 2048) if DEVICE.type == "cuda" else (4, 32)
+    backend.warm_up(tuple(cache), heads, max_seqs, max_query)
+    kernels = [dec._decode_stage1_kernel, dec._decode_stage2_kernel, pre._prefill_kernel]
+    before = [_compiled_variants(k) for k in kernels]
+    if DEVICE.type != "cuda" or None in before:
+        return
+    g = torch.Generator().manual_seed(0)
+    # Widths and batch sizes that hit every integer class (1, multiples of 16, others) and split count.
+    for batch in (1, 2, 3, 16, 17, 64, 255):
+        for width in (1, 2, 16, 17, 33, 64, 128):
+            q = torch.randn(batch, heads, head_dim, generator=g).to(DEVICE, DTYPE)
+            tables = torch.randint(0, 64, (batch, width), dtype=torch.int32).to(DEVICE)
+            lens = torch.full((batch,), width * block_size, dtype=torch.int32, device=DEVICE)
+            dec.paged_decode_attention(q, cache[0], cache[1], tables, lens, 1.0)
+    for tokens in (1, 5, 16, 100, 2048):
+        q = torch.randn(tokens, heads, head_dim, generator=g).to(DEVICE, DTYPE)
+        width = -(-tokens // block_size)
+        tables = torch.randint(0, 64, (1, width), dtype=torch.int32).to(DEVICE)
+        qsl = torch.tensor([0, tokens], dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor([tokens], dtype=torch.int32, device=DEVICE)
+        pre.paged_prefill_attention(q, cache[0], cache[1], tables, qsl, lens, torch.zeros_like(lens), tokens, 1.0)
+    torch.cuda.synchronize()
+    assert [_compiled_variants(k) for k in kernels] == before

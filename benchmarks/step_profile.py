@@ -1,0 +1,97 @@
+"""Where a decode step's time goes: torch.profiler over steady-state decode steps of the in-process engine.
+
+For each batch size: submit the batch (greedy, EOS ignored), step until every request is decoding, then
+profile --steps steps. Reports the wall time per step, the GPU's kernel time per step (the sum of device
+kernel durations: the rest of the wall time the GPU sat idle, waiting on the host), and the kernels that
+take the most time. JSON with --output-json.
+
+    python benchmarks/step_profile.py --model random:llama-3-8b --max-model-len 2048 --batch-size 1 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common.sampling_params import SamplingParams
+from headrace.config_args import add_engine_args, engine_config_from_args
+from headrace.engine import LLMEngine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_engine_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--output-json", default=None)
+    return p
+
+
+def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top: int, tag: str) -> dict:
+    rng = np.random.default_rng(batch)
+    vocab = engine.runner.arch.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (and a few decode steps) outside the profile
+        started.update(o.req_id for o in engine.step())
+    for _ in range(5):
+        engine.step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = time.perf_counter() - t0
+    engine.abort([f"{tag}-{i}" for i in range(batch)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time_total for e in kernels)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    step_ms = wall / steps * 1e3
+    gpu_ms = gpu_us / steps / 1e3
+    return {
+        "batch_size": batch,
+        "steps": steps,
+        "wall_ms_per_step": step_ms,
+        "gpu_kernel_ms_per_step": gpu_ms,
+        "gpu_busy_fraction": gpu_ms / step_ms if step_ms else 0.0,
+        "top_kernels_ms_per_step": [(name[:90], us / steps / 1e3) for name, us in ranked],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    engine = LLMEngine(engine_config_from_args(args))
+    results = []
+    for batch in args.batch_size:
+        profile_batch(engine, batch, args.input_len, 5, args.top, f"warm{batch}")  # compiles, warms
+        r = profile_batch(engine, batch, args.input_len, args.steps, args.top, f"b{batch}")
+        results.append(r)
+        print(f"batch {batch}: {r['wall_ms_per_step']:.2f} ms/step wall, {r['gpu_kernel_ms_per_step']:.2f} ms "
+              f"GPU kernels ({100 * r['gpu_busy_fraction']:.1f}% busy)")
+        for name, ms in r["top_kernels_ms_per_step"]:
+            print(f"    {ms:8.3f} ms  {name}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The runner's overlapped steps: step t+1 is launched before step t is finished, its decodes reading the
+token step t samples from the device. Whatever the overlap, every request's tokens must equal what one
+step at a time gives: greedy, seeded random (the draw depends on the output length, pending tokens
+included), and penalties (which make the runner wait for the pending step)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import CacheConfig, EngineConfig, ModelConfig
+from common.messages import CachedRequestData, NewRequestData, StepPlan
+from common.sampling_params import SamplingParams
+from services.gpu_worker.model_runner import ModelRunner
+
+PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4], [8, 8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", seed=3, max_model_len=256),
+                       cache=CacheConfig(num_blocks=64))
+    return ModelRunner(cfg, log=lambda *_: None)
+
+
+def plans(params: SamplingParams, num_new: int, block_size: int):
+    """Plans as an asynchronous scheduler makes them: step k+1 schedules the decode of the token step k
+    samples. Prefill whole prompts in step 0 (request 2 in two chunks: 0 and 1), then decode."""
+    blocks = {i: list(range(8 * i, 8 * i + 8)) for i in range(len(PROMPTS))}
+    first = StepPlan(step_id=0)
+    computed = {}
+    for i, p in enumerate(PROMPTS):
+        n = len(p) if i != 2 else 10
+        first.new_requests.append(NewRequestData(f"r{i}", p, [], params, blocks[i], 0, 100 + i))
+        first.num_scheduled_tokens[f"r{i}"] = n
+        computed[i] = n
+    yield first
+    step = 1
+    made = {i: (1 if i != 2 else 0) for i in range(len(PROMPTS))}  # tokens sampled (or in flight) so far
+    while any(m < num_new for m in made.values()):
+        plan = StepPlan(step_id=step)
+        for i, p in enumerate(PROMPTS):
+            if made[i] >= num_new:
+                continue
+            n = len(p) - computed[i] if computed[i] < len(p) else 1
+            plan.cached_requests.append(CachedRequestData(f"r{i}", [], computed[i]))
+            plan.num_scheduled_tokens[f"r{i}"] = n
+            computed[i] += n
+            made[i] += 1
+        yield plan
+        step += 1
+    yield StepPlan(step_id=step, finished_req_ids=[f"r{i}" for i in range(len(PROMPTS))])
+
+
+def run(runner: ModelRunner, params: SamplingParams, overlap: bool, num_new: int = 6) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(PROMPTS))}
+
+    def collect(result):
+        for rid, tok in zip(result.req_ids, result.sampled_token_ids):
+            out[rid].append(tok)
+
+    launched = []
+    for plan in plans(params, num_new, runner.block_size):
+        if not overlap:
+            collect(runner.execute(plan))
+            continue
+        launched.append(runner.launch(plan))
+        if len(launched) == 2:  # finish step t only after step t+1 is queued behind it
+            collect(runner.finish(launched.pop(0)))
+    for step in launched:
+        collect(runner.finish(step))
+    assert not runner.requests
+    return out
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=64),
+    SamplingParams(temperature=1.0, max_tokens=64),
+    SamplingParams(temperature=0.8, top_k=5, max_tokens=64),
+    SamplingParams(temperature=1.0, presence_penalty=1.5, repetition_penalty=1.3, max_tokens=64),
+], ids=["greedy", "seeded", "top-k", "penalties"])
+def test_overlapped_steps_equal_one_step_at_a_time(runner, params):
+    want = run(runner, params, overlap=False)
+    got = run(runner, params, overlap=True)
+    assert got == want
+    assert all(len(toks) == 6 for toks in got.values())
+
+
+def test_overlapped_decode_reads_the_pending_token_on_the_device(runner, monkeypatch):
+    """The overlap is real: step t+1 is prepared while step t's tokens are still unresolved."""
+    seen = []
+    original = runner._prepare
+
+    def spy(scheduled, pending=None):
+        seen.append(pending is not None and not pending.resolved)
+        return original(scheduled, pending)
+
+    monkeypatch.setattr(runner, "_prepare", spy)
+    run(runner, SamplingParams(temperature=0.0, max_tokens=64), overlap=True)
+    assert sum(seen) >= 4
+
+
+def test_steps_finish_in_launch_order(runner):
+    plan = StepPlan(step_id=0)
+    first, second = runner.launch(plan), runner.launch(StepPlan(step_id=1))
+    with pytest.raises(AssertionError, match="launch order"):
+        runner.finish(second)
+    runner.finish(first)
+    runner.finish(second)
