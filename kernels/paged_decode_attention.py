@@ -150,9 +150,11 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_kv_splits: int | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
-    seq_lens [B] int32 (keys per sequence, 0 allowed). Returns out [B, Hq, D] in q.dtype."""
+    seq_lens [B] int32 (keys per sequence, 0 allowed). Returns out [B, Hq, D] in q.dtype.
+    `config` overrides stage 1's (BLOCK_N, num_warps, num_stages) (tuning sweeps)."""
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -173,7 +175,7 @@ def paged_decode_attention(
     mid_lse = _utils.empty((B, Hq, padded), torch.float32, q.device)
 
     BLOCK_H = max(16, _utils.next_pow2(group))  # tl.dot needs >= 16 rows
-    BLOCK_N, warps, stages = _config(D, B * Hkv * num_kv_splits, q.device)
+    BLOCK_N, warps, stages = config or _config(D, B * Hkv * num_kv_splits, q.device)
     _decode_stage1_kernel[(B, Hkv, num_kv_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
         scale * _LOG2E,
@@ -214,6 +216,7 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     num_kv_splits: int | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     group = Hq // k_cache.shape[2]

@@ -141,11 +141,13 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's tokens, sequences packed by query_start_loc [S+1]);
     caches [num_blocks, block_size, Hkv, D] already holding all seq_lens[s] tokens;
     context_lens[s] = tokens cached before this step. Returns out [T, Hq, D].
-    Rows of q not covered by query_start_loc are left unwritten."""
+    Rows of q not covered by query_start_loc are left unwritten.
+    `config` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) (tuning sweeps)."""
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -157,7 +159,8 @@ def paged_prefill_attention(
     if T == 0 or S == 0 or max_query_len <= 0:
         return out
     group = Hq // Hkv
-    block_m, block_n, warps, stages = _config(D, group, max_query_len, q.device)
+    block_m, block_n, warps, stages = config or _config(D, group, max_query_len, q.device)
+    block_m = max(block_m, _utils.next_pow2(group))
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), S, Hkv)
     _prefill_kernel[grid](
@@ -185,6 +188,7 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     group = q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)

@@ -27,7 +27,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, keep its log, pri
   local name=$1 limit=$2; shift 2
   echo "=== $name (t+$(( $(date +%s) - T0 ))s, limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" > "$R/$name.log" 2>&1; local rc=$?
-  echo "--- $name rc=$rc"; grep -E "^\s*(RESULT|[A-Za-z].*(tok/s|TB/s|GB/s|TFLOP|ratio|roofline|ms|throughput|err|pass|PASS|FAIL|passed|failed))" "$R/$name.log" | tail -n 30
+  echo "--- $name rc=$rc"; grep -E "^\s*(RESULT|[A-Za-z].*(tok/s|TB/s|GB/s|TFLOP|ratio|roofline|ms|throughput|err|pass|PASS|FAIL|passed|failed|sweep))" "$R/$name.log" | tail -n 30
   return $rc
 }
 
@@ -93,6 +93,8 @@ phase_profile() {
   step step_profile 100 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 \
     --output-json "$R/step_profile.json"
   step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
+  step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
+    --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"
 }
 
 for phase in "$@"; do "phase_$phase"; done

@@ -122,6 +122,58 @@ def bench_sampling(batch: int, vocab: int, device: torch.device, copy_bytes_per_
             "ours_over_torch": torch_seconds / seconds, "token_agreement": agree}
 
 
+DECODE_SWEEP = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+PREFILL_SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
+    """Every (split count, BLOCK_N, warps, stages) of a small grid at one shape, fastest first: the data
+    the launch policy (`_config`, `_split_policy`) is tuned from."""
+    k_cache, v_cache, tables = random_paged_kv([context] * batch, kv_heads, head_dim, block_size, dtype, device)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    scale = head_dim ** -0.5
+    default = default_num_kv_splits(batch, kv_heads, head_dim, tables.shape[1] * block_size, device)
+    nbytes = 2 * batch * context * kv_heads * head_dim * k_cache.element_size()
+    rows = []
+    for splits in sorted({default, max(1, default // 2), 2 * default, 4 * default}):
+        for cfg in DECODE_SWEEP:
+            try:
+                sec = roofline.time_median(lambda: paged_decode_attention(
+                    q, k_cache, v_cache, tables, seq_lens, scale, splits, cfg), device, reps)
+            except Exception as e:  # noqa: BLE001 - a config may not fit the SM's shared memory
+                rows.append({"splits": splits, "config": cfg, "error": type(e).__name__})
+                continue
+            rows.append({"splits": splits, "config": cfg, "time_us": sec * 1e6,
+                         "fraction_of_copy_bandwidth": nbytes / sec / copy_bytes_per_s})
+    ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+    return {"kernel": "paged_decode_attention_sweep", "batch": batch, "context": context,
+            "default_splits": default, "best": ok[:5], "tried": len(rows)}
+
+
+def sweep_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, matmul_flops_per_s: float, reps: int) -> dict:
+    k_cache, v_cache, tables = random_paged_kv([tokens], kv_heads, head_dim, block_size, dtype, device)
+    q = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
+    qsl = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+    ctx = torch.zeros(1, dtype=torch.int32, device=device)
+    flops = 4 * heads * head_dim * tokens * (tokens + 1) / 2
+    rows = []
+    for cfg in PREFILL_SWEEP:
+        try:
+            sec = roofline.time_median(lambda: paged_prefill_attention(
+                q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, head_dim ** -0.5, cfg), device, reps)
+        except Exception as e:  # noqa: BLE001
+            rows.append({"config": cfg, "error": type(e).__name__})
+            continue
+        rows.append({"config": cfg, "time_us": sec * 1e6, "tflops": flops / sec / 1e12,
+                     "fraction_of_matmul_rate": flops / sec / matmul_flops_per_s})
+    ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+    return {"kernel": "paged_prefill_attention_sweep", "tokens": tokens, "best": ok[:5], "tried": len(rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
@@ -137,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU (interpreter)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time a grid of launch configurations per decode/prefill shape (CUDA only)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -150,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":  # the interpreter would take minutes at a real vocabulary, and says nothing of speed
         results += [bench_sampling(b, args.sampling_vocab, device, rates.copy_bytes_per_s, args.reps)
                     for b in args.sampling_batch]
+    if args.sweep and device.type == "cuda":
+        results += [sweep_decode(b, args.decode_context, *shape, rates.copy_bytes_per_s, max(10, args.reps // 5))
+                    for b in args.decode_batch]
+        results += [sweep_prefill(t, *shape, rates.matmul_flops_per_s, max(10, args.reps // 5))
+                    for t in args.prefill_tokens]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
@@ -160,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  decode  B={r['batch']:<4} ctx={r['context']:<6} splits={r['num_kv_splits']:<3} "
                   f"{r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy"
                   f"  (rel err {r['rel_err']:.1e})")
+        elif r["kernel"].endswith("_sweep"):
+            shape_txt = f"B={r['batch']} ctx={r['context']}" if "batch" in r else f"T={r['tokens']}"
+            for b in r["best"][:3]:
+                frac = b.get("fraction_of_copy_bandwidth", b.get("fraction_of_matmul_rate"))
+                print(f"  sweep   {r['kernel'][:-6]} {shape_txt} splits={b.get('splits', '-')} config={b['config']}: "
+                      f"{b['time_us']:9.1f} us = {frac:6.1%}")
         elif r["kernel"] == "hash_gumbel_argmax":
             print(f"  sample  B={r['batch']:<4} V={r['vocab']:<7} {r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = "
                   f"{r['fraction_of_copy_bandwidth']:6.1%} of copy; torch {r['torch_time_us']:9.1f} us "
