@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--prefill-prompts", type=int, default=0,
+                   help="also profile the prefill of this many prompts of --prefill-len submitted together")
+    p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--output-json", default=None)
     return p
 
@@ -75,6 +78,40 @@ def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top
     }
 
 
+def profile_prefill(engine: LLMEngine, num_prompts: int, input_len: int, top: int, tag: str) -> dict:
+    """The prefill steps of num_prompts prompts submitted together (chunked by the token budget)."""
+    rng = np.random.default_rng(num_prompts)
+    vocab = engine.runner.arch.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for i in range(num_prompts):
+        engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+    sync()
+    steps = 0
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        sync()
+        wall = time.perf_counter() - t0
+    return _summary(prof, wall, steps, top) | {"prompts": num_prompts, "input_len": input_len,
+                                                "tokens_per_s": num_prompts * input_len / wall}
+
+
+def _summary(prof, wall: float, steps: int, top: int) -> dict:
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time_total for e in kernels)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"steps": steps, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3,
+            "gpu_busy_fraction": gpu_us / 1e3 / (wall * 1e3) if wall else 0.0,
+            "top_kernels_ms": [(name[:90], us / 1e3) for name, us in ranked]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     engine = LLMEngine(engine_config_from_args(args))
@@ -86,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: {r['wall_ms_per_step']:.2f} ms/step wall, {r['gpu_kernel_ms_per_step']:.2f} ms "
               f"GPU kernels ({100 * r['gpu_busy_fraction']:.1f}% busy)")
         for name, ms in r["top_kernels_ms_per_step"]:
+            print(f"    {ms:8.3f} ms  {name}")
+    if args.prefill_prompts:
+        profile_prefill(engine, 2, args.prefill_len, args.top, "warm-prefill")
+        r = profile_prefill(engine, args.prefill_prompts, args.prefill_len, args.top, "prefill")
+        results.append(r)
+        print(f"prefill {args.prefill_prompts} x {args.prefill_len}: {r['steps']} steps, {r['wall_ms']:.1f} ms wall, "
+              f"{r['gpu_kernel_ms']:.1f} ms GPU kernels ({100 * r['gpu_busy_fraction']:.1f}% busy), "
+              f"{r['tokens_per_s']:,.0f} prompt tok/s")
+        for name, ms in r["top_kernels_ms"]:
             print(f"    {ms:8.3f} ms  {name}")
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -54,6 +54,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one block may opt into on a CUDA device (cached)."""
+    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 0))
+
+
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether an element offset into any of `tensors` can reach 2**31 (else kernels use cheaper int32 math)."""
     return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors)

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh profile  # where a decode step's time goes (torch.profiler), bf16 logits vs transformers
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
-# plus a summary on stdout. Env knobs (for a CPU smoke run): MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS.
+# plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
+# profile phase also sweeps the attention kernels' launch configurations, ~60 s).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 HEADRACE_CACHE=${HEADRACE_CACHE:-/tmp/headrace-cache}
@@ -59,7 +60,7 @@ phase_engine() {
     --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
   step throughput_1024_128 160 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
     --output-len 128 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_1024_128.json"
-  step throughput_128_1024 170 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 128 \
+  step throughput_128_1024 280 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 128 \
     --output-len 1024 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_128_1024.json"
 }
 
@@ -90,10 +91,10 @@ phase_serve() {
 }
 
 phase_profile() {
-  step step_profile 100 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 \
+  step step_profile 100 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
     --output-json "$R/step_profile.json"
   step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
-  step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
+  [ "${SWEEP:-0}" = 1 ] && step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"
 }
 
