@@ -2,6 +2,7 @@
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
+#   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
 #   bash scripts/gpu_check.sh profile  # where a decode step's time goes (torch.profiler), bf16 logits vs transformers
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
 # plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
@@ -87,6 +88,18 @@ phase_serve() {
       bench_serve big_tp2 8002 40 --dataset-name random --random-input-len 128 --random-output-len 64 --num-prompts 8 --max-concurrency 4
       serve_stop serve_big_tp2
     fi
+  fi
+}
+
+phase_tp() {  # tensor parallelism alone (2+ GPUs): batch-1 latency (decode graphs capture the all-reduces) and saturation
+  if serve_start serve_tp2 8001 $M --tensor-parallel-size 2; then
+    bench_serve batch1_tp2 8001 60 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
+    bench_serve saturation_tp2 8001 120 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
+    serve_stop serve_tp2
+  fi
+  if serve_start serve_tp1 8000 $M; then
+    bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
+    serve_stop serve_tp1
   fi
 }
 
