@@ -72,7 +72,7 @@ phase_serve() {
   # The full HTTP pipeline at saturation (compare with throughput_1024_128 from the engine phase), then online rates.
   if serve_start serve_tp1 8000 $M; then
     bench_serve serve_saturation 8000 150 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
-    bench_serve online_4rps 8000 50 --dataset-name sharegpt-like --request-rate 4 --num-prompts 120
+    bench_serve online_4rps 8000 70 --dataset-name sharegpt-like --request-rate 4 --num-prompts 120
     bench_serve online_16rps 8000 75 --dataset-name sharegpt-like --request-rate 16 --num-prompts 400
     bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
     serve_stop serve_tp1

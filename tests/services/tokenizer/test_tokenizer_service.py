@@ -162,6 +162,19 @@ def test_stream_reaches_the_api_as_text_deltas(peers, hf_tokenizer):
     assert delta.num_output_tokens == len(out_ids) and delta.num_prompt_tokens == len(req.prompt_token_ids)
 
 
+@pytest.mark.parametrize("code, kind", [(400, "BadRequestError"), (503, "ServiceUnavailableError"),
+                                        (None, "InternalServerError")])
+def test_engine_errors_keep_their_status(peers, code, kind):
+    """The scheduler names whose fault an error is (400: a token id outside the vocabulary); the api must
+    answer with that status, not a blanket 500."""
+    generate(peers, "e1", prompt="x")
+    peers.from_scheduler(RequestOutput("e1", [], finished=True, finish_reason="error", error="bad id",
+                                       error_code=code))
+    (delta,) = peers.deltas()
+    assert delta.finished and delta.error is not None
+    assert (delta.error.code, delta.error.type) == (code or 500, kind) and delta.error.message == "bad id"
+
+
 def test_one_batch_per_step_per_api(peers, hf_tokenizer):
     for i in range(4):
         # api_index names the sender for its logs only: the socket a request came on routes its replies.
