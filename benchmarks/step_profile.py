@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-prompts", type=int, default=0,
                    help="also profile the prefill of this many prompts of --prefill-len submitted together")
     p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--host-profile", type=int, default=0, metavar="TOKENS",
+                   help="also cProfile the host side of single-prompt prefill steps of this many tokens")
     p.add_argument("--output-json", default=None)
     return p
 
@@ -100,6 +102,27 @@ def profile_prefill(engine: LLMEngine, num_prompts: int, input_len: int, top: in
                                                 "tokens_per_s": num_prompts * input_len / wall}
 
 
+def host_profile_prefill(engine: LLMEngine, input_len: int, repeats: int, top: int) -> str:
+    """cProfile of the host side of single-prompt prefill steps: what Python does while the GPU waits."""
+    import cProfile
+    import io
+    import pstats
+
+    rng = np.random.default_rng(7)
+    vocab = engine.runner.arch.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    prof = cProfile.Profile()
+    for i in range(repeats):
+        engine.add_request(f"host-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+        prof.enable()
+        while engine.has_unfinished_requests():
+            engine.step()
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def _summary(prof, wall: float, steps: int, top: int) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time_total for e in kernels)
@@ -133,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tokens_per_s']:,.0f} prompt tok/s")
         for name, ms in r["top_kernels_ms"]:
             print(f"    {ms:8.3f} ms  {name}")
+    if args.host_profile:
+        host_profile_prefill(engine, args.host_profile, 2, args.top)  # warm
+        print(host_profile_prefill(engine, args.host_profile, 10, 3 * args.top))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"results": results}, f, indent=2)
