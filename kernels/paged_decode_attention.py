@@ -220,7 +220,6 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     num_kv_splits: int | None = None,
-    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     group = Hq // k_cache.shape[2]

@@ -118,21 +118,19 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _config(head_dim: int, group: int, max_query_len: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages); tuned on H200 with triton 3.6."""
+def _config(head_dim: int, max_query_len: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages); tuned with triton 3.6."""
     if device.type != "cuda":  # interpreter: small tiles keep the CPU tests quick
-        block_m, block_n, warps, stages = 32, 16, 4, 1
-    elif head_dim == 128 and _utils.shared_memory_per_block(device) >= 224 * 1024:
+        return 32, 16, 4, 1
+    if head_dim == 128 and _utils.shared_memory_per_block(device) >= 224 * 1024:
         # Hopper: 128x128 tiles over 3 stages fit its 227 KiB of shared memory and win at every length
         # (H100 sweep: 512 tokens 70 us against 124 us with 64x64 tiles; 4,096 tokens 444 us, the best).
-        block_m, block_n, warps, stages = 128, 128, 8, 3
-    elif head_dim == 128 and max_query_len >= 2048:  # long prompts: big tiles win (~+8%)
-        block_m, block_n, warps, stages = 128, 128, 8, 2
-    elif head_dim <= 128:
-        block_m, block_n, warps, stages = 64, 64, 4, 2
-    else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
-    return max(block_m, _utils.next_pow2(group)), block_n, warps, stages
+        return 128, 128, 8, 3
+    if head_dim == 128 and max_query_len >= 2048:  # long prompts: big tiles win (~+8%)
+        return 128, 128, 8, 2
+    if head_dim <= 128:
+        return 64, 64, 4, 2
+    return 64, 32, 4, 2
 
 
 def paged_prefill_attention(
@@ -163,8 +161,8 @@ def paged_prefill_attention(
     if T == 0 or S == 0 or max_query_len <= 0:
         return out
     group = Hq // Hkv
-    block_m, block_n, warps, stages = config or _config(D, group, max_query_len, q.device)
-    block_m = max(block_m, _utils.next_pow2(group))
+    block_m, block_n, warps, stages = config or _config(D, max_query_len, q.device)
+    block_m = max(block_m, _utils.next_pow2(group))  # every query head of a KV group in one tile
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), S, Hkv)
     _prefill_kernel[grid](
@@ -192,7 +190,6 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
-    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     group = q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)
