@@ -122,6 +122,22 @@ class RequestOutput:
 # --------------------------------------------------------------------------- shared pieces
 
 
+# OpenAI error types by HTTP status: what an error carries when nothing more specific names it.
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+
+
 @dataclass
 class ErrorInfo:
     """A request-level failure, shaped like the HTTP error body the api returns."""

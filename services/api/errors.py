@@ -16,19 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.messages import ErrorInfo
+from common.messages import ErrorInfo, error_type
 
 log = logging.getLogger(__name__)
-
-_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    413: "RequestTooLargeError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
 
 
 class ApiError(Exception):
@@ -39,7 +29,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or _TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+        self.type = type or error_type(status)
         self.param = param
         self.code = status if code is None else code
 

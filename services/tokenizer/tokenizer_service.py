@@ -51,6 +51,7 @@ from common.messages import (
     TokenizeResponse,
     TokenLogprobs,
     TopLogprobs,
+    error_type,
 )
 from common.process import freeze_startup_heap
 from services.tokenizer.chat import ChatTemplate, validate_messages
@@ -59,9 +60,6 @@ from services.tokenizer.errors import RequestError
 from services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
-
-# OpenAI error types of the HTTP statuses the engine reports (as services/api/errors.py names them).
-_ERROR_TYPES = {400: "BadRequestError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 # Messages taken from one socket per poll round: under a flood the loop still gets back to its heartbeat
 # well inside PEER_TIMEOUT_S, and one busy api cannot starve the scheduler's outputs.
@@ -289,8 +287,7 @@ class TokenizerService:
             # The engine says whose fault it is: 400 for a request it cannot run (a token id outside the
             # vocabulary), 503 when a worker died; anything unlabelled is a server error.
             code = out.error_code or 500
-            kind = _ERROR_TYPES.get(code, "BadRequestError" if code < 500 else "InternalServerError")
-            error = ErrorInfo(out.error, kind, None, code)
+            error = ErrorInfo(out.error, error_type(code), None, code)
             finished, finish_reason = True, finish_reason or "error"
         prompt_text, state.prompt_text = state.prompt_text, None
         return TextDelta(
