@@ -226,7 +226,8 @@ class ModelRunner:
         slots and lengths are computed as arrays.
 
         `pending` is the step still running on the device: a decode whose input is the token that step is
-        sampling reads it from the device (PreparedBatch.fill_*), so this step launches before it ends."""
+        sampling reads it from that step's device tensor (an index_copy_ into the input ids), so this step
+        launches before that one ends."""
         decodes = [rid for rid, n in scheduled.items() if n == 1]
         prefills = [rid for rid, n in scheduled.items() if n != 1]
         order = decodes + prefills
@@ -396,13 +397,8 @@ class ModelRunner:
         """Whether a request of this plan with a token in flight samples with penalties, which read every
         output token on the host: then the pending step is waited for first."""
         rows = pending.row_of_state
-        for rid in plan.num_scheduled_tokens:
-            st = self.requests[rid]
-            if id(st) in rows:
-                p = st.params
-                if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
-                    return True
-        return False
+        return any(id(st) in rows and st.params.has_penalties
+                   for st in map(self.requests.__getitem__, plan.num_scheduled_tokens))
 
     def abandon(self) -> None:
         """Forget every launched step (after a failure: the caller resets the request state)."""

@@ -150,7 +150,7 @@ def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torc
             min_p[i] = p.min_p
             any_min_p |= p.min_p > 0.0
         pres[i], freq[i], rep[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+        if p.has_penalties:
             any_pen = True
             outputs[i] = r.output_token_ids  # rows without penalties stay empty (all padding): a small tensor
             if p.repetition_penalty != 1.0:
