@@ -61,11 +61,14 @@ class LLMEngine:
                 break
         if not self._inflight:
             return []
-        plan, launched = self._inflight.popleft()
-        result = self.runner.finish(launched)
-        outputs = [] if plan.is_empty else self.scheduler.update_from_output(plan, result)
+        outputs = self._finish_oldest()
         self._drain_if_idle()
         return outputs
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        plan, launched = self._inflight.popleft()
+        result = self.runner.finish(launched)
+        return [] if plan.is_empty else self.scheduler.update_from_output(plan, result)
 
     def _drain_if_idle(self) -> None:
         """Once every request has ended, what is still in flight belongs to none of them (aborted requests,
@@ -73,7 +76,4 @@ class LLMEngine:
         if self.scheduler.has_unfinished_requests():
             return
         while self._inflight:
-            plan, launched = self._inflight.popleft()
-            result = self.runner.finish(launched)
-            if not plan.is_empty:
-                self.scheduler.update_from_output(plan, result)
+            self._finish_oldest()

@@ -23,7 +23,7 @@ from common.codec import MessageDecodeError
 from common.config import EngineConfig, resolve_device
 from common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
 from common.process import freeze_startup_heap
-from services.gpu_worker.model_runner import ModelRunner
+from services.gpu_worker.model_runner import InflightStep, ModelRunner
 from services.gpu_worker.parallel import TPGroup
 
 log = logging.getLogger("headrace.worker")
@@ -107,15 +107,14 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
     """Launch each plan as soon as it arrives, before waiting for the step already on the device: the
     scheduler sends step t+1 while step t runs (async scheduling), so the host prepares t+1 while the GPU
     computes t, and the GPU finds t+1 queued when t ends. A finished step's result goes out at once."""
-    inflight: deque[StepPlan] = deque()
-    launched: deque = deque()
+    launched: deque[tuple[StepPlan, InflightStep]] = deque()  # oldest first
     while True:
         msg = _next_message(plans, launched, parent)
         if msg is _PARENT_GONE:
             log.error("parent process died; exiting")
             return
         if msg is None:  # the oldest step is done: hand its result back
-            _finish_oldest(runner, inflight, launched, results, rank, ready)
+            _finish_oldest(runner, launched, results, rank, ready)
             continue
         if isinstance(msg, Shutdown):
             log.info("shutdown: %s", msg.reason)
@@ -123,14 +122,12 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
         if not isinstance(msg, StepPlan):
             continue
         try:
-            step = runner.launch(msg)
+            launched.append((msg, runner.launch(msg)))
         except Exception as e:  # noqa: BLE001 - report, reset, and keep serving
-            _fail(runner, msg.step_id, e, inflight, launched, results, rank, ready)
+            _fail(runner, msg.step_id, e, launched, results, rank, ready)
             continue
-        inflight.append(msg)
-        launched.append(step)
         while len(launched) > 1:  # the new step is queued behind these: wait for them now
-            if not _finish_oldest(runner, inflight, launched, results, rank, ready):
+            if not _finish_oldest(runner, launched, results, rank, ready):
                 break
 
 
@@ -138,12 +135,12 @@ _PARENT_GONE = object()
 _SPIN_S = 50e-6
 
 
-def _next_message(plans: zmq.Socket, launched: deque, parent: int):
-    """The next decoded message, None once the oldest launched step is done with no plan waiting, or
-    _PARENT_GONE. While a step runs on the device, both are watched with a short spin."""
+def _next_message(plans: zmq.Socket, launched: deque[tuple[StepPlan, InflightStep]], parent: int):
+    """The next decoded message, None once the oldest launched step is done, or _PARENT_GONE. While a step
+    runs on the device, both are watched with a short spin."""
     while True:
         if launched:
-            if launched[0].done():  # a finished step's tokens go out first (on CPU every step is done here)
+            if launched[0][1].done():  # a finished step's tokens go out first (on CPU every step is done here)
                 return None
             if plans.poll(0):
                 got = _recv(plans)
@@ -169,25 +166,23 @@ def _recv(plans: zmq.Socket):
         return None
 
 
-def _finish_oldest(runner: ModelRunner, inflight: deque, launched: deque, results: zmq.Socket, rank: int,
-                   ready: WorkerReady) -> bool:
-    plan: StepPlan = inflight.popleft()
-    step = launched.popleft()
+def _finish_oldest(runner: ModelRunner, launched: deque[tuple[StepPlan, InflightStep]], results: zmq.Socket,
+                   rank: int, ready: WorkerReady) -> bool:
+    plan, step = launched.popleft()
     try:
         result = runner.finish(step)
     except Exception as e:  # noqa: BLE001
-        _fail(runner, plan.step_id, e, inflight, launched, results, rank, ready)
+        _fail(runner, plan.step_id, e, launched, results, rank, ready)
         return False
     if rank == 0 and not plan.is_empty:
         results.send(codec.encode(result))
     return True
 
 
-def _fail(runner: ModelRunner, step_id: int, error: Exception, inflight: deque, launched: deque,
-          results: zmq.Socket, rank: int, ready: WorkerReady) -> None:
+def _fail(runner: ModelRunner, step_id: int, error: Exception, launched: deque, results: zmq.Socket, rank: int,
+          ready: WorkerReady) -> None:
     """A step failed: drop every step in flight and all request state, tell the scheduler, start over."""
     log.error("step %d failed", step_id, exc_info=error)
-    inflight.clear()
     launched.clear()
     runner.abandon()
     runner.requests.clear()
