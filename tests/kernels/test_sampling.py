@@ -22,27 +22,10 @@ from kernels.sampling import (  # noqa: E402
     hash_uniform_ref,
 )
 from services.gpu_worker import sampler as sampler_mod  # noqa: E402
+from tests.kernels.kernel_testing import py_hash_uniform  # noqa: E402
 
 SEEDS = [0, 1, 12345, -1, 2**63 - 1, -(2**63)]
 STEPS = [0, 7, 1, 1000, 3, 2**40]
-
-
-def _py_uniform(seed: int, step: int, v: int) -> float:
-    """Pure-Python splitmix64 (unsigned arithmetic): the definition both implementations must match."""
-    m = (1 << 64) - 1
-    g, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-    def mix(z: int) -> int:
-        z &= m
-        z ^= z >> 30
-        z = (z * m1) & m
-        z ^= z >> 27
-        z = (z * m2) & m
-        return z ^ (z >> 31)
-
-    key = mix(seed + g) ^ step
-    key = mix(key * m2 + g)
-    return ((mix(key + (v + 1) * g) >> 41) * 2 + 1) / 2**24
 
 
 def _random_ids(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +69,7 @@ def test_uniforms_bit_exact(dev: tuple[torch.device, torch.dtype], V: int, block
     assert torch.equal(ref, sampler_mod.hash_uniform(seeds.cpu(), steps.cpu(), V))
     for b in range(len(SEEDS)):
         for v in sorted({0, min(1, V - 1), V // 2, V - 1}):
-            assert got[b, v].item() == _py_uniform(SEEDS[b] & (2**64 - 1), STEPS[b], v), (b, v)
+            assert got[b, v].item() == py_hash_uniform(SEEDS[b] & (2**64 - 1), STEPS[b], v), (b, v)
     assert 0.0 < got.min().item() and got.max().item() < 1.0
 
 

@@ -15,6 +15,7 @@ from services.gpu_worker.sampler import (
     build_sampling_inputs,
     hash_uniform,
 )
+from tests.kernels.kernel_testing import py_hash_uniform
 
 CPU = torch.device("cpu")
 EOS = 3
@@ -41,31 +42,13 @@ def gen_logits(b: int, v: int, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- hash noise
 
 
-def _ref_uniform(seed: int, step: int, v: int) -> float:
-    """Pure-Python splitmix64 reference (unsigned arithmetic) for the torch int64 implementation."""
-    m = (1 << 64) - 1
-    g, m1, m2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-
-    def mix(z: int) -> int:
-        z &= m
-        z ^= z >> 30
-        z = (z * m1) & m
-        z ^= z >> 27
-        z = (z * m2) & m
-        return z ^ (z >> 31)
-
-    key = mix(seed + g) ^ step
-    key = mix(key * m2 + g)
-    return ((mix(key + (v + 1) * g) >> 41) * 2 + 1) / 2**24
-
-
 def test_hash_matches_unsigned_reference_and_is_in_open_interval():
     seeds = [0, 1, 12345, -1, 2**63 - 1, -(2**63)]
     steps = [0, 7, 1, 1000, 3, 2**40]
     u = hash_uniform(torch.tensor(seeds), torch.tensor(steps), 64)
     for b, (s, k) in enumerate(zip(seeds, steps)):
         for v in (0, 1, 31, 63):
-            assert u[b, v].item() == _ref_uniform(s & (2**64 - 1), k, v)
+            assert u[b, v].item() == py_hash_uniform(s & (2**64 - 1), k, v)
     big = hash_uniform(torch.arange(200), torch.zeros(200, dtype=torch.int64), 1000)
     assert 0.0 < big.min().item() and big.max().item() < 1.0
     assert abs(big.mean().item() - 0.5) < 0.01
