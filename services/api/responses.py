@@ -148,7 +148,9 @@ class ChatShape(Shape):
 
     def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
                       delta: TextDelta) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": state.index, "delta": {"content": text} if text or not delta.finished else {},
+        # Every token carries content (even ""); a bare finish marker carries none.
+        content = {"content": text} if text or not delta.finished else {}
+        choice: dict[str, Any] = {"index": state.index, "delta": content,
                                   "logprobs": _chat_logprobs(logprobs or []) if self.want_logprobs else None,
                                   "finish_reason": delta.finish_reason if delta.finished else None}
         if delta.finished:
