@@ -54,19 +54,48 @@ def random_paged_kv(num_tokens_per_seq: list[int], kv_heads: int, head_dim: int,
     return k_cache, v_cache, tables
 
 
-def bench_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
+def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                  dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, block_tables, seq_lens) for `batch` sequences of `context` cached tokens."""
     k_cache, v_cache, tables = random_paged_kv([context] * batch, kv_heads, head_dim, block_size, dtype, device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    return q, k_cache, v_cache, tables, seq_lens
+
+
+def decode_bytes(q: torch.Tensor, k_cache: torch.Tensor, context: int) -> int:
+    """Bytes a decode step moves: every K and V of the batch read once, q read and out written."""
+    batch, _, head_dim = q.shape
+    elem = k_cache.element_size()
+    return 2 * batch * context * k_cache.shape[2] * head_dim * elem + 2 * q.numel() * elem
+
+
+def prefill_inputs(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, context_lens) of one uncached prompt."""
+    k_cache, v_cache, tables = random_paged_kv([tokens], kv_heads, head_dim, block_size, dtype, device)
+    q = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
+    qsl = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+    ctx = torch.zeros(1, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, tables, qsl, lens, ctx
+
+
+def prefill_flops(tokens: int, heads: int, head_dim: int) -> float:
+    return 4 * heads * head_dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
+
+
+def bench_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
+    q, k_cache, v_cache, tables, seq_lens = decode_inputs(batch, context, heads, kv_heads, head_dim, block_size,
+                                                          dtype, device)
     scale = head_dim ** -0.5
     splits = default_num_kv_splits(batch, kv_heads, head_dim, tables.shape[1] * block_size, device)
     err = rel_err(paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits),
                   paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, scale))
     seconds = roofline.time_median(
         lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits), device, reps)
-    elem = k_cache.element_size()
-    nbytes = 2 * batch * context * kv_heads * head_dim * elem + 2 * q.numel() * elem
+    nbytes = decode_bytes(q, k_cache, context)
     return {"kernel": "paged_decode_attention", "batch": batch, "context": context, "num_kv_splits": splits,
             "time_us": seconds * 1e6, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
             "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s, "rel_err": err}
@@ -74,11 +103,8 @@ def bench_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
 
 def bench_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                   device: torch.device, matmul_flops_per_s: float, reps: int) -> dict:
-    k_cache, v_cache, tables = random_paged_kv([tokens], kv_heads, head_dim, block_size, dtype, device)
-    q = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
-    qsl = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
-    ctx = torch.zeros(1, dtype=torch.int32, device=device)
+    q, k_cache, v_cache, tables, qsl, lens, ctx = prefill_inputs(tokens, heads, kv_heads, head_dim, block_size,
+                                                                 dtype, device)
     scale = head_dim ** -0.5
 
     def ours():
@@ -97,7 +123,7 @@ def bench_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_s
     err = rel_err(ours(), sdpa()[0].transpose(0, 1))
     seconds = roofline.time_median(ours, device, reps)
     sdpa_seconds = roofline.time_median(sdpa, device, reps)
-    flops = 4 * heads * head_dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
+    flops = prefill_flops(tokens, heads, head_dim)
     return {"kernel": "paged_prefill_attention", "tokens": tokens, "time_us": seconds * 1e6, "flops": flops,
             "tflops": flops / seconds / 1e12, "fraction_of_matmul_rate": flops / seconds / matmul_flops_per_s,
             "sdpa_time_us": sdpa_seconds * 1e6, "sdpa_tflops": flops / sdpa_seconds / 1e12,
@@ -130,12 +156,11 @@ def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
                  dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
     """Every (split count, BLOCK_N, warps, stages) of a small grid at one shape, fastest first: the data
     the launch policy (`_config`, `_split_policy`) is tuned from."""
-    k_cache, v_cache, tables = random_paged_kv([context] * batch, kv_heads, head_dim, block_size, dtype, device)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    q, k_cache, v_cache, tables, seq_lens = decode_inputs(batch, context, heads, kv_heads, head_dim, block_size,
+                                                          dtype, device)
     scale = head_dim ** -0.5
     default = default_num_kv_splits(batch, kv_heads, head_dim, tables.shape[1] * block_size, device)
-    nbytes = 2 * batch * context * kv_heads * head_dim * k_cache.element_size()
+    nbytes = decode_bytes(q, k_cache, context)
     rows = []
     for splits in sorted({default, max(1, default // 2), 2 * default, 4 * default}):
         for cfg in DECODE_SWEEP:
@@ -154,12 +179,9 @@ def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
 
 def sweep_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                   device: torch.device, matmul_flops_per_s: float, reps: int) -> dict:
-    k_cache, v_cache, tables = random_paged_kv([tokens], kv_heads, head_dim, block_size, dtype, device)
-    q = torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
-    qsl = torch.tensor([0, tokens], dtype=torch.int32, device=device)
-    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
-    ctx = torch.zeros(1, dtype=torch.int32, device=device)
-    flops = 4 * heads * head_dim * tokens * (tokens + 1) / 2
+    q, k_cache, v_cache, tables, qsl, lens, ctx = prefill_inputs(tokens, heads, kv_heads, head_dim, block_size,
+                                                                 dtype, device)
+    flops = prefill_flops(tokens, heads, head_dim)
     rows = []
     for cfg in PREFILL_SWEEP:
         try:
