@@ -50,33 +50,24 @@ def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top
         started.update(o.req_id for o in engine.step())
     for _ in range(5):
         engine.step()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    _sync()
+    with profile(activities=_activities()) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        sync()
+        _sync()
         wall = time.perf_counter() - t0
     engine.abort([f"{tag}-{i}" for i in range(batch)])
     while engine.has_unfinished_requests():
         engine.step()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.device_time_total for e in kernels)
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
-    step_ms = wall / steps * 1e3
-    gpu_ms = gpu_us / steps / 1e3
+    total = _summary(prof, wall, steps, top)
     return {
         "batch_size": batch,
         "steps": steps,
-        "wall_ms_per_step": step_ms,
-        "gpu_kernel_ms_per_step": gpu_ms,
-        "gpu_busy_fraction": gpu_ms / step_ms if step_ms else 0.0,
-        "top_kernels_ms_per_step": [(name[:90], us / steps / 1e3) for name, us in ranked],
+        "wall_ms_per_step": total["wall_ms"] / steps,
+        "gpu_kernel_ms_per_step": total["gpu_kernel_ms"] / steps,
+        "gpu_busy_fraction": total["gpu_busy_fraction"],
+        "top_kernels_ms_per_step": [(name, ms / steps) for name, ms in total["top_kernels_ms"]],
     }
 
 
@@ -85,18 +76,16 @@ def profile_prefill(engine: LLMEngine, num_prompts: int, input_len: int, top: in
     rng = np.random.default_rng(num_prompts)
     vocab = engine.runner.arch.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for i in range(num_prompts):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
-    sync()
+    _sync()
     steps = 0
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities()) as prof:
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
             steps += 1
-        sync()
+        _sync()
         wall = time.perf_counter() - t0
     return _summary(prof, wall, steps, top) | {"prompts": num_prompts, "input_len": input_len,
                                                 "tokens_per_s": num_prompts * input_len / wall}
@@ -123,7 +112,17 @@ def host_profile_prefill(engine: LLMEngine, input_len: int, repeats: int, top: i
     return out.getvalue()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _activities() -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
 def _summary(prof, wall: float, steps: int, top: int) -> dict:
+    """Wall time, summed device-kernel time, and the `top` kernels by total time, over the profiled span."""
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time_total for e in kernels)
     by_name: dict[str, float] = {}
