@@ -78,11 +78,7 @@ phase_serve() {
     serve_stop serve_tp1
   fi
   if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-    if serve_start serve_tp2 8001 $M --tensor-parallel-size 2; then
-      bench_serve batch1_tp2 8001 60 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
-      bench_serve saturation_tp2 8001 120 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
-      serve_stop serve_tp2
-    fi
+    serve_tp2_runs
     BIG=${BIG_MODEL:-$(python3 -c 'import torch; print("random:llama-3-70b-40l" if torch.cuda.get_device_properties(0).total_memory < 100e9 else "random:llama-3-70b")')}
     if serve_start serve_big_tp2 8002 --model "$BIG" --tokenizer "$TOK" --max-model-len 2048 --tensor-parallel-size 2 --gpu-memory-utilization 0.95; then
       bench_serve big_tp2 8002 40 --dataset-name random --random-input-len 128 --random-output-len 64 --num-prompts 8 --max-concurrency 4
@@ -91,12 +87,16 @@ phase_serve() {
   fi
 }
 
-phase_tp() {  # tensor parallelism alone (2+ GPUs): batch-1 latency (decode graphs capture the all-reduces) and saturation
+serve_tp2_runs() {  # TP=2: batch-1 latency (decode graphs capture the all-reduces) and saturation
   if serve_start serve_tp2 8001 $M --tensor-parallel-size 2; then
     bench_serve batch1_tp2 8001 60 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
     bench_serve saturation_tp2 8001 120 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
     serve_stop serve_tp2
   fi
+}
+
+phase_tp() {  # tensor parallelism alone (2+ GPUs), beside TP=1 batch-1 latency on the same host
+  serve_tp2_runs
   if serve_start serve_tp1 8000 $M; then
     bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
     serve_stop serve_tp1
