@@ -1,10 +1,16 @@
 """Causal paged prefill / chunked-prefill / prefix-cached attention (flash-attention style).
 
-All K/V (cached prefix and this step's tokens, already written by rope_and_cache) is read
-through the block table. Grid (cdiv(max_query_len, BLOCK_Q), S, Hkv): a program owns BLOCK_Q
-query tokens of one sequence times all GROUP = Hq/Hkv query heads sharing one KV head, packed
-token-major into the BLOCK_M rows of each tl.dot, so every K/V tile is loaded once per group.
-Online softmax in base 2 (exp2, scale pre-multiplied by log2 e).
+Paged path (k_new=None): all K/V (cached prefix and this step's tokens, already written by
+rope_and_cache) is read through the block table. Grid (cdiv(max_query_len, BLOCK_Q), S, Hkv): a
+program owns BLOCK_Q query tokens of one sequence times all GROUP = Hq/Hkv query heads sharing one
+KV head, packed token-major into the BLOCK_M rows of each tl.dot, so every K/V tile is loaded once
+per group. Online softmax in base 2 (exp2, scale pre-multiplied by log2 e).
+
+Contiguous path (k_new, v_new given: this step's keys and values laid out like q): only the cached
+prefix (positions < context_lens[s]) goes through the block table; this step's own keys are read
+from k_new / v_new as plain strided tiles (one scalar base pointer advanced by BLOCK_N rows per
+tile, the tile's offsets hoisted out of the loop, no block-table load, no mask on the tiles below
+the diagonal). A pure prefill (context 0) never touches the block table.
 """
 
 from __future__ import annotations
@@ -60,16 +66,47 @@ def _attend_tile(
     return acc, m_new, l
 
 
+@triton.jit
+def _attend_new_tile(
+    acc, m, l, q, k_ptrs, v_ptrs, offs_n, q_idx, new_len, qk_scale, MASKED: tl.constexpr,
+):
+    """One tile of this step's keys, read from k_new / v_new; offs_n, q_idx and new_len count tokens
+    from the sequence's first new token (key j is visible to query row q_idx iff j <= q_idx)."""
+    if MASKED:  # the diagonal band: causal mask and the sequence's end
+        mask_n = offs_n < new_len
+        k = tl.load(k_ptrs, mask=mask_n[None, :], other=0.0)
+        s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        s = tl.where((offs_n[None, :] <= q_idx[:, None]) & mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m - m_shift)
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    else:  # below every row's diagonal: no mask, and every row's max is finite after this tile
+        k = tl.load(k_ptrs)
+        s = tl.dot(q, k)
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: max commutes with the scale
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # scale and shift in one FMA
+        alpha = tl.exp2(m - m_new)
+        v = tl.load(v_ptrs)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in the MMA's accumulator
+    return acc, m_new, l
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table width varies per step: no recompiles
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, context_lens_ptr,
+    k_new_ptr, v_new_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, HAS_NEW: tl.constexpr,
 ):
     # Reverse order: the last query blocks see the most keys, so start them first (tail balance).
     qblk = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -100,18 +137,53 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
 
-    # Phase 1: whole tiles below every row's causal limit -> no masking at all.
-    full_end = (ctx + q_first) // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, seq_len, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                 qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64)
-    # Phase 2: the diagonal band, masked causally and against the sequence end.
-    kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_first + BLOCK_Q, q_len))
-    for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                 qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64)
+    if HAS_NEW:
+        # Cached prefix (positions < ctx) through the block table: every row sees all of it, so only
+        # the last, partial tile is masked (against the prefix end). Context 0: no iteration at all.
+        ctx_end = tl.minimum(ctx, seq_len)
+        ctx_full = ctx_end // BLOCK_N * BLOCK_N
+        for n0 in range(0, ctx_full, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, ctx_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64)
+        for n0 in range(ctx_full, ctx_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, ctx_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64)
+        # This step's keys, counted from the sequence's first new token (row q_start of k_new / v_new).
+        # The scalar base is 64-bit and advances BLOCK_N rows per tile; the per-element offsets stay
+        # within one tile (int32, loop-invariant, hoisted), so no offset can overflow on huge batches.
+        new_len = tl.maximum(tl.minimum(q_len, seq_len - ctx), 0)  # keys present (seq_lens may clip)
+        new_full = tl.minimum(q_first, new_len) // BLOCK_N * BLOCK_N  # tiles below every row's diagonal
+        new_end = tl.minimum(new_len, q_first + BLOCK_Q)  # last key any row of this program sees, + 1
+        k_tile = k_new_ptr + q_start.to(tl.int64) * stride_knt + kvh * stride_knh
+        v_tile = v_new_ptr + q_start.to(tl.int64) * stride_vnt + kvh * stride_vnh
+        offs_n = tl.arange(0, BLOCK_N)
+        k_offs = offs_n[None, :] * stride_knt + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K^T tile
+        v_offs = offs_n[:, None] * stride_vnt + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
+        for n0 in range(0, new_full, BLOCK_N):
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx, new_len,
+                                         qk_scale, False)
+            k_tile += BLOCK_N * stride_knt
+            v_tile += BLOCK_N * stride_vnt
+        for n0 in range(new_full, new_end, BLOCK_N):
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
+                                         new_len, qk_scale, True)
+            k_tile += BLOCK_N * stride_knt
+            v_tile += BLOCK_N * stride_vnt
+    else:
+        # Phase 1: whole tiles below every row's causal limit -> no masking at all.
+        full_end = (ctx + q_first) // BLOCK_N * BLOCK_N
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, seq_len, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64)
+        # Phase 2: the diagonal band, masked causally and against the sequence end.
+        kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_first + BLOCK_Q, q_len))
+        for n0 in range(full_end, kv_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # fully-masked rows -> 0, not NaN
     tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -119,7 +191,9 @@ def _prefill_kernel(
 
 
 def _config(head_dim: int, max_query_len: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages); tuned with triton 3.6."""
+    """(BLOCK_M rows, BLOCK_N keys, num_warps, num_stages); tuned with triton 3.6 on the paged path. The
+    contiguous path (k_new / v_new) uses the same tiles until its own sweep (headrace.bench.kernels --sweep)
+    says otherwise."""
     if device.type != "cuda":  # interpreter: small tiles keep the CPU tests quick
         return 32, 16, 4, 1
     if head_dim == 128 and _utils.shared_memory_per_block(device) >= 224 * 1024:
@@ -144,12 +218,18 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     config: tuple[int, int, int, int] | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's tokens, sequences packed by query_start_loc [S+1]);
     caches [num_blocks, block_size, Hkv, D] already holding all seq_lens[s] tokens;
     context_lens[s] = tokens cached before this step. Returns out [T, Hq, D].
     Rows of q not covered by query_start_loc are left unwritten.
-    `config` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) (tuning sweeps)."""
+    `config` overrides (BLOCK_M, BLOCK_N, num_warps, num_stages) (tuning sweeps).
+    k_new, v_new [T, Hkv, D] (optional, both or neither): this step's keys (after RoPE) and values,
+    rows laid out like q. Given, keys at positions >= context_lens[s] are read from them (position p
+    of sequence s is row query_start_loc[s] + p - context_lens[s]) and the caches only for the
+    cached prefix; the result is the same, the loads contiguous (faster)."""
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -157,6 +237,16 @@ def paged_prefill_attention(
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     S = block_tables.shape[0]
     assert query_start_loc.shape == (S + 1,) and seq_lens.shape == (S,) and context_lens.shape == (S,)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("pass both k_new and v_new, or neither")
+    has_new = k_new is not None
+    if has_new:
+        assert k_new.shape == (T, Hkv, D) and v_new.shape == (T, Hkv, D), "k_new / v_new must be [T, Hkv, D]"
+        assert k_new.dtype == k_cache.dtype and v_new.dtype == v_cache.dtype
+        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+        new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+    else:  # unused by the paged path: any valid pointer, zero strides
+        k_new, v_new, new_strides = q, q, (0, 0, 0, 0)
     out = _utils.empty((T, Hq, D), q.dtype, q.device)
     if T == 0 or S == 0 or max_query_len <= 0:
         return out
@@ -168,14 +258,16 @@ def paged_prefill_attention(
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, query_start_loc, seq_lens, context_lens,
+        k_new, v_new,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *new_strides,
         block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, IDX64=_utils.needs_int64(k_cache, v_cache),
-        num_warps=warps, num_stages=stages,
+        HAS_NEW=has_new, num_warps=warps, num_stages=stages,
     )
     return out
 

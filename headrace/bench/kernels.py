@@ -3,7 +3,9 @@
 - paged decode attention, B sequences x C context tokens: achieved bytes/s (K and V read once, q and
   out) over the measured copy bandwidth;
 - paged prefill attention, one causal prompt of T tokens: achieved FLOP/s (4 x heads x head_dim per
-  visible query-key pair) over the measured matmul rate, next to torch's SDPA on the same data;
+  visible query-key pair) over the measured matmul rate, next to torch's SDPA on the same data; two
+  variants: "paged" (every key read through the block table) and "new K/V contiguous" (the step's own
+  keys and values passed as k_new / v_new, [T, kv_heads, head_dim], the block table only for a prefix);
 - seeded random sampling (CUDA only), B rows x V logits: the fused hash + Gumbel-argmax kernel next to the
   sampler's torch path (hash_uniform + log + argmax); bytes/s of float32 logits read, and the speedup.
 Each kernel's output is also checked against a reference (relative error, or token agreement, reported).
@@ -81,6 +83,15 @@ def prefill_inputs(tokens: int, heads: int, kv_heads: int, head_dim: int, block_
     return q, k_cache, v_cache, tables, qsl, lens, ctx
 
 
+def prefill_new_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's keys and values gathered out of the cache into contiguous [T, kv_heads, head_dim]
+    tensors: the k_new / v_new of the contiguous prefill variant (what rope_and_cache's inputs hold)."""
+    pos = torch.arange(tokens, device=k_cache.device)
+    blocks, offs = block_tables[0, pos // k_cache.shape[1]].long(), pos % k_cache.shape[1]
+    return k_cache[blocks, offs].contiguous(), v_cache[blocks, offs].contiguous()
+
+
 def prefill_flops(tokens: int, heads: int, head_dim: int) -> float:
     return 4 * heads * head_dim * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
 
@@ -103,31 +114,41 @@ def bench_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
 
 def bench_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                   device: torch.device, matmul_flops_per_s: float, reps: int) -> dict:
+    """Both prefill variants and SDPA on one prompt. The paged variant keeps the original field names;
+    the contiguous one (k_new / v_new) is reported under "new_kv"."""
     q, k_cache, v_cache, tables, qsl, lens, ctx = prefill_inputs(tokens, heads, kv_heads, head_dim, block_size,
                                                                  dtype, device)
     scale = head_dim ** -0.5
+    k_new, v_new = prefill_new_kv(k_cache, v_cache, tables, tokens)
 
     def ours():
         return paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, scale)
 
-    # The same keys gathered contiguous, [1, heads, T, D], for torch's fused attention.
-    pos = torch.arange(tokens, device=device)
-    blocks = tables[0, pos // block_size].long()
-    k = k_cache[blocks, pos % block_size].transpose(0, 1)[None].contiguous()
-    v = v_cache[blocks, pos % block_size].transpose(0, 1)[None].contiguous()
+    def ours_new_kv():
+        return paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, scale,
+                                       k_new=k_new, v_new=v_new)
+
+    # The same keys, [1, heads, T, D], for torch's fused attention.
+    k, v = k_new.transpose(0, 1)[None].contiguous(), v_new.transpose(0, 1)[None].contiguous()
     qt = q.transpose(0, 1)[None].contiguous()
 
     def sdpa():
         return F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
-    err = rel_err(ours(), sdpa()[0].transpose(0, 1))
+    want = sdpa()[0].transpose(0, 1)
+    err, err_new = rel_err(ours(), want), rel_err(ours_new_kv(), want)
     seconds = roofline.time_median(ours, device, reps)
+    new_seconds = roofline.time_median(ours_new_kv, device, reps)
     sdpa_seconds = roofline.time_median(sdpa, device, reps)
     flops = prefill_flops(tokens, heads, head_dim)
     return {"kernel": "paged_prefill_attention", "tokens": tokens, "time_us": seconds * 1e6, "flops": flops,
             "tflops": flops / seconds / 1e12, "fraction_of_matmul_rate": flops / seconds / matmul_flops_per_s,
             "sdpa_time_us": sdpa_seconds * 1e6, "sdpa_tflops": flops / sdpa_seconds / 1e12,
-            "ours_over_sdpa": sdpa_seconds / seconds, "rel_err_vs_sdpa": err}
+            "ours_over_sdpa": sdpa_seconds / seconds, "rel_err_vs_sdpa": err,
+            "new_kv": {"time_us": new_seconds * 1e6, "tflops": flops / new_seconds / 1e12,
+                       "fraction_of_matmul_rate": flops / new_seconds / matmul_flops_per_s,
+                       "ours_over_sdpa": sdpa_seconds / new_seconds, "speedup_over_paged": seconds / new_seconds,
+                       "rel_err_vs_sdpa": err_new}}
 
 
 def bench_sampling(batch: int, vocab: int, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
@@ -150,6 +171,10 @@ def bench_sampling(batch: int, vocab: int, device: torch.device, copy_bytes_per_
 
 DECODE_SWEEP = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
 PREFILL_SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+# The contiguous variant's loads are cheaper to pipeline: deeper pipelines too (those that do not fit the shared
+# memory fail to launch and are reported as errors).
+PREFILL_NEW_KV_SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
+                        for st in (2, 3, 4)]
 
 
 def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -178,22 +203,31 @@ def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
 
 
 def sweep_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, matmul_flops_per_s: float, reps: int) -> dict:
+                  device: torch.device, matmul_flops_per_s: float, reps: int, variant: str = "paged") -> dict:
+    """Every (BLOCK_M, BLOCK_N, warps, stages) of a grid at one prompt length, fastest first, for one variant:
+    "paged" (PREFILL_SWEEP) or "new_kv" (k_new / v_new given, PREFILL_NEW_KV_SWEEP)."""
     q, k_cache, v_cache, tables, qsl, lens, ctx = prefill_inputs(tokens, heads, kv_heads, head_dim, block_size,
                                                                  dtype, device)
+    new_kv = {}
+    if variant == "new_kv":
+        k_new, v_new = prefill_new_kv(k_cache, v_cache, tables, tokens)
+        new_kv = {"k_new": k_new, "v_new": v_new}
+    elif variant != "paged":
+        raise ValueError(f"unknown prefill variant {variant!r}")
     flops = prefill_flops(tokens, heads, head_dim)
     rows = []
-    for cfg in PREFILL_SWEEP:
+    for cfg in PREFILL_NEW_KV_SWEEP if new_kv else PREFILL_SWEEP:
         try:
             sec = roofline.time_median(lambda: paged_prefill_attention(
-                q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, head_dim ** -0.5, cfg), device, reps)
+                q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, head_dim ** -0.5, cfg, **new_kv), device, reps)
         except Exception as e:  # noqa: BLE001
             rows.append({"config": cfg, "error": type(e).__name__})
             continue
         rows.append({"config": cfg, "time_us": sec * 1e6, "tflops": flops / sec / 1e12,
                      "fraction_of_matmul_rate": flops / sec / matmul_flops_per_s})
     ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
-    return {"kernel": "paged_prefill_attention_sweep", "tokens": tokens, "best": ok[:5], "tried": len(rows)}
+    name = "paged_prefill_attention_new_kv_sweep" if new_kv else "paged_prefill_attention_sweep"
+    return {"kernel": name, "variant": variant, "tokens": tokens, "best": ok[:5], "tried": len(rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", action="store_true",
-                   help="also time a grid of launch configurations per decode/prefill shape (CUDA only)")
+                   help="also time a grid of launch configurations per decode/prefill shape (CUDA only); "
+                        "prefill: both variants, paged and new K/V contiguous")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -229,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep and device.type == "cuda":
         results += [sweep_decode(b, args.decode_context, *shape, rates.copy_bytes_per_s, max(10, args.reps // 5))
                     for b in args.decode_batch]
-        results += [sweep_prefill(t, *shape, rates.matmul_flops_per_s, max(10, args.reps // 5))
-                    for t in args.prefill_tokens]
+        results += [sweep_prefill(t, *shape, rates.matmul_flops_per_s, max(10, args.reps // 5), variant)
+                    for t in args.prefill_tokens for variant in ("paged", "new_kv")]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
@@ -252,9 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['fraction_of_copy_bandwidth']:6.1%} of copy; torch {r['torch_time_us']:9.1f} us "
                   f"({r['ours_over_torch']:.1f}x faster, tokens agree {r['token_agreement']:.1%})")
         else:
-            print(f"  prefill T={r['tokens']:<6} {r['time_us']:9.1f} us  {r['tflops']:7.1f} TFLOP/s = "
-                  f"{r['fraction_of_matmul_rate']:6.1%} of matmul; SDPA {r['sdpa_tflops']:7.1f} TFLOP/s "
-                  f"(ours/SDPA speed {r['ours_over_sdpa']:.2f}x, rel err {r['rel_err_vs_sdpa']:.1e})")
+            new = r["new_kv"]
+            for name, v in (("paged", r), ("new K/V", new)):
+                print(f"  prefill T={r['tokens']:<6} {name:<7} {v['time_us']:9.1f} us  {v['tflops']:7.1f} TFLOP/s = "
+                      f"{v['fraction_of_matmul_rate']:6.1%} of matmul; SDPA {r['sdpa_tflops']:7.1f} TFLOP/s "
+                      f"(ours/SDPA speed {v['ours_over_sdpa']:.2f}x, rel err {v['rel_err_vs_sdpa']:.1e})")
+            print(f"  prefill T={r['tokens']:<6} new K/V over paged: {new['speedup_over_paged']:.2f}x")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
