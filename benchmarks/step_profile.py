@@ -3,9 +3,12 @@
 For each batch size: submit the batch (greedy, EOS ignored), step until every request is decoding, then
 profile --steps steps. Reports the wall time per step, the GPU's kernel time per step (the sum of device
 kernel durations: the rest of the wall time the GPU sat idle, waiting on the host), and the kernels that
-take the most time. JSON with --output-json.
+take the most time. --prefill-prompts does the same for pure-prefill steps, --mixed-decodes for mixed steps
+(that many running decodes beside prefill chunks that fill the rest of the token budget, as in a busy
+`bench throughput` run). JSON with --output-json.
 
-    python benchmarks/step_profile.py --model random:llama-3-8b --max-model-len 2048 --batch-size 1 256
+    python benchmarks/step_profile.py --model random:llama-3-8b --max-model-len 2048 --batch-size 1 256 \
+        --prefill-prompts 32 --mixed-decodes 248
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common.sampling_params import SamplingParams
+from headrace.bench.throughput import step_record
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
 
@@ -33,23 +37,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-prompts", type=int, default=0,
                    help="also profile the prefill of this many prompts of --prefill-len submitted together")
     p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--mixed-decodes", type=int, default=0, metavar="D",
+                   help="also profile mixed steps: D running decodes (prompts of --input-len, as the decode rows) "
+                        "beside chunks of --prefill-len prompts that fill the rest of the token budget")
+    p.add_argument("--mixed-steps", type=int, default=8, help="mixed steps to profile")
     p.add_argument("--host-profile", type=int, default=0, metavar="TOKENS",
                    help="also cProfile the host side of single-prompt prefill steps of this many tokens")
     p.add_argument("--output-json", default=None)
     return p
 
 
-def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top: int, tag: str) -> dict:
+def start_decodes(engine: LLMEngine, batch: int, input_len: int, max_tokens: int, tag: str) -> list[str]:
+    """Submit `batch` prompts of input_len (greedy, EOS ignored) and step until every one is decoding, plus 5
+    decode steps; returns their ids."""
     rng = np.random.default_rng(batch)
     vocab = engine.runner.arch.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, input_len).tolist(), params)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for req_id in ids:
+        engine.add_request(req_id, rng.integers(0, vocab, input_len).tolist(), params)
     started: set[str] = set()
     while len(started) < batch:  # prefill (and a few decode steps) outside the profile
         started.update(o.req_id for o in engine.step())
     for _ in range(5):
         engine.step()
+    return ids
+
+
+def end_requests(engine: LLMEngine, req_ids: list[str]) -> None:
+    """Abort the profiled requests and step until the engine is idle."""
+    engine.abort(req_ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top: int, tag: str) -> dict:
+    ids = start_decodes(engine, batch, input_len, steps + 40, tag)
     _sync()
     with profile(activities=_activities()) as prof:
         t0 = time.perf_counter()
@@ -57,9 +80,7 @@ def profile_batch(engine: LLMEngine, batch: int, input_len: int, steps: int, top
             engine.step()
         _sync()
         wall = time.perf_counter() - t0
-    engine.abort([f"{tag}-{i}" for i in range(batch)])
-    while engine.has_unfinished_requests():
-        engine.step()
+    end_requests(engine, ids)
     total = _summary(prof, wall, steps, top)
     return {
         "batch_size": batch,
@@ -87,8 +108,61 @@ def profile_prefill(engine: LLMEngine, num_prompts: int, input_len: int, top: in
             steps += 1
         _sync()
         wall = time.perf_counter() - t0
-    return _summary(prof, wall, steps, top) | {"prompts": num_prompts, "input_len": input_len,
-                                                "tokens_per_s": num_prompts * input_len / wall}
+    total = _summary(prof, wall, steps, top)
+    return total | {"prompts": num_prompts, "input_len": input_len, "tokens_per_s": num_prompts * input_len / wall,
+                    "wall_ms_per_step": total["wall_ms"] / steps,
+                    "gpu_kernel_ms_per_step": total["gpu_kernel_ms"] / steps}
+
+
+def profile_mixed(engine: LLMEngine, decodes: int, input_len: int, prefill_len: int, steps: int, top: int,
+                  tag: str) -> dict:
+    """Steps that hold `decodes` running decodes (set up as the decode rows) and prefill chunks of prefill_len
+    prompts (max_tokens 1: they finish at the end of their prefill, so the decode count stays put) filling the
+    rest of the token budget. The real scheduler packs the steps; for the span of the profile it gets enough
+    sequence slots that the budget, not max_num_seqs, bounds the prefill (finished prompts hold their slot
+    until their step's result is applied). Reports the profiled steps' actual mean composition."""
+    sched = engine.scheduler
+    room = sched.max_num_batched_tokens - decodes  # prefill tokens per step
+    if room < 2:
+        raise SystemExit(f"--mixed-decodes {decodes} leaves no prefill room in a "
+                         f"{sched.max_num_batched_tokens}-token step")
+    seats = sched.max_num_seqs
+    sched.max_num_seqs = max(seats, decodes + 2 * (-(-room // prefill_len) + 1))
+    try:
+        ids = start_decodes(engine, decodes, input_len, steps + 60, tag)
+        rng = np.random.default_rng(decodes + 1)
+        vocab = engine.runner.arch.vocab_size
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        num_prompts = -(-(steps + 4) * room // prefill_len) + 2  # enough prefill to last past the profile
+        for i in range(num_prompts):
+            ids.append(f"{tag}-prefill-{i}")
+            engine.add_request(ids[-1], rng.integers(0, vocab, prefill_len).tolist(), params)
+        for _ in range(10):  # the step in flight at submission holds no prefill: wait for one that does
+            engine.step()
+            if step_record(engine, 0.0)[2]:
+                break
+        engine.step()
+        _sync()
+        mix = []
+        with profile(activities=_activities()) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+                mix.append(step_record(engine, 0.0)[:3])  # (decodes, prefill requests, prefill tokens)
+            _sync()
+            wall = time.perf_counter() - t0
+        end_requests(engine, ids)
+    finally:
+        sched.max_num_seqs = seats
+    total = _summary(prof, wall, steps, top)
+    dec, pre_reqs, pre_tokens = (sum(col) / steps for col in zip(*mix))
+    return total | {
+        "mixed_decodes": decodes, "decode_input_len": input_len, "prefill_len": prefill_len,
+        "wall_ms_per_step": total["wall_ms"] / steps, "gpu_kernel_ms_per_step": total["gpu_kernel_ms"] / steps,
+        "top_kernels_ms_per_step": [(name, ms / steps) for name, ms in total["top_kernels_ms"]],
+        "mean_decode_requests": dec, "mean_prefill_requests": pre_reqs, "mean_prefill_tokens": pre_tokens,
+        "min_prefill_tokens": min(m[2] for m in mix), "tokens_per_s": (dec + pre_tokens) * steps / wall,
+    }
 
 
 def host_profile_prefill(engine: LLMEngine, input_len: int, repeats: int, top: int) -> str:
@@ -152,8 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"prefill {args.prefill_prompts} x {args.prefill_len}: {r['steps']} steps, {r['wall_ms']:.1f} ms wall, "
               f"{r['gpu_kernel_ms']:.1f} ms GPU kernels ({100 * r['gpu_busy_fraction']:.1f}% busy), "
-              f"{r['tokens_per_s']:,.0f} prompt tok/s")
+              f"{r['tokens_per_s']:,.0f} prompt tok/s; per step {r['wall_ms_per_step']:.2f} ms wall, "
+              f"{r['gpu_kernel_ms_per_step']:.2f} ms GPU kernels")
         for name, ms in r["top_kernels_ms"]:
+            print(f"    {ms:8.3f} ms  {name}")
+    if args.mixed_decodes:
+        profile_mixed(engine, args.mixed_decodes, args.input_len, args.prefill_len, 2, args.top, "warm-mixed")
+        r = profile_mixed(engine, args.mixed_decodes, args.input_len, args.prefill_len, args.mixed_steps, args.top,
+                          "mixed")
+        results.append(r)
+        print(f"mixed {args.mixed_decodes} decodes + {args.prefill_len}-token prompts: {r['steps']} steps, "
+              f"{r['wall_ms_per_step']:.2f} ms/step wall, {r['gpu_kernel_ms_per_step']:.2f} ms GPU kernels "
+              f"({100 * r['gpu_busy_fraction']:.1f}% busy); per step {r['mean_decode_requests']:.1f} decodes + "
+              f"{r['mean_prefill_tokens']:.1f} prefill tokens ({r['mean_prefill_requests']:.1f} prefill requests), "
+              f"{r['tokens_per_s']:,.0f} tok/s")
+        for name, ms in r["top_kernels_ms_per_step"]:
             print(f"    {ms:8.3f} ms  {name}")
     if args.host_profile:
         host_profile_prefill(engine, args.host_profile, 2, args.top)  # warm

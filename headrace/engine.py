@@ -32,6 +32,10 @@ class LLMEngine:
         # planned and launched before step t's tokens are read back, as the served pipeline does.
         self._inflight: deque[tuple[StepPlan, InflightStep]] = deque()
         self._depth = 2 if config.scheduler.async_scheduling else 1
+        # The plan whose result the last step() applied (None if it applied none): what that step computed,
+        # for benchmarks that break their time down by step composition. Steps the engine finishes only
+        # to drain itself once idle (_drain_if_idle) are not reported here.
+        self.last_plan: StepPlan | None = None
 
     def draw_seed(self, params: SamplingParams) -> int:
         """The request's own seed, or one drawn from the engine's seeded stream (reproducible runs)."""
@@ -60,7 +64,9 @@ class LLMEngine:
             if plan.is_empty:  # nothing runnable until a token in flight arrives
                 break
         if not self._inflight:
+            self.last_plan = None
             return []
+        self.last_plan = self._inflight[0][0]
         outputs = self._finish_oldest()
         self._drain_if_idle()
         return outputs

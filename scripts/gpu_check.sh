@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
-#   bash scripts/gpu_check.sh profile  # where a decode step's time goes (torch.profiler), bf16 logits vs transformers
+#   bash scripts/gpu_check.sh profile  # where decode/prefill/mixed steps' time goes (torch.profiler), bf16 logits vs HF
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
 # plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
 # profile phase also sweeps the attention kernels' launch configurations, ~60 s).
@@ -104,8 +104,8 @@ phase_tp() {  # tensor parallelism alone (2+ GPUs), beside TP=1 batch-1 latency 
 }
 
 phase_profile() {
-  step step_profile 100 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
-    --output-json "$R/step_profile.json"
+  step step_profile 130 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
+    --mixed-decodes 248 --output-json "$R/step_profile.json"
   step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
   [ "${SWEEP:-0}" = 1 ] && step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"

@@ -7,6 +7,8 @@ they come to two rooflines measured in the same run:
 `--baseline hf` then runs transformers' `generate` on the same weights, one left-padded batch of the
 first B requests for each --hf-batch-sizes B, and reports its best (rows padded to the batch's longest
 prompt and output; only the tokens the requests asked for count).
+`ours["step_mix"]` breaks the engine's steps down by composition (decode_only, mixed = decodes beside
+prefill chunks, prefill_only, empty): steps, seconds, mean ms per step, mean decodes and prefill tokens.
 
     headrace bench throughput --model random:llama-3-8b --dataset-name random --input-len 1024 \
         --output-len 128 --num-prompts 1000 --baseline hf --hf-batch-sizes 64 256 --output-json tp.json
@@ -63,9 +65,60 @@ def load_requests(args: argparse.Namespace, tokenizer, num_prompts: int, seed: i
                            dataset_path=args.dataset_path, range_ratio=args.random_range_ratio, as_token_ids=True)
 
 
+STEP_KINDS = ("decode_only", "mixed", "prefill_only", "empty")
+
+
+def step_record(engine: LLMEngine, seconds: float) -> tuple[int, int, int, float]:
+    """(decode requests, prefill requests, prefill tokens, seconds) of the step whose result the engine last
+    applied. A decode is a request scheduled one token; every other scheduled request is a prefill chunk
+    (a rare 1-token chunk, the tail of a token budget, counts as a decode). One pass over the plan's
+    per-request counts, in C: no per-token work, no device sync."""
+    plan = engine.last_plan
+    if plan is None:
+        return 0, 0, 0, seconds
+    counts = list(plan.num_scheduled_tokens.values())
+    decodes = counts.count(1)
+    return decodes, len(counts) - decodes, sum(counts) - decodes, seconds
+
+
+def step_kind(decodes: int, prefill_tokens: int) -> str:
+    if prefill_tokens:
+        return "mixed" if decodes else "prefill_only"
+    return "decode_only" if decodes else "empty"
+
+
+def summarize_step_mix(records: list[tuple[int, int, int, float]]) -> dict[str, dict]:
+    """Per step kind (decode_only: decodes alone; mixed: decodes beside prefill chunks; prefill_only;
+    empty: nothing scheduled), its steps, seconds (the wall time between its completion and the previous
+    step's), mean ms per step and mean decode requests / prefill requests / prefill tokens per step."""
+    groups: dict[str, list[tuple[int, int, int, float]]] = {kind: [] for kind in STEP_KINDS}
+    for rec in records:
+        groups[step_kind(rec[0], rec[2])].append(rec)
+    mix = {}
+    for kind, recs in groups.items():
+        n = len(recs)
+        seconds = float(sum(r[3] for r in recs))
+        mix[kind] = {"steps": n, "seconds": seconds, "mean_ms_per_step": seconds / n * 1e3 if n else 0.0,
+                     "mean_decode_requests": sum(r[0] for r in recs) / n if n else 0.0,
+                     "mean_prefill_requests": sum(r[1] for r in recs) / n if n else 0.0,
+                     "mean_prefill_tokens": sum(r[2] for r in recs) / n if n else 0.0}
+    return mix
+
+
+def format_step_mix(mix: dict[str, dict]) -> list[str]:
+    """One line per kind (`empty` only when it occurred)."""
+    return [f"step mix {kind:>12}: {m['steps']:5d} steps, {m['seconds']:8.3f} s, {m['mean_ms_per_step']:8.2f} ms/step, "
+            f"{m['mean_decode_requests']:6.1f} decodes + {m['mean_prefill_tokens']:7.1f} prefill tokens "
+            f"({m['mean_prefill_requests']:.1f} prefill requests) per step"
+            for kind, m in mix.items() if kind != "empty" or m["steps"]]
+
+
 def run_requests(engine: LLMEngine, requests: list[BenchRequest], tag: str, max_tokens_cap: int | None = None,
-                 progress: bool = False) -> tuple[float, int, int]:
-    """Submit every request at once and step until all finish; returns (seconds, output tokens, steps)."""
+                 progress: bool = False) -> tuple[float, int, int, dict[str, dict]]:
+    """Submit every request at once and step until all finish; returns (seconds, output tokens, steps, step
+    mix): the steps broken down by composition (summarize_step_mix). A step's time runs from the previous
+    step's completion (the first's from the end of submission) to its own: with async scheduling it
+    includes planning and launching the next step, which overlaps this one's GPU work."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(requests), desc=tag, disable=not progress, unit="req")
@@ -75,14 +128,19 @@ def run_requests(engine: LLMEngine, requests: list[BenchRequest], tag: str, max_
         engine.add_request(f"{tag}-{i}", list(req.prompt),
                            SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
     made = steps = 0
+    records: list[tuple[int, int, int, float]] = []
+    prev = time.perf_counter()
     while engine.has_unfinished_requests():
         outs = engine.step()
+        now = time.perf_counter()
+        records.append(step_record(engine, now - prev))
+        prev = now
         steps += 1
         made += sum(len(o.new_token_ids) for o in outs)
         bar.update(sum(o.finished for o in outs))
     seconds = time.perf_counter() - t0
     bar.close()
-    return seconds, made, steps
+    return seconds, made, steps, summarize_step_mix(records)
 
 
 def run_hf(config, requests: list[BenchRequest], batch_sizes: list[int]) -> dict:
@@ -135,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         run_requests(engine, warmup, "warmup", max_tokens_cap=8)
     preempt0 = engine.scheduler.num_preemptions
     replays0 = runner.graphs.num_replays if runner.graphs is not None else 0
-    elapsed, output_tokens, steps = run_requests(engine, requests, "requests", progress=not args.disable_tqdm)
+    elapsed, output_tokens, steps, step_mix = run_requests(engine, requests, "requests",
+                                                           progress=not args.disable_tqdm)
     input_tokens = sum(r.prompt_len for r in requests)
     total = input_tokens + output_tokens
 
@@ -154,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_steps": steps,
         "graph_replays": (runner.graphs.num_replays - replays0) if runner.graphs is not None else 0,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "step_mix": step_mix,
     }
     summary = {
         "benchmark": "throughput", "model": config.model.model or "embedded",
@@ -168,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours: {ours['requests_per_s']:.2f} req/s, {ours['total_tokens_per_s']:,.1f} total tok/s "
           f"({ours['fraction_of_compute_roofline']:.1%} of compute roofline), {ours['output_tokens_per_s']:,.1f} "
           f"output tok/s ({ours['fraction_of_decode_roofline']:.1%} of decode roofline)", flush=True)
+    for line in format_step_mix(step_mix):
+        print(line, flush=True)
     del engine, runner
     gc.collect()
     if torch.cuda.is_available():
