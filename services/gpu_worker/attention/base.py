@@ -47,12 +47,14 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Applies RoPE to q/k, writes k/v into the paged cache and computes causal attention."""
+    """Applies RoPE to q/k, writes k/v into the paged cache and computes causal attention, in two parts:
+    `write_cache` depends on the number of tokens alone (so CUDA graphs can capture it between the GEMMs),
+    `attend` reads the step's batch structure (sequence lengths, block tables)."""
 
     name: str
 
     @abstractmethod
-    def forward(
+    def write_cache(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim], before RoPE
         k: torch.Tensor,  # [T, num_kv_heads, head_dim], before RoPE
@@ -60,10 +62,27 @@ class AttentionBackend(ABC):
         positions: torch.Tensor,  # [T] int64
         cos_sin_cache: torch.Tensor,  # [max_pos, head_dim] float32: cos | sin
         kv_cache: KVCache,
+        slot_mapping: torch.Tensor,  # [T] int64; -1 = padding, not written
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (q, k) after RoPE (rotated in place or new tensors)
+        ...
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim], after RoPE
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]: this step's keys after RoPE (also in the cache)
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]: this step's values (also in the cache)
+        kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
+
+    def forward(self, q, k, v, positions, cos_sin_cache, kv_cache: KVCache, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """Both parts: RoPE + cache write, then attention over the cache."""
+        q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
+        return self.attend(q, k, v, kv_cache, meta, scale)
 
     def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
         """Compile whatever this backend compiles lazily (Triton kernel variants) before serving, so no

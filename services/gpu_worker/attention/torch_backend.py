@@ -59,10 +59,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, positions, cos_sin_cache, kv_cache, meta: AttentionMetadata, scale: float):
+    def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
         q = apply_rope(q, positions, cos_sin_cache)
         k = apply_rope(k, positions, cos_sin_cache)
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, slot_mapping)
+        return q, k
+
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()

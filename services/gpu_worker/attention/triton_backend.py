@@ -1,9 +1,10 @@
 """The `triton` attention backend: fused RoPE + KV write, then paged attention kernels (GPU).
 
 One step's flat batch is decodes first, then prefill chunks. RoPE and the cache write run once over the
-whole batch; the decode rows go to the split-K decode kernel, the prefill rows to the prefill kernel.
-`forward` never reads a device value on the host, so a decode-only step can be captured in a CUDA graph:
-every launch parameter (grid, number of KV splits) depends only on tensor shapes.
+whole batch (`write_cache`, one kernel whose launch depends on the token count alone: piecewise CUDA
+graphs capture it); the decode rows go to the split-K decode kernel, the prefill rows to the prefill
+kernel (`attend`). Neither reads a device value on the host, so a decode-only step can be captured whole
+in a CUDA graph: every launch parameter (grid, number of KV splits) depends only on tensor shapes.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ class TritonAttentionBackend(AttentionBackend):
     # Read by services.gpu_worker.cuda_graphs: this backend's decode path has no host syncs or host loops.
     supports_cuda_graphs = True
 
-    def forward(self, q, k, v, positions, cos_sin_cache, kv_cache, meta: AttentionMetadata, scale: float):
+    def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
         if not q.is_cuda and not _utils.interpret_mode():
             raise RuntimeError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                                "use --attention-backend torch")
+        return rope_and_cache(q, k, v, positions, cos_sin_cache, kv_cache[0], kv_cache[1], slot_mapping)
+
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
         k_cache, v_cache = kv_cache
-        q, k = rope_and_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
         nd, ns = meta.num_decodes, meta.num_seqs
         decode_out = None
         if nd:
@@ -40,8 +43,10 @@ class TritonAttentionBackend(AttentionBackend):
                 return decode_out
         # Prefill rows keep their absolute offsets into the flat batch: the kernel writes only the rows that
         # query_start_loc[nd:] covers, so the decode rows are filled from decode_out below (no rebase, no cat).
+        # This step's keys/values are read from k and v (contiguous rows), the cached prefix from the cache.
         out = paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
-                                      meta.seq_lens[nd:], meta.context_lens[nd:], meta.max_query_len, scale)
+                                      meta.seq_lens[nd:], meta.context_lens[nd:], meta.max_query_len, scale,
+                                      k_new=k, v_new=v)
         if decode_out is not None:
             out[: meta.num_decode_tokens].copy_(decode_out)
         return out
@@ -65,6 +70,7 @@ class TritonAttentionBackend(AttentionBackend):
             qsl = torch.tensor([0, tokens], dtype=torch.int32, device=dev)
             lens = torch.tensor([tokens], dtype=torch.int32, device=dev)
             ctx = torch.zeros(1, dtype=torch.int32, device=dev)
-            paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, 1.0)
+            kv = torch.zeros(tokens, k_cache.shape[2], head_dim, dtype=dtype, device=dev)
+            paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, 1.0, k_new=kv, v_new=kv)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -48,7 +48,9 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.scale = arch.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def project_qkv(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
+        """QKV projection, QK-norm, RoPE and the KV-cache write: everything before attention, all of it
+        shaped by the token count alone. Returns q, k, v [T, heads, head_dim] after RoPE."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -58,9 +60,18 @@ class LlamaAttention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = ctx.backend.forward(q, k, v, positions, ctx.cos_sin_cache, ctx.kv_caches[self.layer_idx],
-                                  ctx.attn, self.scale)
-        return self.o_proj(out.reshape(t, q_size))
+        q, k = ctx.backend.write_cache(q, k, v, positions, ctx.cos_sin_cache, ctx.kv_caches[self.layer_idx],
+                                       ctx.attn.slot_mapping)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention over the paged cache; [T, heads * head_dim]."""
+        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.project_qkv(positions, x, ctx)
+        return self.o_proj(self.attend(q, k, v, ctx))
 
 
 class LlamaMLP(nn.Module):
@@ -82,14 +93,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(arch, tp, dtype, device)
 
-    def forward(self, positions, x, residual, ctx: ForwardContext):
+    # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
+    def before_attention(self, positions, x, residual, ctx: ForwardContext):
+        """Input norm (fused with the residual add) and project_qkv; returns q, k, v, residual."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        q, k, v = self.self_attn.project_qkv(positions, x, ctx)
+        return q, k, v, residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
+
+    def forward(self, positions, x, residual, ctx: ForwardContext):
+        q, k, v, residual = self.before_attention(positions, x, residual, ctx)
+        return self.after_attention(self.self_attn.attend(q, k, v, ctx), residual)
 
 
 # HF checkpoint names that land in one of our merged parameters: (our name, shard index).

@@ -208,6 +208,11 @@ def test_warm_up_compiles_every_variant_serving_reaches():
         tables = torch.randint(0, 64, (1, width), dtype=torch.int32).to(DEVICE)
         qsl = torch.tensor([0, tokens], dtype=torch.int32, device=DEVICE)
         lens = torch.tensor([tokens], dtype=torch.int32, device=DEVICE)
-        pre.paged_prefill_attention(q, cache[0], cache[1], tables, qsl, lens, torch.zeros_like(lens), tokens, 1.0)
+        # Serving passes this step's K/V as views of the QKV output (eager) or as contiguous buffers (graphs).
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, DTYPE)
+        k_view = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+        for k_new in (k_view, k_view.contiguous()):
+            pre.paged_prefill_attention(q, cache[0], cache[1], tables, qsl, lens, torch.zeros_like(lens), tokens,
+                                        1.0, k_new=k_new, v_new=k_new)
     torch.cuda.synchronize()
     assert [_compiled_variants(k) for k in kernels] == before
