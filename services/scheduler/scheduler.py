@@ -12,7 +12,9 @@ One step, in order:
      preempted (blocks freed, progress dropped, put back at the FRONT of the queue) until the allocation
      fits; if the request in hand is the last one left, it is preempted itself.
   2. WAITING requests, first come first served, while the token budget, max_num_seqs and the KV pool
-     (minus a small watermark) allow. Skipped in a step that preempted anything.
+     (minus a small watermark) allow. Skipped in a step that preempted anything. A running request whose
+     last token (by max_tokens) is in flight is not scheduled again and holds no seat: with async
+     scheduling the next plan admits its successor instead of waiting a step for it to leave.
 
 Conventions the worker relies on:
   - `num_computed_tokens` advances when a request is scheduled (here, not in update_from_output), so a
@@ -123,10 +125,12 @@ class Scheduler:
 
         # 1. Running requests, oldest first.
         i = 0
+        finishing = 0  # running requests whose last token is in flight: their seats are free for this step
         while i < len(running) and budget > 0:
             req = running[i]
             if req.num_output_tokens + req.num_pending_tokens >= req.max_tokens:
-                i += 1  # its last token is already being sampled: it finishes when that step returns
+                finishing += 1  # its last token is already being sampled: it finishes when that step returns
+                i += 1
                 continue
             num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
             if num_new > 1:  # still prefilling: a chunk that leaves one token for each request behind it
@@ -153,7 +157,8 @@ class Scheduler:
         # 2. Waiting requests, first come first served. After a preemption memory is too tight to admit.
         now = time.time()
         waiting = self.waiting
-        while not preempted and waiting and budget > 0 and len(running) < self.max_num_seqs:
+        # max_num_seqs bounds the requests in a step; one leaving with the step in flight takes no seat.
+        while not preempted and waiting and budget > 0 and len(running) - finishing < self.max_num_seqs:
             req = next(iter(waiting.values()))
             hits, num_hits = bm.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, budget)

@@ -162,7 +162,7 @@ def drive(sched: Scheduler, arrivals: dict[int, list[Request]], aborts: dict[int
         outs = sched.abort_requests(aborts.get(step, [])) if step % 2 == 0 else []
         plan = sched.schedule()
         assert plan.total_num_scheduled_tokens <= sched.max_num_batched_tokens
-        assert len(plan.num_scheduled_tokens) <= sched.num_running <= sched.max_num_seqs
+        assert len(plan.num_scheduled_tokens) <= min(sched.num_running, sched.max_num_seqs)
         run.plans.append(plan)
         in_flight.append((plan, worker.execute(plan)))
         if step % 2 == 1:
@@ -485,6 +485,18 @@ def test_abort_frees_every_block_at_once_and_tells_the_worker_only_what_it_holds
     assert plan.is_empty and sorted(plan.finished_req_ids) == ["r0", "r1"]  # r2 never reached the worker
     worker.execute(plan)
     assert not worker.reqs
+
+
+def test_a_request_whose_last_token_is_in_flight_gives_up_its_seat():
+    """With steps planned ahead (async scheduling), a waiting request takes the seat of one whose last
+    token is still being sampled, in the very next plan."""
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_req("a", [1, 2, 3], max_tokens=2, ignore_eos=True), make_req("b", [4, 5], max_tokens=2)
+    run = drive(sched, {0: [a, b]}, lookahead=2)
+    assert [list(p.num_scheduled_tokens.items()) for p in run.plans[:3]] == [
+        [("a", 3)], [("a", 1)], [("b", 2)]]  # plan 2 runs while plan 1 samples a's last token
+    assert all(len(p.num_scheduled_tokens) <= 1 for p in run.plans)
+    assert len(run.tokens("a")) == 2 and len(run.tokens("b")) == 2
 
 
 def test_token_arriving_after_abort_is_dropped():
