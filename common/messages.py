@@ -113,9 +113,19 @@ class RequestOutput:
     error: str | None = None
     # HTTP-style status for `error`: 400 when the request itself was at fault, 500/503 when the engine was.
     error_code: int | None = None
-    # Seconds from entering the scheduler's queue to first being scheduled (None until then), and times
-    # preempted so far: per-request metrics (request_queue_time_seconds, num_preemptions_total).
+    # Per-request phases in seconds, for the api's metrics (request_*_time_seconds). Set only on the output
+    # that carries the request's first token and on the one that finishes it (None on every other output):
+    #   ingest: api arrival (GenerateRequest.arrival_time) -> queued by the scheduler (wall clock, >= 0);
+    #   queue: queued -> first scheduled; prefill: first scheduled -> first token seen by the scheduler;
+    #   decode: first token -> finished; inference: first scheduled -> finished (= prefill + decode).
+    # A preemption does not restart any phase: its wait and recomputation fall in prefill (before the first
+    # token) or decode (after it). A phase is None until its end has happened.
     queue_time: float | None = None
+    ingest_time: float | None = None
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    inference_time: float | None = None
+    # Times preempted so far (num_preemptions_total), on every output.
     num_preemptions: int = 0
 
 
@@ -277,8 +287,14 @@ class TextDelta:
     # The prompt as text, on the first delta of an `echo` request.
     prompt_text: str | None = None
     error: ErrorInfo | None = None
-    # Carried from the request's latest RequestOutput (see there), for the api's metrics.
+    # Carried from the request's RequestOutput (see there), for the api's metrics. A request the tokenizer
+    # ends on a stop string has no finish from the scheduler: its decode is timed in the tokenizer, from the
+    # first token's output arriving there (inference = the scheduler's prefill + that decode).
     queue_time: float | None = None
+    ingest_time: float | None = None
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    inference_time: float | None = None
     num_preemptions: int = 0
 
 

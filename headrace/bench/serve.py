@@ -6,6 +6,8 @@
 Sends exactly --num-prompts streamed requests (Poisson or gamma arrivals, optionally capped by
 --max-concurrency) over one shared HTTP client, times every token chunk, and reports what
 `vllm bench serve` reports, under the same flag names and JSON field names, so results compare directly.
+Against a headrace server it also prints the server's own means over the run (from /metrics) and adds them
+to the JSON as `server_means_ms` (see headrace/bench/server_metrics.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from datetime import datetime
 import httpx
 import numpy as np
 
+from headrace.bench import server_metrics
 from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.bench.metrics_summary import (
     LATENCY_METRICS,
@@ -163,10 +166,13 @@ async def _run(args: argparse.Namespace, plan: Plan) -> int:
               f"max concurrency: {args.max_concurrency}")
         arrivals = arrival_times(len(requests), args.request_rate, args.burstiness,
                                  np.random.default_rng([args.seed, 1]))
+        # A headrace server's own histograms, before and after: its side of the latencies (None: not ours).
+        before = await server_metrics.scrape(client, base_url, headers)
         results, duration = await run_requests(
             client, base_url + args.endpoint, requests, arrivals,
             lambda req: build_payload(model, req, chat, plan.ignore_eos, extra), headers, chat,
             args.max_concurrency, args.disable_tqdm)
+        after = await server_metrics.scrape(client, base_url, headers) if before is not None else None
 
     for res in results:  # servers that send no usage chunk: count the streamed text
         if res.success and res.output_tokens is None:
@@ -177,6 +183,11 @@ async def _run(args: argparse.Namespace, plan: Plan) -> int:
     failures = [r.error for r in results if not r.success]
     for i, err in enumerate(failures[:10]):
         print(f"Error {i}: {err}")
+    server_means = None
+    if before is not None and after is not None:
+        server_means = server_metrics.means_ms(before, after)
+        print(server_metrics.format_block(server_means, server_metrics.observed_requests(before, after),
+                                          metrics.latencies["ttft"].mean if metrics.completed else None))
 
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
     result = {
@@ -191,6 +202,8 @@ async def _run(args: argparse.Namespace, plan: Plan) -> int:
         "max_concurrency": args.max_concurrency,
         **result_fields(metrics, results, plan.pct_metrics),
     }
+    if server_means is not None:  # ours, not vLLM's: the server's exact means over the run (server_metrics.py)
+        result["server_means_ms"] = server_means
     if args.save_result:
         path = result_path(args, backend, model, date)
         with open(path, "w", encoding="utf-8") as f:

@@ -100,6 +100,20 @@ class Metrics:
         self.queue_time = histogram("headrace:request_queue_time_seconds",
                                     "Time a request waited in the scheduler's queue, in seconds.",
                                     REQUEST_LATENCY_BUCKETS)
+        # The request's phases as the scheduler timed them (see common.messages.RequestOutput); ingest (api
+        # arrival -> queued by the scheduler: api, tokenizer and two hops) is ours, with TTFT's finer buckets.
+        self.ingest_time = histogram("headrace:request_ingest_time_seconds",
+                                     "Time from the api's arrival to the scheduler's queue, in seconds.",
+                                     TTFT_BUCKETS)
+        self.prefill_time = histogram("headrace:request_prefill_time_seconds",
+                                      "Time from first scheduled to the first token, in seconds.",
+                                      REQUEST_LATENCY_BUCKETS)
+        self.decode_time = histogram("headrace:request_decode_time_seconds",
+                                     "Time from the first token to the request's finish, in seconds.",
+                                     REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("headrace:request_inference_time_seconds",
+                                        "Time from first scheduled to the request's finish, in seconds.",
+                                        REQUEST_LATENCY_BUCKETS)
         self.request_prompt_tokens = histogram("headrace:request_prompt_tokens", "Prompt tokens per request.",
                                                token_buckets)
         self.request_generation_tokens = histogram("headrace:request_generation_tokens",
@@ -131,8 +145,16 @@ class Metrics:
             self.ttft.observe(record.time_to_first_token)
         for gap in record.inter_token_latencies:
             self.itl.observe(gap)
+        if record.ingest_time is not None:
+            self.ingest_time.observe(record.ingest_time)
         if record.queue_time is not None:
             self.queue_time.observe(record.queue_time)
+        if record.prefill_time is not None:
+            self.prefill_time.observe(record.prefill_time)
+        if record.decode_time is not None:
+            self.decode_time.observe(record.decode_time)
+        if record.inference_time is not None:
+            self.inference_time.observe(record.inference_time)
         if record.num_preemptions:
             self.num_preemptions.inc(record.num_preemptions)
         self.request_prompt_tokens.observe(record.num_prompt_tokens)

@@ -37,7 +37,7 @@ class Request:
         "_max_model_len", "_max_tokens", "output_token_ids", "output_logprobs", "status", "stop_reason",
         "block_ids", "block_hashes", "num_committed_blocks", "num_computed_tokens", "num_cached_tokens",
         "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids", "queued_time",
-        "num_pending_tokens",
+        "num_pending_tokens", "first_token_time",
     )
 
     def __init__(
@@ -83,6 +83,9 @@ class Request:
         self.num_pending_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until then
         self.first_scheduled_time: float | None = None
+        # When the scheduler service saw the first output token (wall clock; set by services/scheduler/service.py,
+        # which times the request's phases for the api's metrics). Kept across preemption, as the outputs are.
+        self.first_token_time: float | None = None
         self.num_preemptions = 0
         # prompt + outputs in one list, so block hashing and resumption never concatenate.
         self._all_token_ids = list(self.prompt_token_ids)

@@ -304,13 +304,15 @@ class SchedulerService:
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         by_tokenizer: dict[bytes, list[RequestOutput]] = {}
+        now = time.time()  # when the scheduler saw these outputs: one clock read per batch
         for out in outputs:
             entry = self.owner.get(out.req_id)
             if entry is None:
                 continue
             identity, req = entry
-            if req.first_scheduled_time is not None:  # for the api's metrics
-                out.queue_time = req.first_scheduled_time - req.queued_time
+            # The phases ride only on the first token's output and the finishing one (cheap per token).
+            if (req.first_token_time is None and out.new_token_ids) or out.finished:
+                attach_phases(out, req, now)
             out.num_preemptions = req.num_preemptions
             by_tokenizer.setdefault(identity, []).append(out)
             if out.finished:
@@ -321,6 +323,27 @@ class SchedulerService:
         step = self.inflight[0].step_id if self.inflight else 0
         for identity, outs in by_tokenizer.items():
             self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput(outs, step))])
+
+
+def attach_phases(out: RequestOutput, req: Request, now: float) -> None:
+    """Set out's phase times (see RequestOutput) from req's timestamps; `now` is when the scheduler saw out.
+
+    Called for the output that carries req's first token (which stamps req.first_token_time) and for the one
+    that finishes req. Every timestamp is wall clock (time.time()); arrival_time is the api's, so ingest
+    crosses processes: clamped at 0 in case the api runs on a host whose clock is ahead.
+    """
+    scheduled = req.first_scheduled_time
+    out.ingest_time = max(0.0, req.queued_time - req.arrival_time)
+    if scheduled is None:  # finished (aborted, failed) before it was ever scheduled
+        return
+    out.queue_time = scheduled - req.queued_time
+    if req.first_token_time is None and out.new_token_ids:
+        req.first_token_time = now
+        out.prefill_time = now - scheduled
+    if out.finished:
+        out.inference_time = now - scheduled
+        if req.first_token_time is not None:
+            out.decode_time = now - req.first_token_time
 
 
 def main(config_dict: dict[str, Any], index: int = 0) -> None:

@@ -74,6 +74,10 @@ class _Request:
     want_logprobs: bool
     prompt_text: str | None  # sent once, on the first delta (echo)
     num_output_tokens: int = 0
+    # The scheduler's prefill time and when its first-token output arrived here (time.time()): a request
+    # this tokenizer ends on a stop string never gets the scheduler's finish, so its decode is timed here.
+    prefill_time: float | None = None
+    first_token_seen: float | None = None
 
 
 class TokenizerService:
@@ -277,10 +281,16 @@ class TokenizerService:
         text, stop_string = state.detokenizer.update(out.new_token_ids, finished=out.finished,
                                                      stop_token=stop_token)
         finished, finish_reason, stop_reason = out.finished, out.finish_reason, out.stop_reason
+        decode_time, inference_time = out.decode_time, out.inference_time
+        if out.prefill_time is not None:  # the output with the first token
+            state.prefill_time, state.first_token_seen = out.prefill_time, time.time()
         if stop_string is not None:
             finished, finish_reason, stop_reason = True, "stop", stop_string
             if not out.finished:
                 transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
+                if state.first_token_seen is not None:  # the scheduler would have timed this finish now
+                    decode_time = time.time() - state.first_token_seen
+                    inference_time = state.prefill_time + decode_time
         state.num_output_tokens += len(out.new_token_ids)
         error = None
         if out.error:
@@ -296,7 +306,8 @@ class TokenizerService:
             finished=finished, finish_reason=finish_reason, stop_reason=stop_reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
             num_cached_tokens=out.num_cached_tokens, prompt_text=prompt_text, error=error,
-            queue_time=out.queue_time, num_preemptions=out.num_preemptions)
+            queue_time=out.queue_time, ingest_time=out.ingest_time, prefill_time=out.prefill_time,
+            decode_time=decode_time, inference_time=inference_time, num_preemptions=out.num_preemptions)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TopLogprobs] | None) -> list[TokenLogprobs] | None:
         if not logprobs:

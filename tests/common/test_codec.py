@@ -43,11 +43,13 @@ SP = SamplingParams(temperature=0.5, top_k=5, seed=7, max_tokens=32, stop=("###"
                     logprobs=3, extra={"k": [1, "v"]})
 LP = TopLogprobs(token_logprob=-0.25, top_token_ids=[5, 9], top_logprobs=[-0.25, -1.5])
 OUT = RequestOutput(req_id="r1", new_token_ids=[11, 12], new_logprobs=[LP, LP], finished=True,
-                    finish_reason="stop", stop_reason=2, num_prompt_tokens=4, num_cached_tokens=2)
+                    finish_reason="stop", stop_reason=2, num_prompt_tokens=4, num_cached_tokens=2,
+                    queue_time=0.5, ingest_time=0.25, decode_time=1.5, inference_time=2.0, num_preemptions=1)
 DELTA = TextDelta(req_id="r1", text="héllo 世界 🎉", token_ids=[1, 2],
                   logprobs=[TokenLogprobs("hé", -0.5, [1, 3], ["hé", "x"], [-0.5, -2.0])] * 2,
                   finished=True, finish_reason="stop", stop_reason="###", num_prompt_tokens=3,
-                  num_output_tokens=2, num_cached_tokens=1, prompt_text="p")
+                  num_output_tokens=2, num_cached_tokens=1, prompt_text="p", queue_time=0.5, ingest_time=0.25,
+                  prefill_time=0.125, num_preemptions=1)
 
 # One or more instances per message kind; test_every_message_kind_has_a_sample keeps this list complete.
 SAMPLES = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from headrace.bench import serve
 
@@ -23,8 +23,9 @@ class ScriptedServer:
     """Streams `max_tokens` chunks of " tok" at a fixed pace; request number k (in arrival order) fails with
     HTTP 500 when k is in `http_failures`, or with an SSE error event after one token when in `stream_failures`."""
 
-    def __init__(self, send_usage: bool = True, http_failures=(), stream_failures=()):
+    def __init__(self, send_usage: bool = True, http_failures=(), stream_failures=(), metrics: str | None = None):
         self.send_usage = send_usage
+        self.metrics_scrapes = 0
         self.http_failures, self.stream_failures = set(http_failures), set(stream_failures)
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
@@ -34,6 +35,13 @@ class ScriptedServer:
         self.app.get("/v1/models")(self.models)
         self.app.post("/v1/completions")(self.generate)
         self.app.post("/v1/chat/completions")(self.generate)
+        if metrics is not None:  # another server's Prometheus text
+
+            async def metrics_page():
+                self.metrics_scrapes += 1
+                return PlainTextResponse(metrics)
+
+            self.app.get("/metrics")(metrics_page)
 
     async def models(self):
         self.model_listings += 1
@@ -126,6 +134,7 @@ def test_completions_run_at_a_rate_writes_vllm_shaped_json(tmp_path, run_server,
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "Request goodput (req/s):" in printed
+    assert "Server-side" not in printed  # no /metrics here: nothing said about it
 
     # The client sent exactly num_prompts streamed requests, shaped as vLLM's client shapes them.
     assert scripted.model_listings == 1 and len(scripted.bodies) == 10
@@ -138,6 +147,7 @@ def test_completions_run_at_a_rate_writes_vllm_shaped_json(tmp_path, run_server,
 
     result = json.loads((tmp_path / "out" / "run.json").read_text())
     assert result["backend"] == "openai" and result["model_id"] == "scripted-model"
+    assert "server_means_ms" not in result
     assert result["tokenizer_id"] == tokenizer_dir
     assert (result["num_prompts"], result["request_rate"], result["burstiness"], result["max_concurrency"]) == (
         10, 40.0, 1.0, None)
@@ -174,9 +184,14 @@ def test_completions_run_at_a_rate_writes_vllm_shaped_json(tmp_path, run_server,
             assert isinstance(result[f"{stat}_{metric}_ms"], float), (stat, metric)
 
 
+VLLM_METRICS = ("# TYPE vllm:time_to_first_token_seconds histogram\n"
+                'vllm:time_to_first_token_seconds_count{model_name="m"} 3.0\n'
+                'vllm:time_to_first_token_seconds_sum{model_name="m"} 0.5\n')
+
+
 def test_chat_without_usage_counts_by_tokenizer_and_caps_concurrency(tmp_path, run_server, tokenizer_dir,
-                                                                    embedded_tokenizer):
-    scripted = ScriptedServer(send_usage=False)
+                                                                    embedded_tokenizer, capsys):
+    scripted = ScriptedServer(send_usage=False, metrics=VLLM_METRICS)  # /metrics, but not a headrace server's
     url = run_server(scripted)
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "output_len": 3 + i}) for i in range(4)))
@@ -203,6 +218,8 @@ def test_chat_without_usage_counts_by_tokenizer_and_caps_concurrency(tmp_path, r
         assert text == " tok" * (len(itl) + 1)  # the role preamble is not a token
         assert n == len(embedded_tokenizer.encode(text, add_special_tokens=False))
     assert "p99_ttft_ms" in result and "p99_e2el_ms" not in result  # default --percentile-metrics
+    assert scripted.metrics_scrapes == 1 and "server_means_ms" not in result  # looked once, skipped silently
+    assert "Server-side" not in capsys.readouterr().out
 
 
 def test_unreachable_server_fails_every_request_without_crashing(tmp_path, tokenizer_dir, capsys):

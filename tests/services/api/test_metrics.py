@@ -32,13 +32,20 @@ def value(parsed: dict, name: str, **labels: str) -> float:
     return parsed[(name, tuple(sorted({"model_name": MODEL, **labels}.items())))]
 
 
+# The phases the engine reports for every request (binary fractions: their sums are exact).
+PHASES = {"ingest": 0.0078125, "queue": 0.25, "prefill": 0.125, "decode": 0.5}
+
+
 def scripted(req) -> list[list[TextDelta]]:
-    """Three tokens (the first two arriving together), queue time and one preemption from the engine."""
+    """Three tokens (the first two arriving together), one preemption and the request's phases from the
+    engine: ingest, queue and prefill with the first token; ingest and queue again, decode and inference
+    with the last (as the scheduler sends them)."""
     last = 2
-    return [[delta(req.req_id, "a", 0, 3, prompt_tokens=4, queue_time=0.25),
-             delta(req.req_id, "b", 1, 3, prompt_tokens=4, queue_time=0.25, num_preemptions=1)],
-            [delta(req.req_id, "c", last, 3, finish_reason="stop", prompt_tokens=4, queue_time=0.25,
-                   num_preemptions=1)]]
+    known = {"ingest_time": PHASES["ingest"], "queue_time": PHASES["queue"]}
+    return [[delta(req.req_id, "a", 0, 3, prompt_tokens=4, prefill_time=PHASES["prefill"], **known),
+             delta(req.req_id, "b", 1, 3, prompt_tokens=4, num_preemptions=1)],
+            [delta(req.req_id, "c", last, 3, finish_reason="stop", prompt_tokens=4, num_preemptions=1,
+                   decode_time=PHASES["decode"], inference_time=PHASES["prefill"] + PHASES["decode"], **known)]]
 
 
 async def test_metrics_count_every_finished_request_and_match_usage(stack, caplog):
@@ -70,10 +77,17 @@ async def test_metrics_count_every_finished_request_and_match_usage(stack, caplo
     assert value(m, "headrace:request_success_total", finished_reason="stop") == engine_requests
     assert value(m, "headrace:request_success_total", finished_reason="abort") == 0
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-                 "request_prompt_tokens", "request_generation_tokens"):
+                 "request_ingest_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens"):
         assert value(m, f"headrace:{name}_count") == engine_requests, name
     assert value(m, "headrace:inter_token_latency_seconds_count") == 2 * engine_requests  # 3 tokens: 2 gaps
-    assert value(m, "headrace:request_queue_time_seconds_sum") == pytest.approx(0.25 * engine_requests)
+    # Sent twice (ingest, queue) or once: each observed once per request, with the engine's value.
+    for phase, seconds in PHASES.items():
+        assert value(m, f"headrace:request_{phase}_time_seconds_sum") == seconds * engine_requests, phase
+    assert value(m, "headrace:request_inference_time_seconds_sum") == (
+        (PHASES["prefill"] + PHASES["decode"]) * engine_requests)
+    assert value(m, "headrace:request_ingest_time_seconds_bucket", le="0.01") == engine_requests  # fine buckets
+    assert value(m, "headrace:request_ingest_time_seconds_bucket", le="0.005") == 0
     assert value(m, "headrace:request_generation_tokens_sum") == 3 * engine_requests
     assert value(m, "headrace:request_prompt_tokens_bucket", le="5.0") == engine_requests
     assert value(m, "headrace:request_prompt_tokens_bucket", le="2.0") == 0

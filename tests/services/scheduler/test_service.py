@@ -152,3 +152,129 @@ def test_dead_worker_fails_inflight_requests_then_recovers(engine):
     assert len(outs["again"]) == 4
     for p in (api, tok, launcher):
         p.close()
+
+
+# --------------------------------------------------------------------------- request phases (no processes)
+
+
+_monotonic = time.monotonic
+
+
+class _Clock:
+    """Stands for the `time` module in the scheduler's modules: time() is set by the test."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = staticmethod(_monotonic)
+
+
+class _Frontend:
+    """Stands for the scheduler's ROUTER: keeps what _route sends, decoded from the wire."""
+
+    def __init__(self):
+        self.outputs: list = []
+
+    def send_multipart(self, frames):
+        msg = codec.decode(frames[1])
+        assert isinstance(msg, BatchRequestOutput)
+        self.outputs += msg.outputs
+
+
+PHASES = ("ingest_time", "queue_time", "prefill_time", "decode_time", "inference_time")
+
+
+def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_path, monkeypatch):
+    """Requests queued, scheduled and finished at different (fake) times, one of them preempted after its
+    first token, one aborted while waiting: each phase comes once, on the right output, computed from its
+    own request's times."""
+    from services.scheduler import request as request_mod
+    from services.scheduler import scheduler as scheduler_mod
+    from services.scheduler.scheduler import Scheduler
+    from tests.services.scheduler.test_scheduler import FakeWorker, make_scheduler
+
+    clock = _Clock(100.0)
+    for module in (service, scheduler_mod, request_mod):
+        monkeypatch.setattr(module, "time", clock)
+    svc = service.SchedulerService(_config(tmp_path), address_plan(_config(tmp_path).server))
+    try:
+        svc.frontend = sent = _Frontend()
+        sched: Scheduler = make_scheduler(num_blocks=4, block_size=8)  # tight: b is preempted while a grows
+        svc.scheduler, svc.vocab_size = sched, 64
+        worker = FakeWorker(4, 8)
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        queued, first_scheduled, first_token, finished = {}, {}, {}, {}
+        arrival = {"a": 99.0, "b": 101.5, "c": 250.0, "gone": 103.0}  # c's api clock runs ahead: ingest 0
+
+        def add(req_id: str, prompt: list[int]) -> None:
+            queued[req_id] = clock.now
+            svc._on_frontend(b"tok", TokenizedRequest(req_id, prompt, params, 0, [2], arrival[req_id]))
+
+        add("a", list(range(1, 15)))
+        for step in range(200):
+            if step == 1:
+                add("b", list(range(20, 30)))
+                add("gone", [7] * 8)
+            if step == 2:
+                add("c", [9] * 5)
+                assert "gone" not in first_scheduled  # no KV left for it beside a and b
+                svc._abort(["gone"])
+            if not sched.has_unfinished_requests():
+                break
+            clock.now = 100.0 + 10 * step + step * step / 100  # every step at its own, uneven time
+            plan = sched.schedule()
+            for new in plan.new_requests:
+                first_scheduled.setdefault(new.req_id, clock.now)
+            clock.now += 3.0 + step / 7
+            svc.inflight.append(plan)
+            before = len(sent.outputs)
+            svc._on_result(worker.execute(plan))
+            for out in sent.outputs[before:]:
+                if out.new_token_ids:
+                    first_token.setdefault(out.req_id, clock.now)
+                if out.finished:
+                    finished[out.req_id] = clock.now
+        else:
+            pytest.fail("requests did not finish")
+        assert sched.requests == {} and svc.owner == {}
+
+        by_req: dict[str, list] = {}
+        for out in sent.outputs:
+            by_req.setdefault(out.req_id, []).append(out)
+        assert set(by_req) == {"a", "b", "c", "gone"}
+        assert by_req["b"][-1].num_preemptions == 1 and sched.num_preemptions >= 1
+
+        for req_id in ("a", "b", "c"):
+            outs = by_req[req_id]
+            first = next(i for i, o in enumerate(outs) if o.new_token_ids)
+            last = len(outs) - 1
+            assert outs[last].finished and first < last
+            carriers = [i for i, o in enumerate(outs) if any(getattr(o, p) is not None for p in PHASES)]
+            assert carriers == [first, last], req_id  # nothing on the tokens in between
+            ingest = max(0.0, queued[req_id] - arrival[req_id])
+            queue = first_scheduled[req_id] - queued[req_id]
+            prefill = first_token[req_id] - first_scheduled[req_id]
+            decode = finished[req_id] - first_token[req_id]
+            got_first, got_last = outs[first], outs[last]
+            assert (got_first.ingest_time, got_first.queue_time) == (ingest, queue), req_id
+            assert got_first.prefill_time == pytest.approx(prefill), req_id
+            assert got_first.decode_time is None and got_first.inference_time is None
+            assert (got_last.ingest_time, got_last.queue_time) == (ingest, queue), req_id
+            assert got_last.prefill_time is None, req_id  # sent once: the api must not count it twice
+            assert got_last.decode_time == pytest.approx(decode), req_id
+            assert got_last.inference_time == pytest.approx(finished[req_id] - first_scheduled[req_id])
+            assert got_last.inference_time == pytest.approx(got_first.prefill_time + got_last.decode_time)
+        assert by_req["c"][0].ingest_time == 0.0  # clamped
+        assert by_req["a"][0].ingest_time == 1.0 and by_req["b"][0].ingest_time == 1.5
+        # b's preemption came after its first token: its wait and recomputation are decode time.
+        assert by_req["b"][-1].decode_time > by_req["a"][-1].decode_time
+
+        (gone,) = by_req["gone"]  # aborted before it was ever scheduled: only its ingest is known
+        assert gone.finished and gone.finish_reason == "abort"
+        assert gone.ingest_time == queued["gone"] - arrival["gone"]
+        assert [getattr(gone, p) for p in PHASES[1:]] == [None] * 4
+    finally:
+        svc.ctx.destroy(linger=0)

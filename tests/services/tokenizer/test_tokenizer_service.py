@@ -206,6 +206,33 @@ def test_stop_string_finishes_and_aborts_in_the_scheduler(peers, hf_tokenizer):
     assert peers.at_scheduler() == AbortRequest("s1")
 
 
+PHASES = ("ingest_time", "queue_time", "prefill_time", "decode_time", "inference_time")
+
+
+def test_request_phases_pass_through_and_a_stop_string_times_the_decode_here(peers, hf_tokenizer):
+    """The scheduler's phases reach the api on the deltas they came with; a request this tokenizer ends on a
+    stop string gets its decode timed here (the scheduler never reports that finish to the api)."""
+    generate(peers, "p1", SamplingParams(max_tokens=3), prompt="Count:")
+    generate(peers, "p2", SamplingParams(stop=("END",)), prompt="Count:")
+    one, two, end = (hf_tokenizer.encode(w, add_special_tokens=False) for w in (" one", " two", " END"))
+    first = {"ingest_time": 0.001, "queue_time": 0.002, "prefill_time": 0.25}
+    sent_first = time.time()
+    peers.from_scheduler(RequestOutput("p1", one, **first), RequestOutput("p2", one, **first))
+    assert [[getattr(d, p) for p in PHASES] for d in peers.deltas()] == [[0.001, 0.002, 0.25, None, None]] * 2
+    peers.from_scheduler(RequestOutput("p1", two), RequestOutput("p2", two))
+    assert [[getattr(d, p) for p in PHASES] for d in peers.deltas()] == [[None] * 5] * 2
+    peers.from_scheduler(RequestOutput("p1", end, finished=True, finish_reason="length", ingest_time=0.001,
+                                       queue_time=0.002, decode_time=0.5, inference_time=0.75),
+                         RequestOutput("p2", end))
+    p1, p2 = peers.deltas()
+    got_last = time.time()
+    assert p1.finished and [getattr(p1, p) for p in PHASES] == [0.001, 0.002, None, 0.5, 0.75]
+    assert p2.finished and p2.stop_reason == "END" and p2.prefill_time is None
+    assert 0 < p2.decode_time < got_last - sent_first  # from " one" arriving here to " END" arriving here
+    assert p2.inference_time == pytest.approx(0.25 + p2.decode_time)
+    assert peers.at_scheduler() == AbortRequest("p2")
+
+
 def test_outputs_for_unknown_requests_are_aborted(peers):
     # Finished ones hold no KV any more; unfinished ones (e.g. from this tokenizer's previous life) do.
     peers.from_scheduler(RequestOutput("gone", [5], finished=True, finish_reason="length"),
