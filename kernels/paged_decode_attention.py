@@ -23,8 +23,9 @@ _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the ext
 
 
 # Integer arguments that vary from step to step (table width, split count) are not specialised on: Triton
-# would otherwise compile a new variant the first time one is 1 or a multiple of 16, mid-serving.
-@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
+# would otherwise compile a new variant the first time one is 1 or a multiple of 16, mid-serving. Nor are
+# the metadata pointers, whose alignment depends on where a step's batch places them.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits", "block_tables_ptr", "seq_lens_ptr"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2

@@ -95,7 +95,11 @@ def _attend_new_tile(
     return acc, m_new, l
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the table width varies per step: no recompiles
+# Integers that vary per step (the table width) and the per-sequence metadata pointers (the backend passes
+# them sliced past the decode rows, at offsets whose alignment varies per step) are not specialised on:
+# each new alignment class would compile a new variant mid-serving.
+@triton.jit(do_not_specialize=["stride_bt", "block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr",
+                               "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, context_lens_ptr,

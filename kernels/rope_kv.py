@@ -31,7 +31,8 @@ def _rotate_heads(x_ptr, stride_h, n_heads, cos, sin,
     return o1, o2
 
 
-@triton.jit
+# The position and slot pointers are views into a step's packed metadata: no alignment specialisation.
+@triton.jit(do_not_specialize=["pos_ptr", "slot_ptr"])
 def _rope_and_cache_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,

@@ -76,7 +76,8 @@ def _hash_uniform_kernel(seeds_ptr, steps_ptr, out_ptr, stride_out, V, BLOCK: tl
     tl.store(out_ptr + row.to(tl.int64) * stride_out + offs, u, mask=offs < V)
 
 
-@triton.jit
+# CHUNK and num_splits follow the batch size: not specialised on, so no batch size compiles a new variant.
+@triton.jit(do_not_specialize=["CHUNK", "num_splits"])
 def _gumbel_argmax_kernel(
     x_ptr, seeds_ptr, steps_ptr, val_ptr, idx_ptr,
     stride_x, V, CHUNK, num_splits,
@@ -117,7 +118,7 @@ def _gumbel_argmax_kernel(
         tl.store(idx_ptr + row, idx.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(val_ptr, idx_ptr, out_ptr, num_splits, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
@@ -175,8 +176,20 @@ def hash_gumbel_argmax(
     idxs = torch.empty((B, S), dtype=torch.int32, device=x.device)
     _gumbel_argmax_kernel[(B, S)](
         x, seeds, steps, vals, idxs, x.stride(0), V, chunk, S, SPLIT=True, BLOCK=BLOCK, num_warps=4)
-    _reduce_splits_kernel[(B,)](vals, idxs, out, S, BLOCK_S=max(16, _utils.next_pow2(S)), num_warps=1)
+    # One tile width for every split count this vocabulary can get (one compiled variant).
+    max_splits = min(triton.cdiv(V, BLOCK), _PROGRAMS_PER_SM * _utils.num_sms(x.device)) if x.is_cuda else S
+    _reduce_splits_kernel[(B,)](vals, idxs, out, S, BLOCK_S=max(16, _utils.next_pow2(max(S, max_splits))),
+                                num_warps=1)
     return out
+
+
+def warm_up(vocab_size: int, max_batch: int, device: torch.device) -> None:
+    """Compile the variants serving reaches (split rows for small batches, whole rows past a few hundred)
+    before the first request: a compile mid-serving stalls every request for about a second."""
+    for batch in sorted({1, max_batch}):
+        x = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
+        ids = torch.zeros(batch, dtype=torch.int64, device=device)
+        hash_gumbel_argmax(x, ids, ids)
 
 
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int, block: int | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
+# (single parts: kernels, throughput_1024_128, throughput_128_1024, gpu_tests, online)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -53,22 +54,48 @@ bench_serve() {  # bench_serve NAME PORT TIMEOUT ARGS...
     --save-result --result-dir "$R" --result-filename "$name.json" --disable-tqdm "$@"
 }
 
-phase_engine() {
+phase_kernels() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/nvidia-smi.txt" 2>&1; cat "$R/nvidia-smi.txt"
-  step kernels_bench 70 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
-    --prefill-tokens 4096 --sampling-batch 1 256 --output-json "$R/kernels.json"
+  step kernels_bench 90 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
+    --prefill-tokens 512 4096 --sampling-batch 1 256 --output-json "$R/kernels.json"
+}
+
+phase_engine() {
+  phase_kernels
   step latency 140 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 1 64 \
     --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
+  phase_throughput_1024_128
+  phase_throughput_128_1024
+}
+
+phase_throughput_1024_128() {
   step throughput_1024_128 160 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
     --output-len 128 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_1024_128.json"
+}
+
+phase_throughput_128_1024() {
   step throughput_128_1024 280 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 128 \
     --output-len 1024 --num-prompts "$N" $HF --hf-batch-sizes 64 --disable-tqdm --output-json "$R/throughput_128_1024.json"
 }
 
-phase_serve() {
-  step gpu_tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
+phase_gpu_tests() {
+  step gpu_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
     tests/services/gpu_worker/attention/test_triton_backend.py tests/services/gpu_worker/test_model_runner.py \
-    tests/services/gpu_worker/test_sampler.py
+    tests/services/gpu_worker/test_sampler.py tests/services/gpu_worker/test_piecewise_graphs.py
+}
+
+phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run
+  if serve_start serve_tp1 8000 $M; then
+    bench_serve online_4rps 8000 70 --dataset-name sharegpt-like --request-rate 4 --num-prompts 120
+    bench_serve online_16rps 8000 75 --dataset-name sharegpt-like --request-rate 16 --num-prompts 400
+    bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
+    serve_stop serve_tp1
+    grep -E "WARNING" "$R/serve_tp1.log" | head -n 20
+  fi
+}
+
+phase_serve() {
+  phase_gpu_tests
   # The full HTTP pipeline at saturation (compare with throughput_1024_128 from the engine phase), then online rates.
   if serve_start serve_tp1 8000 $M; then
     bench_serve serve_saturation 8000 150 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
@@ -76,6 +103,7 @@ phase_serve() {
     bench_serve online_16rps 8000 75 --dataset-name sharegpt-like --request-rate 16 --num-prompts 400
     bench_serve batch1_tp1 8000 30 --dataset-name random --random-input-len 128 --random-output-len 128 --num-prompts 8 --max-concurrency 1
     serve_stop serve_tp1
+    grep -E "WARNING" "$R/serve_tp1.log" | head -n 20
   fi
   if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     serve_tp2_runs
@@ -106,6 +134,9 @@ phase_tp() {  # tensor parallelism alone (2+ GPUs), beside TP=1 batch-1 latency 
 phase_profile() {
   step step_profile 130 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
     --mixed-decodes 248 --output-json "$R/step_profile.json"
+  # A short prompt's prefill alone (time to first token): kernels vs wall, and the host side under cProfile.
+  step prefill_profile 90 python3 benchmarks/step_profile.py $M --batch-size 1 --steps 5 --prefill-prompts 1 \
+    --prefill-len 128 --host-profile 128 --output-json "$R/prefill_profile.json"
   step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
   [ "${SWEEP:-0}" = 1 ] && step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"

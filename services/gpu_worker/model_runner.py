@@ -134,6 +134,8 @@ class ModelRunner:
             self.piecewise = maybe_capture_piecewise_graphs(self.model, self.backend, self.kv_caches,
                                                             self.cos_sin_cache, sizes, tp.size, log=log)
         self.sampler = Sampler()
+        if self.device.type == "cuda":
+            self.sampler.warm_up(self.arch.vocab_size, config.scheduler.max_num_seqs, self.device)
         self._launched: list[InflightStep] = []  # launched and not yet finished, oldest first
 
     # ------------------------------------------------------------------ sizing
@@ -318,16 +320,26 @@ class ModelRunner:
 
     def _upload(self, arrays: list[np.ndarray], dtype: type) -> list[torch.Tensor]:
         """Pack same-dtype host arrays into one (pinned, on CUDA) buffer, copy it to the device without
-        blocking, and return per-array views of the device copy."""
+        blocking, and return per-array views of the device copy.
+
+        Every array starts on a 16-byte boundary: Triton compiles one kernel variant per pointer alignment
+        class, so views at offsets that vary from step to step would compile new variants mid-serving
+        (about a second each, every request waiting)."""
+        itemsize = 8 if dtype is np.int64 else 4
+        per_16 = 16 // itemsize
         sizes = [a.size for a in arrays]
-        total = sum(sizes)
+        starts, total = [], 0
+        for n in sizes:
+            starts.append(total)
+            total += -(-n // per_16) * per_16
         tdtype = torch.int64 if dtype is np.int64 else torch.int32
         cuda = self.device.type == "cuda"
         host = torch.empty(max(total, 1), dtype=tdtype, pin_memory=cuda)
-        if total:
-            np.concatenate(arrays, out=host.numpy()[:total], casting="unsafe")
+        packed = host.numpy()
+        for a, start, n in zip(arrays, starts, sizes):
+            packed[start : start + n] = a
         dev = host.to(self.device, non_blocking=True) if cuda else host
-        return list(dev[:total].split(sizes))
+        return [dev[start : start + n] for start, n in zip(starts, sizes)]
 
     # ------------------------------------------------------------------ the step
 

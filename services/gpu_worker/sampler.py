@@ -313,6 +313,13 @@ class SamplerOutput:
 
 
 class Sampler:
+    @staticmethod
+    def warm_up(vocab_size: int, max_batch: int, device: torch.device) -> None:
+        """Compile the fused random-sampling kernel's variants before serving (no-op off CUDA)."""
+        fused = _fused_sampling(device)
+        if fused is not None:
+            fused.warm_up(vocab_size, max_batch, device)
+
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
         logits = logits.float()
         # User-facing logprobs come from the raw model distribution (before penalties / temperature).

@@ -30,6 +30,7 @@ log = logging.getLogger("headrace.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
 POLL_MS = 500
+SLOW_STEP_S = 1.0  # a step slower than this is logged: it stalls every request in flight
 
 
 def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) -> TPGroup:
@@ -93,6 +94,11 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         ready = WorkerReady(rank, runner.num_blocks, runner.max_model_len, list(runner.eos_token_ids),
                             runner.load_seconds, str(device), runner.arch.vocab_size)
         freeze_startup_heap()
+        if runner.device.type == "cuda":
+            from kernels.compile_watch import watch_compiles
+
+            watch_compiles(lambda what: log.warning("Triton compiles a kernel variant while serving (every "
+                                                    "request waits for it): %s", what))
         results.send(codec.encode(ready))
         announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)
@@ -176,6 +182,9 @@ def _finish_oldest(runner: ModelRunner, launched: deque[tuple[StepPlan, Inflight
         return False
     if rank == 0 and not plan.is_empty:
         results.send(codec.encode(result))
+    if result.execute_time > SLOW_STEP_S:
+        log.warning("step %d took %.2fs: %d tokens, %d requests", plan.step_id, result.execute_time,
+                    plan.total_num_scheduled_tokens, len(plan.num_scheduled_tokens))
     return True
 
 

@@ -6,6 +6,7 @@ included), and penalties (which make the runner wait for the pending step)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from common.config import CacheConfig, EngineConfig, ModelConfig
 from common.messages import CachedRequestData, NewRequestData, StepPlan
@@ -106,3 +107,31 @@ def test_steps_finish_in_launch_order(runner):
         runner.finish(second)
     runner.finish(first)
     runner.finish(second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter compiles nothing")
+def test_no_kernel_compiles_after_start_up():
+    """Serving-like steps (batch sizes, prompt lengths, chunking, decodes beside prefills, random sampling)
+    compile no Triton variant after the runner's start-up: each compile would stall every request."""
+    import triton
+
+    from kernels.compile_watch import watch_compiles
+    from tests.services.gpu_worker.plan_driver import PlanDriver
+    from tests.services.gpu_worker.test_cuda_graphs import make_runner
+
+    runner = make_runner(enforce_eager=False)
+    compiled: list[str] = []
+    assert watch_compiles(compiled.append)
+    try:
+        g = torch.Generator().manual_seed(7)
+        for num_prompts, chunk, params in ((1, None, SamplingParams(temperature=0.0)),
+                                           (3, 7, SamplingParams(temperature=0.8, seed=1)),
+                                           (5, 5, SamplingParams(temperature=1.0, top_k=5)),
+                                           (6, 11, SamplingParams(temperature=0.0)),
+                                           (2, 3, SamplingParams(temperature=0.5, seed=2))):
+            prompts = [torch.randint(3, 512, (int(n),), generator=g).tolist()
+                       for n in torch.randint(1, 30, (num_prompts,), generator=g)]
+            PlanDriver(runner, chunk_size=chunk).generate(prompts, params, 5)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = None
+    assert compiled == []
