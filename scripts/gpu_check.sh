@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
 #   bash scripts/gpu_check.sh profile  # where decode/prefill/mixed steps' time goes (torch.profiler), bf16 logits vs HF
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
-# plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
+# plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, SKIP_TESTS=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
 # profile phase also sweeps the attention kernels' launch configurations, ~60 s).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -95,7 +95,7 @@ phase_online() {  # the online rates and batch 1 through HTTP, without the satur
 }
 
 phase_serve() {
-  phase_gpu_tests
+  [ "${SKIP_TESTS:-0}" = 1 ] || phase_gpu_tests
   # The full HTTP pipeline at saturation (compare with throughput_1024_128 from the engine phase), then online rates.
   if serve_start serve_tp1 8000 $M; then
     bench_serve serve_saturation 8000 150 --dataset-name random --random-input-len 1024 --random-output-len 128 --num-prompts "$N"
