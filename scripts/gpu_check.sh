@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
-# (single parts: kernels, throughput_1024_128, throughput_128_1024, gpu_tests, online)
+# (single parts: kernels, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -62,10 +62,14 @@ phase_kernels() {
 
 phase_engine() {
   phase_kernels
-  step latency 140 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 1 64 \
-    --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
+  phase_latency
   phase_throughput_1024_128
   phase_throughput_128_1024
+}
+
+phase_latency() {
+  step latency 140 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 1 64 \
+    --num-iters-warmup 2 --num-iters 5 $HF --hf-num-iters 1 --output-json "$R/latency.json"
 }
 
 phase_throughput_1024_128() {
