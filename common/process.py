@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from typing import Any, Callable
 
 
 def freeze_startup_heap() -> None:
@@ -12,3 +14,13 @@ def freeze_startup_heap() -> None:
     (benchmarks/pipeline_bench.py)."""
     gc.collect()
     gc.freeze()
+
+
+def event_loop_factory() -> Callable[[], Any]:
+    """uvloop's event loop where it is installed (lower per-message latency), else asyncio's own; for
+    `asyncio.Runner(loop_factory=...)`."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop

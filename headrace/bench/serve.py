@@ -24,6 +24,7 @@ from datetime import datetime
 import httpx
 import numpy as np
 
+from common.process import event_loop_factory
 from headrace.bench import server_metrics
 from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.bench.metrics_summary import (
@@ -108,7 +109,9 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as e:  # bad flags, a missing tokenizer folder or dataset file
         print(f"headrace bench serve: {e}")
         return 2
-    return asyncio.run(_run(args, plan))
+    # The client's own latency is part of every TTFT it measures: run it on uvloop where installed.
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(_run(args, plan))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:

@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from common.config import EngineConfig
-from common.process import freeze_startup_heap
+from common.process import event_loop_factory, freeze_startup_heap
 from services.api.app import create_app
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:
             server.should_exit = True
 
 
-def _loop_factory() -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop
-    return uvloop.new_event_loop
-
-
 def main(config_dict: dict[str, Any], index: int) -> None:
     """Process entrypoint for the launcher and `headrace api --index i`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s api-{index} %(levelname)s %(message)s")
@@ -84,7 +76,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     freeze_startup_heap()
     log.info("api %d listening on http://%s:%d", index, config.server.host, config.server.port)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(build_server(app), sock, parent_pid))
     finally:
         sock.close()
