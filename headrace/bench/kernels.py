@@ -7,11 +7,15 @@
   variants: "paged" (every key read through the block table) and "new K/V contiguous" (the step's own
   keys and values passed as k_new / v_new, [T, kv_heads, head_dim], the block table only for a prefix);
 - seeded random sampling (CUDA only), B rows x V logits: the fused hash + Gumbel-argmax kernel next to the
-  sampler's torch path (hash_uniform + log + argmax); bytes/s of float32 logits read, and the speedup.
+  sampler's torch path (hash_uniform + log + argmax); bytes/s of float32 logits read, and the speedup;
+- small-M GEMV (`--gemv`, CUDA only): Llama-3-8B's five decode GEMMs (QKV, o_proj, gate_up, down, LM head) at
+  M rows (`--gemv-batch`), ours next to torch.nn.functional.linear (cuBLAS); weight bytes/s, fraction of copy
+  bandwidth. Each shape cycles through enough weight copies (>= 256 MiB) that no weight is read from L2, as in a
+  real forward pass where every layer has its own weights.
 Each kernel's output is also checked against a reference (relative error, or token agreement, reported).
 
     python -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 --prefill-tokens 4096 \
-        --sampling-batch 1 256 --output-json kernels.json
+        --sampling-batch 1 256 --gemv --gemv-batch 1 4 --output-json kernels.json
 
 Shapes default to Llama-3-8B's attention: 32 query heads, 8 KV heads, head_dim 128, block size 16, bf16.
 Run it as a module (`-m`): run as a file, its own name would shadow the top-level `kernels` package.
@@ -31,6 +35,8 @@ from kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
+from kernels.gemv import default_config as gemv_default_config
+from kernels.gemv import gemv, gemv_ref
 from kernels.prefill_attention import paged_prefill_attention
 from kernels.sampling import hash_gumbel_argmax
 from services.gpu_worker.sampler import gumbel_argmax_
@@ -230,6 +236,80 @@ def sweep_prefill(tokens: int, heads: int, kv_heads: int, head_dim: int, block_s
     return {"kernel": name, "variant": variant, "tokens": tokens, "best": ok[:5], "tried": len(rows)}
 
 
+# Llama-3-8B's decode GEMMs, (name, N, K): y[M, N] = x[M, K] @ w[N, K].T.
+GEMV_SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+               ("lm_head", 128256, 4096)]
+_GEMV_ROTATE_BYTES = 256 << 20  # weight copies cycled per shape: 5x an H100's 50 MB L2
+
+
+def gemv_inputs(batch: int, n: int, k: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x [batch, K] and as many [N, K] weights as it takes to cycle through >= 256 MiB (each read from HBM;
+    at most 64 copies)."""
+    nbytes = n * k * dtype_size(dtype)
+    copies = max(1, min(64, -(-_GEMV_ROTATE_BYTES // nbytes)))
+    x = torch.randn(batch, k, device=device, dtype=dtype)
+    return x, [(torch.randn(n, k, device=device, dtype=dtype) / k**0.5) for _ in range(copies)]
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _cycling(fn, ws: list[torch.Tensor]):
+    """A no-argument callable running fn(w) on the next weight copy each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(ws)
+        return fn(ws[state["i"]])
+    return call
+
+
+def bench_gemv(batch: int, name: str, n: int, k: int, dtype: torch.dtype, device: torch.device,
+               copy_bytes_per_s: float, reps: int) -> dict:
+    x, ws = gemv_inputs(batch, n, k, dtype, device)
+    cfg = gemv_default_config(batch, n, k, device, dtype)
+    err = rel_err(gemv(x, ws[0], None, cfg), gemv_ref(x, ws[0]))
+    seconds = roofline.time_median(_cycling(lambda w: gemv(x, w, None, cfg), ws), device, reps)
+    torch_seconds = roofline.time_median(_cycling(lambda w: F.linear(x, w), ws), device, reps)
+    nbytes = n * k * dtype_size(dtype)  # the weight; x and y are noise
+    return {"kernel": "gemv", "name": name, "batch": batch, "n": n, "k": k, "config": list(cfg),
+            "programs": -(-n // cfg[0]) * cfg[2], "weight_copies": len(ws),
+            "time_us": seconds * 1e6, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
+            "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s,
+            "cublas_time_us": torch_seconds * 1e6, "cublas_gb_per_s": nbytes / torch_seconds / 1e9,
+            "cublas_fraction_of_copy_bandwidth": nbytes / torch_seconds / copy_bytes_per_s,
+            "ours_over_cublas": torch_seconds / seconds, "rel_err": err}
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages); each is tried at the default split count, half and double it, and 1.
+GEMV_SWEEP = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4)]
+
+
+def sweep_gemv(batch: int, name: str, n: int, k: int, dtype: torch.dtype, device: torch.device,
+               copy_bytes_per_s: float, reps: int) -> dict:
+    """Every (split count, BLOCK_N, BLOCK_K, warps, stages) of a small grid at one shape, fastest first: the data
+    `default_config` should be checked against. Configs that do not fit the shared memory are reported as errors."""
+    x, ws = gemv_inputs(batch, n, k, dtype, device)
+    default = gemv_default_config(batch, n, k, device, dtype)
+    nbytes = n * k * dtype_size(dtype)
+    rows = []
+    for split in sorted({1, max(1, default[2] // 2), default[2], 2 * default[2]}):
+        for bn, bk, warps, stages in GEMV_SWEEP:
+            cfg = (bn, bk, split, warps, stages)
+            try:
+                sec = roofline.time_median(_cycling(lambda w: gemv(x, w, None, cfg), ws), device, reps)
+            except Exception as e:  # noqa: BLE001 - a config may not fit the SM's shared memory
+                rows.append({"config": list(cfg), "error": type(e).__name__})
+                continue
+            rows.append({"config": list(cfg), "splits": split, "time_us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9,
+                         "fraction_of_copy_bandwidth": nbytes / sec / copy_bytes_per_s})
+    ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+    return {"kernel": "gemv_sweep", "name": name, "batch": batch, "n": n, "k": k, "default_config": list(default),
+            "best": ok[:3], "tried": len(rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
@@ -245,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU (interpreter)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gemv", action="store_true",
+                   help="also time the small-M GEMV on Llama-3-8B's five decode GEMMs against cuBLAS (CUDA only)")
+    p.add_argument("--gemv-batch", type=int, nargs="*", default=[1], help="rows M (<= 16) for --gemv")
     p.add_argument("--sweep", action="store_true",
                    help="also time a grid of launch configurations per decode/prefill shape (CUDA only); "
-                        "prefill: both variants, paged and new K/V contiguous")
+                        "prefill: both variants, paged and new K/V contiguous; with --gemv, per GEMV shape too")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -266,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
                     for b in args.decode_batch]
         results += [sweep_prefill(t, *shape, rates.matmul_flops_per_s, max(10, args.reps // 5), variant)
                     for t in args.prefill_tokens for variant in ("paged", "new_kv")]
+    if args.gemv and device.type == "cuda":  # the interpreter says nothing of bandwidth
+        results += [bench_gemv(b, name, n, k, dtype, device, rates.copy_bytes_per_s, args.reps)
+                    for b in args.gemv_batch for name, n, k in GEMV_SHAPES]
+        if args.sweep:
+            results += [sweep_gemv(b, name, n, k, dtype, device, rates.copy_bytes_per_s, max(10, args.reps // 5))
+                        for b in args.gemv_batch for name, n, k in GEMV_SHAPES]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
@@ -276,6 +365,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  decode  B={r['batch']:<4} ctx={r['context']:<6} splits={r['num_kv_splits']:<3} "
                   f"{r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy"
                   f"  (rel err {r['rel_err']:.1e})")
+        elif r["kernel"] == "gemv":
+            print(f"  gemv    M={r['batch']:<3} {r['name']:<8} N={r['n']:<6} K={r['k']:<6} cfg={tuple(r['config'])} "
+                  f"{r['time_us']:8.1f} us {r['gb_per_s']:7,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy; "
+                  f"cuBLAS {r['cublas_time_us']:8.1f} us {r['cublas_gb_per_s']:7,.0f} GB/s = "
+                  f"{r['cublas_fraction_of_copy_bandwidth']:6.1%} ({r['ours_over_cublas']:.2f}x, "
+                  f"rel err {r['rel_err']:.1e})")
+        elif r["kernel"] == "gemv_sweep":
+            for b in r["best"]:
+                print(f"  sweep   gemv M={r['batch']} {r['name']} config={tuple(b['config'])}: {b['time_us']:8.1f} us "
+                      f"{b['gb_per_s']:7,.0f} GB/s = {b['fraction_of_copy_bandwidth']:6.1%} "
+                      f"(default {tuple(r['default_config'])})")
         elif r["kernel"].endswith("_sweep"):
             shape_txt = f"B={r['batch']} ctx={r['context']}" if "batch" in r else f"T={r['tokens']}"
             for b in r["best"][:3]:
