@@ -85,8 +85,7 @@ phase_throughput_128_1024() {
 phase_gpu_tests() {
   step gpu_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
     tests/services/gpu_worker/attention/test_triton_backend.py tests/services/gpu_worker/test_model_runner.py \
-    tests/services/gpu_worker/test_sampler.py tests/services/gpu_worker/test_piecewise_graphs.py \
-    tests/services/gpu_worker/test_gemv_select.py
+    tests/services/gpu_worker/test_sampler.py tests/services/gpu_worker/test_piecewise_graphs.py
 }
 
 phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run

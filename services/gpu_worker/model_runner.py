@@ -123,10 +123,6 @@ class ModelRunner:
             sched = config.scheduler
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
                                  min(sched.max_num_batched_tokens, self.max_model_len))
-            # Per weight shape, the small-batch GEMV where it reads the weights faster than cuBLAS.
-            from services.gpu_worker.gemv_select import select_gemv
-
-            self.gemv_choice = select_gemv(self.model, log=log)
         # Decode-only steps replay CUDA graphs (None: every step runs eagerly).
         self.graphs = maybe_capture_decode_graphs(config, self.model, self.backend, self.kv_caches,
                                                   self.cos_sin_cache, self.device, tp.size, self.max_model_len,

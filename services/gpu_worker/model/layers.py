@@ -71,16 +71,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def linear(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ module.weight.T (+ bias): the Triton small-batch GEMV for up to `module.gemv_max_rows` rows (set
-    per weight shape at start-up by services/gpu_worker/gemv_select.py, where it beat cuBLAS), else cuBLAS."""
-    if x.shape[0] <= module.gemv_max_rows:
-        from kernels.gemv import gemv
-
-        return gemv(x, module.weight, bias)
-    return F.linear(x, module.weight, bias)
-
-
 @functools.cache
 def _triton_kernels():
     """(kernels.rmsnorm, kernels.activation), or None where Triton is missing. Imported on first CUDA use
@@ -95,8 +85,6 @@ def _triton_kernels():
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's output rows split across ranks; several logical outputs may be merged
     (gate|up, or q|k|v), each sharded on its own so every rank holds its part of each."""
-
-    gemv_max_rows = 0  # see linear()
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool, tp: TPGroup,
                  dtype: torch.dtype, device: torch.device):
@@ -127,7 +115,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_into(param.data.narrow(0, dst_start, rows), loaded[src_start : src_start + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self, x, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -166,8 +154,6 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once."""
 
-    gemv_max_rows = 0  # see linear()
-
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -188,7 +174,7 @@ class RowParallelLinear(nn.Module):
         _copy_into(param.data, loaded[:, start : start + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(linear(self, x, None))
+        y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -222,8 +208,6 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocab range, gathered to full vocab (float32, padding columns dropped)."""
 
-    gemv_max_rows = 0  # see linear()
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(self, hidden, None).float()
+        logits = F.linear(hidden, self.weight).float()
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
