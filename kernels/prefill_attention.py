@@ -20,11 +20,6 @@ import triton
 import triton.language as tl
 
 from . import _utils
-
-try:  # host-side TMA descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
 from .paged_decode_attention import _gather_kv
 
 _LOG2E = 1.4426950408889634
@@ -103,24 +98,12 @@ def _attend_new_tile(
 # Integers that vary per step (the table width) and the per-sequence metadata pointers (the backend passes
 # them sliced past the decode rows, at offsets whose alignment varies per step) are not specialised on:
 # each new alignment class would compile a new variant mid-serving.
-@triton.jit
-def _attend_loaded_tile(acc, m, l, q, kT, v, qk_scale):
-    """One whole tile below every row's diagonal, K^T and V already loaded: no mask, finite maxima."""
-    s = tl.dot(q, kT)
-    m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m - m_new)
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l
-
-
 @triton.jit(do_not_specialize=["stride_bt", "block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr",
                                "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, context_lens_ptr,
-    k_new_ptr, v_new_ptr, k_desc, v_desc,
+    k_new_ptr, v_new_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -128,7 +111,6 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, HAS_NEW: tl.constexpr,
-    USE_DESC: tl.constexpr,
 ):
     # Reverse order: the last query blocks see the most keys, so start them first (tail balance).
     qblk = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -183,19 +165,11 @@ def _prefill_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         k_offs = offs_n[None, :] * stride_knt + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K^T tile
         v_offs = offs_n[:, None] * stride_vnt + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
-        if USE_DESC:  # Hopper: whole tiles below the diagonal come in by TMA (bulk copies, no address math)
-            for n0 in range(0, new_full, BLOCK_N):
-                k = k_desc.load([q_start + n0, kvh * HEAD_DIM])
-                v = v_desc.load([q_start + n0, kvh * HEAD_DIM])
-                acc, m, l = _attend_loaded_tile(acc, m, l, q, k.T, v, qk_scale)
-            k_tile += new_full.to(tl.int64) * stride_knt
-            v_tile += new_full.to(tl.int64) * stride_vnt
-        else:
-            for n0 in range(0, new_full, BLOCK_N):
-                acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx,
-                                             new_len, qk_scale, False)
-                k_tile += BLOCK_N * stride_knt
-                v_tile += BLOCK_N * stride_vnt
+        for n0 in range(0, new_full, BLOCK_N):
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx, new_len,
+                                         qk_scale, False)
+            k_tile += BLOCK_N * stride_knt
+            v_tile += BLOCK_N * stride_vnt
         for n0 in range(new_full, new_end, BLOCK_N):
             acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
                                          new_len, qk_scale, True)
@@ -285,17 +259,10 @@ def paged_prefill_attention(
     block_m = max(block_m, _utils.next_pow2(group))  # every query head of a KV group in one tile
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), S, Hkv)
-    use_desc = has_new and _descriptors_usable(q, k_new, v_new)
-    if use_desc:
-        Tn = k_new.shape[0]
-        k_desc = TensorDescriptor(k_new, [Tn, Hkv * D], [k_new.stride(0), 1], [block_n, D])
-        v_desc = TensorDescriptor(v_new, [Tn, Hkv * D], [v_new.stride(0), 1], [block_n, D])
-    else:
-        k_desc, v_desc = k_new, v_new  # unused by the kernel
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, query_start_loc, seq_lens, context_lens,
-        k_new, v_new, k_desc, v_desc,
+        k_new, v_new,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -304,20 +271,9 @@ def paged_prefill_attention(
         block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, IDX64=_utils.needs_int64(k_cache, v_cache),
-        HAS_NEW=has_new, USE_DESC=use_desc, num_warps=warps, num_stages=stages,
+        HAS_NEW=has_new, num_warps=warps, num_stages=stages,
     )
     return out
-
-
-def _descriptors_usable(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
-    """TMA tensor descriptors for this step's K/V: Hopper or newer, heads contiguous within a token's row,
-    16-byte-aligned base and row stride (what the copy engine requires)."""
-    if TensorDescriptor is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    for t in (k_new, v_new):
-        if t.stride(2) != 1 or t.stride(1) != t.shape[2] or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return False
-    return True
 
 
 def paged_prefill_attention_ref(

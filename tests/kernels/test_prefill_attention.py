@@ -245,22 +245,3 @@ def test_new_kv_arguments(dev: tuple[torch.device, torch.dtype], make_paged_kv: 
     with pytest.raises(ValueError):
         paged_prefill_attention(x["q"], x["k_cache"], x["v_cache"], x["tables"], x["qsl"], x["seq_lens"], x["ctx"],
                                 x["max_q"], x["scale"], k_new=x["k_new"])
-
-
-@pytest.mark.parametrize("config", [None, (16, 16, 4, 1)], ids=["default", "bn16"])
-def test_new_kv_through_tensor_descriptors(dev: tuple[torch.device, torch.dtype], make_paged_kv: MakeKV,
-                                           config, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TMA-descriptor path (Hopper: whole tiles below the diagonal) equals the reference; forced on off
-    Hopper (the interpreter runs descriptors too), with NaN padding rows between the sequences."""
-    from kernels import prefill_attention as pa
-
-    if pa.TensorDescriptor is None:
-        pytest.skip("this Triton has no host tensor descriptors")
-    device, dtype = dev
-    used = []
-    monkeypatch.setattr(pa, "_descriptors_usable", lambda q, k, v: used.append(True) or True)
-    case = (8, 2, 64, 16) if device.type == "cpu" else (32, 8, 128, 16)
-    x = _new_kv_inputs(device, dtype, make_paged_kv, case, _new_kv_lens(device), strided=False)
-    rows = _covered(x)
-    assert_close(_contiguous(x, config)[rows], _ref(x)[rows], dtype)
-    assert used
