@@ -117,17 +117,21 @@ class DecodeGraphs:
     @torch.no_grad()
     def capture(self, tp_size: int = 1) -> None:
         pool = torch.cuda.graph_pool_handle()
-        # With NCCL in the graph, "thread_local" lets the process group's watchdog thread keep polling its
-        # events while this thread captures (the default mode would fail the capture on its calls).
-        mode = "thread_local" if tp_size > 1 else "global"
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
-            self.forward_static(bs)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize(self.hidden.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
-                self.forward_static(bs)
-            self.graphs[bs] = graph
+            self.graphs[bs] = capture_graph(lambda: self.forward_static(bs), pool, tp_size, self.hidden.device)
         torch.cuda.synchronize(self.hidden.device)
+
+
+def capture_graph(fn, pool, tp_size: int, device: torch.device) -> torch.cuda.CUDAGraph:
+    """fn() run once eagerly (Triton compiles, cuBLAS picks its kernels), then captured into `pool`."""
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    # With NCCL in the graph, "thread_local" lets the process group's watchdog thread keep polling its
+    # events while this thread captures (the default mode would fail the capture on its calls).
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local" if tp_size > 1 else "global"):
+        fn()
+    return graph
 
 
 def maybe_capture_decode_graphs(config: EngineConfig, model: LlamaForCausalLM, backend: AttentionBackend,

@@ -19,19 +19,15 @@ from common.messages import StepPlan, StepResult
 from common.sampling_params import SamplingParams
 from services.gpu_worker.attention import make_backend
 from services.gpu_worker.attention.base import AttentionMetadata
-from services.gpu_worker.cuda_graphs import disabled_reason, maybe_capture_decode_graphs
+from services.gpu_worker.cuda_graphs import maybe_capture_decode_graphs
 from services.gpu_worker.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_caches, kv_bytes_per_block
 from services.gpu_worker.loader.model_loader import load_model, resolve_dtype
 from services.gpu_worker.loader.source import ModelSource, resolve_model
 from services.gpu_worker.model.arch import rope_cos_sin_cache
 from services.gpu_worker.model.llama import ForwardContext
 from services.gpu_worker.parallel import SINGLE, TPGroup
-from services.gpu_worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes, maybe_capture_piecewise_graphs
+from services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
 from services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
-
-
-# Steps of up to this many tokens that are not decode-only run from piecewise graphs (see that module).
-PIECEWISE_MAX_TOKENS = 1024
 
 
 class RequestState:
@@ -128,11 +124,8 @@ class ModelRunner:
                                                   self.cos_sin_cache, self.device, tp.size, self.max_model_len,
                                                   self.block_size, log=log)
         # Other steps up to a token ladder's top replay everything but attention from piecewise graphs.
-        self.piecewise: PiecewiseGraphs | None = None
-        if disabled_reason(config, self.device, self.backend, tp.size) is None:
-            sizes = capture_token_sizes(PIECEWISE_MAX_TOKENS, config.scheduler.max_num_batched_tokens)
-            self.piecewise = maybe_capture_piecewise_graphs(self.model, self.backend, self.kv_caches,
-                                                            self.cos_sin_cache, sizes, tp.size, log=log)
+        self.piecewise: PiecewiseGraphs | None = maybe_capture_piecewise_graphs(
+            config, self.model, self.backend, self.kv_caches, self.cos_sin_cache, self.device, tp.size, log=log)
         self.sampler = Sampler()
         if self.device.type == "cuda":
             self.sampler.warm_up(self.arch.vocab_size, config.scheduler.max_num_seqs, self.device)

@@ -30,13 +30,16 @@ from typing import Callable
 
 import torch
 
+from common.config import EngineConfig
 from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from services.gpu_worker.cuda_graphs import capture_graph, disabled_reason
 from services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 
 # Padding is nearly free while a step's GEMMs are bound by reading the weights (a few hundred tokens on
 # an H100), so the ladder is coarse there and finer above. Past the top, the GPU time of a step dwarfs
 # its launch cost: eager.
 _TOKEN_LADDER = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024)
+MAX_TOKENS = 1024  # steps of up to this many tokens that are not decode-only run from the pieces
 
 
 def capture_token_sizes(max_tokens: int, max_num_batched_tokens: int) -> list[int]:
@@ -141,28 +144,22 @@ class PiecewiseGraphs:
     @torch.no_grad()
     def capture(self, tp_size: int = 1) -> None:
         pool = torch.cuda.graph_pool_handle()
-        mode = "thread_local" if tp_size > 1 else "global"  # NCCL inside: see cuda_graphs.DecodeGraphs.capture
         dev = self.hidden.device
         for size in reversed(self.sizes):  # largest first: smaller sizes fit in the pool it grew
-            graphs = []
-            for i in range(len(self.model.layers) + 1):
-                fn = self._piece(size, i)
-                fn()  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
-                    fn()
-                graphs.append(graph.replay)
-                # the graph object lives on in its bound replay method
-            self.pieces[size] = graphs
+            # Each graph lives on in its bound replay method.
+            self.pieces[size] = [capture_graph(self._piece(size, i), pool, tp_size, dev).replay
+                                 for i in range(len(self.model.layers) + 1)]
         torch.cuda.synchronize(dev)
 
 
-def maybe_capture_piecewise_graphs(model: LlamaForCausalLM, backend: AttentionBackend, kv_caches: list[KVCache],
-                                   cos_sin_cache: torch.Tensor, sizes: list[int], tp_size: int,
-                                   log=print) -> PiecewiseGraphs | None:
-    """Captured piecewise graphs, or None (eager prefill) when capture fails. The caller decides whether
-    graphs are on at all (cuda_graphs.disabled_reason)."""
+def maybe_capture_piecewise_graphs(config: EngineConfig, model: LlamaForCausalLM, backend: AttentionBackend,
+                                   kv_caches: list[KVCache], cos_sin_cache: torch.Tensor, device: torch.device,
+                                   tp_size: int, log=print) -> PiecewiseGraphs | None:
+    """Captured piecewise graphs for this worker, or None (eager prefill) when graphs are off (the same
+    reasons as decode graphs) or capture fails."""
+    if disabled_reason(config, device, backend, tp_size) is not None:
+        return None
+    sizes = capture_token_sizes(MAX_TOKENS, config.scheduler.max_num_batched_tokens)
     t0 = time.perf_counter()
     graphs = PiecewiseGraphs(model, backend, kv_caches, cos_sin_cache, sizes)
     try:
