@@ -108,8 +108,11 @@ def test_metrics_agree_with_the_benchmark_and_disconnects(tmp_path, capsys):
             for i, _ in enumerate(r.iter_lines()):
                 if i > 3:
                     break  # leave mid-stream
+        # The engine gauges are the scheduler's snapshot every 0.5 s: one taken while the request still
+        # queued (waiting 1, running 0) can outlive the whole short request, so wait for both to read 0.
         m = poll(server, lambda m: m[("headrace:request_success_total", "abort")] == 1
                  and m[("headrace:num_requests_running", None)] == 0
+                 and m[("headrace:num_requests_waiting", None)] == 0
                  and "request_id=leaves-early " in server.output)
         assert m[("headrace:request_success_total", "abort")] == 1
         assert m[("headrace:num_requests_running", None)] == 0
