@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
-# (single parts: kernels, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online)
+# (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -58,6 +58,11 @@ phase_kernels() {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$R/nvidia-smi.txt" 2>&1; cat "$R/nvidia-smi.txt"
   step kernels_bench 90 python3 -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch 1 256 --output-json "$R/kernels.json"
+}
+
+phase_kernel_sweep() {  # every launch-configuration grid, the small-batch GEMV against cuBLAS included (~5 min)
+  step kernel_sweep 330 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
+    --prefill-tokens 512 4096 --sampling-batch 256 --sweep --gemv --gemv-batch 1 8 --output-json "$R/kernel_sweep.json"
 }
 
 phase_engine() {

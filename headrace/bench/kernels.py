@@ -175,7 +175,8 @@ def bench_sampling(batch: int, vocab: int, device: torch.device, copy_bytes_per_
             "ours_over_torch": torch_seconds / seconds, "token_agreement": agree}
 
 
-DECODE_SWEEP = [(bn, w, st) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+DECODE_SWEEP = [(bn, w, st) for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+DECODE_SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 16)
 PREFILL_SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
 # The contiguous variant's loads are cheaper to pipeline: deeper pipelines too (those that do not fit the shared
 # memory fail to launch and are reported as errors).
@@ -193,7 +194,7 @@ def sweep_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: 
     default = default_num_kv_splits(batch, kv_heads, head_dim, tables.shape[1] * block_size, device)
     nbytes = decode_bytes(q, k_cache, context)
     rows = []
-    for splits in sorted({default, max(1, default // 2), 2 * default, 4 * default}):
+    for splits in sorted({default, *DECODE_SWEEP_SPLITS}):
         for cfg in DECODE_SWEEP:
             try:
                 sec = roofline.time_median(lambda: paged_decode_attention(

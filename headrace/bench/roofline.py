@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kernels.timing import device_time_median
 from services.gpu_worker.model.arch import ModelArch
 
 
@@ -44,24 +45,17 @@ def device_name(device: torch.device) -> str:
 
 
 def time_median(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
-    """Median seconds of fn(): CUDA events on a GPU, host timers elsewhere; warm-up calls untimed."""
+    """Median seconds of fn(): on a GPU its device time (kernels.timing: the host's launch cost is not
+    counted, as inside the CUDA graphs that serving runs), host timers elsewhere; warm-up calls untimed."""
+    if device.type == "cuda":
+        return device_time_median(fn, device, reps, warmup)
     for _ in range(warmup):
         fn()
     times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
