@@ -94,6 +94,8 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, tp
         raise ValueError(f"checkpoint {source.config_dir or source.name} lacks {len(missing)} tensors, e.g. "
                          f"{sorted(missing)[:3]}")
     model.eval()
+    if device.type == "cpu":
+        model.use_cpu_weight_layout()
     return LoadedModel(model, arch, hf_config, dtype)
 
 

@@ -8,6 +8,7 @@ checkpoint tensor.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -211,3 +212,16 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight).float()
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
+
+
+def store_k_major(modules: Iterable[nn.Module]) -> int:
+    """Lay each module's weight out K-major: the same [out, in] tensor, stored as its transpose made
+    contiguous, so F.linear hands the BLAS a plain row-major [in, out] matrix (which CPU BLAS streams faster
+    at one row, see LlamaForCausalLM.use_cpu_weight_layout). Values are unchanged. A weight shared by several
+    modules (a tied LM head) is relaid once. Returns the number of weights relaid."""
+    seen: set[int] = set()
+    for m in modules:
+        if id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            m.weight.data = m.weight.data.t().contiguous().t()
+    return len(seen)
