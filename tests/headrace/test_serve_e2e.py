@@ -88,8 +88,11 @@ def test_64_concurrent_streams(server):
         return prompt, text
 
     async def all_of_them():
-        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
-        return await asyncio.gather(*(one(aclient, prompts[i % len(prompts)]) for i in range(64)))
+        # Closed inside its loop: a client left to the garbage collector closes its connections on a loop that
+        # is gone by then, and that error surfaces in whichever later test's loop is running.
+        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
+                                      timeout=300) as aclient:
+            return await asyncio.gather(*(one(aclient, prompts[i % len(prompts)]) for i in range(64)))
 
     results = asyncio.run(all_of_them())
     assert len(results) == 64
@@ -160,11 +163,12 @@ def test_tokenizer_killed_mid_load(server):
             return "error", e.status_code
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
-        tasks = [asyncio.create_task(one(aclient, i)) for i in range(12)]
-        await asyncio.sleep(1.0)
-        os.kill(pid, signal.SIGKILL)
-        return await asyncio.gather(*tasks)
+        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
+                                      timeout=120) as aclient:  # closed in its loop (see above)
+            tasks = [asyncio.create_task(one(aclient, i)) for i in range(12)]
+            await asyncio.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
     oks = [r for r in results if r[0] == "ok"]
@@ -178,6 +182,6 @@ def test_tokenizer_killed_mid_load(server):
             break
         time.sleep(0.5)
     time.sleep(4)  # the api hears the new tokenizer's hello
-    c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
-    for i in range(6):
-        assert c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4).choices[0].text is not None
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        for i in range(6):
+            assert c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4).choices[0].text is not None

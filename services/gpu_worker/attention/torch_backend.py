@@ -97,10 +97,12 @@ def plan_step(meta: AttentionMetadata, block_size: int) -> tuple[_Gather | None,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [S, Q, H, D], k/v [S, L, Hkv, D], mask [S, Q, L] (True = attend) -> [S, Q, H, D]; GQA by grouping.
-    A query row with no visible key comes out as zeros."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None], scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2).nan_to_num(0.0)
+    A query row with no visible key comes out as zeros. Computed in float32 whatever the cache dtype (as the
+    reference; the fused kernels keep reduced-precision probabilities in bf16/fp16)."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).nan_to_num(0.0).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
