@@ -135,19 +135,29 @@ def test_oversized_body_is_rejected(server):
 
 def test_client_disconnect_aborts_the_request(server):
     with httpx.stream("POST", server.base_url + "/v1/completions", timeout=60,
+                      headers={"X-Request-Id": "disconnects"},
                       json={"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 1500,
                             "ignore_eos": True, "stream": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
                 break  # leave mid-stream
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while "request_id=disconnects " not in server.output:  # the api saw the client leave and aborted it
+        assert time.monotonic() < deadline, "the api never finished the request its client left"
+        time.sleep(0.1)
+    line = next(line for line in server.lines if "request_id=disconnects " in line)
+    assert "finish_reason=abort" in line
+    # The engine gauges are the scheduler's snapshot every 0.5 s: one taken 1 s after the abort shows the
+    # request gone from the engine too (1,500 tokens would keep it running for minutes otherwise).
+    time.sleep(1.0)
+    while True:
         metrics = server.get("/metrics").text
-        running = [line for line in metrics.splitlines() if line.startswith("headrace:num_requests_running")]
-        if running and float(running[0].split()[-1]) == 0.0:
+        gauges = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith(("headrace:num_requests_running", "headrace:num_requests_waiting"))}
+        if gauges == {"headrace:num_requests_running": 0.0, "headrace:num_requests_waiting": 0.0}:
             return
+        assert time.monotonic() < deadline + 20, f"the request kept running after its client left: {gauges}"
         time.sleep(0.2)
-    pytest.fail("the request kept running after its client left")
 
 
 def test_tokenizer_killed_mid_load(server):
