@@ -6,6 +6,8 @@ the rows of a single tl.dot (padded to >= 16 rows), so each K/V tile is read onc
 It writes a normalised partial output and its log2-sum-exp into fp32 scratch.
 Stage 2, grid (B, Hq): merges the splits with lse weights. Empty splits store lse = -inf and
 seq_len 0 rows come out as zeros (CUDA-graph padding), never NaN.
+With one split (large batches: enough programs without splitting) stage 1 writes the final output
+itself: no scratch round trip and no second launch.
 """
 
 from __future__ import annotations
@@ -27,15 +29,15 @@ _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the ext
 # the metadata pointers, whose alignment depends on where a step's batch places them.
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "block_tables_ptr", "seq_lens_ptr"])
 def _decode_stage1_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
-    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, DIRECT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -83,10 +85,14 @@ def _decode_stage1_kernel(
     # Empty split (start >= end): l == 0 -> store zeros and lse = -inf so stage 2 ignores it.
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
-    tl.store(mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
-             out, mask=mask_h[:, None])
-    tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
+    if DIRECT:  # the only split: this is the result (a seq_len 0 row stays zeros)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+    else:
+        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        tl.store(mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
+                 out, mask=mask_h[:, None])
+        tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -173,27 +179,34 @@ def paged_decode_attention(
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, Hkv, D, block_tables.shape[1] * block_size, q.device)
     assert num_kv_splits >= 1
-    # The split dimension is padded to a multiple of 16 so the partials' strides keep one alignment class
-    # (one compiled variant) whatever the split count.
-    padded = -(-num_kv_splits // 16) * 16
-    mid_o = _utils.empty((B, Hq, padded, D), torch.float32, q.device)
-    mid_lse = _utils.empty((B, Hq, padded), torch.float32, q.device)
+    direct = num_kv_splits == 1  # stage 1 writes `out` itself: no scratch, no stage 2
+    if direct:
+        mid_o, mid_lse = out.view(B, Hq, 1, D), out.view(B, Hq, D)  # unused by the kernel; any valid pointers
+    else:
+        # The split dimension is padded to a multiple of 16 so the partials' strides keep one alignment class
+        # (one compiled variant) whatever the split count.
+        padded = -(-num_kv_splits // 16) * 16
+        mid_o = _utils.empty((B, Hq, padded, D), torch.float32, q.device)
+        mid_lse = _utils.empty((B, Hq, padded), torch.float32, q.device)
 
     BLOCK_H = max(16, _utils.next_pow2(group))  # tl.dot needs >= 16 rows
     BLOCK_N, warps, stages = config or _config(D, B * Hkv * num_kv_splits, q.device)
     _decode_stage1_kernel[(B, Hkv, num_kv_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
         num_kv_splits,
         GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        IDX64=_utils.needs_int64(k_cache, v_cache),
+        IDX64=_utils.needs_int64(k_cache, v_cache), DIRECT=direct,
         num_warps=warps, num_stages=stages,
     )
+    if direct:
+        return out
     _decode_stage2_kernel[(B, Hq)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),

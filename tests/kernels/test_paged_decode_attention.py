@@ -46,13 +46,14 @@ def test_paged_decode_attention(dev: tuple[torch.device, torch.dtype], make_page
         assert torch.equal(out[0], torch.zeros_like(out[0])), "seq_len 0 must give zeros"
 
 
-def test_all_rows_empty(dev: tuple[torch.device, torch.dtype], make_paged_kv: MakeKV) -> None:
+@pytest.mark.parametrize("num_kv_splits", [1, 2])  # one split: stage 1 writes the output itself
+def test_all_rows_empty(dev: tuple[torch.device, torch.dtype], make_paged_kv: MakeKV, num_kv_splits: int) -> None:
     """A fully padded CUDA-graph batch: every seq_len is 0 -> all zeros, no NaN."""
     device, dtype = dev
     k_cache, v_cache, tables = make_paged_kv([16, 16], 2, 64, 16, dtype, device)
     q = torch.randn(2, 4, 64, device=device).to(dtype)
     seq_lens = torch.zeros(2, dtype=torch.int32, device=device)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, 2)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, num_kv_splits)
     assert torch.equal(out, torch.zeros_like(out))
 
 

@@ -53,8 +53,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     def warm_up(self, kv_cache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
         """Compile every launch configuration serving can pick: the decode kernel's two tile sizes (few vs
-        many programs) and the prefill kernel's short- and long-prompt tiles. The kernels do not specialise
-        on the integers that vary per step, so these are all the variants there are for this model."""
+        many programs), each with one split (stage 1 writes the output) and with several, and the prefill
+        kernel's short- and long-prompt tiles. The kernels do not specialise on the integers that vary per
+        step, so these are all the variants there are for this model."""
         k_cache, v_cache = kv_cache
         _, block_size, _, head_dim = k_cache.shape
         dev, dtype = k_cache.device, k_cache.dtype
@@ -63,7 +64,8 @@ class TritonAttentionBackend(AttentionBackend):
             q = torch.zeros(batch, num_heads, head_dim, dtype=dtype, device=dev)
             tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev)
             lens = torch.ones(batch, dtype=torch.int32, device=dev)
-            paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0)
+            for splits in (1, 2):
+                paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0, splits)
         for tokens in sorted({min(16, max_query_len), min(2048, max_query_len)}):
             q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=dev)
             tables = torch.zeros(1, -(-tokens // block_size), dtype=torch.int32, device=dev)
