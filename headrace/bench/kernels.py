@@ -247,14 +247,10 @@ def gemv_inputs(batch: int, n: int, k: int, dtype: torch.dtype, device: torch.de
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """x [batch, K] and as many [N, K] weights as it takes to cycle through >= 256 MiB (each read from HBM;
     at most 64 copies)."""
-    nbytes = n * k * dtype_size(dtype)
+    nbytes = n * k * roofline.dtype_bytes(dtype)
     copies = max(1, min(64, -(-_GEMV_ROTATE_BYTES // nbytes)))
     x = torch.randn(batch, k, device=device, dtype=dtype)
     return x, [(torch.randn(n, k, device=device, dtype=dtype) / k**0.5) for _ in range(copies)]
-
-
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _cycling(fn, ws: list[torch.Tensor]):
@@ -274,7 +270,7 @@ def bench_gemv(batch: int, name: str, n: int, k: int, dtype: torch.dtype, device
     err = rel_err(gemv(x, ws[0], None, cfg), gemv_ref(x, ws[0]))
     seconds = roofline.time_median(_cycling(lambda w: gemv(x, w, None, cfg), ws), device, reps)
     torch_seconds = roofline.time_median(_cycling(lambda w: F.linear(x, w), ws), device, reps)
-    nbytes = n * k * dtype_size(dtype)  # the weight; x and y are noise
+    nbytes = n * k * roofline.dtype_bytes(dtype)  # the weight; x and y are noise
     return {"kernel": "gemv", "name": name, "batch": batch, "n": n, "k": k, "config": list(cfg),
             "programs": -(-n // cfg[0]) * cfg[2], "weight_copies": len(ws),
             "time_us": seconds * 1e6, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
@@ -294,7 +290,7 @@ def sweep_gemv(batch: int, name: str, n: int, k: int, dtype: torch.dtype, device
     `default_config` should be checked against. Configs that do not fit the shared memory are reported as errors."""
     x, ws = gemv_inputs(batch, n, k, dtype, device)
     default = gemv_default_config(batch, n, k, device, dtype)
-    nbytes = n * k * dtype_size(dtype)
+    nbytes = n * k * roofline.dtype_bytes(dtype)
     rows = []
     for split in sorted({1, max(1, default[2] // 2), default[2], 2 * default[2]}):
         for bn, bk, warps, stages in GEMV_SWEEP:
