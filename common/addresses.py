@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.config import ConfigError, ServerConfig
+from headrace.common.config import ConfigError, ServerConfig
 
 # Longest path a Unix domain socket accepts (sockaddr_un.sun_path is 108 bytes with the NUL on Linux).
 _MAX_IPC_PATH = 107

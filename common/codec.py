@@ -20,8 +20,8 @@ from typing import Any, Callable, TypeVar, Union
 
 import msgpack
 
-from common import messages
-from common.sampling_params import SamplingParams
+from headrace.common import messages
+from headrace.common.sampling_params import SamplingParams
 
 T = TypeVar("T")
 Conv = Callable[[Any], Any]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 
 TokenIds = list[int]
 

@@ -11,7 +11,7 @@ def freeze_startup_heap() -> None:
     """Move everything allocated at start-up (imported modules, the tokenizer, the model's Python objects)
     out of the garbage collector's reach. Full collections otherwise rescan that large, immortal heap and
     were measured to halve the tokenizer's detokenization rate at thousands of live requests
-    (benchmarks/pipeline_bench.py)."""
+    (headrace/bench/pipeline_bench.py)."""
     gc.collect()
     gc.freeze()
 

@@ -21,9 +21,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common import codec
-from common.addresses import Endpoint
-from common.codec import MessageDecodeError
+from headrace.common import codec
+from headrace.common.addresses import Endpoint
+from headrace.common.codec import MessageDecodeError
 
 # --------------------------------------------------------------------------- liveness timing (every process)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from headrace.llm import LLM

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from common.config import ConfigError
+from headrace.common.config import ConfigError
 from headrace.config_args import add_engine_args, add_server_args, engine_config_from_args
 
 VERSION = "0.1.0"
@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each service's process entry: module with `main(config_dict, index)`.
 SERVICE_ENTRIES = {
-    "api": "services.api.server",
-    "tokenizer": "services.tokenizer.tokenizer_service",
-    "scheduler": "services.scheduler.service",
-    "worker": "services.gpu_worker.worker",
+    "api": "headrace.services.api.server",
+    "tokenizer": "headrace.services.tokenizer.tokenizer_service",
+    "scheduler": "headrace.services.scheduler.service",
+    "worker": "headrace.services.gpu_worker.worker",
 }
 
 

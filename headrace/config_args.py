@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServerConfig
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServerConfig
 
 
 def _env(name: str, default, kind=str):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from common.config import EngineConfig
-from common.messages import RequestOutput, StepPlan
-from common.sampling_params import SamplingParams
-from services.gpu_worker.model_runner import InflightStep, ModelRunner
-from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler
+from headrace.common.config import EngineConfig
+from headrace.common.messages import RequestOutput, StepPlan
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
+from headrace.services.scheduler.request import Request
+from headrace.services.scheduler.scheduler import Scheduler
 
 
 class LLMEngine:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from common.config import EngineConfig
-from common.messages import Shutdown, WorkerFailed
+from headrace.common.config import EngineConfig
+from headrace.common.messages import Shutdown, WorkerFailed
 
 log = logging.getLogger("headrace.launcher")
 
@@ -35,10 +35,10 @@ DRAIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 ENTRIES = {
-    "scheduler": ("services.scheduler.service", "main"),
-    "worker": ("services.gpu_worker.worker", "main"),
-    "tokenizer": ("services.tokenizer.tokenizer_service", "main"),
-    "api": ("services.api.server", "main"),
+    "scheduler": ("headrace.services.scheduler.service", "main"),
+    "worker": ("headrace.services.gpu_worker.worker", "main"),
+    "tokenizer": ("headrace.services.tokenizer.tokenizer_service", "main"),
+    "api": ("headrace.services.api.server", "main"),
 }
 
 
@@ -75,7 +75,7 @@ def _free_port() -> int:
 
 def check_devices(device: str, tp: int) -> None:
     """Fail before starting anything when this host has fewer GPUs than ranks."""
-    from common.config import resolve_device
+    from headrace.common.config import resolve_device
 
     if resolve_device(device) == "cuda":
         import torch
@@ -87,10 +87,10 @@ def check_devices(device: str, tp: int) -> None:
 
 def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
     """Resolve everything every process must agree on, once, before any process starts."""
-    from common.addresses import with_ipc_dir
-    from services.gpu_worker.loader.source import resolve_model
-    from services.gpu_worker.model.arch import arch_from_hf_config
-    from services.gpu_worker.model.layers import check_tp_heads
+    from headrace.common.addresses import with_ipc_dir
+    from headrace.services.gpu_worker.loader.source import resolve_model
+    from headrace.services.gpu_worker.model.arch import arch_from_hf_config
+    from headrace.services.gpu_worker.model.layers import check_tp_heads
 
     source = resolve_model(config.model.model, config.model.tokenizer, log=log_fn)
     arch = arch_from_hf_config(source.hf_config())
@@ -143,8 +143,8 @@ class Launcher:
     def _notify_scheduler(self, msg: Any) -> None:
         import zmq
 
-        from common import codec
-        from common.addresses import address_plan
+        from headrace.common import codec
+        from headrace.common.addresses import address_plan
 
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)

@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from common.config import EngineConfig
-from common.messages import TokenLogprobs
-from common.sampling_params import SamplingParams
+from headrace.common.config import EngineConfig
+from headrace.common.messages import TokenLogprobs
+from headrace.common.sampling_params import SamplingParams
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
 from headrace.offline_text import ChoiceText, PromptCodec

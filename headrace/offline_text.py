@@ -11,13 +11,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.config import ModelConfig
-from common.messages import RequestOutput, TokenLogprobs
-from common.sampling_params import SamplingParams
-from services.tokenizer.chat import ChatTemplate, validate_messages
-from services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
-from services.tokenizer.errors import RequestError
-from services.tokenizer.loading import chat_template_source, load_tokenizer
+from headrace.common.config import ModelConfig
+from headrace.common.messages import RequestOutput, TokenLogprobs
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.tokenizer.chat import ChatTemplate, validate_messages
+from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
+from headrace.services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.loading import chat_template_source, load_tokenizer
 
 
 class PromptCodec:

@@ -25,15 +25,15 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from common.config import EngineConfig
-from common.messages import TokenLogprobs
-from common.sampling_params import SamplingParams
+from headrace.common.config import EngineConfig
+from headrace.common.messages import TokenLogprobs
+from headrace.common.sampling_params import SamplingParams
 from headrace.llm import LLM, CompletionOutput, GenerationOutput
 from headrace.offline_text import check_context_length
-from services.api.errors import ApiError, from_validation_errors
-from services.api.protocol import ChatCompletionRequest, CompletionRequest
-from services.api.sampling import chat_params, completion_params, completion_prompts
-from services.tokenizer.errors import RequestError
+from headrace.services.api.errors import ApiError, from_validation_errors
+from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
+from headrace.services.api.sampling import chat_params, completion_params, completion_prompts
+from headrace.services.tokenizer.errors import RequestError
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)

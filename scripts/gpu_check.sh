@@ -141,12 +141,12 @@ phase_tp() {  # tensor parallelism alone (2+ GPUs), beside TP=1 batch-1 latency 
 }
 
 phase_profile() {
-  step step_profile 130 python3 benchmarks/step_profile.py $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
+  step step_profile 130 python3 -m headrace.bench.step_profile $M --batch-size 1 64 256 --steps 20 --prefill-prompts 32 \
     --mixed-decodes 248 --output-json "$R/step_profile.json"
   # A short prompt's prefill alone (time to first token): kernels vs wall, and the host side under cProfile.
-  step prefill_profile 90 python3 benchmarks/step_profile.py $M --batch-size 1 --steps 5 --prefill-prompts 1 \
+  step prefill_profile 90 python3 -m headrace.bench.step_profile $M --batch-size 1 --steps 5 --prefill-prompts 1 \
     --prefill-len 128 --host-profile 128 --output-json "$R/prefill_profile.json"
-  step logits 110 python3 benchmarks/gpu_check.py --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
+  step logits 110 python3 -m headrace.bench.gpu_check --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
   [ "${SWEEP:-0}" = 1 ] && step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"
 }

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def embedded_source():
-    from services.gpu_worker.loader.source import resolve_model
+    from headrace.services.gpu_worker.loader.source import resolve_model
 
     return resolve_model("")
 

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from common.addresses import AddressPlan, Endpoint, address_plan
-from common.config import EngineConfig, cache_dir
+from headrace.common.addresses import AddressPlan, Endpoint, address_plan
+from headrace.common.config import EngineConfig, cache_dir
 from headrace.cli import SERVICE_ENTRIES, build_parser
 from headrace.config_args import engine_config_from_args
 

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from common.config import EngineConfig, resolve_device
-from services.gpu_worker.loader.model_loader import export_hf_state_dict, load_model, resolve_dtype
-from services.gpu_worker.loader.source import resolve_model
+from headrace.common.config import EngineConfig, resolve_device
+from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict, load_model, resolve_dtype
+from headrace.services.gpu_worker.loader.source import resolve_model
 
 
 def load_hf_twin(config: EngineConfig, log=print):

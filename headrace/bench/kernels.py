@@ -30,16 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from headrace.bench import roofline
-from kernels.paged_decode_attention import (
+from headrace.kernels.paged_decode_attention import (
     default_num_kv_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from kernels.gemv import default_config as gemv_default_config
-from kernels.gemv import gemv, gemv_ref
-from kernels.prefill_attention import paged_prefill_attention
-from kernels.sampling import hash_gumbel_argmax
-from services.gpu_worker.sampler import gumbel_argmax_
+from headrace.kernels.gemv import default_config as gemv_default_config
+from headrace.kernels.gemv import gemv, gemv_ref
+from headrace.kernels.prefill_attention import paged_prefill_attention
+from headrace.kernels.sampling import hash_gumbel_argmax
+from headrace.services.gpu_worker.sampler import gumbel_argmax_
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

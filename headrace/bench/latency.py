@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from common.config import EngineConfig
-from common.sampling_params import SamplingParams
+from headrace.common.config import EngineConfig
+from headrace.common.sampling_params import SamplingParams
 from headrace.bench import hf_baseline, roofline
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels.timing import device_time_median
-from services.gpu_worker.model.arch import ModelArch
+from headrace.kernels.timing import device_time_median
+from headrace.services.gpu_worker.model.arch import ModelArch
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def measure(device: torch.device, dtype: torch.dtype) -> DeviceRates:
 def measure_for_engine(config) -> DeviceRates:
     """Measure the ceilings of the device and dtype an engine config will run on, and print them. Call it
     before the engine starts: the measurement needs free device memory."""
-    from common.config import resolve_device
-    from services.gpu_worker.loader.model_loader import resolve_dtype
+    from headrace.common.config import resolve_device
+    from headrace.services.gpu_worker.loader.model_loader import resolve_dtype
 
     device = torch.device(resolve_device(config.device))
     rates = measure(device, resolve_dtype(config.model.dtype, device))

@@ -24,7 +24,7 @@ from datetime import datetime
 import httpx
 import numpy as np
 
-from common.process import event_loop_factory
+from headrace.common.process import event_loop_factory
 from headrace.bench import server_metrics
 from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.bench.metrics_summary import (
@@ -219,7 +219,7 @@ def _load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from services.gpu_worker.loader.source import resolve_model
+        from headrace.services.gpu_worker.loader.source import resolve_model
 
         path = resolve_model("").tokenizer_dir
     return path, AutoTokenizer.from_pretrained(path)

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 from headrace.bench import hf_baseline, roofline
 from headrace.bench.datasets import BenchRequest, add_dataset_args, resolve_length_aliases, sample_requests
 from headrace.config_args import add_engine_args, engine_config_from_args

@@ -18,18 +18,18 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from common.addresses import address_plan
-from common.config import EngineConfig
-from common.messages import DetokenizeRequest, TokenizeRequest
-from services.api import errors
-from services.api.engine_client import EngineClient, current_http_request
-from services.api.errors import ApiError
-from services.api.metrics import Metrics
-from services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, api_key_check
-from services.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody
-from services.api.records import HttpRequest
-from services.api.sampling import check_model, served_model_name
-from services.api.serving import ServingContext, create_chat_completion, create_completion
+from headrace.common.addresses import address_plan
+from headrace.common.config import EngineConfig
+from headrace.common.messages import DetokenizeRequest, TokenizeRequest
+from headrace.services.api import errors
+from headrace.services.api.engine_client import EngineClient, current_http_request
+from headrace.services.api.errors import ApiError
+from headrace.services.api.metrics import Metrics
+from headrace.services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, api_key_check
+from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody
+from headrace.services.api.records import HttpRequest
+from headrace.services.api.sampling import check_model, served_model_name
+from headrace.services.api.serving import ServingContext, create_chat_completion, create_completion
 
 B = TypeVar("B", bound=BaseModel)
 

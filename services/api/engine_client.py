@@ -27,10 +27,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common import codec, transport
-from common.addresses import AddressPlan, Endpoint
-from common.codec import MessageDecodeError
-from common.messages import (
+from headrace.common import codec, transport
+from headrace.common.addresses import AddressPlan, Endpoint
+from headrace.common.codec import MessageDecodeError
+from headrace.common.messages import (
     AbortRequest,
     BatchTextDelta,
     DetokenizeRequest,
@@ -43,9 +43,9 @@ from common.messages import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from common.transport import HEARTBEAT_INTERVAL_S, PEER_TIMEOUT_S
-from services.api.errors import ApiError
-from services.api.records import HttpRequest, RequestRecord
+from headrace.common.transport import HEARTBEAT_INTERVAL_S, PEER_TIMEOUT_S
+from headrace.services.api.errors import ApiError
+from headrace.services.api.records import HttpRequest, RequestRecord
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.messages import ErrorInfo, error_type
+from headrace.common.messages import ErrorInfo, error_type
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from common.messages import EngineStats
-from services.api.records import HttpRequest, RequestRecord
+from headrace.common.messages import EngineStats
+from headrace.services.api.records import HttpRequest, RequestRecord
 
 request_log = logging.getLogger("headrace.api.requests")
 

@@ -13,7 +13,7 @@ import uuid
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.errors import ApiError
+from headrace.services.api.errors import ApiError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.messages import TextDelta
+from headrace.common.messages import TextDelta
 
 
 @dataclass(frozen=True)

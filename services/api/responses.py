@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.messages import TextDelta, TokenLogprobs
+from headrace.common.messages import TextDelta, TokenLogprobs
 
 # JSON has no -inf; a token the model ruled out reports this instead (vLLM does the same).
 _MIN_LOGPROB = -9999.0

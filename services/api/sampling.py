@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.config import ModelConfig
-from common.sampling_params import SamplingParams, SamplingParamsError
-from services.api.errors import ApiError, model_not_found
-from services.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
-from services.gpu_worker.loader.source import EMBEDDED_NAME
+from headrace.common.config import ModelConfig
+from headrace.common.sampling_params import SamplingParams, SamplingParamsError
+from headrace.services.api.errors import ApiError, model_not_found
+from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+from headrace.services.gpu_worker.loader.source import EMBEDDED_NAME
 
 
 # One prompt of a completion request: text, or token ids.

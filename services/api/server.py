@@ -17,9 +17,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from common.config import EngineConfig
-from common.process import event_loop_factory, freeze_startup_heap
-from services.api.app import create_app
+from headrace.common.config import EngineConfig
+from headrace.common.process import event_loop_factory, freeze_startup_heap
+from headrace.services.api.app import create_app
 
 log = logging.getLogger(__name__)
 

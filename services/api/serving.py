@@ -19,13 +19,13 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from common.messages import GenerateRequest, TextDelta
-from services.api.engine_client import EngineClient, Generation
-from services.api.errors import ApiError
-from services.api.protocol import ChatCompletionRequest, CompletionRequest
-from services.api.responses import ChatShape, ChoiceState, CompletionShape, Shape
-from services.api.sampling import chat_params, check_model, choice_params, completion_params, completion_prompts
-from services.api.streaming import DONE, SSEResponse, sse, sse_error
+from headrace.common.messages import GenerateRequest, TextDelta
+from headrace.services.api.engine_client import EngineClient, Generation
+from headrace.services.api.errors import ApiError
+from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
+from headrace.services.api.responses import ChatShape, ChoiceState, CompletionShape, Shape
+from headrace.services.api.sampling import chat_params, check_model, choice_params, completion_params, completion_prompts
+from headrace.services.api.streaming import DONE, SSEResponse, sse, sse_error
 
 log = logging.getLogger(__name__)
 

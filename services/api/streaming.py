@@ -13,7 +13,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from services.api.errors import ApiError
+from headrace.services.api.errors import ApiError
 
 DONE = "data: [DONE]\n\n"
 

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from common.config import EngineConfig
-from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
+from headrace.common.config import EngineConfig
+from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 
 MAX_GRAPH_BATCH = 512
 _LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)

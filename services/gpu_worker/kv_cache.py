@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.attention.base import KVCache
+from headrace.services.gpu_worker.attention.base import KVCache
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 

@@ -14,20 +14,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.config import EngineConfig, resolve_device
-from common.messages import StepPlan, StepResult
-from common.sampling_params import SamplingParams
-from services.gpu_worker.attention import make_backend
-from services.gpu_worker.attention.base import AttentionMetadata
-from services.gpu_worker.cuda_graphs import maybe_capture_decode_graphs
-from services.gpu_worker.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_caches, kv_bytes_per_block
-from services.gpu_worker.loader.model_loader import load_model, resolve_dtype
-from services.gpu_worker.loader.source import ModelSource, resolve_model
-from services.gpu_worker.model.arch import rope_cos_sin_cache
-from services.gpu_worker.model.llama import ForwardContext
-from services.gpu_worker.parallel import SINGLE, TPGroup
-from services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
-from services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
+from headrace.common.config import EngineConfig, resolve_device
+from headrace.common.messages import StepPlan, StepResult
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.attention import make_backend
+from headrace.services.gpu_worker.attention.base import AttentionMetadata
+from headrace.services.gpu_worker.cuda_graphs import maybe_capture_decode_graphs
+from headrace.services.gpu_worker.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_caches, kv_bytes_per_block
+from headrace.services.gpu_worker.loader.model_loader import load_model, resolve_dtype
+from headrace.services.gpu_worker.loader.source import ModelSource, resolve_model
+from headrace.services.gpu_worker.model.arch import rope_cos_sin_cache
+from headrace.services.gpu_worker.model.llama import ForwardContext
+from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
+from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
+from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
 
 
 class RequestState:

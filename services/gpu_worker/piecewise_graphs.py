@@ -30,10 +30,10 @@ from typing import Callable
 
 import torch
 
-from common.config import EngineConfig
-from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from services.gpu_worker.cuda_graphs import capture_graph, disabled_reason
-from services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
+from headrace.common.config import EngineConfig
+from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from headrace.services.gpu_worker.cuda_graphs import capture_graph, disabled_reason
+from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 
 # Padding is nearly free while a step's GEMMs are bound by reading the weights (a few hundred tokens on
 # an H100), so the ladder is coarse there and finer above. Past the top, the GPU time of a step dwarfs

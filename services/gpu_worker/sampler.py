@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.messages import TopLogprobs
-from common.sampling_params import SamplingParams
+from headrace.common.messages import TopLogprobs
+from headrace.common.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy (dividing by them would overflow; vLLM does the same).
 _GREEDY_EPS = 1e-5
@@ -300,7 +300,7 @@ def _triton_sampling():
     """kernels.sampling, or None where Triton is missing. Imported on first CUDA use only: CPU processes
     never load Triton."""
     try:
-        from kernels import sampling
+        from headrace.kernels import sampling
     except ImportError:
         return None
     return sampling

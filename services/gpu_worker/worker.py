@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import zmq
 
-from common import codec
-from common.addresses import address_plan
-from common.codec import MessageDecodeError
-from common.config import EngineConfig, resolve_device
-from common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
-from common.process import freeze_startup_heap
-from services.gpu_worker.model_runner import InflightStep, ModelRunner
-from services.gpu_worker.parallel import TPGroup
+from headrace.common import codec
+from headrace.common.addresses import address_plan
+from headrace.common.codec import MessageDecodeError
+from headrace.common.config import EngineConfig, resolve_device
+from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
+from headrace.common.process import freeze_startup_heap
+from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
+from headrace.services.gpu_worker.parallel import TPGroup
 
 log = logging.getLogger("headrace.worker")
 
@@ -95,7 +95,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
                             runner.load_seconds, str(device), runner.arch.vocab_size)
         freeze_startup_heap()
         if runner.device.type == "cuda":
-            from kernels.compile_watch import watch_compiles
+            from headrace.kernels.compile_watch import watch_compiles
 
             watch_compiles(lambda what: log.warning("Triton compiles a kernel variant while serving (every "
                                                     "request waits for it): %s", what))

@@ -16,7 +16,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from services.scheduler.request import Request
+from headrace.services.scheduler.request import Request
 
 
 def chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:

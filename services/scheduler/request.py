@@ -10,8 +10,8 @@ import enum
 import sys
 import time
 
-from common.messages import TopLogprobs
-from common.sampling_params import SamplingParams
+from headrace.common.messages import TopLogprobs
+from headrace.common.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

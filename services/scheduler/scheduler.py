@@ -33,10 +33,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from common.config import CacheConfig, SchedulerConfig
-from common.messages import CachedRequestData, NewRequestData, RequestOutput, StepPlan, StepResult, TopLogprobs
-from services.scheduler.block_manager import BlockManager
-from services.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from headrace.common.config import CacheConfig, SchedulerConfig
+from headrace.common.messages import CachedRequestData, NewRequestData, RequestOutput, StepPlan, StepResult, TopLogprobs
+from headrace.services.scheduler.block_manager import BlockManager
+from headrace.services.scheduler.request import FINISH_REASONS, Request, RequestStatus
 
 RUNNING = RequestStatus.RUNNING
 

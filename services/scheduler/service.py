@@ -18,11 +18,11 @@ from typing import Any
 
 import zmq
 
-from common import codec
-from common.addresses import AddressPlan, address_plan
-from common.codec import MessageDecodeError
-from common.config import EngineConfig
-from common.messages import (
+from headrace.common import codec
+from headrace.common.addresses import AddressPlan, address_plan
+from headrace.common.codec import MessageDecodeError
+from headrace.common.config import EngineConfig
+from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     EngineStats,
@@ -36,9 +36,9 @@ from common.messages import (
     WorkerFailed,
     WorkerReady,
 )
-from common.process import freeze_startup_heap
-from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler
+from headrace.common.process import freeze_startup_heap
+from headrace.services.scheduler.request import Request
+from headrace.services.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("headrace.scheduler")
 

@@ -17,7 +17,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.errors import RequestError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 # Names the renderer sets itself; chat_template_kwargs may not override them.

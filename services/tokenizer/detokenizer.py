@@ -13,7 +13,7 @@ from typing import NamedTuple
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens fed to the stream first, so the first output token decodes in context (e.g. SentencePiece's

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.messages import ErrorInfo
+from headrace.common.messages import ErrorInfo
 
 
 class RequestError(ValueError):

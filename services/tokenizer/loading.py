@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from common.config import ConfigError, ModelConfig
+from headrace.common.config import ConfigError, ModelConfig
 
 def tokenizer_folder(model: ModelConfig) -> str:
     """The folder holding the tokenizer files. The launcher passes the one the model resolver produced as
@@ -16,7 +16,7 @@ def tokenizer_folder(model: ModelConfig) -> str:
         if not os.path.isdir(model.tokenizer):
             raise ConfigError(f"no tokenizer folder at {model.tokenizer!r}")
         return model.tokenizer
-    from services.gpu_worker.loader.source import resolve_model
+    from headrace.services.gpu_worker.loader.source import resolve_model
 
     return resolve_model(model.model).tokenizer_dir
 

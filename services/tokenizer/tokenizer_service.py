@@ -30,11 +30,11 @@ from typing import Any
 
 import zmq
 
-from common import transport
-from common.addresses import AddressPlan, address_plan
-from common.codec import MessageDecodeError
-from common.config import EngineConfig
-from common.messages import (
+from headrace.common import transport
+from headrace.common.addresses import AddressPlan, address_plan
+from headrace.common.codec import MessageDecodeError
+from headrace.common.config import EngineConfig
+from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     BatchTextDelta,
@@ -53,11 +53,11 @@ from common.messages import (
     TopLogprobs,
     error_type,
 )
-from common.process import freeze_startup_heap
-from services.tokenizer.chat import ChatTemplate, validate_messages
-from services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
-from services.tokenizer.errors import RequestError
-from services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_folder
+from headrace.common.process import freeze_startup_heap
+from headrace.services.tokenizer.chat import ChatTemplate, validate_messages
+from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
+from headrace.services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from common.addresses import Endpoint, address_plan, with_ipc_dir
-from common.config import ConfigError, ServerConfig
+from headrace.common.addresses import Endpoint, address_plan, with_ipc_dir
+from headrace.common.config import ConfigError, ServerConfig
 
 
 def test_ipc_plan_names_one_socket_per_bound_endpoint(tmp_path):

@@ -9,9 +9,9 @@ from typing import ClassVar
 import msgpack
 import pytest
 
-from common import codec
-from common.codec import MessageDecodeError, decode, encode
-from common.messages import (
+from headrace.common import codec
+from headrace.common.codec import MessageDecodeError, decode, encode
+from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     BatchTextDelta,
@@ -37,7 +37,7 @@ from common.messages import (
     WorkerFailed,
     WorkerReady,
 )
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 
 SP = SamplingParams(temperature=0.5, top_k=5, seed=7, max_tokens=32, stop=("###", "END"), stop_token_ids=(2,),
                     logprobs=3, extra={"k": [1, "v"]})

@@ -7,12 +7,12 @@ import asyncio
 import pytest
 import zmq
 
-from common import codec, transport
-from common.addresses import address_plan
-from common.codec import MessageDecodeError
-from common.config import ServerConfig
-from common.messages import AbortRequest, EngineStats, Heartbeat, TokenizedRequest
-from common.sampling_params import SamplingParams
+from headrace.common import codec, transport
+from headrace.common.addresses import address_plan
+from headrace.common.codec import MessageDecodeError
+from headrace.common.config import ServerConfig
+from headrace.common.messages import AbortRequest, EngineStats, Heartbeat, TokenizedRequest
+from headrace.common.sampling_params import SamplingParams
 
 TIMEOUT_MS = 5000
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from common.sampling_params import SamplingParams
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from headrace.common.sampling_params import SamplingParams
 from headrace.engine import LLMEngine
-from services.gpu_worker.model_runner import ModelRunner
+from headrace.services.gpu_worker.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import EngineConfig, ModelConfig, ParallelConfig
+from headrace.common.config import EngineConfig, ModelConfig, ParallelConfig
 from headrace.launcher import check_devices, prepare_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 from headrace.llm import LLM, engine_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

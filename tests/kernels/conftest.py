@@ -53,7 +53,7 @@ def poison_empty() -> Iterator[None]:
     if not HAS_TRITON:
         yield
         return
-    from kernels import _utils
+    from headrace.kernels import _utils
 
     old = _utils.POISON_EMPTY
     _utils.POISON_EMPTY = True

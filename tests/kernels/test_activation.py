@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from headrace.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 
 def test_silu_and_mul(dev: tuple[torch.device, torch.dtype]) -> None:

@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kernels.compile_watch import watch_compiles  # noqa: E402
+from headrace.kernels.compile_watch import watch_compiles  # noqa: E402
 
 
 @triton.jit

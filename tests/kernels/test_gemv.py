@@ -6,8 +6,8 @@ import torch
 pytest.importorskip("triton")
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels import _utils  # noqa: E402
-from kernels.gemv import default_config, gemv, gemv_ref  # noqa: E402
+from headrace.kernels import _utils  # noqa: E402
+from headrace.kernels.gemv import default_config, gemv, gemv_ref  # noqa: E402
 
 # (N, K, config): small blocks on the CPU interpreter. Ragged N (not a multiple of BLOCK_N) and ragged K (not a
 # multiple of BLOCK_K), no split, uneven splits (7 K tiles in 3 splits: 3 + 3 + 1) and an empty split (2 tiles

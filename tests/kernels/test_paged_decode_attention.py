@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import _utils  # noqa: E402
+from headrace.kernels import _utils  # noqa: E402
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from headrace.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
 
 MakeKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 

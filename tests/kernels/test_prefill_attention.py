@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import _utils  # noqa: E402
+from headrace.kernels import _utils  # noqa: E402
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
+from headrace.kernels.paged_decode_attention import paged_decode_attention  # noqa: E402
+from headrace.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref  # noqa: E402
 
 MakeKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from headrace.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 
 
 def _shapes(device: torch.device) -> list[tuple[int, int]]:

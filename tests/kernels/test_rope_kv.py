@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from .kernel_testing import assert_close  # noqa: E402
-from kernels.rope_kv import rope_and_cache, rope_and_cache_ref  # noqa: E402
+from headrace.kernels.rope_kv import rope_and_cache, rope_and_cache_ref  # noqa: E402
 
 
 def _cos_sin_cache(max_pos: int, head_dim: int, device: torch.device) -> torch.Tensor:

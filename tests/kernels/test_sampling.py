@@ -13,15 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from common.sampling_params import SamplingParams  # noqa: E402
-from kernels import sampling  # noqa: E402
-from kernels.sampling import (  # noqa: E402
+from headrace.common.sampling_params import SamplingParams  # noqa: E402
+from headrace.kernels import sampling  # noqa: E402
+from headrace.kernels.sampling import (  # noqa: E402
     hash_gumbel_argmax,
     hash_gumbel_argmax_ref,
     hash_uniform,
     hash_uniform_ref,
 )
-from services.gpu_worker import sampler as sampler_mod  # noqa: E402
+from headrace.services.gpu_worker import sampler as sampler_mod  # noqa: E402
 from tests.kernels.kernel_testing import py_hash_uniform  # noqa: E402
 
 SEEDS = [0, 1, 12345, -1, 2**63 - 1, -(2**63)]

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from kernels.timing import device_seconds
+from headrace.kernels.timing import device_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="device timing needs a GPU")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.attention.base import AttentionBackend
+from headrace.services.gpu_worker.attention.base import AttentionBackend
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -12,11 +12,11 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" and _triton_backend_available() else "torch"
     if name == "torch":
-        from services.gpu_worker.attention.torch_backend import TorchAttentionBackend
+        from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
     if name == "triton":
-        from services.gpu_worker.attention.triton_backend import TritonAttentionBackend
+        from headrace.services.gpu_worker.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}")
@@ -26,4 +26,4 @@ def _triton_backend_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None and \
-        importlib.util.find_spec("services.gpu_worker.attention.triton_backend") is not None
+        importlib.util.find_spec("headrace.services.gpu_worker.attention.triton_backend") is not None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:

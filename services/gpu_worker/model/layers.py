@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.gpu_worker.parallel import TPGroup
+from headrace.services.gpu_worker.parallel import TPGroup
 
 
 def _shape(loaded: Any) -> tuple[int, ...]:
@@ -77,7 +77,7 @@ def _triton_kernels():
     """(kernels.rmsnorm, kernels.activation), or None where Triton is missing. Imported on first CUDA use
     only: CPU processes never load Triton."""
     try:
-        from kernels import activation, rmsnorm
+        from headrace.kernels import activation, rmsnorm
     except ImportError:
         return None
     return rmsnorm, activation

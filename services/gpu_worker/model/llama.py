@@ -13,9 +13,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from services.gpu_worker.model.arch import ModelArch
-from services.gpu_worker.model.layers import (
+from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from headrace.services.gpu_worker.model.arch import ModelArch
+from headrace.services.gpu_worker.model.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -25,7 +25,7 @@ from services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
-from services.gpu_worker.parallel import TPGroup
+from headrace.services.gpu_worker.parallel import TPGroup
 
 
 @dataclass

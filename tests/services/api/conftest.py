@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from common.addresses import address_plan
-from common.config import EngineConfig, ServerConfig
-from services.api.app import create_app
-from services.api.engine_client import EngineClient
-from services.api.server import bind_socket, build_server, serve
+from headrace.common.addresses import address_plan
+from headrace.common.config import EngineConfig, ServerConfig
+from headrace.services.api.app import create_app
+from headrace.services.api.engine_client import EngineClient
+from headrace.services.api.server import bind_socket, build_server, serve
 from tests.services.api.fakes import FakeScheduler, FakeTokenizer, Script, until
 
 # Short liveness so "a tokenizer went silent" takes about a second, not three.

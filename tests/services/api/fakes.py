@@ -8,8 +8,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from common import transport
-from common.messages import (
+from headrace.common import transport
+from headrace.common.messages import (
     AbortRequest,
     BatchTextDelta,
     DetokenizeRequest,

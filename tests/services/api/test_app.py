@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from common.messages import BatchTextDelta, ErrorInfo, TextDelta, TokenLogprobs
+from headrace.common.messages import BatchTextDelta, ErrorInfo, TextDelta, TokenLogprobs
 from tests.services.api.fakes import delta, until, words
 
 pytestmark = pytest.mark.anyio

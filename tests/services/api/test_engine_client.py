@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from common.addresses import address_plan
-from common.config import ServerConfig
-from common.messages import BatchTextDelta, GenerateRequest, TokenizeRequest
-from common.sampling_params import SamplingParams
-from services.api.engine_client import EngineClient, _Peer
-from services.api.errors import ApiError
+from headrace.common.addresses import address_plan
+from headrace.common.config import ServerConfig
+from headrace.common.messages import BatchTextDelta, GenerateRequest, TokenizeRequest
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.api.engine_client import EngineClient, _Peer
+from headrace.services.api.errors import ApiError
 from tests.services.api.fakes import WAIT_S, FakeScheduler, FakeTokenizer, delta, until
 
 pytestmark = pytest.mark.anyio

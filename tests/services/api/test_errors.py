@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from common.config import EngineConfig, ServerConfig
-from common.messages import ErrorInfo
-from services.api import errors
-from services.api.app import create_app
-from services.api.errors import ApiError
+from headrace.common.config import EngineConfig, ServerConfig
+from headrace.common.messages import ErrorInfo
+from headrace.services.api import errors
+from headrace.services.api.app import create_app
+from headrace.services.api.errors import ApiError
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.messages import ErrorInfo, TextDelta
-from services.api.metrics import Metrics, one_two_five_buckets, usage_tokens
-from services.api.records import RequestRecord
+from headrace.common.messages import ErrorInfo, TextDelta
+from headrace.services.api.metrics import Metrics, one_two_five_buckets, usage_tokens
+from headrace.services.api.records import RequestRecord
 from tests.services.api.fakes import delta, until
 
 pytestmark = pytest.mark.anyio
@@ -149,9 +149,9 @@ def test_token_buckets_and_usage_counting():
 # `running` requests from the engine. It writes into PROMETHEUS_MULTIPROC_DIR and exits.
 _API_PROCESS = textwrap.dedent("""
     import sys
-    from common.messages import EngineStats, TextDelta
-    from services.api.metrics import Metrics
-    from services.api.records import HttpRequest, RequestRecord
+    from headrace.common.messages import EngineStats, TextDelta
+    from headrace.services.api.metrics import Metrics
+    from headrace.services.api.records import HttpRequest, RequestRecord
 
     count, running = int(sys.argv[1]), int(sys.argv[2])
     metrics = Metrics("m", 1024)

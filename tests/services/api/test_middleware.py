@@ -6,8 +6,8 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
-from services.api import errors
-from services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, api_key_check
+from headrace.services.api import errors
+from headrace.services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware, api_key_check
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeBody
+from headrace.services.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeBody
 
 
 @pytest.mark.parametrize("prompt", ["text", ["a", "b"], [1, 2, 3], [[1], [2, 3]]])

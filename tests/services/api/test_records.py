@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.messages import TextDelta
-from services.api.records import RequestRecord
+from headrace.common.messages import TextDelta
+from headrace.services.api.records import RequestRecord
 
 
 def test_record_tracks_first_token_each_token_and_finish():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.messages import TextDelta, TokenLogprobs
-from services.api.responses import ChatShape, ChoiceState, CompletionShape, usage
+from headrace.common.messages import TextDelta, TokenLogprobs
+from headrace.services.api.responses import ChatShape, ChoiceState, CompletionShape, usage
 
 
 def lp(token: str, value: float = -1.0) -> TokenLogprobs:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ModelConfig
-from common.sampling_params import SamplingParams
-from services.api.errors import ApiError
-from services.api.protocol import ChatCompletionRequest, CompletionRequest
-from services.api.sampling import (
+from headrace.common.config import ModelConfig
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.api.errors import ApiError
+from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
+from headrace.services.api.sampling import (
     chat_params,
     check_model,
     choice_params,

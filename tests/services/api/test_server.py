@@ -12,9 +12,9 @@ import sys
 import httpx
 import pytest
 
-from common.addresses import address_plan
-from common.config import EngineConfig, ServerConfig
-from services.api.server import bind_socket
+from headrace.common.addresses import address_plan
+from headrace.common.config import EngineConfig, ServerConfig
+from headrace.services.api.server import bind_socket
 from tests.services.api.fakes import WAIT_S, FakeScheduler, FakeTokenizer, until, words
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

@@ -7,8 +7,8 @@ import json
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from services.api.errors import ApiError
-from services.api.streaming import DONE, SSEResponse, sse, sse_error
+from headrace.services.api.errors import ApiError
+from headrace.services.api.streaming import DONE, SSEResponse, sse, sse_error
 
 
 def test_sse_framing():

@@ -7,8 +7,8 @@ tests/services/scheduler.
 
 from __future__ import annotations
 
-from common.messages import CachedRequestData, NewRequestData, StepPlan
-from common.sampling_params import SamplingParams
+from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
+from headrace.common.sampling_params import SamplingParams
 
 
 class PlanDriver:

@@ -11,18 +11,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
-from common.sampling_params import SamplingParams  # noqa: E402
-from services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from services.gpu_worker.cuda_graphs import (  # noqa: E402
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
+from headrace.common.sampling_params import SamplingParams  # noqa: E402
+from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from headrace.services.gpu_worker.cuda_graphs import (  # noqa: E402
     DecodeGraphs,
     capture_sizes,
     disabled_reason,
     padded_size,
 )
-from services.gpu_worker.model.llama import ForwardContext  # noqa: E402
-from services.gpu_worker.model_runner import ModelRunner  # noqa: E402
+from headrace.services.gpu_worker.model.llama import ForwardContext  # noqa: E402
+from headrace.services.gpu_worker.model_runner import ModelRunner  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -43,7 +43,7 @@ def test_padded_size(n, expected):
 
 def test_disabled_reasons():
     pytest.importorskip("triton")
-    from services.gpu_worker.attention.triton_backend import TritonAttentionBackend
+    from headrace.services.gpu_worker.attention.triton_backend import TritonAttentionBackend
 
     cuda, cpu, triton = torch.device("cuda", 0), torch.device("cpu"), TritonAttentionBackend()
     on = EngineConfig()

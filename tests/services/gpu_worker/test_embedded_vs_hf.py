@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import CacheConfig, EngineConfig, ModelConfig
-from common.sampling_params import SamplingParams
-from services.gpu_worker.model_runner import ModelRunner
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.services.gpu_worker.plan_driver import PlanDriver
 
 NEW_TOKENS = 64

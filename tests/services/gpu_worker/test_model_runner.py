@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import CacheConfig, EngineConfig, ModelConfig
-from common.messages import CachedRequestData, NewRequestData, StepPlan
-from common.sampling_params import SamplingParams
-from services.gpu_worker.model_runner import ModelRunner
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.model_runner import ModelRunner
 
 PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4], [8, 8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
@@ -127,7 +127,7 @@ def test_no_kernel_compiles_after_start_up():
     compile no Triton variant after the runner's start-up: each compile would stall every request."""
     import triton
 
-    from kernels.compile_watch import watch_compiles
+    from headrace.kernels.compile_watch import watch_compiles
     from tests.services.gpu_worker.plan_driver import PlanDriver
     from tests.services.gpu_worker.test_cuda_graphs import make_runner
 

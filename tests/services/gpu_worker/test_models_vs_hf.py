@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import CacheConfig, EngineConfig, ModelConfig
-from common.messages import CachedRequestData, NewRequestData, StepPlan
-from common.sampling_params import SamplingParams
-from services.gpu_worker.loader.model_loader import export_hf_state_dict
-from services.gpu_worker.model_runner import ModelRunner
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
+from headrace.services.gpu_worker.model_runner import ModelRunner
 
 PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama3-scaled"]
 
@@ -42,7 +42,7 @@ def logits_for_all_positions(runner: ModelRunner, prompt: list[int], chunk: int)
         plan.num_scheduled_tokens["r"] = n
         runner._apply_plan(plan)
         batch = runner._prepare(plan.num_scheduled_tokens)
-        from services.gpu_worker.model.llama import ForwardContext
+        from headrace.services.gpu_worker.model.llama import ForwardContext
 
         ctx = ForwardContext(batch.attn, runner.kv_caches, runner.backend, runner.cos_sin_cache)
         with torch.no_grad():

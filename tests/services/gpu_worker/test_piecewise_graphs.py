@@ -12,10 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
-from common.sampling_params import SamplingParams  # noqa: E402
-from services.gpu_worker.model.llama import ForwardContext  # noqa: E402
-from services.gpu_worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes  # noqa: E402
+from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
+from headrace.common.sampling_params import SamplingParams  # noqa: E402
+from headrace.services.gpu_worker.model.llama import ForwardContext  # noqa: E402
+from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
 from tests.services.gpu_worker.test_cuda_graphs import HAS_CUDA, add_requests, make_runner  # noqa: E402
 

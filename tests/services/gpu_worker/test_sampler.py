@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from common.sampling_params import SamplingParams
-from services.gpu_worker.sampler import (
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.sampler import (
     Sampler,
     SamplingRow,
     apply_penalties,

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
-from common.sampling_params import SamplingParams
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from headrace.common.sampling_params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 200, 31, 77, 4, 18, 9, 301, 42], [7, 7, 8, 100, 13], list(range(40, 75))]
 NEW_TOKENS = 12
@@ -24,8 +24,8 @@ def _rank_main(config_dict, rank, queue):
     import torch
 
     torch.set_num_threads(1)
-    from services.gpu_worker.model_runner import ModelRunner
-    from services.gpu_worker.worker import init_tensor_parallel
+    from headrace.services.gpu_worker.model_runner import ModelRunner
+    from headrace.services.gpu_worker.worker import init_tensor_parallel
     from tests.services.gpu_worker.plan_driver import PlanDriver
 
     config = EngineConfig.from_dict(config_dict)
@@ -60,7 +60,7 @@ def test_tp_matches_single_rank(model, tp_size):
 
 
 def test_tp2_on_embedded_model_fails_naming_head_counts():
-    from services.gpu_worker.model.layers import check_tp_heads
+    from headrace.services.gpu_worker.model.layers import check_tp_heads
 
     with pytest.raises(ValueError, match="9 attention heads"):
         check_tp_heads(9, 3, 2)

@@ -1,9 +1,9 @@
 import pytest
 
-from common.sampling_params import SamplingParams
-from services.scheduler import block_manager as bm_module
-from services.scheduler.block_manager import BlockManager
-from services.scheduler.request import Request
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.scheduler import block_manager as bm_module
+from headrace.services.scheduler.block_manager import BlockManager
+from headrace.services.scheduler.request import Request
 
 BS = 4
 

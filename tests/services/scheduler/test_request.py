@@ -1,7 +1,7 @@
 import sys
 
-from common.sampling_params import SamplingParams
-from services.scheduler.request import Request, RequestStatus
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.scheduler.request import Request, RequestStatus
 
 
 def make(prompt_len: int = 5, max_model_len: int | None = 100, **params) -> Request:
@@ -48,7 +48,7 @@ def test_ending_token_ids_include_eos_unless_ignored():
 
 
 def test_logprobs_are_kept_only_when_given():
-    from common.messages import TopLogprobs
+    from headrace.common.messages import TopLogprobs
 
     req = make()
     req.append_output_token(1)

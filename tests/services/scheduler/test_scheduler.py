@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import CacheConfig, SchedulerConfig
-from common.messages import RequestOutput, StepPlan, StepResult
-from common.sampling_params import SamplingParams
-from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler
+from headrace.common.config import CacheConfig, SchedulerConfig
+from headrace.common.messages import RequestOutput, StepPlan, StepResult
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.scheduler.request import Request
+from headrace.services.scheduler.scheduler import Scheduler
 
 VOCAB = 64
 EOS = 0

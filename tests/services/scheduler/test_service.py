@@ -8,10 +8,10 @@ import time
 import pytest
 import zmq
 
-from common import codec
-from common.addresses import address_plan, with_ipc_dir
-from common.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
-from common.messages import (
+from headrace.common import codec
+from headrace.common.addresses import address_plan, with_ipc_dir
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
+from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     EngineStats,
@@ -19,9 +19,9 @@ from common.messages import (
     TokenizedRequest,
     WorkerFailed,
 )
-from common.sampling_params import SamplingParams
-from services.gpu_worker import worker
-from services.scheduler import service
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker import worker
+from headrace.services.scheduler import service
 
 
 def _config(tmp_path) -> EngineConfig:
@@ -191,9 +191,9 @@ def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_
     """Requests queued, scheduled and finished at different (fake) times, one of them preempted after its
     first token, one aborted while waiting: each phase comes once, on the right output, computed from its
     own request's times."""
-    from services.scheduler import request as request_mod
-    from services.scheduler import scheduler as scheduler_mod
-    from services.scheduler.scheduler import Scheduler
+    from headrace.services.scheduler import request as request_mod
+    from headrace.services.scheduler import scheduler as scheduler_mod
+    from headrace.services.scheduler.scheduler import Scheduler
     from tests.services.scheduler.test_scheduler import FakeWorker, make_scheduler
 
     clock = _Clock(100.0)

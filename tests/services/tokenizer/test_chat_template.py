@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.tokenizer.chat import (
+from headrace.services.tokenizer.chat import (
     ChatTemplate,
     ChatTemplateError,
     ChatTemplateSecurityError,
     validate_messages,
 )
-from services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.errors import RequestError
 
 SIMPLE = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from common.sampling_params import SamplingParams
-from services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 
 TEXTS = [
     "héllo 世界 🎉",

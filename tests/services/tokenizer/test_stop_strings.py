@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from common.sampling_params import SamplingParams
-from services.tokenizer.detokenizer import IncrementalDetokenizer
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer
 
 
 def run(raw_tokenizer, text: str, stop: tuple[str, ...], include: bool = False, step: int = 1):

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import zmq
 
-from common import codec, transport
-from common.addresses import address_plan
-from common.config import EngineConfig, ModelConfig, ServerConfig
-from common.messages import (
+from headrace.common import codec, transport
+from headrace.common.addresses import address_plan
+from headrace.common.config import EngineConfig, ModelConfig, ServerConfig
+from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     BatchTextDelta,
@@ -29,8 +29,8 @@ from common.messages import (
     TokenizeResponse,
     TopLogprobs,
 )
-from common.sampling_params import SamplingParams
-from services.tokenizer.tokenizer_service import TokenizerService, main
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.tokenizer.tokenizer_service import TokenizerService, main
 
 TIMEOUT_S = 5.0
 EOS = 2

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.attention.base import AttentionMetadata
-from services.gpu_worker.attention.torch_backend import TorchAttentionBackend, apply_rope
+from headrace.services.gpu_worker.attention.base import AttentionMetadata
+from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend, apply_rope
 
 
 def dense_reference(q, k, v, scale):

@@ -15,12 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from common.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
-from common.sampling_params import SamplingParams  # noqa: E402
-from services.gpu_worker.attention.base import AttentionMetadata  # noqa: E402
-from services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from services.gpu_worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from services.gpu_worker.model_runner import ModelRunner  # noqa: E402
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
+from headrace.common.sampling_params import SamplingParams  # noqa: E402
+from headrace.services.gpu_worker.attention.base import AttentionMetadata  # noqa: E402
+from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from headrace.services.gpu_worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from headrace.services.gpu_worker.model_runner import ModelRunner  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +181,8 @@ def _compiled_variants(kernel) -> int | None:
 def test_warm_up_compiles_every_variant_serving_reaches():
     """After warm_up no step shape compiles a new kernel variant (a mid-serving compile stalls every
     request for about a second). In the interpreter nothing compiles: warm_up just has to run."""
-    from kernels import paged_decode_attention as dec
-    from kernels import prefill_attention as pre
+    from headrace.kernels import paged_decode_attention as dec
+    from headrace.kernels import prefill_attention as pre
 
     heads, kv_heads, head_dim, block_size = 8, 2, 64 if DEVICE.type == "cuda" else 16, 16
     cache = [torch.zeros(64 if DEVICE.type == "cuda" else 8, block_size, kv_heads, head_dim, dtype=DTYPE,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.loader.model_loader import load_model
-from services.gpu_worker.loader.source import resolve_model
+from headrace.services.gpu_worker.loader.model_loader import load_model
+from headrace.services.gpu_worker.loader.source import resolve_model
 
 
 def is_k_major(w: torch.Tensor) -> bool:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from services.gpu_worker.loader import gguf_convert
-from services.gpu_worker.loader.source import EMBEDDED_GGUF, embedded_gguf_path, resolve_model
+from headrace.services.gpu_worker.loader import gguf_convert
+from headrace.services.gpu_worker.loader.source import EMBEDDED_GGUF, embedded_gguf_path, resolve_model
 
 
 @pytest.fixture(scope="module")

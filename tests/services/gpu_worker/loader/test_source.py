@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.gpu_worker.loader.source import ModelNotFoundError, resolve_model
-from services.gpu_worker.model.arch import UnsupportedModelError, arch_from_hf_config
+from headrace.services.gpu_worker.loader.source import ModelNotFoundError, resolve_model
+from headrace.services.gpu_worker.model.arch import UnsupportedModelError, arch_from_hf_config
 
 
 def test_missing_path_names_what_was_looked_for(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/pipeline_bench.py: the corpus and report helpers, and one tiny run of the whole script over real
+"""headrace/bench/pipeline_bench.py: the corpus and report helpers, and one tiny run of the whole script over real
 tokenizer and api processes (its JSON fields and counts; nothing about speed)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 
-from benchmarks import pipeline_bench as bench
+from headrace.bench import pipeline_bench as bench
 
 
 def test_corpus_is_seeded_mixed_and_in_range():

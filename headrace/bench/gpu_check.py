@@ -1,7 +1,7 @@
 """The whole GPU check in one call (device tool): correctness of our bf16 engine against transformers on the
 same random weights of a real shape, the kernel tests at real shapes, and the headline speed numbers.
 
-Usage on the device machine (see scripts/gpu_check.sh):  python benchmarks/gpu_check.py --out $OUT [--sections ...]
+Usage on the device machine (see scripts/gpu_check.sh):  python -m headrace.bench.gpu_check --out $OUT [--sections ...]
 Writes $OUT/gpu_check.json and prints a short table last.
 """
 
@@ -16,8 +16,6 @@ import time
 import traceback
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def device_info() -> dict:
@@ -43,10 +41,10 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     """Our bf16 logits vs transformers bf16 and fp32 on the same weights: prefill and paged decode steps."""
     from transformers import AutoModelForCausalLM
 
-    from common.config import CacheConfig, EngineConfig, ModelConfig
-    from common.sampling_params import SamplingParams
-    from services.gpu_worker.loader.model_loader import export_hf_state_dict
-    from services.gpu_worker.model_runner import ModelRunner
+    from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+    from headrace.common.sampling_params import SamplingParams
+    from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
+    from headrace.services.gpu_worker.model_runner import ModelRunner
     from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits
 
     cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1,

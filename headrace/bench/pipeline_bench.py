@@ -1,7 +1,7 @@
 """The pipeline's CPU costs around the model: tokenizer throughput at 1, 2 and 4 processes, and the api's own
 overhead per request (CPU only, loopback only).
 
-    python benchmarks/pipeline_bench.py [--tokenizers 1 2 4] [--requests 2000] [--json out.json]
+    python -m headrace.bench.pipeline_bench [--tokenizers 1 2 4] [--requests 2000] [--json out.json]
 
 Tokenizers: N real tokenizer processes with the embedded model's tokenizer; this process plays the api (a
 ROUTER at api_inbox[0]) and the scheduler (a ROUTER at the scheduler address), as a real deployment binds
@@ -46,10 +46,10 @@ from typing import Any
 import httpx
 import zmq
 
-from common import codec, transport
-from common.addresses import AddressPlan, address_plan
-from common.config import EngineConfig, ModelConfig, ServerConfig
-from common.messages import (
+from headrace.common import codec, transport
+from headrace.common.addresses import AddressPlan, address_plan
+from headrace.common.config import EngineConfig, ModelConfig, ServerConfig
+from headrace.common.messages import (
     BatchRequestOutput,
     BatchTextDelta,
     EngineStats,
@@ -60,7 +60,7 @@ from common.messages import (
     TextDelta,
     TokenizedRequest,
 )
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 from headrace.bench.metrics_summary import summarize
 
 START_TIMEOUT_S = 300.0  # guards against hangs only: 4 tokenizers importing transformers on 2 cores is slow
@@ -301,7 +301,7 @@ def tokenizer_run(n: int, corpus: list[Prompt], detok_steps: int, tokenizer_dir:
             peers = Peers(address_plan(config.server), children)  # bound before any tokenizer connects
             try:
                 for j in range(n):
-                    children.start(_service, "services.tokenizer.tokenizer_service", config.to_dict(), j,
+                    children.start(_service, "headrace.services.tokenizer.tokenizer_service", config.to_dict(), j,
                                    name=f"tokenizer-{j}")
                 peers.wait_for_hellos(n)
                 toks = peers.tokenizers
@@ -460,7 +460,7 @@ def api_overhead(num_requests: int, concurrency: int) -> list[dict[str, Any]]:
                               server=ServerConfig(port=port, ipc_dir=folder))
         plan = address_plan(config.server)
         children.start(_fake_engine, plan.api_inbox[0].connect, plan.scheduler.bind, name="fake-engine")
-        children.start(_service, "services.api.server", config.to_dict(), 0, name="api-0")
+        children.start(_service, "headrace.services.api.server", config.to_dict(), 0, name="api-0")
         base_url = f"http://127.0.0.1:{port}"
         _wait_healthy(base_url, children)
         for label, kind in API_CASES:
@@ -507,7 +507,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from services.gpu_worker.loader.source import resolve_model
+    from headrace.services.gpu_worker.loader.source import resolve_model
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # Load from other users of the machine skews every number; it is recorded before and after.

@@ -1,6 +1,6 @@
 """Scheduler cost per step at N running requests (CPU): schedule() + update_from_output(), no model.
 
-    python benchmarks/scheduler_bench.py --running 256 --steps 1000 [--prefix-caching] [--json out.json]
+    python -m headrace.bench.scheduler_bench --running 256 --steps 1000 [--prefix-caching] [--json out.json]
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import json
 import statistics
 import time
 
-from common.config import CacheConfig, SchedulerConfig
-from common.messages import StepResult
-from common.sampling_params import SamplingParams
-from services.scheduler.request import Request
-from services.scheduler.scheduler import Scheduler
+from headrace.common.config import CacheConfig, SchedulerConfig
+from headrace.common.messages import StepResult
+from headrace.common.sampling_params import SamplingParams
+from headrace.services.scheduler.request import Request
+from headrace.services.scheduler.scheduler import Scheduler
 
 
 def run(running: int, steps: int, prefix_caching: bool, prompt_len: int) -> dict:

@@ -7,7 +7,7 @@ take the most time. --prefill-prompts does the same for pure-prefill steps, --mi
 (that many running decodes beside prefill chunks that fill the rest of the token budget, as in a busy
 `bench throughput` run). JSON with --output-json.
 
-    python benchmarks/step_profile.py --model random:llama-3-8b --max-model-len 2048 --batch-size 1 256 \
+    python -m headrace.bench.step_profile --model random:llama-3-8b --max-model-len 2048 --batch-size 1 256 \
         --prefill-prompts 32 --mixed-decodes 248
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common.sampling_params import SamplingParams
+from headrace.common.sampling_params import SamplingParams
 from headrace.bench.throughput import step_record
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine

@@ -1,4 +1,4 @@
-"""benchmarks/step_profile.py: one tiny CPU run of the whole script (its JSON fields, that every profiled
+"""headrace/bench/step_profile.py: one tiny CPU run of the whole script (its JSON fields, that every profiled
 request is aborted or finished so the engine ends idle, the host profile's table, the mixed steps'
 composition); nothing about speed."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import step_profile
+from headrace.bench import step_profile
 
 
 def test_tiny_run_reports_every_section(tmp_path, capsys):
