@@ -2,7 +2,7 @@
 
 Wire shape: a top-level message is the array ``[TAG, field0, field1, ...]`` in dataclass field order;
 nested dataclasses are positional arrays too; `SamplingParams` travels as its dict (so its validation
-runs on decode); fields annotated `TokenIds` travel as packed little-endian int32 bytes.
+runs on decode); fields annotated `TokenIds` or `BlockIds` travel as packed little-endian int32 bytes.
 
 Every dataclass in common.messages with a `TAG` is registered automatically, so adding a message kind is
 just defining its class there; classes elsewhere use the `@register` decorator. Each class gets a generated
@@ -35,7 +35,12 @@ class MessageDecodeError(ValueError):
 
 
 class _PackedIds:
-    """Stands for the `TokenIds` alias while annotations are resolved (the alias itself is just list[int])."""
+    """Stands for the `TokenIds` and `BlockIds` aliases while annotations are resolved (the aliases
+    themselves are just list[int])."""
+
+
+# The annotation names that mean "a list of int32 ids, packed".
+_PACKED_ALIASES = ("TokenIds", "BlockIds")
 
 
 # Compiled little-endian int32 layouts for the short lists of a decode step; longer ones use struct's own cache.
@@ -99,7 +104,7 @@ def _expect(value: Any, kind: type) -> Any:
 
 def _converter(tp: Any) -> tuple[Conv, Conv] | None:
     """(encode, decode) for a resolved annotation, or None where msgpack carries the value as is."""
-    if tp is _PackedIds or tp is messages.TokenIds:
+    if tp is _PackedIds or any(tp is getattr(messages, alias) for alias in _PACKED_ALIASES):
         return pack_ids, unpack_ids
     if tp in _CUSTOM:
         return _CUSTOM[tp]
@@ -152,7 +157,7 @@ def _resolve(cls: type, annotation: Any) -> Any:
     if not isinstance(annotation, str):
         return annotation
     namespace = dict(vars(sys.modules[cls.__module__]))
-    namespace["TokenIds"] = _PackedIds
+    namespace.update(dict.fromkeys(_PACKED_ALIASES, _PackedIds))
     try:
         return eval(annotation, namespace)  # our own source's annotations, never wire data
     except Exception as e:

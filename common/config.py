@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# GGUF files are dequantized at load; pass the .gguf path as --model.
+QUANTIZATION_METHODS = ("gguf",)
 
 
 class ConfigError(ValueError):
@@ -38,8 +40,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
-        _require(self.quantization in (None, "gguf"), f"--quantization {self.quantization!r} is not supported "
-                 "(GGUF files are dequantized at load; pass the .gguf path as --model)")
+        _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
+                 f"--quantization {self.quantization!r} is not supported (GGUF files are dequantized at load; "
+                 "pass the .gguf path as --model)")
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,16 @@ class CacheConfig:
         _require(self.num_blocks is None or self.num_blocks > 0, "num_blocks must be positive")
 
 
+# Tokens per step when --max-num-batched-tokens is not given, by device kind: CPUs gain nothing from huge
+# steps, GPUs need them to fill their matrix units. Applied once, when the config is resolved.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # None: DEFAULT_MAX_NUM_BATCHED_TOKENS for the device, filled in by resolve_engine_config.
+    max_num_batched_tokens: int | None = None
     # Long prompts are split into chunks of at most this many tokens per step (chunked prefill).
     long_prefill_token_threshold: int | None = None
     # Plan step t+1 while step t runs (the scheduler process keeps two plans in flight).
@@ -69,7 +78,15 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "--max-num-seqs must be positive")
-        _require(self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive")
+        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
+                 "--max-num-batched-tokens must be positive")
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per step; the config must have been resolved (resolve_engine_config) to know it."""
+        if self.max_num_batched_tokens is None:
+            raise ConfigError("max_num_batched_tokens is unset: resolve the config first (resolve_engine_config)")
+        return self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ResolvedModel:
+    """What `--model` turned out to be, worked out once before any process starts
+    (headrace.common.models.resolve) and shipped to every process inside the config."""
+
+    kind: str  # "hf": weights_dir holds config.json and safetensors; "random": `preset` names a shape
+    name: str  # the name the api serves it under (--served-model-name, else the model's own)
+    weights_dir: str | None
+    tokenizer_dir: str  # "" where none is available (a random preset without the embedded model)
+    preset: str | None
+    max_model_len: int  # the context length every process enforces
+    eos_token_ids: tuple[int, ...]  # config.json and generation_config.json together
+    vocab_size: int
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -112,16 +144,25 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False
+    # Filled in once by resolve_engine_config; None until then.
+    resolved: ResolvedModel | None = None
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  "--attention-backend must be auto, torch or triton")
+
+    def require_resolved(self) -> ResolvedModel:
+        """The resolved model; a ConfigError for a config that skipped resolution."""
+        if self.resolved is None:
+            raise ConfigError("the model is not resolved: pass the config through resolve_engine_config first")
+        return self.resolved
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        resolved = data.get("resolved")
         return cls(
             model=ModelConfig(**data["model"]),
             cache=CacheConfig(**data["cache"]),
@@ -131,7 +172,22 @@ class EngineConfig:
             device=data["device"],
             attention_backend=data["attention_backend"],
             enforce_eager=data["enforce_eager"],
+            resolved=None if resolved is None else ResolvedModel(
+                **{**resolved, "eos_token_ids": tuple(resolved["eos_token_ids"])}),
         )
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> EngineConfig:
+        """A config from keyword arguments named as the sections' fields (model=..., max_model_len=...,
+        max_num_seqs=..., device=...): each goes to the one section that has a field of that name."""
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in values.items():
+            owner = _FIELD_OWNER.get(key)
+            if owner is None:
+                raise TypeError(f"unknown engine argument {key!r}; known: {sorted(_FIELD_OWNER)}")
+            (top if owner == "" else sections[owner])[key] = value
+        return cls(**{name: kind(**sections[name]) for name, kind in _SECTIONS.items()}, **top)
 
     def replace(self, **sections: Any) -> EngineConfig:
         """A new config with whole sections swapped (configs are never mutated in place)."""
@@ -152,3 +208,12 @@ def cache_dir() -> str:
     root = os.environ.get("HEADRACE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "headrace")
     return root
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                              "parallel": ParallelConfig, "server": ServerConfig}
+# Every settable field -> its section ("" for EngineConfig's own); names are unique across sections.
+_FIELD_OWNER: dict[str, str] = {f.name: section for section, kind in _SECTIONS.items()
+                                for f in dataclasses.fields(kind)}
+_FIELD_OWNER.update({f.name: "" for f in dataclasses.fields(EngineConfig)
+                     if f.name not in _SECTIONS and f.name != "resolved"})

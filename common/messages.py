@@ -1,9 +1,17 @@
-"""The wire protocol: every message that crosses a process boundary, one small typed class per kind.
+"""The wire protocol: every message that crosses a process boundary, one small typed class per kind, in the
+order a request meets them:
 
-Scheduler -> gpu_worker: `StepPlan` (carries only what changed: new requests in full, running ones as
-ids + new block ids). gpu_worker (rank 0) -> scheduler: `StepResult`.
+    api -> tokenizer          GenerateRequest, AbortRequest, TokenizeRequest, DetokenizeRequest
+    tokenizer -> scheduler    TokenizedRequest, AbortRequest
+    scheduler -> gpu_worker   StepPlan (new requests in full, running ones as ids + new block ids)
+    gpu_worker -> scheduler   StepResult, WorkerReady, WorkerError
+    scheduler -> tokenizer    BatchRequestOutput (RequestOutput per request)
+    tokenizer -> api          BatchTextDelta (TextDelta per request), TokenizeResponse, DetokenizeResponse
+    scheduler -> api          EngineStats
+    control                   Heartbeat, Shutdown, WorkerFailed
 
-Token-id lists are declared as `TokenIds`; the codec (common.codec) packs them as int32 bytes on the wire.
+Integer-id lists are declared as `TokenIds` or `BlockIds`; the codec (common.codec) packs both as int32
+bytes on the wire. A class with a `TAG` is a top-level message; the others travel inside one.
 """
 
 from __future__ import annotations
@@ -13,7 +21,84 @@ from typing import ClassVar
 
 from headrace.common.sampling_params import SamplingParams
 
-TokenIds = list[int]
+TokenIds = list[int]  # token ids
+BlockIds = list[int]  # physical KV-cache block ids
+
+
+# --------------------------------------------------------------------------- api -> tokenizer
+
+
+@dataclass
+class GenerateRequest:
+    """One sequence to generate. Exactly one of prompt / prompt_token_ids / messages is set.
+
+    The api fans `n > 1` out into separate requests before this point. The tokenizer answers on the socket
+    the request came in on, so the request needs no return address.
+    """
+
+    TAG: ClassVar[str] = "generate_request"
+
+    req_id: str
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: TokenIds | None = None
+    # OpenAI chat messages (validated and rendered by the tokenizer's chat template).
+    messages: list[dict[str, object]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, object] | None = None
+    # Return the prompt text on the first TextDelta (completions `echo`).
+    echo: bool = False
+    arrival_time: float = 0.0  # wall clock at the api, for the ingest phase (see RequestTimings)
+
+
+@dataclass
+class AbortRequest:
+    """Stop a request and drop its state (api -> tokenizer on disconnect; tokenizer -> scheduler)."""
+
+    TAG: ClassVar[str] = "abort_request"
+
+    req_id: str
+
+
+@dataclass
+class TokenizeRequest:
+    """The /tokenize endpoint: exactly one of prompt / messages is set."""
+
+    TAG: ClassVar[str] = "tokenize_request"
+
+    req_id: str
+    prompt: str | None = None
+    messages: list[dict[str, object]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+@dataclass
+class DetokenizeRequest:
+    """The /detokenize endpoint."""
+
+    TAG: ClassVar[str] = "detokenize_request"
+
+    req_id: str
+    token_ids: TokenIds
+
+
+# --------------------------------------------------------------------------- tokenizer -> scheduler
+
+
+@dataclass
+class TokenizedRequest:
+    """A prompt ready to queue. The scheduler answers the tokenizer (a ROUTER peer) that sent it."""
+
+    TAG: ClassVar[str] = "tokenized_request"
+
+    req_id: str
+    prompt_token_ids: TokenIds
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
 
 
 # --------------------------------------------------------------------------- scheduler -> gpu_worker
@@ -28,7 +113,7 @@ class NewRequestData:
     # Tokens already generated (non-empty only when a preempted request is resumed by recomputation).
     output_token_ids: TokenIds
     sampling_params: SamplingParams
-    block_ids: TokenIds
+    block_ids: BlockIds
     num_computed_tokens: int
     # The seed the sampler uses for this request (the request's own seed, or one the scheduler drew).
     sampling_seed: int
@@ -39,7 +124,7 @@ class CachedRequestData:
     """Requests the worker already holds: only ids, new blocks and the computed-token counter."""
 
     req_id: str
-    new_block_ids: TokenIds
+    new_block_ids: BlockIds
     num_computed_tokens: int
 
 
@@ -92,7 +177,56 @@ class StepResult:
     execute_time: float = 0.0
 
 
-# --------------------------------------------------------------------------- scheduler -> tokenizer (-> api)
+@dataclass
+class WorkerReady:
+    """gpu_worker rank -> scheduler, once its model and KV cache exist (also after a restart). Everything
+    else about the model the scheduler already has from its resolved config."""
+
+    TAG: ClassVar[str] = "worker_ready"
+
+    rank: int
+    num_blocks: int
+    load_seconds: float = 0.0
+    device: str = ""
+
+
+@dataclass
+class WorkerError:
+    """gpu_worker rank 0 -> scheduler: executing a step raised; the step's requests fail with this message."""
+
+    TAG: ClassVar[str] = "worker_error"
+
+    step_id: int
+    message: str
+
+
+# --------------------------------------------------------------------------- scheduler -> tokenizer
+
+
+@dataclass
+class RequestTimings:
+    """A request's phases in seconds, for the api's metrics (request_*_time_seconds):
+
+        ingest: api arrival (GenerateRequest.arrival_time) -> queued by the scheduler (wall clock, >= 0);
+        queue: queued -> first scheduled;  prefill: first scheduled -> first token seen by the scheduler;
+        decode: first token -> finished;   inference: first scheduled -> finished (= prefill + decode).
+
+    A preemption does not restart any phase: its wait and recomputation fall in prefill (before the first
+    token) or decode (after it). A phase is None until its end has happened.
+    """
+
+    ingest: float | None = None
+    queue: float | None = None
+    prefill: float | None = None
+    decode: float | None = None
+    inference: float | None = None
+
+    def update(self, newer: RequestTimings) -> None:
+        """Take every phase `newer` knows (a later output's word on a phase replaces an earlier one)."""
+        for name in ("ingest", "queue", "prefill", "decode", "inference"):
+            value = getattr(newer, name)
+            if value is not None:
+                setattr(self, name, value)
 
 
 @dataclass
@@ -113,134 +247,10 @@ class RequestOutput:
     error: str | None = None
     # HTTP-style status for `error`: 400 when the request itself was at fault, 500/503 when the engine was.
     error_code: int | None = None
-    # Per-request phases in seconds, for the api's metrics (request_*_time_seconds). Set only on the output
-    # that carries the request's first token and on the one that finishes it (None on every other output):
-    #   ingest: api arrival (GenerateRequest.arrival_time) -> queued by the scheduler (wall clock, >= 0);
-    #   queue: queued -> first scheduled; prefill: first scheduled -> first token seen by the scheduler;
-    #   decode: first token -> finished; inference: first scheduled -> finished (= prefill + decode).
-    # A preemption does not restart any phase: its wait and recomputation fall in prefill (before the first
-    # token) or decode (after it). A phase is None until its end has happened.
-    queue_time: float | None = None
-    ingest_time: float | None = None
-    prefill_time: float | None = None
-    decode_time: float | None = None
-    inference_time: float | None = None
+    # Set only on the output that carries the request's first token and on the one that finishes it.
+    timings: RequestTimings | None = None
     # Times preempted so far (num_preemptions_total), on every output.
     num_preemptions: int = 0
-
-
-# --------------------------------------------------------------------------- shared pieces
-
-
-# OpenAI error types by HTTP status: what an error carries when nothing more specific names it.
-ERROR_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    413: "RequestTooLargeError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
-
-
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
-
-
-@dataclass
-class ErrorInfo:
-    """A request-level failure, shaped like the HTTP error body the api returns."""
-
-    message: str
-    type: str = "BadRequestError"
-    # The OpenAI request field at fault ("prompt", "messages.[0].role", ...), when one is.
-    param: str | None = None
-    code: int = 400  # the HTTP status the api should answer with
-
-
-# --------------------------------------------------------------------------- api -> tokenizer
-
-
-@dataclass
-class GenerateRequest:
-    """One sequence to generate. Exactly one of prompt / prompt_token_ids / messages is set.
-
-    The api fans `n > 1` out into separate requests before this point.
-    """
-
-    TAG: ClassVar[str] = "generate_request"
-
-    req_id: str
-    # Which api instance owns the request: outputs go to addresses.api_inbox[api_index].
-    api_index: int
-    sampling_params: SamplingParams
-    prompt: str | None = None
-    prompt_token_ids: TokenIds | None = None
-    # OpenAI chat messages (validated and rendered by the tokenizer's chat template).
-    messages: list[dict[str, object]] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, object] | None = None
-    # Return the prompt text on the first TextDelta (completions `echo`).
-    echo: bool = False
-    arrival_time: float = 0.0
-
-
-@dataclass
-class AbortRequest:
-    """Stop a request and drop its state (api -> tokenizer on disconnect; tokenizer -> scheduler)."""
-
-    TAG: ClassVar[str] = "abort_request"
-
-    req_id: str
-
-
-@dataclass
-class TokenizeRequest:
-    """The /tokenize endpoint: exactly one of prompt / messages is set."""
-
-    TAG: ClassVar[str] = "tokenize_request"
-
-    req_id: str
-    api_index: int
-    prompt: str | None = None
-    messages: list[dict[str, object]] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-
-
-@dataclass
-class DetokenizeRequest:
-    """The /detokenize endpoint."""
-
-    TAG: ClassVar[str] = "detokenize_request"
-
-    req_id: str
-    api_index: int
-    token_ids: TokenIds
-
-
-# --------------------------------------------------------------------------- tokenizer -> scheduler
-
-
-@dataclass
-class TokenizedRequest:
-    TAG: ClassVar[str] = "tokenized_request"
-
-    req_id: str
-    prompt_token_ids: TokenIds
-    sampling_params: SamplingParams
-    # Which tokenizer instance owns the request: outputs go to addresses.tokenizer_inbox[tokenizer_index].
-    tokenizer_index: int
-    # End-of-sequence ids the tokenizer knows for this model (tokenizer + generation_config).
-    eos_token_ids: TokenIds = field(default_factory=list)
-    arrival_time: float = 0.0
-
-
-# --------------------------------------------------------------------------- scheduler -> tokenizer
 
 
 @dataclass
@@ -254,6 +264,17 @@ class BatchRequestOutput:
 
 
 # --------------------------------------------------------------------------- tokenizer -> api
+
+
+@dataclass
+class ErrorInfo:
+    """A request-level failure, shaped like the HTTP error body the api returns."""
+
+    message: str
+    type: str = "BadRequestError"
+    # The OpenAI request field at fault ("prompt", "messages.[0].role", ...), when one is.
+    param: str | None = None
+    code: int = 400  # the HTTP status the api should answer with
 
 
 @dataclass
@@ -287,14 +308,9 @@ class TextDelta:
     # The prompt as text, on the first delta of an `echo` request.
     prompt_text: str | None = None
     error: ErrorInfo | None = None
-    # Carried from the request's RequestOutput (see there), for the api's metrics. A request the tokenizer
-    # ends on a stop string has no finish from the scheduler: its decode is timed in the tokenizer, from the
-    # first token's output arriving there (inference = the scheduler's prefill + that decode).
-    queue_time: float | None = None
-    ingest_time: float | None = None
-    prefill_time: float | None = None
-    decode_time: float | None = None
-    inference_time: float | None = None
+    # Carried from the request's RequestOutput. A request the tokenizer ends on a stop string has no finish
+    # from the scheduler: its decode is timed in the tokenizer, from the first token's output arriving there.
+    timings: RequestTimings | None = None
     num_preemptions: int = 0
 
 
@@ -338,15 +354,11 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
-    num_preemptions: int = 0  # cumulative
-    prompt_tokens: int = 0  # cumulative
-    generation_tokens: int = 0  # cumulative
-    prefix_cache_queries: int = 0  # cumulative tokens looked up
-    prefix_cache_hits: int = 0  # cumulative tokens found
-    timestamp: float = 0.0
+    prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative prompt tokens found there
 
 
-# --------------------------------------------------------------------------- control (any -> any)
+# --------------------------------------------------------------------------- control
 
 
 @dataclass
@@ -367,24 +379,6 @@ class Shutdown:
     reason: str = ""
 
 
-# --------------------------------------------------------------------------- engine lifecycle
-
-
-@dataclass
-class WorkerReady:
-    """gpu_worker rank -> scheduler, once its model and KV cache exist (also after a restart)."""
-
-    TAG: ClassVar[str] = "worker_ready"
-
-    rank: int
-    num_blocks: int
-    max_model_len: int
-    eos_token_ids: TokenIds
-    load_seconds: float = 0.0
-    device: str = ""
-    vocab_size: int = 0
-
-
 @dataclass
 class WorkerFailed:
     """Launcher (supervisor) -> scheduler: a worker rank died; its in-flight requests must fail."""
@@ -393,13 +387,3 @@ class WorkerFailed:
 
     rank: int
     reason: str
-
-
-@dataclass
-class WorkerError:
-    """gpu_worker rank 0 -> scheduler: executing a step raised; the step's requests fail with this message."""
-
-    TAG: ClassVar[str] = "worker_error"
-
-    step_id: int
-    message: str

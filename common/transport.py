@@ -33,6 +33,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 PEER_TIMEOUT_S = 3.0
 # The scheduler sends EngineStats to every api this often; the api's /health is its arrival.
 ENGINE_STATS_INTERVAL_S = 0.5
+# A worker rank not heard from for this long is dead (under compose no launcher watches its pid); longer than
+# PEER_TIMEOUT_S because a rank's heartbeat thread can wait behind a long kernel launch or compile.
+WORKER_TIMEOUT_S = 10.0
 
 # 0 = unbounded queues. Backpressure belongs to the scheduler's waiting queue: a send that blocks on a
 # full queue inside a single-threaded loop can deadlock two processes that feed each other.
@@ -84,11 +87,12 @@ def router_socket(ctx: zmq.Context, address: Endpoint | str, *, bind: bool = Tru
 
 
 def dealer_socket(ctx: zmq.Context, address: Endpoint | str, identity: Identity | None = None, *,
-                  prefix: str = "peer", bind: bool = False) -> zmq.Socket:
-    """A DEALER named `identity` (or a fresh `new_identity(prefix)`); read it back with `identity_of`."""
+                  prefix: str = "peer", bind: bool = False, linger_ms: int = 0) -> zmq.Socket:
+    """A DEALER named `identity` (or a fresh `new_identity(prefix)`); read it back with `identity_of`.
+    `linger_ms` > 0 for a one-shot sender that closes right after sending (the launcher's notices)."""
     if identity is None:
         identity = new_identity(prefix)
-    return make_socket(ctx, zmq.DEALER, address, bind=bind, identity=identity)
+    return make_socket(ctx, zmq.DEALER, address, bind=bind, identity=identity, linger_ms=linger_ms)
 
 
 def identity_of(sock: zmq.Socket) -> Identity:

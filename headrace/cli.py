@@ -13,9 +13,9 @@ import importlib
 import sys
 
 from headrace.common.config import ConfigError
+from headrace.common.version import VERSION
 from headrace.config_args import add_engine_args, add_server_args, engine_config_from_args
-
-VERSION = "0.1.0"
+from headrace.service_entries import SERVICE_ENTRIES, run_service
 
 
 def _service_parser(sub, name: str, help_text: str, indexed: bool) -> argparse.ArgumentParser:
@@ -54,15 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Each service's process entry: module with `main(config_dict, index)`.
-SERVICE_ENTRIES = {
-    "api": "headrace.services.api.server",
-    "tokenizer": "headrace.services.tokenizer.tokenizer_service",
-    "scheduler": "headrace.services.scheduler.service",
-    "worker": "headrace.services.gpu_worker.worker",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -88,11 +79,22 @@ def _main(argv: list[str] | None) -> int:
 
         return run_batch(engine_config_from_args(args), args.input_file, args.output_file)
     if args.command in SERVICE_ENTRIES:
-        config = engine_config_from_args(args)
-        module = importlib.import_module(SERVICE_ENTRIES[args.command])
-        module.main(config.to_dict(), getattr(args, "index", 0))
-        return 0
+        return _run_one_service(args)
     return 2
+
+
+def _run_one_service(args: argparse.Namespace) -> int:
+    """One service process on its own (compose): it resolves the model itself, as the launcher would."""
+    from headrace.common.models.resolve import resolve_engine_config
+    from headrace.common.models.source import ModelNotFoundError
+
+    try:
+        config = resolve_engine_config(engine_config_from_args(args))
+    except (ValueError, ModelNotFoundError) as e:
+        print(f"headrace: error: {e}", file=sys.stderr)
+        return 2
+    run_service(args.command, config.to_dict(), getattr(args, "index", 0))
+    return 0
 
 
 if __name__ == "__main__":

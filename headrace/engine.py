@@ -12,6 +12,7 @@ from collections import deque
 
 from headrace.common.config import EngineConfig
 from headrace.common.messages import RequestOutput, StepPlan
+from headrace.common.models.resolve import resolve_engine_config
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
 from headrace.services.scheduler.request import Request
@@ -20,13 +21,14 @@ from headrace.services.scheduler.scheduler import Scheduler
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, log=print, runner: ModelRunner | None = None):
-        self.config = config
+        self.config = config = resolve_engine_config(config, log=log)
+        model = config.require_resolved()
         self.runner = runner or ModelRunner(config, log=log)
         # A config may ask for fewer blocks than the runner holds (tests that force preemption share a runner).
         num_blocks = min(config.cache.num_blocks or self.runner.num_blocks, self.runner.num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.runner.max_model_len)
-        self.eos_token_ids = self.runner.eos_token_ids
-        self.max_model_len = self.runner.max_model_len
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, model.max_model_len)
+        self.eos_token_ids = model.eos_token_ids
+        self.max_model_len = model.max_model_len
         self._seeds = random.Random(config.model.seed)
         # Launched steps not yet applied to the scheduler, oldest first. With async scheduling step t+1 is
         # planned and launched before step t's tokens are read back, as the served pipeline does.

@@ -34,13 +34,6 @@ MAX_RESTARTS_IN_WINDOW = 5
 DRAIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
-ENTRIES = {
-    "scheduler": ("headrace.services.scheduler.service", "main"),
-    "worker": ("headrace.services.gpu_worker.worker", "main"),
-    "tokenizer": ("headrace.services.tokenizer.tokenizer_service", "main"),
-    "api": ("headrace.services.api.server", "main"),
-}
-
 
 def _child_entry(kind: str, config_dict: dict[str, Any], index: int, env: dict[str, str]) -> None:
     """Runs in the child: die with the launcher (PR_SET_PDEATHSIG), then the service's main."""
@@ -49,10 +42,9 @@ def _child_entry(kind: str, config_dict: dict[str, Any], index: int, env: dict[s
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the services' own parent-pid checks still end them
-    import importlib
+    from headrace.service_entries import run_service
 
-    module, fn = ENTRIES[kind]
-    getattr(importlib.import_module(module), fn)(config_dict, index)
+    run_service(kind, config_dict, index)
 
 
 @dataclass
@@ -88,25 +80,14 @@ def check_devices(device: str, tp: int) -> None:
 def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
     """Resolve everything every process must agree on, once, before any process starts."""
     from headrace.common.addresses import with_ipc_dir
-    from headrace.services.gpu_worker.loader.source import resolve_model
-    from headrace.services.gpu_worker.model.arch import arch_from_hf_config
-    from headrace.services.gpu_worker.model.layers import check_tp_heads
+    from headrace.common.models.resolve import resolve_engine_config
 
-    source = resolve_model(config.model.model, config.model.tokenizer, log=log_fn)
-    arch = arch_from_hf_config(source.hf_config())
-    tp = config.parallel.tensor_parallel_size
-    check_tp_heads(arch.num_heads, arch.num_kv_heads, tp)
-    check_devices(config.device, tp)
-    model = dataclasses.replace(
-        config.model,
-        tokenizer=source.tokenizer_dir,
-        served_model_name=config.model.served_model_name or source.name,
-        max_model_len=config.model.max_model_len or arch.max_position_embeddings,
-    )
+    config = resolve_engine_config(config, log=log_fn)
+    check_devices(config.device, config.parallel.tensor_parallel_size)
     parallel = config.parallel
     if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
-    return config.replace(model=model, parallel=parallel, server=with_ipc_dir(config.server))
+    return config.replace(parallel=parallel, server=with_ipc_dir(config.server))
 
 
 class Launcher:
@@ -143,14 +124,12 @@ class Launcher:
     def _notify_scheduler(self, msg: Any) -> None:
         import zmq
 
-        from headrace.common import codec
+        from headrace.common import transport
         from headrace.common.addresses import address_plan
 
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(address_plan(self.config.server).scheduler.connect)
-        sock.send(codec.encode(msg))
+        sock = transport.dealer_socket(zmq.Context.instance(), address_plan(self.config.server).scheduler,
+                                       prefix="launcher", linger_ms=1000)
+        transport.dealer_send(sock, msg)
         sock.close()
 
     def _restart(self, child: Child, reason: str) -> bool:
@@ -196,7 +175,7 @@ class Launcher:
             if not self.announced and self._healthy():
                 self.announced = True
                 s = self.config.server
-                print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.model.served_model_name})",
+                print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.require_resolved().name})",
                       flush=True)
         return 0
 

@@ -10,7 +10,6 @@ back in input order. `submit` + `stream_finished` are the streaming form underne
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +18,10 @@ from typing import Any
 from tqdm import tqdm
 
 from headrace.common.config import EngineConfig
-from headrace.common.messages import TokenLogprobs
+from headrace.common.messages import RequestOutput, TokenLogprobs
 from headrace.common.sampling_params import SamplingParams
-from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
-from headrace.offline_text import ChoiceText, PromptCodec
+from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 Prompt = str | Sequence[int]
 Conversation = list[Mapping[str, Any]]
@@ -78,20 +76,10 @@ class _Job:
 
 
 def engine_config(model: str = "", **engine_kwargs: Any) -> EngineConfig:
-    """An EngineConfig from keyword arguments named as the `headrace serve` flags' destinations (dtype,
-    max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory, seed, enable_prefix_caching,
-    device, attention_backend, ...). Built through the CLI's own path, so defaults (HEADRACE_* environment
-    variables included) and validation are the same as on the command line."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_engine_args(parser)
-    args = parser.parse_args([])
-    unknown = sorted(set(engine_kwargs) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"unknown engine arguments {unknown}; known: {sorted(vars(args))}")
-    for name, value in engine_kwargs.items():
-        setattr(args, name, value)
-    args.model = model
-    return engine_config_from_args(args)
+    """An EngineConfig from keyword arguments named as the config's fields (dtype, max_model_len,
+    max_num_seqs, max_num_batched_tokens, kv_cache_memory, seed, enable_prefix_caching, device,
+    attention_backend, ...): the same dataclasses, defaults and validation as `headrace serve`'s flags."""
+    return EngineConfig.from_flat(model=model, **engine_kwargs)
 
 
 class LLM:
@@ -103,10 +91,11 @@ class LLM:
         if config.parallel.tensor_parallel_size != 1:
             raise ValueError("LLM runs the engine in this process (tensor_parallel_size=1); "
                              "use `headrace serve --tensor-parallel-size N` for several GPUs")
-        self.config = config
         self.engine = LLMEngine(config, log=log)
-        self.codec = PromptCodec.load(config.model, self.engine.runner.source.tokenizer_dir)
-        self.model_name = config.model.served_model_name or self.engine.runner.source.name
+        self.config = config = self.engine.config  # resolved
+        model = config.require_resolved()
+        self.codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
+        self.model_name = model.name
         self._jobs: dict[str, _Job] = {}
         self._choice_of: dict[str, tuple[_Job, int]] = {}  # engine request id -> (job, choice index)
         self._next_engine_id = 0
@@ -183,7 +172,7 @@ class LLM:
                 self._next_engine_id += 1
                 self.engine.add_request(engine_id, job.prompt_token_ids, child)
                 job.engine_ids.append(engine_id)
-                job.choices.append(self.codec.new_choice(child, job.prompt_token_ids))
+                job.choices.append(ChoiceText(self.codec.output_text(child, job.prompt_token_ids)))
         except ValueError:
             self.engine.abort(job.engine_ids)
             raise
@@ -232,6 +221,44 @@ class LLM:
                     yield result
         finally:
             bar.close()
+
+
+class ChoiceText:
+    """One choice's output as engine steps arrive: token ids, text with stop strings applied, logprobs."""
+
+    def __init__(self, output: OutputText):
+        self._output = output
+        self._pieces: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if output.wants_logprobs else None
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        self.num_cached_tokens = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def add(self, out: RequestOutput) -> bool:
+        """Apply one step's output; True when this choice is done. A stop string can end a choice the engine
+        still runs: the caller must then abort its engine request."""
+        self.num_cached_tokens = out.num_cached_tokens
+        self.token_ids += out.new_token_ids
+        text, stop_string, logprobs = self._output.update(out)
+        if self.logprobs is not None and logprobs:
+            self.logprobs += logprobs
+        self._pieces.append(text)
+        if stop_string is not None:
+            self._finish("stop", stop_string)
+        elif out.finished:
+            self._finish(out.finish_reason or "error", out.stop_reason)
+            self.error = out.error
+        return self.finished
+
+    def _finish(self, reason: str, stop_reason: int | str | None) -> None:
+        self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
 
 
 def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -29,7 +29,6 @@ from headrace.common.config import EngineConfig
 from headrace.common.messages import TokenLogprobs
 from headrace.common.sampling_params import SamplingParams
 from headrace.llm import LLM, CompletionOutput, GenerationOutput
-from headrace.offline_text import check_context_length
 from headrace.services.api.errors import ApiError, from_validation_errors
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
 from headrace.services.api.sampling import chat_params, completion_params, completion_prompts
@@ -140,7 +139,7 @@ def _prepare(line: _Line, llm: LLM) -> None:
                 ids = llm.codec.check_ids(p)
                 line.prompts.append((ids, llm.codec.decode(ids) if line.echo else None))
     for ids, _ in line.prompts:
-        check_context_length(len(ids), line.params.max_tokens, llm.max_model_len, "messages" if chat else "prompt")
+        llm.codec.check_length(len(ids), line.params.max_tokens, "messages" if chat else "prompt")
 
 
 # --------------------------------------------------------------------------- OpenAI response bodies

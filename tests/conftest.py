@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def embedded_source():
-    from headrace.services.gpu_worker.loader.source import resolve_model
+    from headrace.common.models.source import resolve_model
 
     return resolve_model("")
 
@@ -30,5 +30,5 @@ def embedded_hf_model(embedded_source):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(embedded_source.config_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(embedded_source.weights_dir, dtype=torch.float32)
     return model.eval()

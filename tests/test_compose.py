@@ -25,7 +25,8 @@ import yaml
 
 from headrace.common.addresses import AddressPlan, Endpoint, address_plan
 from headrace.common.config import EngineConfig, cache_dir
-from headrace.cli import SERVICE_ENTRIES, build_parser
+from headrace.cli import build_parser
+from headrace.service_entries import SERVICE_ENTRIES
 from headrace.config_args import engine_config_from_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -341,6 +342,8 @@ def test_image_runs_headrace_offline_as_a_user():
 def test_image_copies_every_package_and_the_build_context_holds_them():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    # The package's subpackages live in the card's top-level folders, linked under headrace/: copy those too.
+    packages |= {link.name for link in (ROOT / "headrace").iterdir() if link.is_symlink()}
     sources = [tok for word, rest in dockerfile() if word == "COPY" for tok in rest.split()[:-1]]
     assert set(sources) - {"pyproject.toml", "README.md"} == packages
     assert pyproject["project"]["readme"] in sources

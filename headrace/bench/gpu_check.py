@@ -42,6 +42,7 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     from transformers import AutoModelForCausalLM
 
     from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+    from headrace.common.models.resolve import resolve_engine_config
     from headrace.common.sampling_params import SamplingParams
     from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
     from headrace.services.gpu_worker.model_runner import ModelRunner
@@ -50,7 +51,7 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1,
                                          tokenizer=tokenizer),
                        cache=CacheConfig(num_blocks=512), attention_backend=backend)
-    runner = ModelRunner(cfg, log=print)
+    runner = ModelRunner(resolve_engine_config(cfg), log=print)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, runner.arch.vocab_size, (prompt_len,), generator=gen).tolist()
 

@@ -13,7 +13,7 @@ import torch
 
 from headrace.common.config import EngineConfig, resolve_device
 from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict, load_model, resolve_dtype
-from headrace.services.gpu_worker.loader.source import resolve_model
+from headrace.common.models.resolve import resolve_engine_config
 
 
 def load_hf_twin(config: EngineConfig, log=print):
@@ -21,9 +21,9 @@ def load_hf_twin(config: EngineConfig, log=print):
     from transformers import AutoModelForCausalLM
 
     device = torch.device(resolve_device(config.device))
-    source = resolve_model(config.model.model, config.model.tokenizer, log=log)
+    model = resolve_engine_config(config, log=log).require_resolved()
     dtype = resolve_dtype(config.model.dtype, device)
-    ours = load_model(source, device, dtype, seed=config.model.seed)
+    ours = load_model(model, device, dtype, seed=config.model.seed)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation="sdpa")
     missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False)

@@ -60,6 +60,7 @@ from headrace.common.messages import (
     TextDelta,
     TokenizedRequest,
 )
+from headrace.common.models.resolve import resolve_engine_config
 from headrace.common.sampling_params import SamplingParams
 from headrace.bench.metrics_summary import summarize
 
@@ -116,8 +117,8 @@ def generate_request(req_id: str, prompt: Prompt, max_tokens: int, k: int) -> Ge
     if prompt.chat:
         messages: list[dict[str, object]] = [{"role": "system", "content": "You are a helpful assistant."},
                                              {"role": "user", "content": prompt.text}]
-        return GenerateRequest(req_id, 0, params, messages=messages, arrival_time=time.time())
-    return GenerateRequest(req_id, 0, params, prompt=prompt.text, arrival_time=time.time())
+        return GenerateRequest(req_id, params, messages=messages, arrival_time=time.time())
+    return GenerateRequest(req_id, params, prompt=prompt.text, arrival_time=time.time())
 
 
 # --------------------------------------------------------------------------- child processes
@@ -295,8 +296,9 @@ def tokenizer_run(n: int, corpus: list[Prompt], detok_steps: int, tokenizer_dir:
     Best-of, because on a shared machine a slow round measures someone else's load."""
     encodes, decodes = [], []
     with ipc_dir() as folder:
-        config = EngineConfig(model=ModelConfig(tokenizer=tokenizer_dir, max_model_len=MAX_MODEL_LEN),
-                              server=ServerConfig(ipc_dir=folder, num_tokenizers=n))
+        config = resolve_engine_config(EngineConfig(
+            model=ModelConfig(tokenizer=tokenizer_dir, max_model_len=MAX_MODEL_LEN),
+            server=ServerConfig(ipc_dir=folder, num_tokenizers=n)))
         with Children() as children:
             peers = Peers(address_plan(config.server), children)  # bound before any tokenizer connects
             try:
@@ -456,8 +458,9 @@ def api_overhead(num_requests: int, concurrency: int) -> list[dict[str, Any]]:
     port = _free_port()
     rows = []
     with ipc_dir() as folder, Children() as children:
-        config = EngineConfig(model=ModelConfig(served_model_name=MODEL_NAME, max_model_len=MAX_MODEL_LEN),
-                              server=ServerConfig(port=port, ipc_dir=folder))
+        config = resolve_engine_config(EngineConfig(
+            model=ModelConfig(served_model_name=MODEL_NAME, max_model_len=MAX_MODEL_LEN),
+            server=ServerConfig(port=port, ipc_dir=folder)))
         plan = address_plan(config.server)
         children.start(_fake_engine, plan.api_inbox[0].connect, plan.scheduler.bind, name="fake-engine")
         children.start(_service, "headrace.services.api.server", config.to_dict(), 0, name="api-0")
@@ -507,7 +510,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from headrace.services.gpu_worker.loader.source import resolve_model
+    from headrace.common.models.source import resolve_model
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # Load from other users of the machine skews every number; it is recorded before and after.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from headrace.kernels.timing import device_time_median
-from headrace.services.gpu_worker.model.arch import ModelArch
+from headrace.common.models.arch import ModelArch
 
 
 @dataclass(frozen=True)

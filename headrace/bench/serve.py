@@ -219,7 +219,7 @@ def _load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from headrace.services.gpu_worker.loader.source import resolve_model
+        from headrace.common.models.source import resolve_model
 
         path = resolve_model("").tokenizer_dir
     return path, AutoTokenizer.from_pretrained(path)

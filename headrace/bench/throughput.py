@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
     from transformers import AutoTokenizer
 
-    tokenizer = _ModelVocab(AutoTokenizer.from_pretrained(runner.source.tokenizer_dir), arch.vocab_size)
+    tokenizer_dir = engine.config.require_resolved().tokenizer_dir
+    tokenizer = _ModelVocab(AutoTokenizer.from_pretrained(tokenizer_dir), arch.vocab_size)
     requests = load_requests(args, tokenizer, args.num_prompts, args.seed)
     if args.num_warmup_prompts > 0:  # other prompts than the timed ones, so prefix caching gains nothing
         warmup = load_requests(args, tokenizer, args.num_warmup_prompts, args.seed + 1)

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +54,6 @@ class _Peer:
     identity: bytes
     name: str
     last_seen: float
-
-
-# Set by the route that serves the request (services.api.app), read by submit(). Uvicorn runs each HTTP
-# request in its own task, so a value never leaks into another request.
-current_http_request: ContextVar[HttpRequest] = ContextVar("current_http_request", default=HttpRequest())
 
 
 class Generation:
@@ -189,10 +183,10 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, requests: list[GenerateRequest]) -> Generation:
-        """Send every engine request of one HTTP request to one live tokenizer."""
+    def submit(self, requests: list[GenerateRequest], http: HttpRequest = HttpRequest()) -> Generation:
+        """Send every engine request of one HTTP request (`http`: its id and n, for metrics and the request
+        log) to one live tokenizer."""
         payloads = [_encode(req) for req in requests]
-        http = current_http_request.get()
         while True:
             peer = self._pick()
             gen = Generation(self, peer, requests, time.monotonic(), http)

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from headrace.common.messages import ErrorInfo, error_type
+from headrace.common.error_types import error_type
+from headrace.common.messages import ErrorInfo
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """GET /metrics (Prometheus, vLLM's names under `headrace:`) and one log line per finished request.
 
-Engine gauges (running, waiting, KV usage) mirror the scheduler's EngineStats, which every api instance
-receives, so every instance reports the same values. Counters and histograms are per request: an instance
-observes the requests it served, when they finish, so token counters add up to the usage the responses
-reported (the engine's own counters would also count tokens no response reported: a stop string's tail,
-one prompt prefilled once per choice).
+Engine gauges (running, waiting, KV usage) and the prefix cache's counters mirror the scheduler's
+EngineStats, which every api instance receives, so every instance reports the same values. Counters and
+histograms are per request: an instance observes the requests it served, when they finish, so token
+counters add up to the usage the responses reported (the engine's own counters would also count tokens no
+response reported: a stop string's tail, one prompt prefilled once per choice).
 
 With --api-server-count M, the instances are separate processes behind one port and a scrape reaches any
 one of them. So when PROMETHEUS_MULTIPROC_DIR is set (the launcher sets a fresh one for its children),
@@ -20,6 +20,7 @@ import logging
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from headrace.common.messages import EngineStats
@@ -57,6 +58,26 @@ def usage_tokens(records: list[RequestRecord], n: int) -> tuple[int, int]:
     return prompt, sum(r.num_output_tokens for r in records)
 
 
+class PrefixCacheCounters:
+    """vLLM's prefix-cache counters (prompt tokens looked up, and found) as the scheduler counts them. They
+    are the engine's cumulative totals, the same in every api instance, so they are not summed over
+    processes: the instance a scrape reaches reports the latest totals it received."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.stats = EngineStats()
+
+    def collect(self):
+        for name, doc, value in (
+                ("headrace:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                 self.stats.prefix_cache_queries),
+                ("headrace:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                 self.stats.prefix_cache_hits)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+
+
 class Metrics:
     """The series of one api instance, labelled with the served model name."""
 
@@ -82,6 +103,8 @@ class Metrics:
         self.num_running = gauge("headrace:num_requests_running", "Requests in the engine's running batch.")
         self.num_waiting = gauge("headrace:num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("headrace:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
+        self.prefix_cache = PrefixCacheCounters(model_name)
+        self.registry.register(self.prefix_cache)
 
         self.prompt_tokens = counter("headrace:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("headrace:generation_tokens", "Generated tokens of finished requests.")
@@ -125,6 +148,7 @@ class Metrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.prefix_cache.stats = stats
 
     def observe(self, records: list[RequestRecord], http: HttpRequest) -> None:
         """One finished HTTP request (its engine requests' records): observe each, count usage, log a line."""
@@ -145,16 +169,12 @@ class Metrics:
             self.ttft.observe(record.time_to_first_token)
         for gap in record.inter_token_latencies:
             self.itl.observe(gap)
-        if record.ingest_time is not None:
-            self.ingest_time.observe(record.ingest_time)
-        if record.queue_time is not None:
-            self.queue_time.observe(record.queue_time)
-        if record.prefill_time is not None:
-            self.prefill_time.observe(record.prefill_time)
-        if record.decode_time is not None:
-            self.decode_time.observe(record.decode_time)
-        if record.inference_time is not None:
-            self.inference_time.observe(record.inference_time)
+        timings = record.timings
+        for value, histogram in ((timings.ingest, self.ingest_time), (timings.queue, self.queue_time),
+                                 (timings.prefill, self.prefill_time), (timings.decode, self.decode_time),
+                                 (timings.inference, self.inference_time)):
+            if value is not None:
+                histogram.observe(value)
         if record.num_preemptions:
             self.num_preemptions.inc(record.num_preemptions)
         self.request_prompt_tokens.observe(record.num_prompt_tokens)
@@ -167,6 +187,7 @@ class Metrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiproc_dir)  # every api process's files, merged
+        merged.register(self.prefix_cache)
         return generate_latest(merged)
 
 
@@ -175,7 +196,7 @@ def request_line(records: list[RequestRecord], http: HttpRequest, model: str, pr
     """`key=value` pairs describing one finished HTTP request (values with spaces or quotes are JSON strings)."""
     ttfts = [r.time_to_first_token for r in records if r.time_to_first_token is not None]
     e2es = [r.e2e_latency for r in records if r.e2e_latency is not None]
-    queues = [r.queue_time for r in records if r.queue_time is not None]
+    queues = [r.timings.queue for r in records if r.timings.queue is not None]
     fields = {
         "request_id": http.request_id,
         "engine_request_ids": ",".join(r.req_id for r in records),

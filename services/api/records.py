@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from headrace.common.messages import TextDelta
+from headrace.common.messages import RequestTimings, TextDelta
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,9 @@ class RequestRecord:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
-    # From the engine (see RequestOutput): seconds in each phase, None where the engine reported none (never
-    # scheduled, no token, or finished without the engine's word, e.g. aborted here); times preempted.
-    queue_time: float | None = None
-    ingest_time: float | None = None
-    prefill_time: float | None = None
-    decode_time: float | None = None
-    inference_time: float | None = None
+    # From the engine: seconds in each phase, None where the engine reported none (never scheduled, no token,
+    # or finished without the engine's word, e.g. aborted here); times preempted.
+    timings: RequestTimings = field(default_factory=RequestTimings)
     num_preemptions: int = 0
 
     def on_delta(self, delta: TextDelta, now: float) -> None:
@@ -53,16 +49,8 @@ class RequestRecord:
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
         # The phases come on the first token's delta and the finishing one only; the latest value wins.
-        if delta.ingest_time is not None:
-            self.ingest_time = delta.ingest_time
-        if delta.queue_time is not None:
-            self.queue_time = delta.queue_time
-        if delta.prefill_time is not None:
-            self.prefill_time = delta.prefill_time
-        if delta.decode_time is not None:
-            self.decode_time = delta.decode_time
-        if delta.inference_time is not None:
-            self.inference_time = delta.inference_time
+        if delta.timings is not None:
+            self.timings.update(delta.timings)
         self.num_preemptions = max(self.num_preemptions, delta.num_preemptions)
         if delta.finished:
             self.on_finish(delta.finish_reason, now)

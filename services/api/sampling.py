@@ -1,7 +1,7 @@
 """Validated request bodies -> SamplingParams and the prompts to run, or a 400 naming the field at fault.
 
 Range checks live in common.sampling_params (the engine and the offline API reject the same values with the
-same messages); this module adds what only the HTTP API knows: the served model name, `max_n`, how each
+same messages); this module adds what only the HTTP API knows: the model name check, `max_n`, how each
 endpoint spells its fields, and how `n` fans out into one engine request per choice.
 """
 
@@ -9,21 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from headrace.common.config import ModelConfig
 from headrace.common.sampling_params import SamplingParams, SamplingParamsError
 from headrace.services.api.errors import ApiError, model_not_found
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
-from headrace.services.gpu_worker.loader.source import EMBEDDED_NAME
 
 
 # One prompt of a completion request: text, or token ids.
 Prompt = str | list[int]
-
-
-def served_model_name(model: ModelConfig) -> str:
-    if model.served_model_name:
-        return model.served_model_name
-    return model.model or EMBEDDED_NAME
 
 
 def check_model(requested: str | None, served: str) -> None:

@@ -23,8 +23,15 @@ from headrace.common.messages import GenerateRequest, TextDelta
 from headrace.services.api.engine_client import EngineClient, Generation
 from headrace.services.api.errors import ApiError
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
+from headrace.services.api.records import HttpRequest
 from headrace.services.api.responses import ChatShape, ChoiceState, CompletionShape, Shape
-from headrace.services.api.sampling import chat_params, check_model, choice_params, completion_params, completion_prompts
+from headrace.services.api.sampling import (
+    chat_params,
+    check_model,
+    choice_params,
+    completion_params,
+    completion_prompts,
+)
 from headrace.services.api.streaming import DONE, SSEResponse, sse, sse_error
 
 log = logging.getLogger(__name__)
@@ -36,55 +43,60 @@ CLIENT_CLOSED_REQUEST = 499
 
 @dataclass(frozen=True)
 class ServingContext:
+    """What the routes of one api instance share."""
+
     client: EngineClient
-    api_index: int
-    model_name: str
+    model_name: str  # the name requests must use (the resolved served model name)
     max_n: int
+    max_model_len: int
+    model_root: str  # /v1/models' `root`: the --model the server was started with
+    started: int  # unix seconds, /v1/models' `created`
 
 
 class ClientDisconnected(Exception):
     pass
 
 
-async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request) -> Response:
+async def create_completion(ctx: ServingContext, body: CompletionRequest, request: Request,
+                            http: HttpRequest) -> Response:
     check_model(body.model, ctx.model_name)
     params = completion_params(body, ctx.max_n)
     prompts = completion_prompts(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     now = time.time()
     engine_requests = [
-        GenerateRequest(req_id=f"{request_id}-{p * params.n + k}", api_index=ctx.api_index,
-                        sampling_params=choice_params(params, k),
+        GenerateRequest(req_id=f"{request_id}-{p * params.n + k}", sampling_params=choice_params(params, k),
                         prompt=prompt if isinstance(prompt, str) else None,
                         prompt_token_ids=prompt if isinstance(prompt, list) else None,
                         echo=body.echo, arrival_time=now)
         for p, prompt in enumerate(prompts) for k in range(params.n)]
     shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
                             include_usage=body.include_usage)
-    return await _generate(ctx, engine_requests, shape, params.n, bool(body.stream), request)
+    return await _generate(ctx, engine_requests, shape, http, bool(body.stream), request)
 
 
-async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request) -> Response:
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, request: Request,
+                                 http: HttpRequest) -> Response:
     check_model(body.model, ctx.model_name)
     params = chat_params(body, ctx.max_n)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     now = time.time()
     messages = [m.to_wire() for m in body.messages]
     engine_requests = [
-        GenerateRequest(req_id=f"{request_id}-{k}", api_index=ctx.api_index,
-                        sampling_params=choice_params(params, k), messages=messages,
+        GenerateRequest(req_id=f"{request_id}-{k}", sampling_params=choice_params(params, k), messages=messages,
                         add_generation_prompt=body.add_generation_prompt,
                         continue_final_message=body.continue_final_message,
                         chat_template_kwargs=body.chat_template_kwargs, arrival_time=now)
         for k in range(params.n)]
     shape = ChatShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
                       include_usage=body.include_usage)
-    return await _generate(ctx, engine_requests, shape, params.n, bool(body.stream), request)
+    return await _generate(ctx, engine_requests, shape, http, bool(body.stream), request)
 
 
-async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, n: int,
+async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, http: HttpRequest,
                     stream: bool, request: Request) -> Response:
-    gen = ctx.client.submit(engine_requests)
+    n = http.n
+    gen = ctx.client.submit(engine_requests, http)
     states = [ChoiceState(k) for k in range(len(engine_requests))]
     streaming = False
     try:

@@ -22,8 +22,7 @@ from headrace.services.gpu_worker.attention.base import AttentionMetadata
 from headrace.services.gpu_worker.cuda_graphs import maybe_capture_decode_graphs
 from headrace.services.gpu_worker.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_caches, kv_bytes_per_block
 from headrace.services.gpu_worker.loader.model_loader import load_model, resolve_dtype
-from headrace.services.gpu_worker.loader.source import ModelSource, resolve_model
-from headrace.services.gpu_worker.model.arch import rope_cos_sin_cache
+from headrace.services.gpu_worker.model.rope import rope_cos_sin_cache
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
@@ -92,7 +91,8 @@ class InflightStep:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE, device: str | None = None,
-                 source: ModelSource | None = None, log=print):
+                 log=print):
+        resolved = config.require_resolved()
         self.config = config
         self.device = torch.device(device or resolve_device(config.device))
         if self.device.type == "cuda" and self.device.index is None:
@@ -100,14 +100,13 @@ class ModelRunner:
         self.tp = tp
         self.log = log
         self.requests: dict[str, RequestState] = {}
-        self.source = source or resolve_model(config.model.model, config.model.tokenizer, log=log)
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
-        loaded = load_model(self.source, self.device, dtype, tp, seed=config.model.seed)
+        loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed)
         self.load_seconds = time.perf_counter() - t0
         self.model, self.arch, self.hf_config, self.dtype = loaded.model, loaded.arch, loaded.hf_config, loaded.dtype
-        self.eos_token_ids = self.source.eos_token_ids(self.hf_config)
-        self.max_model_len = self._resolve_max_model_len()
+        self.eos_token_ids = resolved.eos_token_ids
+        self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device)
         self.backend = make_backend(config.attention_backend, self.device)
@@ -118,7 +117,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             sched = config.scheduler
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
-                                 min(sched.max_num_batched_tokens, self.max_model_len))
+                                 min(sched.token_budget, self.max_model_len))
         # Decode-only steps replay CUDA graphs (None: every step runs eagerly).
         self.graphs = maybe_capture_decode_graphs(config, self.model, self.backend, self.kv_caches,
                                                   self.cos_sin_cache, self.device, tp.size, self.max_model_len,
@@ -132,16 +131,6 @@ class ModelRunner:
         self._launched: list[InflightStep] = []  # launched and not yet finished, oldest first
 
     # ------------------------------------------------------------------ sizing
-
-    def _resolve_max_model_len(self) -> int:
-        limit = self.arch.max_position_embeddings
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
-            limit = min(limit, window)  # exact full attention only inside the window
-        requested = self.config.model.max_model_len
-        if requested is not None and requested > limit:
-            raise ValueError(f"--max-model-len {requested} exceeds the model's context length {limit}")
-        return requested or limit
 
     def _determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -165,7 +154,7 @@ class ModelRunner:
     def _profile_gpu_blocks(self, per_block: int) -> int:
         """Blocks that fit in total memory x utilization after the weights and a peak-size forward."""
         sched = self.config.scheduler
-        num_tokens = min(sched.max_num_batched_tokens, self.max_model_len * sched.max_num_seqs)
+        num_tokens = min(sched.token_budget, self.max_model_len * sched.max_num_seqs)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)

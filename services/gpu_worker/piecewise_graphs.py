@@ -159,7 +159,7 @@ def maybe_capture_piecewise_graphs(config: EngineConfig, model: LlamaForCausalLM
     reasons as decode graphs) or capture fails."""
     if disabled_reason(config, device, backend, tp_size) is not None:
         return None
-    sizes = capture_token_sizes(MAX_TOKENS, config.scheduler.max_num_batched_tokens)
+    sizes = capture_token_sizes(MAX_TOKENS, config.scheduler.token_budget)
     t0 = time.perf_counter()
     graphs = PiecewiseGraphs(model, backend, kv_caches, cos_sin_cache, sizes)
     try:

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import zmq
 
-from headrace.common import codec
+from headrace.common import codec, transport
 from headrace.common.addresses import address_plan
 from headrace.common.codec import MessageDecodeError
-from headrace.common.config import EngineConfig, resolve_device
+from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
 from headrace.common.process import freeze_startup_heap
 from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
@@ -28,7 +28,6 @@ from headrace.services.gpu_worker.parallel import TPGroup
 
 log = logging.getLogger("headrace.worker")
 
-HEARTBEAT_INTERVAL_S = 1.0
 POLL_MS = 500
 SLOW_STEP_S = 1.0  # a step slower than this is logged: it stalls every request in flight
 
@@ -39,7 +38,10 @@ def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) 
         return TPGroup(0, 1)
     import torch.distributed as dist
 
-    addr = config.parallel.dist_init_addr or "127.0.0.1:29500"
+    addr = config.parallel.dist_init_addr
+    if not addr:  # a fixed fallback port would let two servers on one host join each other's ranks
+        raise ConfigError(f"--tensor-parallel-size {size} needs --dist-init-addr host:port for the ranks to meet "
+                          "(`headrace serve` picks a free local port itself)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}", rank=rank, world_size=size)
     return TPGroup(rank, size)
@@ -60,11 +62,9 @@ def worker_device(config: EngineConfig, rank: int) -> torch.device:
 def _heartbeat(ctx: zmq.Context, address: str, rank: int, ready: list[WorkerReady], stop: threading.Event) -> None:
     """Once loaded, the heartbeat IS the WorkerReady message: a restarted scheduler re-learns every rank
     within a second, and a rank the scheduler dropped after a failure re-registers by itself."""
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    while not stop.wait(HEARTBEAT_INTERVAL_S):
-        sock.send(codec.encode(ready[0] if ready else Heartbeat("gpu_worker", rank, time.time())))
+    sock = transport.push_socket(ctx, address)
+    while not stop.wait(transport.HEARTBEAT_INTERVAL_S):
+        transport.send(sock, ready[0] if ready else Heartbeat("gpu_worker", rank, time.time()))
     sock.close()
 
 
@@ -74,13 +74,8 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     plan = address_plan(config.server)
     ctx = zmq.Context()
     # Subscribe before loading the model: by the time WorkerReady arrives, no plan can be missed.
-    plans = ctx.socket(zmq.SUB)
-    plans.setsockopt(zmq.LINGER, 0)
-    plans.setsockopt(zmq.SUBSCRIBE, b"")
-    plans.connect(plan.worker_plan.connect)
-    results = ctx.socket(zmq.PUSH)
-    results.setsockopt(zmq.LINGER, 0)
-    results.connect(plan.worker_result.connect)
+    plans = transport.sub_socket(ctx, plan.worker_plan)
+    results = transport.push_socket(ctx, plan.worker_result)
     stop = threading.Event()
     announced: list[WorkerReady] = []
     beat = threading.Thread(target=_heartbeat, args=(ctx, plan.worker_result.connect, rank, announced, stop),
@@ -91,15 +86,14 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         device = worker_device(config, rank)
         tp = init_tensor_parallel(config, rank, device)
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
-        ready = WorkerReady(rank, runner.num_blocks, runner.max_model_len, list(runner.eos_token_ids),
-                            runner.load_seconds, str(device), runner.arch.vocab_size)
+        ready = WorkerReady(rank, runner.num_blocks, runner.load_seconds, str(device))
         freeze_startup_heap()
         if runner.device.type == "cuda":
             from headrace.kernels.compile_watch import watch_compiles
 
             watch_compiles(lambda what: log.warning("Triton compiles a kernel variant while serving (every "
                                                     "request waits for it): %s", what))
-        results.send(codec.encode(ready))
+        transport.send(results, ready)
         announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)
         _serve(runner, plans, results, rank, ready, parent)

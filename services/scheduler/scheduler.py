@@ -45,7 +45,7 @@ class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
                  max_model_len: int) -> None:
         self.max_num_seqs = scheduler_config.max_num_seqs
-        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_num_batched_tokens = scheduler_config.token_budget
         threshold = scheduler_config.long_prefill_token_threshold
         # None (or not positive): a prefill chunk is bounded by the step's token budget alone.
         self.long_prefill_token_threshold = threshold if threshold and threshold > 0 else self.max_num_batched_tokens
@@ -58,6 +58,9 @@ class Scheduler:
         self._finished_req_ids: list[str] = []  # finished or aborted since the last plan, held by the worker
         self._next_step_id = 0
         self.num_preemptions = 0
+        # Prompt tokens looked up in the prefix cache at each request's first admission, and those found.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -114,83 +117,91 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Plan the next step. An empty plan may still carry finished/preempted ids for the worker."""
-        bm = self.block_manager
-        budget = self.max_num_batched_tokens
-        running = self.running
-        cached_reqs: list[CachedRequestData] = []
-        cached_counts: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        new_counts: dict[str, int] = {}
-        preempted: list[str] = []
+        draft = _PlanDraft(self.max_num_batched_tokens)
+        self._schedule_running(draft)
+        if not draft.preempted:  # after a preemption memory is too tight to admit anyone
+            self._admit_waiting(draft)
+        plan = draft.plan(self._next_step_id, self._finished_req_ids)
+        self._next_step_id += 1
+        self._finished_req_ids = []
+        return plan
 
-        # 1. Running requests, oldest first.
+    def _schedule_running(self, draft: _PlanDraft) -> None:
+        """Step 1: running requests, oldest admission first, preempting from the newest when blocks run out."""
+        running = self.running
         i = 0
-        finishing = 0  # running requests whose last token is in flight: their seats are free for this step
-        while i < len(running) and budget > 0:
+        while i < len(running) and draft.budget > 0:
             req = running[i]
             if req.num_output_tokens + req.num_pending_tokens >= req.max_tokens:
-                finishing += 1  # its last token is already being sampled: it finishes when that step returns
+                draft.finishing += 1  # its last token is already being sampled: it finishes when that step returns
                 i += 1
                 continue
             num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
             if num_new > 1:  # still prefilling: a chunk that leaves one token for each request behind it
-                num_new = min(num_new, self.long_prefill_token_threshold, budget - (len(running) - 1 - i))
+                num_new = min(num_new, self.long_prefill_token_threshold, draft.budget - (len(running) - 1 - i))
             if num_new <= 0:
                 i += 1
                 continue
-            while (new_block_ids := bm.allocate_slots(req, num_new)) is None:
-                victim = running.pop()  # only requests behind req: none of them is in this plan yet
-                self._preempt(victim)
-                preempted.append(victim.req_id)
-                if victim is req:
-                    break
+            new_block_ids = self._allocate_or_preempt(req, num_new, draft)
             if new_block_ids is None:
-                break  # req was the last running request and made room by preempting itself
-            cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
-            cached_counts[req.req_id] = num_new
+                return  # req was the last running request and made room by preempting itself
+            draft.cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
+            draft.cached_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
             if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
                 req.num_pending_tokens += 1  # this step samples its next token
-            budget -= num_new
+            draft.budget -= num_new
             i += 1
 
-        # 2. Waiting requests, first come first served. After a preemption memory is too tight to admit.
+    def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
+        """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
+        None when req itself had to go."""
+        while (new_block_ids := self.block_manager.allocate_slots(req, num_new)) is None:
+            victim = self.running.pop()  # only requests behind req: none of them is in this plan yet
+            self._preempt(victim)
+            draft.preempted.append(victim.req_id)
+            if victim is req:
+                return None
+        return new_block_ids
+
+    def _admit_waiting(self, draft: _PlanDraft) -> None:
+        """Step 2: waiting requests, first come first served, while budget, seats and blocks allow."""
+        bm = self.block_manager
         now = time.time()
-        waiting = self.waiting
+        waiting, running = self.waiting, self.running
         # max_num_seqs bounds the requests in a step; one leaving with the step in flight takes no seat.
-        while not preempted and waiting and budget > 0 and len(running) - finishing < self.max_num_seqs:
+        while waiting and draft.budget > 0 and len(running) - draft.finishing < self.max_num_seqs:
             req = next(iter(waiting.values()))
             hits, num_hits = bm.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, budget)
+            num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, draft.budget)
             # Keep the watermark free for running requests to grow into; a lone request needs no headroom.
             if running and not bm.can_allocate(req, num_new, hits):
-                break
+                return
             if bm.allocate_slots(req, num_new, hits) is None:
-                break
+                return
             waiting.popitem(last=False)
             running.append(req)
-            req.status = RUNNING
-            req.num_computed_tokens = num_hits
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hits  # reported as the prompt's cache hits: first admission only
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-            new_reqs.append(NewRequestData(
+            self._start_running(req, num_hits, now)
+            draft.new_reqs.append(NewRequestData(
                 req.req_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
                 list(req.block_ids), num_hits, req.sampling_seed))
-            new_counts[req.req_id] = num_new
+            draft.new_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
             if req.num_computed_tokens == req.num_tokens:
                 req.num_pending_tokens = 1
-            budget -= num_new
+            draft.budget -= num_new
 
-        if new_counts:
-            new_counts.update(cached_counts)  # batch order: new requests first, then cached
-        plan = StepPlan(self._next_step_id, new_reqs, cached_reqs, new_counts or cached_counts,
-                        self._finished_req_ids, preempted)
-        self._next_step_id += 1
-        self._finished_req_ids = []
-        return plan
+    def _start_running(self, req: Request, num_hits: int, now: float) -> None:
+        """An admitted request: its cached prefix counts as computed; its first admission is recorded."""
+        req.status = RUNNING
+        req.num_computed_tokens = num_hits
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_hits  # reported as the prompt's cache hits: first admission only
+            if self.block_manager.enable_prefix_caching:
+                self.prefix_cache_queries += req.num_tokens
+                self.prefix_cache_hits += num_hits
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
 
     def _preempt(self, req: Request) -> None:
         """Drop req's KV and progress; it resumes from the front of the queue by recomputation."""
@@ -280,3 +291,25 @@ class Scheduler:
             req.req_id, new_token_ids, new_logprobs, finished,
             FINISH_REASONS[req.status] if finished else None, req.stop_reason,
             req.num_prompt_tokens, max(req.num_cached_tokens, 0))
+
+
+class _PlanDraft:
+    """The plan of one step while `Scheduler.schedule` builds it."""
+
+    __slots__ = ("budget", "finishing", "cached_reqs", "cached_counts", "new_reqs", "new_counts", "preempted")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget  # tokens left this step
+        self.finishing = 0  # running requests whose last token is in flight: their seats are free this step
+        self.cached_reqs: list[CachedRequestData] = []
+        self.cached_counts: dict[str, int] = {}
+        self.new_reqs: list[NewRequestData] = []
+        self.new_counts: dict[str, int] = {}
+        self.preempted: list[str] = []
+
+    def plan(self, step_id: int, finished_req_ids: list[str]) -> StepPlan:
+        counts = self.new_counts
+        if counts:
+            counts.update(self.cached_counts)  # batch order: new requests first, then cached
+        return StepPlan(step_id, self.new_reqs, self.cached_reqs, counts or self.cached_counts, finished_req_ids,
+                        self.preempted)

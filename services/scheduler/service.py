@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from headrace.common import codec
+from headrace.common import transport
 from headrace.common.addresses import AddressPlan, address_plan
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
@@ -28,6 +28,7 @@ from headrace.common.messages import (
     EngineStats,
     Heartbeat,
     RequestOutput,
+    RequestTimings,
     Shutdown,
     StepPlan,
     StepResult,
@@ -42,9 +43,6 @@ from headrace.services.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("headrace.scheduler")
 
-STATS_INTERVAL_S = 0.5
-PEER_TIMEOUT_S = 3.0
-WORKER_TIMEOUT_S = 10.0  # no heartbeat from a rank for this long: the rank is dead (compose has no launcher)
 
 
 @dataclass
@@ -56,11 +54,12 @@ class PeerState:
 class SchedulerService:
     def __init__(self, config: EngineConfig, plan: AddressPlan):
         self.config = config
+        self.model = config.require_resolved()
         self.tp_size = config.parallel.tensor_parallel_size
         self.ctx = zmq.Context()
-        self.frontend = self._bind(zmq.ROUTER, plan.scheduler.bind)
-        self.plan_pub = self._bind(zmq.PUB, plan.worker_plan.bind)
-        self.results = self._bind(zmq.PULL, plan.worker_result.bind)
+        self.frontend = transport.router_socket(self.ctx, plan.scheduler)
+        self.plan_pub = transport.pub_socket(self.ctx, plan.worker_plan)
+        self.results = transport.pull_socket(self.ctx, plan.worker_result)
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.results, zmq.POLLIN)
@@ -68,8 +67,6 @@ class SchedulerService:
         self.scheduler: Scheduler | None = None  # exists once every rank is ready
         self.ready: dict[int, WorkerReady] = {}
         self.worker_seen: dict[int, float] = {}
-        self.eos_token_ids: tuple[int, ...] = ()
-        self.vocab_size = 0
         self.tokenizers: dict[bytes, PeerState] = {}
         self.apis: dict[bytes, float] = {}
         self.owner: dict[str, tuple[bytes, Request]] = {}  # req_id -> (tokenizer identity, request)
@@ -81,18 +78,8 @@ class SchedulerService:
         # no new plan until some message arrives, instead of spinning.
         self.stalled = False
         self.seeds = random.Random(config.model.seed)
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
         self.last_stats = 0.0
         self.running = True
-
-    def _bind(self, kind: int, address: str) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.ROUTER:
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer may reuse an identity
-        sock.bind(address)
-        return sock
 
     # ------------------------------------------------------------------ main loop
 
@@ -109,7 +96,7 @@ class SchedulerService:
             if self.results in events:
                 self._drain_results()
             now = time.monotonic()
-            if now - self.last_stats >= STATS_INTERVAL_S:
+            if now - self.last_stats >= transport.ENGINE_STATS_INTERVAL_S:
                 self.last_stats = now
                 self._send_stats()
                 self._check_peers(now)
@@ -122,7 +109,7 @@ class SchedulerService:
                 and self.scheduler.has_unfinished_requests())
 
     def close(self) -> None:
-        self.plan_pub.send(codec.encode(Shutdown("scheduler exiting")))
+        transport.send(self.plan_pub, Shutdown("scheduler exiting"))
         self.ctx.destroy(linger=0)
 
     # ------------------------------------------------------------------ tokenizers, apis, launcher
@@ -130,18 +117,13 @@ class SchedulerService:
     def _drain_frontend(self) -> None:
         while True:
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                log.warning("dropped a message with %d frames", len(frames))
-                continue
-            identity, payload = frames
-            try:
-                msg = codec.decode(payload)
+                got = transport.router_recv(self.frontend, 0)
             except MessageDecodeError as e:
                 log.warning("dropped a malformed message: %s", e)
                 continue
+            if got is None:
+                return
+            identity, msg = got
             try:
                 self._on_frontend(identity, msg)
             except Exception:  # one bad message must not take the engine down
@@ -171,15 +153,15 @@ class SchedulerService:
         if self.scheduler is None:
             self._reply_error(identity, msg.req_id, "the engine is still loading; retry shortly", 503)
             return
-        bad = next((t for t in msg.prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        vocab_size = self.model.vocab_size
+        bad = next((t for t in msg.prompt_token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:  # an id past the embedding table would fail the whole step on the worker
             self._reply_error(identity, msg.req_id, f"token id {bad} is outside the model's vocabulary "
-                              f"(0..{self.vocab_size - 1})", 400)
+                              f"(0..{vocab_size - 1})", 400)
             return
         params = msg.sampling_params
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
-        # The model's EOS ids (config + generation_config, as the worker read them) are authoritative.
-        req = Request(msg.req_id, msg.prompt_token_ids, params, seed, self.eos_token_ids,
+        req = Request(msg.req_id, msg.prompt_token_ids, params, seed, self.model.eos_token_ids,
                       arrival_time=msg.arrival_time or None)
         try:
             self.scheduler.add_request(req)
@@ -188,11 +170,10 @@ class SchedulerService:
             return
         self.owner[msg.req_id] = identity, req
         self.tokenizers[identity].req_ids.add(msg.req_id)
-        self.prompt_tokens += len(msg.prompt_token_ids)
 
     def _reply_error(self, identity: bytes, req_id: str, message: str, code: int) -> None:
         out = RequestOutput(req_id, [], finished=True, finish_reason="error", error=message, error_code=code)
-        self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput([out]))])
+        transport.router_send(self.frontend, identity, BatchRequestOutput([out]))
 
     def _abort(self, req_ids: list[str]) -> None:
         if self.scheduler is None:
@@ -202,30 +183,28 @@ class SchedulerService:
 
     def _check_peers(self, now: float) -> None:
         for identity, peer in list(self.tokenizers.items()):
-            if now - peer.last_seen > PEER_TIMEOUT_S:
+            if now - peer.last_seen > transport.PEER_TIMEOUT_S:
                 log.warning("tokenizer %r went silent; aborting its %d requests", identity, len(peer.req_ids))
                 del self.tokenizers[identity]
                 self._abort(list(peer.req_ids))
         for identity, seen in list(self.apis.items()):
-            if now - seen > PEER_TIMEOUT_S:
+            if now - seen > transport.PEER_TIMEOUT_S:
                 del self.apis[identity]
         if self.scheduler is not None:
             for rank, seen in self.worker_seen.items():
-                if now - seen > WORKER_TIMEOUT_S:
-                    self._worker_failed(f"GPU worker rank {rank} stopped answering for {WORKER_TIMEOUT_S:.0f}s")
+                if now - seen > transport.WORKER_TIMEOUT_S:
+                    self._worker_failed(f"GPU worker rank {rank} stopped answering for "
+                                        f"{transport.WORKER_TIMEOUT_S:.0f}s")
                     break
 
     def _send_stats(self) -> None:
         s = self.scheduler
-        stats = EngineStats(
-            num_running=s.num_running if s else 0, num_waiting=s.num_waiting if s else 0,
-            kv_cache_usage=s.kv_usage if s else 0.0, num_preemptions=s.num_preemptions if s else 0,
-            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens, timestamp=time.time())
         if s is None:
             return  # no stats while loading: the apis answer /health with 503
-        payload = codec.encode(stats)
+        stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
+                            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
         for identity in self.apis:
-            self.frontend.send_multipart([identity, payload])
+            transport.router_send(self.frontend, identity, stats)
 
     # ------------------------------------------------------------------ workers
 
@@ -235,21 +214,19 @@ class SchedulerService:
             self.stalled = True
             if not (plan.finished_req_ids or plan.preempted_req_ids):
                 return
-        self.plan_pub.send(codec.encode(plan))
+        transport.send(self.plan_pub, plan)
         if not plan.is_empty:  # an empty plan only carries ids for the workers; no result comes back
             self.inflight.append(plan)
 
     def _drain_results(self) -> None:
         while True:
             try:
-                payload = self.results.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = codec.decode(payload)
+                msg = transport.recv_nowait(self.results)
             except MessageDecodeError as e:
                 log.warning("dropped a malformed worker message: %s", e)
                 continue
+            if msg is None:
+                return
             self._on_result(msg)
 
     def _on_result(self, msg: Any) -> None:
@@ -263,9 +240,7 @@ class SchedulerService:
                 log.warning("dropped a result for step %d", msg.step_id)
                 return
             plan = self.inflight.popleft()
-            outputs = self.scheduler.update_from_output(plan, msg)
-            self.generation_tokens += len(msg.sampled_token_ids)
-            self._route(outputs)
+            self._route(self.scheduler.update_from_output(plan, msg))
         elif isinstance(msg, WorkerError):
             self._worker_failed(f"the GPU worker failed: {msg.message}")
         else:
@@ -276,14 +251,12 @@ class SchedulerService:
         if msg.rank in self.ready:
             return  # a heartbeat of a rank already registered
         self.ready[msg.rank] = msg
-        log.info("worker rank %d ready on %s: %d KV blocks, max_model_len %d, loaded in %.1fs",
-                 msg.rank, msg.device, msg.num_blocks, msg.max_model_len, msg.load_seconds)
+        log.info("worker rank %d ready on %s: %d KV blocks, loaded in %.1fs",
+                 msg.rank, msg.device, msg.num_blocks, msg.load_seconds)
         if len(self.ready) == self.tp_size and self.scheduler is None:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
-            first = self.ready[0]
-            self.eos_token_ids = tuple(first.eos_token_ids)
-            self.vocab_size = first.vocab_size
-            self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks, first.max_model_len)
+            self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
+                                       self.model.max_model_len)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
     def _worker_failed(self, reason: str) -> None:
@@ -322,28 +295,28 @@ class SchedulerService:
                     peer.req_ids.discard(out.req_id)
         step = self.inflight[0].step_id if self.inflight else 0
         for identity, outs in by_tokenizer.items():
-            self.frontend.send_multipart([identity, codec.encode(BatchRequestOutput(outs, step))])
+            transport.router_send(self.frontend, identity, BatchRequestOutput(outs, step))
 
 
 def attach_phases(out: RequestOutput, req: Request, now: float) -> None:
-    """Set out's phase times (see RequestOutput) from req's timestamps; `now` is when the scheduler saw out.
+    """Set out's timings (see RequestTimings) from req's timestamps; `now` is when the scheduler saw out.
 
     Called for the output that carries req's first token (which stamps req.first_token_time) and for the one
     that finishes req. Every timestamp is wall clock (time.time()); arrival_time is the api's, so ingest
     crosses processes: clamped at 0 in case the api runs on a host whose clock is ahead.
     """
+    timings = out.timings = RequestTimings(ingest=max(0.0, req.queued_time - req.arrival_time))
     scheduled = req.first_scheduled_time
-    out.ingest_time = max(0.0, req.queued_time - req.arrival_time)
     if scheduled is None:  # finished (aborted, failed) before it was ever scheduled
         return
-    out.queue_time = scheduled - req.queued_time
+    timings.queue = scheduled - req.queued_time
     if req.first_token_time is None and out.new_token_ids:
         req.first_token_time = now
-        out.prefill_time = now - scheduled
+        timings.prefill = now - scheduled
     if out.finished:
-        out.inference_time = now - scheduled
+        timings.inference = now - scheduled
         if req.first_token_time is not None:
-            out.decode_time = now - req.first_token_time
+            timings.decode = now - req.first_token_time
 
 
 def main(config_dict: dict[str, Any], index: int = 0) -> None:

@@ -20,11 +20,12 @@ sends nothing periodic to tokenizers, so only Shutdown or the parent's death end
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from headrace.common import transport
 from headrace.common.addresses import AddressPlan, address_plan
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
+from headrace.common.error_types import error_type
 from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
@@ -44,20 +46,16 @@ from headrace.common.messages import (
     GenerateRequest,
     Heartbeat,
     RequestOutput,
+    RequestTimings,
     Shutdown,
     TextDelta,
     TokenizedRequest,
     TokenizeRequest,
     TokenizeResponse,
-    TokenLogprobs,
-    TopLogprobs,
-    error_type,
 )
 from headrace.common.process import freeze_startup_heap
-from headrace.services.tokenizer.chat import ChatTemplate, validate_messages
-from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
 from headrace.services.tokenizer.errors import RequestError
-from headrace.services.tokenizer.loading import chat_template_source, eos_token_ids, load_tokenizer, tokenizer_folder
+from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +67,8 @@ _RECV_BUDGET = 64
 @dataclass
 class _Request:
     api: int  # position of the api socket the request came in on; its outputs go back there
-    detokenizer: IncrementalDetokenizer
+    output: OutputText
     num_prompt_tokens: int
-    want_logprobs: bool
     prompt_text: str | None  # sent once, on the first delta (echo)
     num_output_tokens: int = 0
     # The scheduler's prefill time and when its first-token output arrived here (time.time()): a request
@@ -81,18 +78,10 @@ class _Request:
 
 
 class TokenizerService:
-    def __init__(self, index: int, tokenizer: Any, plan: AddressPlan, *, chat_template: str | None = None,
-                 eos_token_ids: Sequence[int] = (), max_model_len: int | None = None,
-                 identity: bytes | None = None, heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
+    def __init__(self, index: int, codec: TextCodec, plan: AddressPlan, *, identity: bytes | None = None,
+                 heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
         self.index = index  # for logs and heartbeats only: the identity is what routes
-        self.tokenizer = tokenizer
-        self.raw = tokenizer.backend_tokenizer  # the Rust tokenizers.Tokenizer behind the HF fast tokenizer
-        self.vocab_size = len(tokenizer)
-        self.eos_token_ids = list(eos_token_ids)
-        self.max_model_len = max_model_len
-        template = chat_template if chat_template is not None else chat_template_source(tokenizer, None)
-        self.chat_template = ChatTemplate(template, tokenizer.special_tokens_map) if template else None
-        self.token_texts = TokenTexts(self.raw)
+        self.codec = codec
         self.requests: dict[str, _Request] = {}
         self.heartbeat_interval_s = heartbeat_interval_s
 
@@ -179,76 +168,28 @@ class TokenizerService:
     # ------------------------------------------------------------------ api -> scheduler
 
     def on_generate(self, req: GenerateRequest, api: int) -> None:
-        # req.api_index is the api's own number, for its logs; the socket the request came on routes replies.
+        codec = self.codec
         try:
             if req.req_id in self.requests:
                 raise RequestError(f"duplicate request id {req.req_id!r}", "request_id")
-            ids, text = self._prompt(req.prompt, req.prompt_token_ids, req.messages, req.add_special_tokens,
-                                     req.add_generation_prompt, req.continue_final_message,
-                                     req.chat_template_kwargs)
-            self._check_length(ids, req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
+            ids, text = codec.encode(req.prompt, req.prompt_token_ids, req.messages,
+                                     add_special_tokens=req.add_special_tokens,
+                                     add_generation_prompt=req.add_generation_prompt,
+                                     continue_final_message=req.continue_final_message,
+                                     template_kwargs=req.chat_template_kwargs)
+            codec.check_length(len(ids), req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
         except Exception as e:
             self._reply(api, TextDelta(req.req_id, finished=True, finish_reason="error",
                                        error=self._error(e, req.req_id)))
             return
         params = req.sampling_params
-        prompt_text = None
-        if req.echo:
-            prompt_text = text if text is not None else self.tokenizer.decode(ids)
-        self.requests[req.req_id] = _Request(
-            api=api,
-            detokenizer=IncrementalDetokenizer(self.raw, params, ids),
-            num_prompt_tokens=len(ids),
-            want_logprobs=params.logprobs is not None,
-            prompt_text=prompt_text,
-        )
-        transport.dealer_send(self.to_scheduler, TokenizedRequest(
-            req_id=req.req_id, prompt_token_ids=ids, sampling_params=params, tokenizer_index=self.index,
-            eos_token_ids=self.eos_token_ids, arrival_time=req.arrival_time))
+        prompt_text = (text if text is not None else codec.decode(ids)) if req.echo else None
+        self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text)
+        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time))
 
     def on_abort(self, msg: AbortRequest, api: int) -> None:
         self.requests.pop(msg.req_id, None)
         transport.dealer_send(self.to_scheduler, msg)
-
-    def _prompt(self, prompt: str | None, token_ids: list[int] | None, messages: list[dict[str, object]] | None,
-                add_special_tokens: bool, add_generation_prompt: bool = True, continue_final_message: bool = False,
-                template_kwargs: dict[str, object] | None = None) -> tuple[list[int], str | None]:
-        """(token ids, prompt text where known) from exactly one of the three prompt forms."""
-        if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
-            raise RequestError("exactly one of prompt, prompt token ids or messages must be given.", "prompt")
-        if messages is not None:
-            if self.chat_template is None:
-                raise RequestError("this model has no chat template; the server needs --chat-template.",
-                                   "messages")
-            text = self.chat_template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, kwargs=template_kwargs)
-            # The template already wrote BOS and friends; adding them again would double them.
-            return self.tokenizer.encode(text, add_special_tokens=False), text
-        if token_ids is not None:
-            self._check_ids(token_ids, "prompt")
-            return list(token_ids), None
-        if not isinstance(prompt, str):
-            raise RequestError("prompt must be a string.", "prompt")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        if not ids:
-            raise RequestError("prompt must not be empty.", "prompt")
-        return ids, prompt
-
-    def _check_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise RequestError("token ids must not be empty.", param)
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise RequestError(f"token ids must be in [0, {self.vocab_size}).", param)
-
-    def _check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
-        if self.max_model_len is None:
-            return  # the scheduler checks against the model's own context length
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
-                               f"has {len(ids)} tokens.", param)
-        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
-            raise RequestError(f"max_tokens ({max_tokens}) plus the prompt ({len(ids)} tokens) exceeds the "
-                               f"maximum context length of {self.max_model_len}.", "max_tokens")
 
     # ------------------------------------------------------------------ scheduler -> api
 
@@ -276,21 +217,16 @@ class TokenizerService:
             self._reply(api, BatchTextDelta(deltas))
 
     def _delta(self, out: RequestOutput, state: _Request) -> TextDelta:
-        # The scheduler finishes with "stop" only on a stop token (EOS or stop_token_ids); stop strings are ours.
-        stop_token = out.finished and out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
-        text, stop_string = state.detokenizer.update(out.new_token_ids, finished=out.finished,
-                                                     stop_token=stop_token)
+        text, stop_string, logprobs = state.output.update(out)
         finished, finish_reason, stop_reason = out.finished, out.finish_reason, out.stop_reason
-        decode_time, inference_time = out.decode_time, out.inference_time
-        if out.prefill_time is not None:  # the output with the first token
-            state.prefill_time, state.first_token_seen = out.prefill_time, time.time()
+        timings = out.timings
+        if timings is not None and timings.prefill is not None:  # the output with the first token
+            state.prefill_time, state.first_token_seen = timings.prefill, time.time()
         if stop_string is not None:
             finished, finish_reason, stop_reason = True, "stop", stop_string
             if not out.finished:
                 transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
-                if state.first_token_seen is not None:  # the scheduler would have timed this finish now
-                    decode_time = time.time() - state.first_token_seen
-                    inference_time = state.prefill_time + decode_time
+                timings = _timed_here(state, timings)
         state.num_output_tokens += len(out.new_token_ids)
         error = None
         if out.error:
@@ -301,28 +237,19 @@ class TokenizerService:
             finished, finish_reason = True, finish_reason or "error"
         prompt_text, state.prompt_text = state.prompt_text, None
         return TextDelta(
-            req_id=out.req_id, text=text, token_ids=out.new_token_ids,
-            logprobs=self._logprobs(out.new_token_ids, out.new_logprobs) if state.want_logprobs else None,
+            req_id=out.req_id, text=text, token_ids=out.new_token_ids, logprobs=logprobs,
             finished=finished, finish_reason=finish_reason, stop_reason=stop_reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
             num_cached_tokens=out.num_cached_tokens, prompt_text=prompt_text, error=error,
-            queue_time=out.queue_time, ingest_time=out.ingest_time, prefill_time=out.prefill_time,
-            decode_time=decode_time, inference_time=inference_time, num_preemptions=out.num_preemptions)
-
-    def _logprobs(self, token_ids: list[int], logprobs: list[TopLogprobs] | None) -> list[TokenLogprobs] | None:
-        if not logprobs:
-            return None
-        texts = self.token_texts(token_ids)
-        return [TokenLogprobs(token=t, logprob=lp.token_logprob, top_token_ids=lp.top_token_ids,
-                              top_tokens=self.token_texts(lp.top_token_ids), top_logprobs=lp.top_logprobs)
-                for t, lp in zip(texts, logprobs)]
+            timings=timings, num_preemptions=out.num_preemptions)
 
     # ------------------------------------------------------------------ /tokenize, /detokenize
 
     def on_tokenize(self, req: TokenizeRequest, api: int) -> None:
         try:
-            ids, _ = self._prompt(req.prompt, None, req.messages, req.add_special_tokens, req.add_generation_prompt)
-            strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            ids, _ = self.codec.encode(req.prompt, None, req.messages, add_special_tokens=req.add_special_tokens,
+                                       add_generation_prompt=req.add_generation_prompt)
+            strs = self.codec.token_strs(ids) if req.return_token_strs else None
         except Exception as e:
             self._reply(api, TokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
             return
@@ -330,8 +257,7 @@ class TokenizerService:
 
     def on_detokenize(self, req: DetokenizeRequest, api: int) -> None:
         try:
-            self._check_ids(req.token_ids, "tokens")
-            text = self.tokenizer.decode(req.token_ids)
+            text = self.codec.decode(self.codec.check_ids(req.token_ids, "tokens"))
         except Exception as e:
             self._reply(api, DetokenizeResponse(req.req_id, error=self._error(e, req.req_id)))
             return
@@ -350,16 +276,24 @@ class TokenizerService:
         transport.dealer_send(self.to_api[api], msg)
 
 
+def _timed_here(state: _Request, timings: RequestTimings | None) -> RequestTimings | None:
+    """The timings of a request this tokenizer ends on a stop string: the scheduler never times its finish,
+    so its decode runs from the first token's output arriving here until now."""
+    if state.first_token_seen is None:
+        return timings
+    decode = time.time() - state.first_token_seen
+    merged = RequestTimings() if timings is None else dataclasses.replace(timings)
+    merged.update(RequestTimings(decode=decode, inference=state.prefill_time + decode))
+    return merged
+
+
 def main(config_dict: dict[str, Any], index: int) -> None:
     """Process entrypoint for the launcher: `main(config.to_dict(), index)`."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tokenizer-{index} %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
-    tokenizer = load_tokenizer(config.model)
-    folder = tokenizer_folder(config.model)
-    service = TokenizerService(
-        index, tokenizer, address_plan(config.server),
-        chat_template=chat_template_source(tokenizer, config.model.chat_template),
-        eos_token_ids=eos_token_ids(tokenizer, folder), max_model_len=config.model.max_model_len)
+    model = config.require_resolved()
+    codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
+    service = TokenizerService(index, codec, address_plan(config.server))
     log.info("tokenizer %d ready as %r", index, service.identity)
     freeze_startup_heap()
     try:

@@ -24,6 +24,7 @@ from headrace.common.messages import (
     Heartbeat,
     NewRequestData,
     RequestOutput,
+    RequestTimings,
     Shutdown,
     StepPlan,
     StepResult,
@@ -44,12 +45,12 @@ SP = SamplingParams(temperature=0.5, top_k=5, seed=7, max_tokens=32, stop=("###"
 LP = TopLogprobs(token_logprob=-0.25, top_token_ids=[5, 9], top_logprobs=[-0.25, -1.5])
 OUT = RequestOutput(req_id="r1", new_token_ids=[11, 12], new_logprobs=[LP, LP], finished=True,
                     finish_reason="stop", stop_reason=2, num_prompt_tokens=4, num_cached_tokens=2,
-                    queue_time=0.5, ingest_time=0.25, decode_time=1.5, inference_time=2.0, num_preemptions=1)
+                    timings=RequestTimings(queue=0.5, ingest=0.25, decode=1.5, inference=2.0), num_preemptions=1)
 DELTA = TextDelta(req_id="r1", text="héllo 世界 🎉", token_ids=[1, 2],
                   logprobs=[TokenLogprobs("hé", -0.5, [1, 3], ["hé", "x"], [-0.5, -2.0])] * 2,
                   finished=True, finish_reason="stop", stop_reason="###", num_prompt_tokens=3,
-                  num_output_tokens=2, num_cached_tokens=1, prompt_text="p", queue_time=0.5, ingest_time=0.25,
-                  prefill_time=0.125, num_preemptions=1)
+                  num_output_tokens=2, num_cached_tokens=1, prompt_text="p",
+                  timings=RequestTimings(queue=0.5, ingest=0.25, prefill=0.125), num_preemptions=1)
 
 # One or more instances per message kind; test_every_message_kind_has_a_sample keeps this list complete.
 SAMPLES = [
@@ -59,15 +60,15 @@ SAMPLES = [
              num_scheduled_tokens={"r1": 3, "r0": 1}, finished_req_ids=["r9"], preempted_req_ids=["r8"]),
     StepPlan(step_id=0),
     StepResult(step_id=1, req_ids=["r1", "r0"], sampled_token_ids=[5, 6], logprobs=[LP, None], execute_time=0.01),
-    GenerateRequest("r1", 0, SP, prompt="hi", echo=True, arrival_time=1.5),
-    GenerateRequest("r2", 1, SamplingParams(), prompt_token_ids=[1, 2, 3], add_special_tokens=False),
-    GenerateRequest("r3", 0, SamplingParams(), messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+    GenerateRequest("r1", SP, prompt="hi", echo=True, arrival_time=1.5),
+    GenerateRequest("r2", SamplingParams(), prompt_token_ids=[1, 2, 3], add_special_tokens=False),
+    GenerateRequest("r3", SamplingParams(), messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}],
                     chat_template_kwargs={"enable_thinking": False}, continue_final_message=True),
     AbortRequest("r1"),
-    TokenizeRequest("t1", 0, prompt="hello", return_token_strs=True),
-    TokenizeRequest("t2", 0, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False),
-    DetokenizeRequest("d1", 1, [1, 2, 3]),
-    TokenizedRequest("r1", [1, 2, 3], SP, tokenizer_index=2, eos_token_ids=[2, 0], arrival_time=3.0),
+    TokenizeRequest("t1", prompt="hello", return_token_strs=True),
+    TokenizeRequest("t2", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False),
+    DetokenizeRequest("d1", [1, 2, 3]),
+    TokenizedRequest("r1", [1, 2, 3], SP, arrival_time=3.0),
     BatchRequestOutput([OUT, RequestOutput("r2", [], error="boom", finished=True, finish_reason="error")], step_id=5),
     DELTA,
     TextDelta("r2", finished=True, finish_reason="error", error=ErrorInfo("bad", param="messages.[0].role")),
@@ -75,11 +76,10 @@ SAMPLES = [
     TokenizeResponse("t1", [1, 2], ["a", "b"]),
     TokenizeResponse("t2", error=ErrorInfo("no", code=500, type="InternalServerError")),
     DetokenizeResponse("d1", "abc"),
-    EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.5, num_preemptions=2, prompt_tokens=10,
-                generation_tokens=20, prefix_cache_queries=8, prefix_cache_hits=4, timestamp=12.5),
+    EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.5, prefix_cache_queries=8, prefix_cache_hits=4),
     Heartbeat("tokenizer", 1, 99.0),
     Shutdown("test"),
-    WorkerReady(1, 4096, 2048, [2, 7], 3.5, "cuda:1"),
+    WorkerReady(1, 4096, 3.5, "cuda:1"),
     WorkerFailed(0, "exited with code -9"),
     WorkerError(12, "RuntimeError: boom"),
 ]
@@ -106,16 +106,18 @@ def test_sampling_params_keep_types_and_extra():
 
 def test_token_ids_are_packed_int32_bytes_on_the_wire():
     ids = [0, 1, 2**31 - 1, 49151]
-    raw = msgpack.unpackb(encode(TokenizedRequest("r", ids, SP, 0, eos_token_ids=[2])), raw=False)
+    raw = msgpack.unpackb(encode(TokenizedRequest("r", ids, SP)), raw=False)
     assert raw[0] == "tokenized_request"
     assert raw[2] == struct.pack("<4i", *ids)
-    assert raw[5] == struct.pack("<i", 2)
+    # Block ids too, nested in a plan.
+    raw = msgpack.unpackb(encode(SAMPLES[0]), raw=False)
+    assert raw[2][0][4] == struct.pack("<2i", 0, 1) and raw[3][0][1] == struct.pack("<i", 7)
     # Nested and optional TokenIds too.
     raw = msgpack.unpackb(encode(StepResult(1, ["a"], [7], [LP])), raw=False)
     assert raw[3] == struct.pack("<i", 7)
     assert raw[4][0][1] == struct.pack("<2i", 5, 9)
-    raw = msgpack.unpackb(encode(GenerateRequest("r", 0, SP, prompt_token_ids=[3, 4])), raw=False)
-    assert raw[5] == struct.pack("<2i", 3, 4)
+    raw = msgpack.unpackb(encode(GenerateRequest("r", SP, prompt_token_ids=[3, 4])), raw=False)
+    assert raw[4] == struct.pack("<2i", 3, 4)
 
 
 def _tampered(msg, index, value) -> bytes:
@@ -136,11 +138,11 @@ def _tampered(msg, index, value) -> bytes:
     msgpack.packb(["abort_request"]),  # missing field
     msgpack.packb(["abort_request", "r", "extra"]),  # too many fields
     encode(AbortRequest("r")) + b"\x00",  # trailing bytes
-    _tampered(TokenizedRequest("r", [1], SP, 0), 2, b"\x01\x02\x03"),  # ids not a multiple of 4 bytes
-    _tampered(TokenizedRequest("r", [1], SP, 0), 2, [1, 2]),  # ids as a list, not bytes
-    _tampered(TokenizedRequest("r", [1], SP, 0), 3, {"temperature": -1.0}),  # fails SamplingParams validation
-    _tampered(TokenizedRequest("r", [1], SP, 0), 3, {"no_such_param": 1}),
-    _tampered(TokenizedRequest("r", [1], SP, 0), 3, "not a map"),
+    _tampered(TokenizedRequest("r", [1], SP), 2, b"\x01\x02\x03"),  # ids not a multiple of 4 bytes
+    _tampered(TokenizedRequest("r", [1], SP), 2, [1, 2]),  # ids as a list, not bytes
+    _tampered(TokenizedRequest("r", [1], SP), 3, {"temperature": -1.0}),  # fails SamplingParams validation
+    _tampered(TokenizedRequest("r", [1], SP), 3, {"no_such_param": 1}),
+    _tampered(TokenizedRequest("r", [1], SP), 3, "not a map"),
     _tampered(BatchRequestOutput([OUT]), 1, [["r1"]]),  # nested message with too few fields
     _tampered(BatchRequestOutput([OUT]), 1, "not a list"),
     _tampered(StepPlan(1), 4, []),  # dict field given a list

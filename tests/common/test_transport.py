@@ -48,7 +48,7 @@ def test_router_dealer_round_trip_by_identity(plan, ctx):
     assert hellos == {b"api-0": Heartbeat("api", 0), transport.identity_of(tok): Heartbeat("tokenizer", 3)}
 
     # Each reply reaches only the peer it names.
-    request = TokenizedRequest("r1", list(range(1000)), SamplingParams(stop=("x",)), tokenizer_index=3)
+    request = TokenizedRequest("r1", list(range(1000)), SamplingParams(stop=("x",)))
     transport.router_send(router, transport.identity_of(tok), request)
     transport.router_send(router, b"api-0", EngineStats(num_running=2))
     assert transport.dealer_recv(tok, TIMEOUT_MS) == request

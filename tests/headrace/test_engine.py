@@ -10,12 +10,13 @@ from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, Sched
 from headrace.common.sampling_params import SamplingParams
 from headrace.engine import LLMEngine
 from headrace.services.gpu_worker.model_runner import ModelRunner
+from tests.configs import resolved
 
 
 @pytest.fixture(scope="module")
-def runner(embedded_source):
-    cfg = EngineConfig(model=ModelConfig(max_model_len=1024), cache=CacheConfig(num_blocks=400))
-    return ModelRunner(cfg, source=embedded_source, log=lambda *_: None)
+def runner():
+    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=1024), cache=CacheConfig(num_blocks=400)))
+    return ModelRunner(cfg, log=lambda *_: None)
 
 
 def make_engine(runner, **sched) -> LLMEngine:

@@ -10,8 +10,8 @@ from headrace.launcher import check_devices, prepare_config
 
 def test_prepare_config_resolves_model_tokenizer_and_addresses():
     config = prepare_config(EngineConfig(device="cpu"), log_fn=lambda *_: None)
-    assert config.model.tokenizer and config.model.served_model_name == "SmolLM2-135M-Instruct"
-    assert config.model.max_model_len == 8192
+    assert config.resolved.tokenizer_dir and config.resolved.name == "SmolLM2-135M-Instruct"
+    assert config.resolved.max_model_len == 8192
     assert config.server.ipc_dir
 
 

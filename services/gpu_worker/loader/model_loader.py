@@ -10,8 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
-from headrace.services.gpu_worker.loader.source import ModelSource
-from headrace.services.gpu_worker.model.arch import ModelArch, arch_from_hf_config
+from headrace.common.models.arch import ModelArch, arch_from_hf_config
+from headrace.common.models.source import WeightsLocation, load_hf_config
 from headrace.services.gpu_worker.model.llama import LlamaForCausalLM
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 
@@ -82,16 +82,16 @@ def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torc
 
 
 @torch.no_grad()
-def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
+def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
                seed: int = 0) -> LoadedModel:
-    hf_config = source.hf_config()
+    hf_config = load_hf_config(source)
     arch = arch_from_hf_config(hf_config)
     model = LlamaForCausalLM(arch, tp, dtype, device)
     weights = random_weights(arch, seed, device, dtype) if source.kind == "random" else \
-        safetensors_weights(source.config_dir)
+        safetensors_weights(source.weights_dir)
     missing = model.expected_parameter_names() - model.load_weights(weights)
     if missing:
-        raise ValueError(f"checkpoint {source.config_dir or source.name} lacks {len(missing)} tensors, e.g. "
+        raise ValueError(f"checkpoint {source.weights_dir or source.preset} lacks {len(missing)} tensors, e.g. "
                          f"{sorted(missing)[:3]}")
     model.eval()
     if device.type == "cpu":

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headrace.common.models.arch import check_tp_heads
 from headrace.services.gpu_worker.parallel import TPGroup
 
 
@@ -142,14 +143,6 @@ class QKVParallelLinear(ColumnParallelLinear):
     @property
     def local_heads(self) -> tuple[int, int]:
         return self.shards[0][0] // self.head_dim, self.shards[1][0] // self.head_dim
-
-
-def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
-    if num_heads % tp_size:
-        raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {num_heads} attention heads")
-    if num_kv_heads % tp_size and tp_size % num_kv_heads:
-        raise ValueError(f"--tensor-parallel-size {tp_size} must divide, or be a multiple of, the model's "
-                         f"{num_kv_heads} key/value heads")
 
 
 class RowParallelLinear(nn.Module):

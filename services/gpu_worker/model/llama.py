@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from headrace.services.gpu_worker.model.arch import ModelArch
+from headrace.common.models.arch import ModelArch
 from headrace.services.gpu_worker.model.layers import (
     ColumnParallelLinear,
     ParallelLMHead,

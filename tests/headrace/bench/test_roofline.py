@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from headrace.bench import roofline
-from headrace.services.gpu_worker.loader.source import resolve_model
-from headrace.services.gpu_worker.model.arch import arch_from_hf_config
+from headrace.common.models.source import resolve_model
+from headrace.common.models.arch import arch_from_hf_config
 
 
 @pytest.fixture(scope="module")

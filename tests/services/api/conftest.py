@@ -11,11 +11,10 @@ import httpx
 import pytest
 
 from headrace.common.addresses import address_plan
-from headrace.common.config import EngineConfig, ServerConfig
 from headrace.services.api.app import create_app
 from headrace.services.api.engine_client import EngineClient
 from headrace.services.api.server import bind_socket, build_server, serve
-from tests.services.api.fakes import FakeScheduler, FakeTokenizer, Script, until
+from tests.services.api.fakes import FakeScheduler, FakeTokenizer, Script, api_config, until
 
 # Short liveness so "a tokenizer went silent" takes about a second, not three.
 PEER_TIMEOUT_S = 1.0
@@ -48,7 +47,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(tmp_path, **server: object) -> AsyncIterator[Stack]:
-    config = EngineConfig(server=ServerConfig(ipc_dir=str(tmp_path), **server))  # type: ignore[arg-type]
+    config = api_config(ipc_dir=str(tmp_path), **server)
     plan = address_plan(config.server)
     client = EngineClient.from_plan(plan, 0, heartbeat_interval_s=0.1, peer_timeout_s=PEER_TIMEOUT_S)
     scheduler = await FakeScheduler(plan.scheduler.bind).start()

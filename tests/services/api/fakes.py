@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from headrace.common import transport
+from headrace.common.config import EngineConfig, ResolvedModel, ServerConfig
 from headrace.common.messages import (
     AbortRequest,
     BatchTextDelta,
@@ -23,6 +24,15 @@ from headrace.common.messages import (
 )
 
 WAIT_S = 20.0  # a guard against hangs only; nothing is asserted about time
+
+# The model an api under test serves (its tokenizers and scheduler are played by the test): the embedded one.
+SERVED = ResolvedModel(kind="hf", name="SmolLM2-135M-Instruct", weights_dir=None, tokenizer_dir="", preset=None,
+                       max_model_len=8192, eos_token_ids=(2,), vocab_size=49152)
+
+
+def api_config(**server: Any) -> EngineConfig:
+    """A resolved config for an api whose peers are fakes; `server` sets ServerConfig fields."""
+    return EngineConfig(server=ServerConfig(**server), resolved=SERVED)
 
 # A script maps a GenerateRequest to the BatchTextDelta batches to answer with (None: the test answers itself).
 Script = Callable[[GenerateRequest], list[list[TextDelta]] | None]
@@ -150,7 +160,8 @@ class FakeScheduler(_AsyncPeer):
         while True:
             if self.sending:
                 for identity in self._apis:
-                    await transport.router_send_async(self._sock, identity, EngineStats(num_running=1))
+                    stats = EngineStats(num_running=1, prefix_cache_queries=40, prefix_cache_hits=16)
+                    await transport.router_send_async(self._sock, identity, stats)
             await asyncio.sleep(self.interval_s)
 
 

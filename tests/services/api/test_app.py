@@ -36,7 +36,7 @@ async def test_completion_non_streamed(stack):
                                 "stop_reason": None}]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     (req,) = tok.requests
-    assert req.prompt == "Say hi" and req.prompt_token_ids is None and req.api_index == 0
+    assert req.prompt == "Say hi" and req.prompt_token_ids is None
     assert req.sampling_params.max_tokens == 2 and req.sampling_params.temperature == 0.0
     assert req.req_id == f"{body['id']}-0"
     assert r.headers["x-request-id"]
@@ -216,7 +216,7 @@ async def test_health_follows_engine_stats_and_tokenizers(stack):
 async def test_tokenize_and_detokenize(stack):
     await stack.add_tokenizer()
     r = await stack.http.post("/tokenize", json={"prompt": "ab cde", "return_token_strs": True})
-    assert r.json() == {"count": 2, "max_model_len": None, "tokens": [2, 3], "token_strs": ["ab", "cde"]}
+    assert r.json() == {"count": 2, "max_model_len": 8192, "tokens": [2, 3], "token_strs": ["ab", "cde"]}
     r = await stack.http.post("/tokenize", json={"messages": [{"role": "user", "content": "four"}]})
     assert r.json()["tokens"] == [4]
     r = await stack.http.post("/detokenize", json={"tokens": [5, 6]})

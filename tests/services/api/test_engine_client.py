@@ -46,7 +46,7 @@ async def rig(tmp_path):
 
 
 def requests(name: str, n: int = 1) -> list[GenerateRequest]:
-    return [GenerateRequest(f"{name}-{k}", 0, SamplingParams(), prompt="x") for k in range(n)]
+    return [GenerateRequest(f"{name}-{k}", SamplingParams(), prompt="x") for k in range(n)]
 
 
 async def drain(gen) -> list:
@@ -116,11 +116,11 @@ async def test_a_disconnected_identity_is_skipped_and_forgotten(rig):
 async def test_tokenize_fails_with_503_when_its_tokenizer_goes_silent(rig):
     client, tokenizer, _, _ = rig
     tok = await tokenizer()
-    reply = await asyncio.wait_for(client.tokenize(TokenizeRequest("t1", 0, prompt="a bc")), WAIT_S)
+    reply = await asyncio.wait_for(client.tokenize(TokenizeRequest("t1", prompt="a bc")), WAIT_S)
     assert reply.token_ids == [1, 2]
     tok.silent = True
     with pytest.raises(ApiError) as e:
-        await asyncio.wait_for(client.tokenize(TokenizeRequest("t2", 0, prompt="x")), WAIT_S)
+        await asyncio.wait_for(client.tokenize(TokenizeRequest("t2", prompt="x")), WAIT_S)
     assert e.value.status == 503
     with pytest.raises(ApiError):
         client.submit(requests("r"))  # nobody left

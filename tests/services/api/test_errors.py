@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from headrace.common.config import EngineConfig, ServerConfig
 from headrace.common.messages import ErrorInfo
 from headrace.services.api import errors
 from headrace.services.api.app import create_app
 from headrace.services.api.errors import ApiError
+from tests.services.api.fakes import api_config
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -23,7 +23,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def http(tmp_path):
-    config = EngineConfig(server=ServerConfig(ipc_dir=str(tmp_path), max_n=4, max_request_bytes=2000))
+    config = api_config(ipc_dir=str(tmp_path), max_n=4, max_request_bytes=2000)
     return TestClient(create_app(config, 0), raise_server_exceptions=False)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from headrace.common.messages import ErrorInfo, TextDelta
+from headrace.common.messages import EngineStats, ErrorInfo, RequestTimings, TextDelta
 from headrace.services.api.metrics import Metrics, one_two_five_buckets, usage_tokens
 from headrace.services.api.records import RequestRecord
 from tests.services.api.fakes import delta, until
@@ -41,11 +41,13 @@ def scripted(req) -> list[list[TextDelta]]:
     engine: ingest, queue and prefill with the first token; ingest and queue again, decode and inference
     with the last (as the scheduler sends them)."""
     last = 2
-    known = {"ingest_time": PHASES["ingest"], "queue_time": PHASES["queue"]}
-    return [[delta(req.req_id, "a", 0, 3, prompt_tokens=4, prefill_time=PHASES["prefill"], **known),
+    first = RequestTimings(ingest=PHASES["ingest"], queue=PHASES["queue"], prefill=PHASES["prefill"])
+    final = RequestTimings(ingest=PHASES["ingest"], queue=PHASES["queue"], decode=PHASES["decode"],
+                           inference=PHASES["prefill"] + PHASES["decode"])
+    return [[delta(req.req_id, "a", 0, 3, prompt_tokens=4, timings=first),
              delta(req.req_id, "b", 1, 3, prompt_tokens=4, num_preemptions=1)],
             [delta(req.req_id, "c", last, 3, finish_reason="stop", prompt_tokens=4, num_preemptions=1,
-                   decode_time=PHASES["decode"], inference_time=PHASES["prefill"] + PHASES["decode"], **known)]]
+                   timings=final)]]
 
 
 async def test_metrics_count_every_finished_request_and_match_usage(stack, caplog):
@@ -96,6 +98,9 @@ async def test_metrics_count_every_finished_request_and_match_usage(stack, caplo
     assert value(m, "headrace:num_requests_running") == 1
     assert value(m, "headrace:num_requests_waiting") == 0
     assert value(m, "headrace:kv_cache_usage_perc") == 0
+    # The prefix cache's counters are the engine's totals (the fake reports 40 tokens looked up, 16 found).
+    assert value(m, "headrace:prefix_cache_queries_total") == 40
+    assert value(m, "headrace:prefix_cache_hits_total") == 16
 
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "headrace.api.requests"]
     assert len(lines) == len(bodies)
@@ -169,8 +174,12 @@ def test_several_api_processes_merge_into_one_view(tmp_path, monkeypatch):
     for count, running in ((3, 7), (2, 4)):  # the second process reports last
         subprocess.run([sys.executable, "-c", _API_PROCESS, str(count), str(running)], env=env, check=True)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    scraped = Metrics("m")
+    scraped.on_stats(EngineStats(prefix_cache_queries=9, prefix_cache_hits=3))  # engine totals: not summed
     m = {(name, dict(labels).get("finished_reason"), dict(labels).get("le")): v
-         for (name, labels), v in samples(Metrics("m").render().decode()).items()}
+         for (name, labels), v in samples(scraped.render().decode()).items()}
+    assert m[("headrace:prefix_cache_queries_total", None, None)] == 9
+    assert m[("headrace:prefix_cache_hits_total", None, None)] == 3
     assert m[("headrace:request_success_total", "length", None)] == 5  # summed over processes
     assert m[("headrace:prompt_tokens_total", None, None)] == 10
     assert m[("headrace:generation_tokens_total", None, None)] == 15

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from headrace.common.config import ModelConfig
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.api.errors import ApiError
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -14,7 +13,6 @@ from headrace.services.api.sampling import (
     choice_params,
     completion_params,
     completion_prompts,
-    served_model_name,
 )
 
 USER = [{"role": "user", "content": "hi"}]
@@ -89,10 +87,7 @@ def test_prompts_come_out_as_a_list_of_text_or_ids():
         assert e.value.param == param
 
 
-def test_served_model_name_and_check():
-    assert served_model_name(ModelConfig()) == "SmolLM2-135M-Instruct"
-    assert served_model_name(ModelConfig(model="/models/llama")) == "/models/llama"
-    assert served_model_name(ModelConfig(model="/models/llama", served_model_name="llama")) == "llama"
+def test_check_model():
     check_model(None, "llama")
     check_model("llama", "llama")
     with pytest.raises(ApiError) as e:

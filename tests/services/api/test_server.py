@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from headrace.common.addresses import address_plan
-from headrace.common.config import EngineConfig, ServerConfig
+from headrace.common.config import EngineConfig
 from headrace.services.api.server import bind_socket
-from tests.services.api.fakes import WAIT_S, FakeScheduler, FakeTokenizer, until, words
+from tests.services.api.fakes import WAIT_S, FakeScheduler, FakeTokenizer, api_config, until, words
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 
 def _main_command(config: EngineConfig) -> list[str]:
-    code = "import json, sys; from services.api.server import main; main(json.loads(sys.argv[1]), 0)"
+    code = "import json, sys; from headrace.services.api.server import main; main(json.loads(sys.argv[1]), 0)"
     return [sys.executable, "-c", code, json.dumps(config.to_dict())]
 
 
@@ -56,7 +56,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def config(tmp_path) -> EngineConfig:
-    return EngineConfig(server=ServerConfig(port=_free_port(), ipc_dir=str(tmp_path)))
+    return api_config(port=_free_port(), ipc_dir=str(tmp_path))
 
 
 @pytest.mark.anyio

@@ -24,6 +24,7 @@ from headrace.services.gpu_worker.cuda_graphs import (  # noqa: E402
 from headrace.services.gpu_worker.model.llama import ForwardContext  # noqa: E402
 from headrace.services.gpu_worker.model_runner import ModelRunner  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
+from tests.configs import resolved
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -62,7 +63,7 @@ def make_runner(enforce_eager: bool, max_num_seqs: int = 8) -> ModelRunner:
                        cache=CacheConfig(num_blocks=64, block_size=8),
                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), attention_backend="triton",
                        device="cuda" if HAS_CUDA else "cpu", enforce_eager=enforce_eager)
-    return ModelRunner(cfg, log=lambda *_: None)
+    return ModelRunner(resolved(cfg), log=lambda *_: None)
 
 
 def add_requests(runner: ModelRunner, prompt_lens: list[int]) -> StepPlan:

@@ -10,6 +10,7 @@ from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.services.gpu_worker.plan_driver import PlanDriver
+from tests.configs import resolved
 
 NEW_TOKENS = 64
 NEAR_TIE = 1e-4  # a divergence is accepted only where transformers' own top-2 logit gap is below this
@@ -24,8 +25,9 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def runner(embedded_source):
-    return ModelRunner(EngineConfig(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=256)), source=embedded_source, log=lambda *_: None)
+def runner():
+    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=256)))
+    return ModelRunner(cfg, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")

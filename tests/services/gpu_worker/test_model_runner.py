@@ -13,6 +13,7 @@ from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.model_runner import ModelRunner
+from tests.configs import resolved
 
 PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4], [8, 8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
@@ -21,7 +22,7 @@ PROMPTS = [[5, 9, 2, 7, 1, 3], [11, 4], [8, 8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11
 def runner():
     cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", seed=3, max_model_len=256),
                        cache=CacheConfig(num_blocks=64))
-    return ModelRunner(cfg, log=lambda *_: None)
+    return ModelRunner(resolved(cfg), log=lambda *_: None)
 
 
 def plans(params: SamplingParams, num_new: int, block_size: int):

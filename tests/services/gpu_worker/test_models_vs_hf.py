@@ -11,6 +11,7 @@ from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
 from headrace.services.gpu_worker.model_runner import ModelRunner
+from tests.configs import resolved
 
 PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama3-scaled"]
 
@@ -56,8 +57,9 @@ def logits_for_all_positions(runner: ModelRunner, prompt: list[int], chunk: int)
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("chunk", [1000, 5, 1])
 def test_logits_match_transformers(preset, chunk):
-    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", seed=7, max_model_len=512), cache=CacheConfig(num_blocks=64))
-    runner = ModelRunner(cfg, log=lambda *_: None)
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", seed=7, max_model_len=512),
+                       cache=CacheConfig(num_blocks=64))
+    runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     hf = hf_twin(runner)
     prompt = torch.randint(0, runner.arch.vocab_size, (37,), generator=torch.Generator().manual_seed(3)).tolist()
     ours = logits_for_all_positions(runner, prompt, chunk)

@@ -9,6 +9,7 @@ import pytest
 
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from headrace.common.sampling_params import SamplingParams
+from tests.configs import resolved
 
 PROMPTS = [[1, 5, 9, 200, 31, 77, 4, 18, 9, 301, 42], [7, 7, 8, 100, 13], list(range(40, 75))]
 NEW_TOKENS = 12
@@ -30,7 +31,7 @@ def _rank_main(config_dict, rank, queue):
 
     config = EngineConfig.from_dict(config_dict)
     tp = init_tensor_parallel(config, rank, torch.device("cpu"))
-    runner = ModelRunner(config, tp=tp, device="cpu", log=lambda *_: None)
+    runner = ModelRunner(resolved(config), tp=tp, device="cpu", log=lambda *_: None)
     out = PlanDriver(runner).generate(PROMPTS, SamplingParams(temperature=0.0), NEW_TOKENS)
     queue.put((rank, out, runner.num_kv_heads_local))
 
@@ -60,7 +61,7 @@ def test_tp_matches_single_rank(model, tp_size):
 
 
 def test_tp2_on_embedded_model_fails_naming_head_counts():
-    from headrace.services.gpu_worker.model.layers import check_tp_heads
+    from headrace.common.models.arch import check_tp_heads
 
     with pytest.raises(ValueError, match="9 attention heads"):
         check_tp_heads(9, 3, 2)

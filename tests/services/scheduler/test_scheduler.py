@@ -374,6 +374,18 @@ def test_shared_prefix_is_served_from_the_cache():
     assert run.tokens("b") == reference_output(b, 256)[0]
 
 
+def test_prefix_cache_counts_each_prompt_once_at_its_first_admission():
+    sched = make_scheduler(prefix_caching=True, block_size=8, num_blocks=8)
+    system = list(range(1, 33))  # 4 full blocks
+    a = make_req("a", system + [40, 41, 42], max_tokens=3, ignore_eos=True)
+    b = make_req("b", system + [50, 51], max_tokens=3, ignore_eos=True)
+    drive(sched, {0: [a], 5: [b]})
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (35 + 34, 32)
+    off = make_scheduler(prefix_caching=False, block_size=8)
+    drive(off, {0: [make_req("c", system, max_tokens=2, ignore_eos=True)]})
+    assert (off.prefix_cache_queries, off.prefix_cache_hits) == (0, 0)  # no cache, nothing looked up
+
+
 def test_prefix_blocks_are_shared_while_both_run():
     sched = make_scheduler(prefix_caching=True, block_size=8)
     bm = sched.block_manager

@@ -22,12 +22,13 @@ from headrace.common.messages import (
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker import worker
 from headrace.services.scheduler import service
+from tests.configs import resolved
 
 
 def _config(tmp_path) -> EngineConfig:
     server = with_ipc_dir(ServerConfig(ipc_dir=str(tmp_path)))
-    return EngineConfig(model=ModelConfig(model="random:tiny-llama", max_model_len=256),
-                        cache=CacheConfig(num_blocks=64), server=server, device="cpu")
+    return resolved(EngineConfig(model=ModelConfig(model="random:tiny-llama", max_model_len=256),
+                                 cache=CacheConfig(num_blocks=64), server=server, device="cpu"))
 
 
 class Peer:
@@ -104,22 +105,25 @@ def test_requests_flow_and_aborts_free_blocks(engine):
     wait_ready(api)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     for i in range(4):
-        tok.send(TokenizedRequest(f"r{i}", list(range(5 + i, 30 + i)), params, 0, [2], time.time()))
+        tok.send(TokenizedRequest(f"r{i}", list(range(5 + i, 30 + i)), params, time.time()))
     tok.send(TokenizedRequest("long", [3] * 20, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
-                              0, [2], time.time()))
+                              time.time()))
     tok.send(AbortRequest("long"))
     outs, done = tok.collect({"r0", "r1", "r2", "r3", "long"})
     assert all(len(outs[f"r{i}"]) == 8 and done[f"r{i}"].finish_reason == "length" for i in range(4))
     assert done["long"].finish_reason == "abort"
     # a prompt longer than max_model_len is the client's fault: a 400-coded error, and the engine keeps serving
-    tok.send(TokenizedRequest("too-long", [1] * 300, params, 0, [2], time.time()))
+    tok.send(TokenizedRequest("too-long", [1] * 300, params, time.time()))
     _, done = tok.collect({"too-long"})
     assert done["too-long"].error_code == 400 and "max_model_len" in done["too-long"].error
-    stats = None
-    while not isinstance(stats, EngineStats):
+    # Stats sent while the requests ran may still be queued for us: wait for the gauges to settle at zero.
+    deadline = time.monotonic() + 10
+    while True:
         api.hello()
         stats = api.recv()
-    assert stats.num_running == 0 and stats.kv_cache_usage == 0.0
+        if isinstance(stats, EngineStats) and (stats.num_running, stats.kv_cache_usage) == (0, 0.0):
+            break
+        assert time.monotonic() < deadline, f"the engine gauges never settled: {stats}"
     api.close()
     tok.close()
 
@@ -131,7 +135,7 @@ def test_dead_worker_fails_inflight_requests_then_recovers(engine):
     procs["worker"].kill()  # dies before the step's result: the request is stuck in flight
     procs["worker"].join(5)
     tok.send(TokenizedRequest("slow", [5] * 10, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
-                              0, [2], time.time()))
+                              time.time()))
     time.sleep(0.5)
     launcher = Peer(config, "launcher")
     launcher.send(WorkerFailed(0, "killed by the test"))
@@ -143,8 +147,7 @@ def test_dead_worker_fails_inflight_requests_then_recovers(engine):
     wait_ready(api)
     deadline = time.monotonic() + 60
     while True:
-        tok.send(TokenizedRequest("again", [5] * 10, SamplingParams(temperature=0.0, max_tokens=4), 0, [2],
-                                  time.time()))
+        tok.send(TokenizedRequest("again", [5] * 10, SamplingParams(temperature=0.0, max_tokens=4), time.time()))
         outs, done = tok.collect({"again"})
         if done["again"].finish_reason != "error" or time.monotonic() > deadline:
             break
@@ -178,13 +181,13 @@ class _Frontend:
     def __init__(self):
         self.outputs: list = []
 
-    def send_multipart(self, frames):
+    def send_multipart(self, frames, **_):
         msg = codec.decode(frames[1])
         assert isinstance(msg, BatchRequestOutput)
         self.outputs += msg.outputs
 
 
-PHASES = ("ingest_time", "queue_time", "prefill_time", "decode_time", "inference_time")
+PHASES = ("ingest", "queue", "prefill", "decode", "inference")
 
 
 def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_path, monkeypatch):
@@ -203,7 +206,7 @@ def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_
     try:
         svc.frontend = sent = _Frontend()
         sched: Scheduler = make_scheduler(num_blocks=4, block_size=8)  # tight: b is preempted while a grows
-        svc.scheduler, svc.vocab_size = sched, 64
+        svc.scheduler = sched
         worker = FakeWorker(4, 8)
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         queued, first_scheduled, first_token, finished = {}, {}, {}, {}
@@ -211,7 +214,7 @@ def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_
 
         def add(req_id: str, prompt: list[int]) -> None:
             queued[req_id] = clock.now
-            svc._on_frontend(b"tok", TokenizedRequest(req_id, prompt, params, 0, [2], arrival[req_id]))
+            svc._on_frontend(b"tok", TokenizedRequest(req_id, prompt, params, arrival[req_id]))
 
         add("a", list(range(1, 15)))
         for step in range(200):
@@ -252,29 +255,30 @@ def test_phases_ride_on_the_first_token_and_the_finish_of_their_own_request(tmp_
             first = next(i for i, o in enumerate(outs) if o.new_token_ids)
             last = len(outs) - 1
             assert outs[last].finished and first < last
-            carriers = [i for i, o in enumerate(outs) if any(getattr(o, p) is not None for p in PHASES)]
+            carriers = [i for i, o in enumerate(outs)
+                        if o.timings is not None and any(getattr(o.timings, p) is not None for p in PHASES)]
             assert carriers == [first, last], req_id  # nothing on the tokens in between
             ingest = max(0.0, queued[req_id] - arrival[req_id])
             queue = first_scheduled[req_id] - queued[req_id]
             prefill = first_token[req_id] - first_scheduled[req_id]
             decode = finished[req_id] - first_token[req_id]
             got_first, got_last = outs[first], outs[last]
-            assert (got_first.ingest_time, got_first.queue_time) == (ingest, queue), req_id
-            assert got_first.prefill_time == pytest.approx(prefill), req_id
-            assert got_first.decode_time is None and got_first.inference_time is None
-            assert (got_last.ingest_time, got_last.queue_time) == (ingest, queue), req_id
-            assert got_last.prefill_time is None, req_id  # sent once: the api must not count it twice
-            assert got_last.decode_time == pytest.approx(decode), req_id
-            assert got_last.inference_time == pytest.approx(finished[req_id] - first_scheduled[req_id])
-            assert got_last.inference_time == pytest.approx(got_first.prefill_time + got_last.decode_time)
-        assert by_req["c"][0].ingest_time == 0.0  # clamped
-        assert by_req["a"][0].ingest_time == 1.0 and by_req["b"][0].ingest_time == 1.5
+            assert (got_first.timings.ingest, got_first.timings.queue) == (ingest, queue), req_id
+            assert got_first.timings.prefill == pytest.approx(prefill), req_id
+            assert got_first.timings.decode is None and got_first.timings.inference is None
+            assert (got_last.timings.ingest, got_last.timings.queue) == (ingest, queue), req_id
+            assert got_last.timings.prefill is None, req_id  # sent once: the api must not count it twice
+            assert got_last.timings.decode == pytest.approx(decode), req_id
+            assert got_last.timings.inference == pytest.approx(finished[req_id] - first_scheduled[req_id])
+            assert got_last.timings.inference == pytest.approx(got_first.timings.prefill + got_last.timings.decode)
+        assert by_req["c"][0].timings.ingest == 0.0  # clamped
+        assert by_req["a"][0].timings.ingest == 1.0 and by_req["b"][0].timings.ingest == 1.5
         # b's preemption came after its first token: its wait and recomputation are decode time.
-        assert by_req["b"][-1].decode_time > by_req["a"][-1].decode_time
+        assert by_req["b"][-1].timings.decode > by_req["a"][-1].timings.decode
 
         (gone,) = by_req["gone"]  # aborted before it was ever scheduled: only its ingest is known
         assert gone.finished and gone.finish_reason == "abort"
-        assert gone.ingest_time == queued["gone"] - arrival["gone"]
-        assert [getattr(gone, p) for p in PHASES[1:]] == [None] * 4
+        assert gone.timings.ingest == queued["gone"] - arrival["gone"]
+        assert [getattr(gone.timings, p) for p in PHASES[1:]] == [None] * 4
     finally:
         svc.ctx.destroy(linger=0)

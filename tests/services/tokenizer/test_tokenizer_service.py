@@ -22,6 +22,7 @@ from headrace.common.messages import (
     GenerateRequest,
     Heartbeat,
     RequestOutput,
+    RequestTimings,
     Shutdown,
     TextDelta,
     TokenizedRequest,
@@ -29,7 +30,9 @@ from headrace.common.messages import (
     TokenizeResponse,
     TopLogprobs,
 )
+from headrace.common.models.resolve import resolve_engine_config
 from headrace.common.sampling_params import SamplingParams
+from headrace.services.tokenizer.text_codec import TextCodec
 from headrace.services.tokenizer.tokenizer_service import TokenizerService, main
 
 TIMEOUT_S = 5.0
@@ -102,8 +105,7 @@ def plan(tmp_path):
 @pytest.fixture
 def make_service(plan, hf_tokenizer):
     def make(index: int = 0) -> TokenizerService:
-        return TokenizerService(index, hf_tokenizer, plan, eos_token_ids=[EOS], max_model_len=4096,
-                                heartbeat_interval_s=BEAT_S)
+        return TokenizerService(index, TextCodec(hf_tokenizer, max_model_len=4096), plan, heartbeat_interval_s=BEAT_S)
     return make
 
 
@@ -121,7 +123,7 @@ def peers(plan, make_service):
 
 
 def generate(peers, req_id: str, params: SamplingParams | None = None, api: int = 0, **prompt) -> TokenizedRequest:
-    peers.from_api(GenerateRequest(req_id, api, params or SamplingParams(max_tokens=64), **prompt), api)
+    peers.from_api(GenerateRequest(req_id, params or SamplingParams(max_tokens=64), **prompt), api)
     msg = peers.at_scheduler()
     assert isinstance(msg, TokenizedRequest) and msg.req_id == req_id
     return msg
@@ -146,7 +148,6 @@ def test_hello_then_heartbeats_on_every_socket(plan, make_service):
 def test_stream_reaches_the_api_as_text_deltas(peers, hf_tokenizer):
     req = generate(peers, "r1", prompt="Say hi:")
     assert req.prompt_token_ids == hf_tokenizer.encode("Say hi:")
-    assert req.tokenizer_index == 0 and req.eos_token_ids == [EOS]
 
     out_ids = hf_tokenizer.encode("héllo 世界 🎉", add_special_tokens=False) + [EOS]
     texts = []
@@ -178,7 +179,7 @@ def test_engine_errors_keep_their_status(peers, code, kind):
 def test_one_batch_per_step_per_api(peers, hf_tokenizer):
     for i in range(4):
         # api_index names the sender for its logs only: the socket a request came on routes its replies.
-        peers.from_api(GenerateRequest(f"r{i}", 0, SamplingParams(), prompt_token_ids=[1, 2, 3]), api=i % 2)
+        peers.from_api(GenerateRequest(f"r{i}", SamplingParams(), prompt_token_ids=[1, 2, 3]), api=i % 2)
         assert peers.at_scheduler().req_id == f"r{i}"
     ids = hf_tokenizer.encode(" ok", add_special_tokens=False)
     peers.from_scheduler(*[RequestOutput(f"r{i}", ids) for i in range(4)])
@@ -206,7 +207,9 @@ def test_stop_string_finishes_and_aborts_in_the_scheduler(peers, hf_tokenizer):
     assert peers.at_scheduler() == AbortRequest("s1")
 
 
-PHASES = ("ingest_time", "queue_time", "prefill_time", "decode_time", "inference_time")
+def phases(delta) -> list[float | None]:
+    t = delta.timings or RequestTimings()
+    return [t.ingest, t.queue, t.prefill, t.decode, t.inference]
 
 
 def test_request_phases_pass_through_and_a_stop_string_times_the_decode_here(peers, hf_tokenizer):
@@ -215,21 +218,21 @@ def test_request_phases_pass_through_and_a_stop_string_times_the_decode_here(pee
     generate(peers, "p1", SamplingParams(max_tokens=3), prompt="Count:")
     generate(peers, "p2", SamplingParams(stop=("END",)), prompt="Count:")
     one, two, end = (hf_tokenizer.encode(w, add_special_tokens=False) for w in (" one", " two", " END"))
-    first = {"ingest_time": 0.001, "queue_time": 0.002, "prefill_time": 0.25}
+    first = RequestTimings(ingest=0.001, queue=0.002, prefill=0.25)
     sent_first = time.time()
-    peers.from_scheduler(RequestOutput("p1", one, **first), RequestOutput("p2", one, **first))
-    assert [[getattr(d, p) for p in PHASES] for d in peers.deltas()] == [[0.001, 0.002, 0.25, None, None]] * 2
+    peers.from_scheduler(RequestOutput("p1", one, timings=first), RequestOutput("p2", one, timings=first))
+    assert [phases(d) for d in peers.deltas()] == [[0.001, 0.002, 0.25, None, None]] * 2
     peers.from_scheduler(RequestOutput("p1", two), RequestOutput("p2", two))
-    assert [[getattr(d, p) for p in PHASES] for d in peers.deltas()] == [[None] * 5] * 2
-    peers.from_scheduler(RequestOutput("p1", end, finished=True, finish_reason="length", ingest_time=0.001,
-                                       queue_time=0.002, decode_time=0.5, inference_time=0.75),
+    assert [phases(d) for d in peers.deltas()] == [[None] * 5] * 2
+    last = RequestTimings(ingest=0.001, queue=0.002, decode=0.5, inference=0.75)
+    peers.from_scheduler(RequestOutput("p1", end, finished=True, finish_reason="length", timings=last),
                          RequestOutput("p2", end))
     p1, p2 = peers.deltas()
     got_last = time.time()
-    assert p1.finished and [getattr(p1, p) for p in PHASES] == [0.001, 0.002, None, 0.5, 0.75]
-    assert p2.finished and p2.stop_reason == "END" and p2.prefill_time is None
-    assert 0 < p2.decode_time < got_last - sent_first  # from " one" arriving here to " END" arriving here
-    assert p2.inference_time == pytest.approx(0.25 + p2.decode_time)
+    assert p1.finished and phases(p1) == [0.001, 0.002, None, 0.5, 0.75]
+    assert p2.finished and p2.stop_reason == "END" and p2.timings.prefill is None
+    assert 0 < p2.timings.decode < got_last - sent_first  # from " one" arriving here to " END" arriving here
+    assert p2.timings.inference == pytest.approx(0.25 + p2.timings.decode)
     assert peers.at_scheduler() == AbortRequest("p2")
 
 
@@ -251,9 +254,9 @@ def test_malformed_bytes_and_bad_requests_fail_alone(peers):
     # Outputs only count from the scheduler, requests only from an api.
     api.send_multipart([peers.tok, codec.encode(BatchRequestOutput([RequestOutput("y", [1])]))])
     peers.scheduler.send_multipart([peers.tok, codec.encode(AbortRequest("w"))])
-    peers.from_api(GenerateRequest("bad1", 0, SamplingParams(), messages=[{"role": "wizard", "content": "x"}]))
-    peers.from_api(GenerateRequest("bad2", 0, SamplingParams(), prompt_token_ids=[1, 10**9]))
-    peers.from_api(GenerateRequest("bad3", 0, SamplingParams(max_tokens=4000), prompt="a " * 200))
+    peers.from_api(GenerateRequest("bad1", SamplingParams(), messages=[{"role": "wizard", "content": "x"}]))
+    peers.from_api(GenerateRequest("bad2", SamplingParams(), prompt_token_ids=[1, 10**9]))
+    peers.from_api(GenerateRequest("bad3", SamplingParams(max_tokens=4000), prompt="a " * 200))
     errors = [peers.deltas()[0] for _ in range(3)]
     assert [(e.req_id, e.finish_reason, e.error.param) for e in errors] == [
         ("bad1", "error", "messages.[0].role"), ("bad2", "error", "prompt"), ("bad3", "error", "max_tokens")]
@@ -301,13 +304,13 @@ def test_scheduler_errors_reach_the_api(peers):
 
 
 def test_tokenize_and_detokenize_answer_the_asking_api(peers, hf_tokenizer):
-    peers.from_api(TokenizeRequest("t1", 0, prompt="héllo", return_token_strs=True), api=1)
+    peers.from_api(TokenizeRequest("t1", prompt="héllo", return_token_strs=True), api=1)
     resp = peers.at_api(api=1)
     assert isinstance(resp, TokenizeResponse) and resp.token_ids == hf_tokenizer.encode("héllo")
     assert resp.token_strs == hf_tokenizer.convert_ids_to_tokens(resp.token_ids)
-    peers.from_api(DetokenizeRequest("d1", 1, resp.token_ids))
+    peers.from_api(DetokenizeRequest("d1", resp.token_ids))
     assert peers.at_api() == DetokenizeResponse("d1", hf_tokenizer.decode(resp.token_ids))
-    peers.from_api(DetokenizeRequest("d2", 0, [-1]))
+    peers.from_api(DetokenizeRequest("d2", [-1]))
     assert peers.at_api().error.param == "tokens"
 
 
@@ -322,10 +325,10 @@ def test_two_tokenizers_each_answer_their_own_requests(plan, make_service, hf_to
                 seen.add(p.hello(sock))
             assert seen == {s.identity for s in services}
         a, b = (s.identity for s in services)
-        p.from_api(GenerateRequest("ra", 0, SamplingParams(), prompt="alpha"), to=a)
-        p.from_api(GenerateRequest("rb", 0, SamplingParams(), prompt="beta"), to=b)
+        p.from_api(GenerateRequest("ra", SamplingParams(), prompt="alpha"), to=a)
+        p.from_api(GenerateRequest("rb", SamplingParams(), prompt="beta"), to=b)
         got = dict(p.receive(p.scheduler) for _ in range(2))
-        assert (got[a].req_id, got[a].tokenizer_index, got[b].req_id, got[b].tokenizer_index) == ("ra", 0, "rb", 1)
+        assert (got[a].req_id, got[b].req_id) == ("ra", "rb")
 
         word = hf_tokenizer.encode(" done", add_special_tokens=False)
         p.from_scheduler(RequestOutput("ra", word, finished=True, finish_reason="length"), to=a)
@@ -349,7 +352,8 @@ def test_a_dead_parent_ends_the_loop(plan, make_service):
 
 
 def test_main_entrypoint_runs_as_a_process(tmp_path, tokenizer_dir, hf_tokenizer):
-    config = EngineConfig(model=ModelConfig(tokenizer=tokenizer_dir), server=ServerConfig(ipc_dir=str(tmp_path)))
+    config = resolve_engine_config(EngineConfig(model=ModelConfig(tokenizer=tokenizer_dir),
+                                                server=ServerConfig(ipc_dir=str(tmp_path)), device="cpu"))
     p = Peers(address_plan(config.server))
     proc = multiprocessing.get_context("spawn").Process(target=main, args=(config.to_dict(), 0))
     proc.start()
@@ -359,10 +363,9 @@ def test_main_entrypoint_runs_as_a_process(tmp_path, tokenizer_dir, hf_tokenizer
             assert time.monotonic() < deadline and proc.is_alive(), "no hello from the tokenizer process"
         p.tok, hello = got
         assert hello.sender == "tokenizer" and p.tok.startswith(b"tok-")
-        p.from_api(GenerateRequest("m1", 0, SamplingParams(), prompt="from a process"))
+        p.from_api(GenerateRequest("m1", SamplingParams(), prompt="from a process"))
         msg = p.at_scheduler()
         assert msg.prompt_token_ids == hf_tokenizer.encode("from a process")
-        assert msg.eos_token_ids == [hf_tokenizer.eos_token_id]
         p.from_api(Shutdown("done"))
         proc.join(timeout=10)
         assert proc.exitcode == 0

@@ -22,6 +22,7 @@ from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionB
 from headrace.services.gpu_worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from headrace.services.gpu_worker.model_runner import ModelRunner  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits  # noqa: E402
+from tests.configs import resolved
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -125,7 +126,7 @@ def make_runner(backend: str) -> ModelRunner:
     cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", dtype="float32", max_model_len=256, seed=3),
                        cache=CacheConfig(num_blocks=64, block_size=8), attention_backend=backend,
                        device=DEVICE.type, enforce_eager=True)
-    return ModelRunner(cfg, log=lambda *_: None)
+    return ModelRunner(resolved(cfg), log=lambda *_: None)
 
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from headrace.services.gpu_worker.loader.model_loader import load_model
-from headrace.services.gpu_worker.loader.source import resolve_model
+from headrace.common.models.source import resolve_model
 
 
 def is_k_major(w: torch.Tensor) -> bool:

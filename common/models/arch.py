@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -32,8 +30,9 @@ class ModelArch:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
-    eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Tokens of full attention the model supports (None: every position); see `context_limit`.
+    sliding_window: int | None = None
 
     @property
     def q_size(self) -> int:
@@ -42,6 +41,14 @@ class ModelArch:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence served exactly: the attention kernels have no window yet, so a windowed
+        model is capped at its window (full attention inside it is what the model computes there)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
 
     def num_params(self) -> int:
         """Parameter count (embeddings included once when tied)."""
@@ -54,6 +61,15 @@ class ModelArch:
         return self.num_layers * layer + embed + h
 
 
+def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Tensor parallelism splits query heads evenly, and KV heads evenly or by replication."""
+    if num_heads % tp_size:
+        raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {num_heads} attention heads")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(f"--tensor-parallel-size {tp_size} must divide, or be a multiple of, the model's "
+                         f"{num_kv_heads} key/value heads")
+
+
 def arch_from_hf_config(hf_config) -> ModelArch:
     """Build a ModelArch from a `transformers.PretrainedConfig` (or anything with the same attributes)."""
     model_type = getattr(hf_config, "model_type", None)
@@ -62,8 +78,7 @@ def arch_from_hf_config(hf_config) -> ModelArch:
             f"model_type {model_type!r} is not supported; headrace serves {', '.join(SUPPORTED_MODEL_TYPES)}")
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-    eos = getattr(hf_config, "eos_token_id", None)
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    window = getattr(hf_config, "sliding_window", None)
     return ModelArch(
         model_type=model_type,
         hidden_size=hf_config.hidden_size,
@@ -79,32 +94,7 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         # Qwen2 always carries q/k/v biases; Llama-style configs say so with attention_bias.
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
         qk_norm=model_type == "qwen3",
-        eos_token_ids=eos_ids,
         bos_token_id=getattr(hf_config, "bos_token_id", None),
+        # Qwen2 configs carry a window they only use with use_sliding_window.
+        sliding_window=window if window and getattr(hf_config, "use_sliding_window", True) else None,
     )
-
-
-def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them (all rope types)."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
-        return inv_freq, 1.0
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-    return inv_freq, float(scaling)
-
-
-def rope_cos_sin_cache(hf_config, head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos in the first half, sin in the second (rotate-half layout)."""
-    inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
-    positions = torch.arange(max_positions, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]
-    cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-    return cache.to(device)

@@ -57,6 +57,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 1024, "sliding_window": None, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2,
     },
+    # Mistral v0.1's shape: every layer attends within a window (4,096 there, 256 here).
+    "tiny-mistral-v0.1": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 1024, "sliding_window": 256, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
     "tiny-qwen2": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

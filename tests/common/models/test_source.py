@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from headrace.services.gpu_worker.loader.source import ModelNotFoundError, resolve_model
-from headrace.services.gpu_worker.model.arch import UnsupportedModelError, arch_from_hf_config
+from headrace.common.models.source import ModelNotFoundError, resolve_model
+from headrace.common.models.arch import UnsupportedModelError, arch_from_hf_config
 
 
 def test_missing_path_names_what_was_looked_for(tmp_path):
@@ -41,4 +39,3 @@ def test_random_presets_resolve():
         assert arch.num_layers > 0
     arch = arch_from_hf_config(resolve_model("random:llama-3-8b").hf_config())
     assert 8.0e9 < arch.num_params() < 8.1e9  # Llama-3-8B has 8.03B parameters
-    assert json.dumps(arch.eos_token_ids)

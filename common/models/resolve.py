@@ -1,0 +1,55 @@
+"""Resolve an EngineConfig's model once: the files, the architecture, and the facts every process needs.
+
+The launcher calls `resolve_engine_config` before it starts any process (a service started on its own, as
+compose does, calls it in its CLI entry), so no service reads the model's files to learn a fact another
+service also needs, and a GGUF is converted before anyone waits for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from headrace.common.config import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    ConfigError,
+    EngineConfig,
+    ResolvedModel,
+    resolve_device,
+)
+from headrace.common.models.arch import arch_from_hf_config, check_tp_heads
+from headrace.common.models.source import ModelSource, eos_token_ids, resolve_model
+
+
+def resolve_engine_config(config: EngineConfig, log: Callable[[str], None] = print) -> EngineConfig:
+    """`config` with `resolved` filled in and the device-dependent defaults applied (parts already resolved
+    are kept). Raises ConfigError (or ModelNotFoundError) for a model that cannot be served as asked."""
+    resolved = config.resolved
+    if resolved is None:
+        resolved = resolve_source(resolve_model(config.model.model, config.model.tokenizer, log=log), config)
+    scheduler = config.scheduler
+    if scheduler.max_num_batched_tokens is None:
+        default = DEFAULT_MAX_NUM_BATCHED_TOKENS[resolve_device(config.device).split(":")[0]]
+        scheduler = dataclasses.replace(scheduler, max_num_batched_tokens=default)
+    return config.replace(resolved=resolved, scheduler=scheduler)
+
+
+def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
+    """The facts of an already located model, checked against what the config asks of it."""
+    hf_config = source.hf_config()
+    arch = arch_from_hf_config(hf_config)
+    check_tp_heads(arch.num_heads, arch.num_kv_heads, config.parallel.tensor_parallel_size)
+    limit = arch.context_limit
+    requested = config.model.max_model_len
+    if requested is not None and requested > limit:
+        raise ConfigError(f"--max-model-len {requested} exceeds the model's context length {limit}")
+    return ResolvedModel(
+        kind=source.kind,
+        name=config.model.served_model_name or source.name,
+        weights_dir=source.weights_dir,
+        tokenizer_dir=source.tokenizer_dir,
+        preset=source.preset,
+        max_model_len=requested or limit,
+        eos_token_ids=eos_token_ids(hf_config, source.weights_dir),
+        vocab_size=arch.vocab_size,
+    )

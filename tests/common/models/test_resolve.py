@@ -1,0 +1,77 @@
+"""Resolving a config's model once: the name it is served under, its context limit, its EOS ids, and the
+device's default token budget, all shipped inside the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headrace.common.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from headrace.common.models.resolve import resolve_engine_config
+
+
+def resolve(**flat) -> EngineConfig:
+    return resolve_engine_config(EngineConfig.from_flat(**{"device": "cpu", **flat}), log=lambda *_: None)
+
+
+def hf_folder(tmp_path, **config) -> str:
+    """A folder resolve_model accepts: a tiny Llama config.json, a generation_config.json, a weights file."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=2048, eos_token_id=2, **config).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    return str(tmp_path)
+
+
+def test_served_model_name():
+    assert resolve().resolved.name == "SmolLM2-135M-Instruct"
+    assert resolve(model="random:tiny-llama").resolved.name == "random:tiny-llama"
+    assert resolve(model="random:tiny-llama", served_model_name="llama").resolved.name == "llama"
+
+
+def test_a_folder_resolves_its_name_limit_and_eos_ids_from_config_and_generation_config(tmp_path):
+    folder = hf_folder(tmp_path)
+    resolved = resolve(model=folder).resolved
+    assert resolved.name == folder and resolved.weights_dir == folder and resolved.tokenizer_dir == folder
+    assert resolved.max_model_len == 2048 and resolved.vocab_size == 512
+    assert resolved.eos_token_ids == (2, 7) and json.dumps(resolved.eos_token_ids)
+
+
+def test_max_model_len_defaults_to_the_model_and_may_only_shrink_it():
+    assert resolve(model="random:tiny-llama").resolved.max_model_len == 1024
+    assert resolve(model="random:tiny-llama", max_model_len=100).resolved.max_model_len == 100
+    with pytest.raises(ConfigError, match="exceeds the model's context length 1024"):
+        resolve(model="random:tiny-llama", max_model_len=2000)
+
+
+def test_a_sliding_window_model_is_served_up_to_its_window_without_any_flag():
+    assert resolve(model="random:tiny-mistral-v0.1").resolved.max_model_len == 256
+    with pytest.raises(ConfigError, match="context length 256"):
+        resolve(model="random:tiny-mistral-v0.1", max_model_len=512)
+
+
+def test_tensor_parallel_size_must_split_the_heads():
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama"), parallel=ParallelConfig(tensor_parallel_size=3),
+                       device="cpu")
+    with pytest.raises(ValueError, match="4 attention heads"):
+        resolve_engine_config(cfg, log=lambda *_: None)
+
+
+def test_the_token_budget_defaults_by_device_and_an_explicit_one_is_kept():
+    assert resolve(model="random:tiny-llama").scheduler.max_num_batched_tokens == 2048
+    assert resolve(model="random:tiny-llama", max_num_batched_tokens=64).scheduler.max_num_batched_tokens == 64
+    with pytest.raises(ConfigError, match="resolve"):
+        SchedulerConfig().token_budget  # noqa: B018 - an unresolved budget is an error, not a silent default
+
+
+def test_resolution_happens_once_and_survives_the_trip_to_every_process():
+    config = resolve(model="random:tiny-llama")
+    assert resolve_engine_config(config) is not config and resolve_engine_config(config) == config
+    again = EngineConfig.from_dict(config.to_dict())
+    assert again == config and again.require_resolved().eos_token_ids == (2,)
+    with pytest.raises(ConfigError, match="not resolved"):
+        EngineConfig().require_resolved()
