@@ -8,13 +8,12 @@ StepPlan / StepResult messages over ZeroMQ instead of calling each other.
 from __future__ import annotations
 
 import random
-from collections import deque
 
 from headrace.common.config import EngineConfig
 from headrace.common.messages import RequestOutput, StepPlan
 from headrace.common.models.resolve import resolve_engine_config
 from headrace.common.sampling_params import SamplingParams
-from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
+from headrace.services.gpu_worker.model_runner import ModelRunner
 from headrace.services.scheduler.request import Request
 from headrace.services.scheduler.scheduler import Scheduler
 
@@ -30,9 +29,8 @@ class LLMEngine:
         self.eos_token_ids = model.eos_token_ids
         self.max_model_len = model.max_model_len
         self._seeds = random.Random(config.model.seed)
-        # Launched steps not yet applied to the scheduler, oldest first. With async scheduling step t+1 is
-        # planned and launched before step t's tokens are read back, as the served pipeline does.
-        self._inflight: deque[tuple[StepPlan, InflightStep]] = deque()
+        # How many steps to keep launched on the runner. With async scheduling step t+1 is planned and
+        # launched before step t's tokens are read back, as the served pipeline does.
         self._depth = 2 if config.scheduler.async_scheduling else 1
         # The plan whose result the last step() applied (None if it applied none): what that step computed,
         # for benchmarks that break their time down by step composition. Steps the engine finishes only
@@ -59,29 +57,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Keep up to `depth` steps launched, then wait for the oldest and apply its tokens."""
-        while len(self._inflight) < self._depth and self.scheduler.has_unfinished_requests():
+        while self.runner.num_in_flight < self._depth and self.scheduler.has_unfinished_requests():
             plan = self.scheduler.schedule()
-            launched = self.runner.launch(plan)
-            self._inflight.append((plan, launched))
+            self.runner.launch(plan)
             if plan.is_empty:  # nothing runnable until a token in flight arrives
                 break
-        if not self._inflight:
+        if not self.runner.num_in_flight:
             self.last_plan = None
             return []
-        self.last_plan = self._inflight[0][0]
-        outputs = self._finish_oldest()
+        self.last_plan, outputs = self._finish_oldest()
         self._drain_if_idle()
         return outputs
 
-    def _finish_oldest(self) -> list[RequestOutput]:
-        plan, launched = self._inflight.popleft()
-        result = self.runner.finish(launched)
-        return [] if plan.is_empty else self.scheduler.update_from_output(plan, result)
+    def _finish_oldest(self) -> tuple[StepPlan, list[RequestOutput]]:
+        """The oldest launched step's plan, and its tokens applied to the scheduler."""
+        plan, result = self.runner.finish_oldest()
+        return plan, ([] if plan.is_empty else self.scheduler.update_from_output(plan, result))
 
     def _drain_if_idle(self) -> None:
         """Once every request has ended, what is still in flight belongs to none of them (aborted requests,
         an empty plan): finish it, so an idle engine leaves its runner with nothing launched."""
         if self.scheduler.has_unfinished_requests():
             return
-        while self._inflight:
+        while self.runner.num_in_flight:
             self._finish_oldest()

@@ -372,7 +372,7 @@ def _fake_engine(api_inbox: str, scheduler: str) -> None:
                     return
                 transport.dealer_send(tokenizer, Heartbeat("tokenizer", 0, time.time()))
                 for api in apis:
-                    transport.router_send(sched, api, EngineStats(timestamp=time.time()))
+                    transport.router_send(sched, api, EngineStats())
                 next_beat = now + transport.ENGINE_STATS_INTERVAL_S
             for sock, _ in poller.poll(math.ceil(max(0.0, next_beat - time.monotonic()) * 1000)):
                 if sock is sched:

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup = load_requests(args, tokenizer, args.num_warmup_prompts, args.seed + 1)
         run_requests(engine, warmup, "warmup", max_tokens_cap=8)
     preempt0 = engine.scheduler.num_preemptions
-    replays0 = runner.graphs.num_replays if runner.graphs is not None else 0
+    replays0 = runner.decode_graphs.num_replays if runner.decode_graphs is not None else 0
     elapsed, output_tokens, steps, step_mix = run_requests(engine, requests, "requests",
                                                            progress=not args.disable_tqdm)
     input_tokens = sum(r.prompt_len for r in requests)
@@ -212,14 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_of_decode_roofline": output_tokens / elapsed / decode_bound,
         "decode_roofline_batch": batch, "mean_decode_context": mean_context,
         "engine_steps": steps,
-        "graph_replays": (runner.graphs.num_replays - replays0) if runner.graphs is not None else 0,
+        "graph_replays": (runner.decode_graphs.num_replays - replays0) if runner.decode_graphs is not None else 0,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "step_mix": step_mix,
     }
     summary = {
         "benchmark": "throughput", "model": config.model.model or "embedded",
         "dtype": str(runner.dtype).removeprefix("torch."),
-        "device": rates.device, "attention_backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
+        "device": rates.device, "attention_backend": runner.backend.name, "cuda_graphs": runner.decode_graphs is not None,
         "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
         "dataset": args.dataset_name, "num_requests": len(requests), "input_tokens": input_tokens,
         "output_tokens": output_tokens, "requested_output_tokens": sum(r.output_len for r in requests),

@@ -21,6 +21,7 @@ import torch
 
 from headrace.common.config import EngineConfig
 from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner, capture_graph, disabled_reason
 from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 
 MAX_GRAPH_BATCH = 512
@@ -39,19 +40,7 @@ def padded_size(sizes: list[int], n: int) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-def disabled_reason(config: EngineConfig, device: torch.device, backend: AttentionBackend,
-                    tp_size: int) -> str | None:
-    """Why decode graphs are off for this worker, or None when they are on."""
-    if config.enforce_eager:
-        return "--enforce-eager"
-    if device.type != "cuda":
-        return f"device {device.type}"
-    if not getattr(backend, "supports_cuda_graphs", False):
-        return f"the {backend.name} attention backend syncs with the host"
-    return None
-
-
-class DecodeGraphs:
+class DecodeGraphs(GraphRunner):
     """Static decode inputs for up to max(sizes) sequences and, once captured, one graph per size."""
 
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_caches: list[KVCache],
@@ -72,8 +61,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
 
-    def accepts(self, attn: AttentionMetadata) -> bool:
+    def accepts(self, batch: ForwardInputs) -> bool:
         """A decode-only step small enough for the largest captured size."""
+        attn = batch.attn
         return attn.num_decodes == attn.num_seqs and attn.num_seqs <= self.sizes[-1]
 
     def metadata(self, bs: int) -> AttentionMetadata:
@@ -89,13 +79,14 @@ class DecodeGraphs:
         self.hidden[:bs].copy_(self.model(self.input_ids[:bs], self.positions[:bs], ctx))
         return self.hidden[:bs]
 
-    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> int:
+    def stage(self, batch: ForwardInputs) -> int:
         """Copy a decode step into the static rows, pad up to its captured size; returns that size."""
+        attn = batch.attn
         n = attn.num_seqs
         bs = padded_size(self.sizes, n)
-        assert bs is not None and self.accepts(attn)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
+        assert bs is not None and self.accepts(batch)
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(attn.slot_mapping)
         self.slot_mapping[n:bs].fill_(-1)
         self.seq_lens[:n].copy_(attn.seq_lens)
@@ -106,13 +97,13 @@ class DecodeGraphs:
         self.block_tables[:n, :width].copy_(attn.block_tables[:, :width])
         return bs
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+    def run(self, batch: ForwardInputs) -> torch.Tensor:
         """Replay the step's graph; returns the hidden states of its n real rows (a view of the static
         buffer, valid until the next replay)."""
-        bs = self.stage(input_ids, positions, attn)
+        bs = self.stage(batch)
         self.graphs[bs].replay()
         self.num_replays += 1
-        return self.hidden[: attn.num_seqs]
+        return self.hidden[: batch.attn.num_seqs]
 
     @torch.no_grad()
     def capture(self, tp_size: int = 1) -> None:
@@ -120,18 +111,6 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool memory
             self.graphs[bs] = capture_graph(lambda: self.forward_static(bs), pool, tp_size, self.hidden.device)
         torch.cuda.synchronize(self.hidden.device)
-
-
-def capture_graph(fn, pool, tp_size: int, device: torch.device) -> torch.cuda.CUDAGraph:
-    """fn() run once eagerly (Triton compiles, cuBLAS picks its kernels), then captured into `pool`."""
-    fn()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # With NCCL in the graph, "thread_local" lets the process group's watchdog thread keep polling its
-    # events while this thread captures (the default mode would fail the capture on its calls).
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local" if tp_size > 1 else "global"):
-        fn()
-    return graph
 
 
 def maybe_capture_decode_graphs(config: EngineConfig, model: LlamaForCausalLM, backend: AttentionBackend,

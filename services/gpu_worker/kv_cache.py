@@ -6,11 +6,11 @@ request's block table maps its logical blocks to physical ones, so no request ow
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from headrace.services.gpu_worker.attention.base import KVCache
-
-CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -22,3 +22,22 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
                        dtype: torch.dtype, device: torch.device) -> list[KVCache]:
     storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
     return [(storage[i, 0], storage[i, 1]) for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Everything about one worker's KV cache but its number of blocks."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int  # this rank's share under tensor parallelism
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]:
+        return allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
+                                  self.dtype, device)

@@ -32,7 +32,7 @@ import torch
 
 from headrace.common.config import EngineConfig
 from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from headrace.services.gpu_worker.cuda_graphs import capture_graph, disabled_reason
+from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner, capture_graph, disabled_reason
 from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 
 # Padding is nearly free while a step's GEMMs are bound by reading the weights (a few hundred tokens on
@@ -48,11 +48,11 @@ def capture_token_sizes(max_tokens: int, max_num_batched_tokens: int) -> list[in
     return [s for s in _TOKEN_LADDER if s < limit] + [limit]
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(GraphRunner):
     """Static buffers for up to max(sizes) tokens and, per size, the L + 1 pieces of the forward.
 
-    With capture=False the pieces are plain calls of the same functions on the same buffers: the CPU
-    tests check the cut, the buffers and the padding that way, without a GPU."""
+    Built by `build_uncaptured` the pieces are plain calls of the same functions on the same buffers: the
+    CPU tests check the cut, the buffers and the padding that way, without a GPU."""
 
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, kv_caches: list[KVCache],
                  cos_sin_cache: torch.Tensor, sizes: list[int]):
@@ -73,8 +73,9 @@ class PiecewiseGraphs:
         self.pieces: dict[int, list[Callable[[], None]]] = {}
         self.num_replays = 0
 
-    def accepts(self, num_tokens: int) -> bool:
-        return num_tokens <= self.sizes[-1]
+    def accepts(self, batch: ForwardInputs) -> bool:
+        """Any step of up to the largest captured token count."""
+        return batch.input_ids.shape[0] <= self.sizes[-1]
 
     # ------------------------------------------------------------------ the pieces
 
@@ -114,16 +115,18 @@ class PiecewiseGraphs:
 
     # ------------------------------------------------------------------ running a step
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+    def run(self, batch: ForwardInputs) -> torch.Tensor:
         """The model over one step's n tokens; returns their hidden states (a view of the static buffer,
         valid until the next run)."""
-        n = input_ids.shape[0]
+        attn = batch.attn
+        n = batch.input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
         self.positions[n:size].zero_()
         self.slot_mapping[:n].copy_(attn.slot_mapping)
         self.slot_mapping[n:size].fill_(-1)
+        self.backend.prepare(attn)  # the pieces bypass the model's forward, which would do it
         ctx = ForwardContext(attn, self.kv_caches, self.backend, self.cos_sin_cache)
         pieces = self.pieces[size]
         for i, layer in enumerate(self.model.layers):

@@ -120,73 +120,118 @@ def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor
 
 
 def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingInputs:
-    V = vocab_size
-    n = len(rows)
-    # One pass over the rows collecting plain Python lists; tensors are made once at the end.
-    temp, min_p, pres, freq = ([0.0] * n for _ in range(4))
-    top_p, rep = [1.0] * n, [1.0] * n
-    seeds, steps, top_k, greedy = [0] * n, [0] * n, [V] * n, [False] * n
-    max_top_k = 0
-    prompts: list[list[int]] = [[] for _ in range(n)]
-    outputs: list[list[int]] = [[] for _ in range(n)]
-    blk_rows: list[int] = []
-    blk_toks: list[int] = []
-    num_logprobs: list[int | None] = [None] * n
-    any_top_p = any_min_p = any_pen = any_rep = False
-    for i, r in enumerate(rows):
-        p = r.params
-        num_out = r.num_output_tokens
-        g = p.temperature < _GREEDY_EPS
-        greedy[i] = g
-        temp[i] = 1.0 if g else p.temperature
-        seeds[i] = _i64(r.seed)
-        steps[i] = num_out
-        if not g:  # sampling filters only matter for random rows
-            if 0 < p.top_k < V:
-                top_k[i] = p.top_k
-                max_top_k = max(max_top_k, p.top_k)
-            top_p[i] = p.top_p
-            any_top_p |= p.top_p < 1.0
-            min_p[i] = p.min_p
-            any_min_p |= p.min_p > 0.0
-        pres[i], freq[i], rep[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-        if p.has_penalties:
-            any_pen = True
-            outputs[i] = r.output_token_ids  # rows without penalties stay empty (all padding): a small tensor
-            if p.repetition_penalty != 1.0:
-                any_rep = True
-                prompts[i] = r.prompt_token_ids
-        if num_out < p.min_tokens:
-            block = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + r.eos_token_ids
-            for t in set(block):
-                if t < V:
-                    blk_rows.append(i)
-                    blk_toks.append(t)
-        num_logprobs[i] = p.logprobs
+    """One pass over the rows collecting plain Python lists, then the tensors some row needs, made once."""
+    columns = _Columns.empty(len(rows), vocab_size)
+    for i, row in enumerate(rows):
+        columns.add(i, row)
+    return columns.to_inputs(device)
 
-    all_greedy = all(greedy)
-    mixed = not all_greedy and any(greedy)
-    asked = [k for k in num_logprobs if k is not None]
-    return SamplingInputs(
-        vocab_size=V,
-        all_greedy=all_greedy,
-        is_greedy=to_device(greedy, torch.bool, device) if mixed else None,
-        temperature=None if all_greedy else to_device(temp, torch.float32, device),
-        seeds=None if all_greedy else to_device(seeds, torch.int64, device),
-        steps=None if all_greedy else to_device(steps, torch.int64, device),
-        min_p=to_device(min_p, torch.float32, device) if any_min_p else None,
-        top_k=to_device(top_k, torch.int64, device) if max_top_k else None,
-        max_top_k=max_top_k,
-        top_p=to_device(top_p, torch.float32, device) if any_top_p else None,
-        presence_penalty=to_device(pres, torch.float32, device) if any_pen else None,
-        frequency_penalty=to_device(freq, torch.float32, device) if any_pen else None,
-        repetition_penalty=to_device(rep, torch.float32, device) if any_pen else None,
-        prompt_token_ids=_pad(prompts, V, device) if any_rep else None,
-        output_token_ids=_pad(outputs, V, device) if any_pen else None,
-        blocked=to_device([blk_rows, blk_toks], torch.int64, device) if blk_rows else None,
-        num_logprobs=num_logprobs,
-        max_num_logprobs=max(asked) if asked else None,
-    )
+
+@dataclass
+class _Columns:
+    """build_sampling_inputs' per-row values on the host, one list entry per row, and which options any row
+    uses (the tensors of unused options are never made)."""
+
+    vocab_size: int
+    greedy: list[bool]
+    temperature: list[float]
+    seeds: list[int]
+    steps: list[int]
+    top_k: list[int]  # vocab_size where disabled
+    top_p: list[float]
+    min_p: list[float]
+    presence: list[float]
+    frequency: list[float]
+    repetition: list[float]
+    prompts: list[list[int]]  # only rows with a repetition penalty fill theirs
+    outputs: list[list[int]]  # only rows with penalties fill theirs
+    blocked_rows: list[int]
+    blocked_tokens: list[int]
+    num_logprobs: list[int | None]
+    max_top_k: int = 0
+    any_top_p: bool = False
+    any_min_p: bool = False
+    any_penalty: bool = False
+    any_repetition: bool = False
+
+    @classmethod
+    def empty(cls, n: int, vocab_size: int) -> _Columns:
+        return cls(vocab_size=vocab_size, greedy=[False] * n, temperature=[0.0] * n, seeds=[0] * n, steps=[0] * n,
+                   top_k=[vocab_size] * n, top_p=[1.0] * n, min_p=[0.0] * n, presence=[0.0] * n,
+                   frequency=[0.0] * n, repetition=[1.0] * n, prompts=[[] for _ in range(n)],
+                   outputs=[[] for _ in range(n)], blocked_rows=[], blocked_tokens=[], num_logprobs=[None] * n)
+
+    def add(self, i: int, row: SamplingRow) -> None:
+        p = row.params
+        num_out = row.num_output_tokens
+        greedy = p.temperature < _GREEDY_EPS
+        self.greedy[i] = greedy
+        self.temperature[i] = 1.0 if greedy else p.temperature
+        self.seeds[i] = _i64(row.seed)
+        self.steps[i] = num_out
+        if not greedy:  # sampling filters only matter for random rows
+            self._add_filters(i, p)
+        self._add_penalties(i, row)
+        if num_out < p.min_tokens:
+            self._block_stop_tokens(i, row)
+        self.num_logprobs[i] = p.logprobs
+
+    def _add_filters(self, i: int, p: SamplingParams) -> None:
+        if 0 < p.top_k < self.vocab_size:
+            self.top_k[i] = p.top_k
+            self.max_top_k = max(self.max_top_k, p.top_k)
+        self.top_p[i] = p.top_p
+        self.any_top_p |= p.top_p < 1.0
+        self.min_p[i] = p.min_p
+        self.any_min_p |= p.min_p > 0.0
+
+    def _add_penalties(self, i: int, row: SamplingRow) -> None:
+        p = row.params
+        self.presence[i], self.frequency[i], self.repetition[i] = (p.presence_penalty, p.frequency_penalty,
+                                                                   p.repetition_penalty)
+        if p.has_penalties:
+            self.any_penalty = True
+            self.outputs[i] = row.output_token_ids  # rows without penalties stay empty (all padding): a small tensor
+            if p.repetition_penalty != 1.0:
+                self.any_repetition = True
+                self.prompts[i] = row.prompt_token_ids
+
+    def _block_stop_tokens(self, i: int, row: SamplingRow) -> None:
+        """min_tokens not reached: the row's stop tokens (and EOS unless ignored) are masked."""
+        p = row.params
+        block = p.stop_token_ids if p.ignore_eos else p.stop_token_ids + row.eos_token_ids
+        for t in set(block):
+            if t < self.vocab_size:
+                self.blocked_rows.append(i)
+                self.blocked_tokens.append(t)
+
+    def to_inputs(self, device: torch.device) -> SamplingInputs:
+        V = self.vocab_size
+        all_greedy = all(self.greedy)
+        mixed = not all_greedy and any(self.greedy)
+        asked = [k for k in self.num_logprobs if k is not None]
+        pen = self.any_penalty
+        return SamplingInputs(
+            vocab_size=V,
+            all_greedy=all_greedy,
+            is_greedy=to_device(self.greedy, torch.bool, device) if mixed else None,
+            temperature=None if all_greedy else to_device(self.temperature, torch.float32, device),
+            seeds=None if all_greedy else to_device(self.seeds, torch.int64, device),
+            steps=None if all_greedy else to_device(self.steps, torch.int64, device),
+            min_p=to_device(self.min_p, torch.float32, device) if self.any_min_p else None,
+            top_k=to_device(self.top_k, torch.int64, device) if self.max_top_k else None,
+            max_top_k=self.max_top_k,
+            top_p=to_device(self.top_p, torch.float32, device) if self.any_top_p else None,
+            presence_penalty=to_device(self.presence, torch.float32, device) if pen else None,
+            frequency_penalty=to_device(self.frequency, torch.float32, device) if pen else None,
+            repetition_penalty=to_device(self.repetition, torch.float32, device) if pen else None,
+            prompt_token_ids=_pad(self.prompts, V, device) if self.any_repetition else None,
+            output_token_ids=_pad(self.outputs, V, device) if pen else None,
+            blocked=to_device([self.blocked_rows, self.blocked_tokens], torch.int64, device)
+            if self.blocked_rows else None,
+            num_logprobs=self.num_logprobs,
+            max_num_logprobs=max(asked) if asked else None,
+        )
 
 
 # --------------------------------------------------------------------------- counter-based noise

@@ -11,19 +11,18 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 import zmq
 
-from headrace.common import codec, transport
+from headrace.common import transport
 from headrace.common.addresses import address_plan
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
 from headrace.common.process import freeze_startup_heap
-from headrace.services.gpu_worker.model_runner import InflightStep, ModelRunner
+from headrace.services.gpu_worker.model_runner import ModelRunner
 from headrace.services.gpu_worker.parallel import TPGroup
 
 log = logging.getLogger("headrace.worker")
@@ -107,14 +106,13 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
     """Launch each plan as soon as it arrives, before waiting for the step already on the device: the
     scheduler sends step t+1 while step t runs (async scheduling), so the host prepares t+1 while the GPU
     computes t, and the GPU finds t+1 queued when t ends. A finished step's result goes out at once."""
-    launched: deque[tuple[StepPlan, InflightStep]] = deque()  # oldest first
     while True:
-        msg = _next_message(plans, launched, parent)
+        msg = _next_message(plans, runner, parent)
         if msg is _PARENT_GONE:
             log.error("parent process died; exiting")
             return
         if msg is None:  # the oldest step is done: hand its result back
-            _finish_oldest(runner, launched, results, rank, ready)
+            _finish_oldest(runner, results, rank, ready)
             continue
         if isinstance(msg, Shutdown):
             log.info("shutdown: %s", msg.reason)
@@ -122,12 +120,12 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
         if not isinstance(msg, StepPlan):
             continue
         try:
-            launched.append((msg, runner.launch(msg)))
+            runner.launch(msg)
         except Exception as e:  # noqa: BLE001 - report, reset, and keep serving
-            _fail(runner, msg.step_id, e, launched, results, rank, ready)
+            _fail(runner, msg.step_id, e, results, rank, ready)
             continue
-        while len(launched) > 1:  # the new step is queued behind these: wait for them now
-            if not _finish_oldest(runner, launched, results, rank, ready):
+        while runner.num_in_flight > 1:  # the new step is queued behind these: wait for them now
+            if not _finish_oldest(runner, results, rank, ready):
                 break
 
 
@@ -135,12 +133,12 @@ _PARENT_GONE = object()
 _SPIN_S = 50e-6
 
 
-def _next_message(plans: zmq.Socket, launched: deque[tuple[StepPlan, InflightStep]], parent: int):
+def _next_message(plans: zmq.Socket, runner: ModelRunner, parent: int):
     """The next decoded message, None once the oldest launched step is done, or _PARENT_GONE. While a step
     runs on the device, both are watched with a short spin."""
     while True:
-        if launched:
-            if launched[0][1].done():  # a finished step's tokens go out first (on CPU every step is done here)
+        if runner.num_in_flight:
+            if runner.oldest_done():  # a finished step's tokens go out first (on CPU every step is done here)
                 return None
             if plans.poll(0):
                 got = _recv(plans)
@@ -160,35 +158,32 @@ def _next_message(plans: zmq.Socket, launched: deque[tuple[StepPlan, InflightSte
 
 def _recv(plans: zmq.Socket):
     try:
-        return codec.decode(plans.recv())
+        return transport.recv_nowait(plans)
     except MessageDecodeError as e:
         log.warning("dropped a malformed plan: %s", e)
         return None
 
 
-def _finish_oldest(runner: ModelRunner, launched: deque[tuple[StepPlan, InflightStep]], results: zmq.Socket,
-                   rank: int, ready: WorkerReady) -> bool:
-    plan, step = launched.popleft()
+def _finish_oldest(runner: ModelRunner, results: zmq.Socket, rank: int, ready: WorkerReady) -> bool:
+    step_id = runner.oldest_plan.step_id  # named in the error report if finishing fails
     try:
-        result = runner.finish(step)
+        plan, result = runner.finish_oldest()
     except Exception as e:  # noqa: BLE001
-        _fail(runner, plan.step_id, e, launched, results, rank, ready)
+        _fail(runner, step_id, e, results, rank, ready)
         return False
     if rank == 0 and not plan.is_empty:
-        results.send(codec.encode(result))
+        transport.send(results, result)
     if result.execute_time > SLOW_STEP_S:
         log.warning("step %d took %.2fs: %d tokens, %d requests", plan.step_id, result.execute_time,
                     plan.total_num_scheduled_tokens, len(plan.num_scheduled_tokens))
     return True
 
 
-def _fail(runner: ModelRunner, step_id: int, error: Exception, launched: deque, results: zmq.Socket, rank: int,
+def _fail(runner: ModelRunner, step_id: int, error: Exception, results: zmq.Socket, rank: int,
           ready: WorkerReady) -> None:
     """A step failed: drop every step in flight and all request state, tell the scheduler, start over."""
     log.error("step %d failed", step_id, exc_info=error)
-    launched.clear()
-    runner.abandon()
-    runner.requests.clear()
+    runner.reset()
     if rank == 0:
-        results.send(codec.encode(WorkerError(step_id, f"{type(error).__name__}: {error}")))
-    results.send(codec.encode(ready))  # the scheduler starts over with a clean slate
+        transport.send(results, WorkerError(step_id, f"{type(error).__name__}: {error}"))
+    transport.send(results, ready)  # the scheduler starts over with a clean slate

@@ -7,14 +7,14 @@ import torch
 from headrace.services.gpu_worker.attention.base import AttentionBackend
 
 
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """'auto' picks triton on CUDA and torch elsewhere."""
+def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
+    """The backend for KV caches of `block_size`-token blocks; 'auto' picks triton on CUDA and torch elsewhere."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and _triton_backend_available() else "torch"
     if name == "torch":
         from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend
 
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(block_size)
     if name == "triton":
         from headrace.services.gpu_worker.attention.triton_backend import TritonAttentionBackend
 

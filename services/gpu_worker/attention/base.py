@@ -49,9 +49,17 @@ class AttentionMetadata:
 class AttentionBackend(ABC):
     """Applies RoPE to q/k, writes k/v into the paged cache and computes causal attention, in two parts:
     `write_cache` depends on the number of tokens alone (so CUDA graphs can capture it between the GEMMs),
-    `attend` reads the step's batch structure (sequence lengths, block tables)."""
+    `attend` reads the step's batch structure (sequence lengths, block tables). Once per step, before the
+    first layer, `prepare` receives the step's metadata."""
 
     name: str
+    # Whether a decode step's attention can be captured in a CUDA graph: no host syncs or host loops, launch
+    # parameters from tensor shapes only, and nothing in `prepare` (a replayed graph does not call it).
+    supports_cuda_graphs: bool
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Per-step work every layer would otherwise repeat, done once before the first layer of the step's
+        forward; `attend` then reads this step's metadata only. Default: nothing to do."""
 
     @abstractmethod
     def write_cache(
@@ -80,7 +88,8 @@ class AttentionBackend(ABC):
 
     def forward(self, q, k, v, positions, cos_sin_cache, kv_cache: KVCache, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        """Both parts: RoPE + cache write, then attention over the cache."""
+        """A one-layer step: prepare, RoPE + cache write, then attention over the cache."""
+        self.prepare(meta)
         q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
         return self.attend(q, k, v, kv_cache, meta, scale)
 

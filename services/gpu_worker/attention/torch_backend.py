@@ -107,11 +107,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_cuda_graphs = False  # loops over prefill sequences on the host
 
-    def __init__(self) -> None:
-        # The step's gathers and masks, the same for every layer: built on the first layer's call and kept
-        # while the step's metadata object stays the same (the runner builds one per step, never mutated).
-        self._step: tuple[AttentionMetadata, tuple] | None = None
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size  # of the KV caches it attends over
+        # The step's gathers and masks, the same for every layer: built once per step by `prepare`.
+        self._meta: AttentionMetadata | None = None
+        self._plan: tuple[_Gather | None, list[tuple[int, int, _Gather]]] | None = None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        self._meta, self._plan = meta, plan_step(meta, self.block_size)
 
     def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
         q, k = apply_rope_qk(q, k, positions, cos_sin_cache)
@@ -119,9 +124,9 @@ class TorchAttentionBackend(AttentionBackend):
         return q, k
 
     def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
-        if self._step is None or self._step[0] is not meta:
-            self._step = (meta, plan_step(meta, kv_cache[0].shape[1]))
-        decode, prefills = self._step[1]
+        assert self._meta is meta, "prepare(meta) comes once per step, before the first layer"
+        assert kv_cache[0].shape[1] == self.block_size, "a KV cache of another block size"
+        decode, prefills = self._plan
         out = torch.empty_like(q)
         if decode is not None:
             kd, vd = gather_kv(kv_cache, decode)

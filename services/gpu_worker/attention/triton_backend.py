@@ -20,7 +20,7 @@ from headrace.services.gpu_worker.attention.base import AttentionBackend, Attent
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    # Read by services.gpu_worker.cuda_graphs: this backend's decode path has no host syncs or host loops.
+    # The decode path has no host syncs or host loops, and there is nothing to prepare per step.
     supports_cuda_graphs = True
 
     def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):

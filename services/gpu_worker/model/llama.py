@@ -136,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ctx.backend.prepare(ctx.attn)
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:

@@ -15,12 +15,9 @@ from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, Sched
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
 from headrace.common.sampling_params import SamplingParams  # noqa: E402
 from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from headrace.services.gpu_worker.cuda_graphs import (  # noqa: E402
-    DecodeGraphs,
-    capture_sizes,
-    disabled_reason,
-    padded_size,
-)
+from headrace.services.gpu_worker.batch_inputs import prepare_batch  # noqa: E402
+from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, capture_sizes, padded_size  # noqa: E402
+from headrace.services.gpu_worker.graph_runner import disabled_reason  # noqa: E402
 from headrace.services.gpu_worker.model.llama import ForwardContext  # noqa: E402
 from headrace.services.gpu_worker.model_runner import ModelRunner  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
@@ -51,7 +48,7 @@ def test_disabled_reasons():
     assert disabled_reason(on, cuda, triton, 1) is None
     assert disabled_reason(EngineConfig(enforce_eager=True), cuda, triton, 1) == "--enforce-eager"
     assert disabled_reason(on, cpu, triton, 1) == "device cpu"
-    assert "torch" in disabled_reason(on, cuda, TorchAttentionBackend(), 1)
+    assert "torch" in disabled_reason(on, cuda, TorchAttentionBackend(block_size=16), 1)
     assert disabled_reason(on, cuda, triton, 2) is None  # NCCL all-reduces are captured with the layers
 
 
@@ -86,7 +83,7 @@ def prefill_then_decode_batch(runner: ModelRunner, prompt_lens: list[int]):
     decode = StepPlan(step_id=1, cached_requests=[CachedRequestData(f"r{i}", [], n) for i, n in enumerate(prompt_lens)],
                       num_scheduled_tokens={f"r{i}": 1 for i in range(len(prompt_lens))})
     runner._apply_plan(decode)
-    return runner._prepare(decode.num_scheduled_tokens)
+    return prepare_batch(runner.requests, decode.num_scheduled_tokens, runner.block_size, runner.device)
 
 
 def make_graphs(runner: ModelRunner, sizes: list[int]) -> DecodeGraphs:
@@ -98,13 +95,13 @@ def test_accepts_only_decode_steps_that_fit():
     runner = make_runner(enforce_eager=True)
     plan = add_requests(runner, [5, 13, 9])
     runner._apply_plan(plan)
-    prefill = runner._prepare(plan.num_scheduled_tokens)
+    prefill = prepare_batch(runner.requests, plan.num_scheduled_tokens, runner.block_size, runner.device)
     for i, n in enumerate([5, 13, 9]):
         runner.requests[f"r{i}"].num_computed_tokens = n - 1  # as if the prompt's last token were next
-    decode = runner._prepare({f"r{i}": 1 for i in range(3)})
-    assert not make_graphs(runner, [1, 2, 4]).accepts(prefill.attn)
-    assert make_graphs(runner, [1, 2, 4]).accepts(decode.attn)
-    assert not make_graphs(runner, [1, 2]).accepts(decode.attn)
+    decode = prepare_batch(runner.requests, {f"r{i}": 1 for i in range(3)}, runner.block_size, runner.device)
+    assert not make_graphs(runner, [1, 2, 4]).accepts(prefill)
+    assert make_graphs(runner, [1, 2, 4]).accepts(decode)
+    assert not make_graphs(runner, [1, 2]).accepts(decode)
 
 
 def test_padded_static_forward_equals_eager():
@@ -121,7 +118,7 @@ def test_padded_static_forward_equals_eager():
     graphs.slot_mapping.fill_(3)
     graphs.seq_lens.fill_(40)
     graphs.block_tables.random_(0, runner.num_blocks)
-    bs = graphs.stage(batch.input_ids, batch.positions, batch.attn)
+    bs = graphs.stage(batch)
     assert bs == 4
     assert graphs.slot_mapping[3].item() == -1 and graphs.seq_lens[3].item() == 0
     hidden = graphs.forward_static(bs)
@@ -139,20 +136,20 @@ def test_padded_static_forward_equals_eager():
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 def test_graph_replay_matches_eager():
     graphed, eager = make_runner(enforce_eager=False), make_runner(enforce_eager=True)
-    assert graphed.graphs is not None and eager.graphs is None
-    assert sorted(graphed.graphs.graphs) == [1, 2, 4, 8]
+    assert graphed.decode_graphs is not None and eager.decode_graphs is None
+    assert sorted(graphed.decode_graphs.graphs) == [1, 2, 4, 8]
     # The same decode batch (3 rows, replayed at 4) both ways.
     batch = prefill_then_decode_batch(graphed, [5, 13, 9])
     ctx = ForwardContext(batch.attn, graphed.kv_caches, graphed.backend, graphed.cos_sin_cache)
     want = graphed.model.compute_logits(graphed.model(batch.input_ids, batch.positions, ctx))
-    got = graphed.model.compute_logits(graphed.graphs.run(batch.input_ids, batch.positions, batch.attn))
+    got = graphed.model.compute_logits(graphed.decode_graphs.run(batch))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # End to end: 1, 3 and 6 concurrent requests (padded to 1, 4 and 8) give the eager greedy tokens.
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9, 30, 2, 11)]
     params = SamplingParams(temperature=0.0)
-    replays = graphed.graphs.num_replays
+    replays = graphed.decode_graphs.num_replays
     for k in (1, 3, 6):
         want = PlanDriver(eager).generate(prompts[:k], params, 10)
         assert PlanDriver(graphed).generate(prompts[:k], params, 10) == want
-    assert graphed.graphs.num_replays >= replays + 3 * 9  # every decode step replayed a graph
+    assert graphed.decode_graphs.num_replays >= replays + 3 * 9  # every decode step replayed a graph

@@ -12,6 +12,8 @@ import torch
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
 from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker import model_runner
+from headrace.services.gpu_worker.batch_inputs import upload
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
 
@@ -61,16 +63,15 @@ def run(runner: ModelRunner, params: SamplingParams, overlap: bool, num_new: int
         for rid, tok in zip(result.req_ids, result.sampled_token_ids):
             out[rid].append(tok)
 
-    launched = []
     for plan in plans(params, num_new, runner.block_size):
         if not overlap:
             collect(runner.execute(plan))
             continue
-        launched.append(runner.launch(plan))
-        if len(launched) == 2:  # finish step t only after step t+1 is queued behind it
-            collect(runner.finish(launched.pop(0)))
-    for step in launched:
-        collect(runner.finish(step))
+        runner.launch(plan)
+        if runner.num_in_flight == 2:  # finish step t only after step t+1 is queued behind it
+            collect(runner.finish_oldest()[1])
+    while runner.num_in_flight:
+        collect(runner.finish_oldest()[1])
     assert not runner.requests
     return out
 
@@ -91,24 +92,27 @@ def test_overlapped_steps_equal_one_step_at_a_time(runner, params):
 def test_overlapped_decode_reads_the_pending_token_on_the_device(runner, monkeypatch):
     """The overlap is real: step t+1 is prepared while step t's tokens are still unresolved."""
     seen = []
-    original = runner._prepare
+    original = model_runner.prepare_batch
 
-    def spy(scheduled, pending=None):
+    def spy(requests, scheduled, block_size, device, pending=None):
         seen.append(pending is not None and not pending.resolved)
-        return original(scheduled, pending)
+        return original(requests, scheduled, block_size, device, pending)
 
-    monkeypatch.setattr(runner, "_prepare", spy)
+    monkeypatch.setattr(model_runner, "prepare_batch", spy)
     run(runner, SamplingParams(temperature=0.0, max_tokens=64), overlap=True)
     assert sum(seen) >= 4
 
 
 def test_steps_finish_in_launch_order(runner):
-    plan = StepPlan(step_id=0)
-    first, second = runner.launch(plan), runner.launch(StepPlan(step_id=1))
-    with pytest.raises(AssertionError, match="launch order"):
-        runner.finish(second)
-    runner.finish(first)
-    runner.finish(second)
+    first, second = StepPlan(step_id=0), StepPlan(step_id=1)
+    runner.launch(first)
+    runner.launch(second)
+    assert runner.num_in_flight == 2 and runner.oldest_plan is first
+    assert runner.finish_oldest()[0] is first
+    assert runner.finish_oldest()[0] is second
+    assert runner.num_in_flight == 0
+    with pytest.raises(AssertionError, match="no step in flight"):
+        runner.finish_oldest()
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
@@ -116,7 +120,7 @@ def test_uploaded_step_arrays_start_on_16_byte_boundaries(runner, dtype):
     """Every view of a step's packed upload keeps its values and a 16-byte-aligned start, whatever the sizes
     before it (Triton compiles a variant per pointer alignment class)."""
     arrays = [np.arange(n, dtype=dtype) + 10 * n for n in (3, 5, 1, 0, 7)]
-    views = runner._upload(arrays, dtype)
+    views = upload(arrays, dtype, runner.device)
     for a, v in zip(arrays, views):
         assert v.tolist() == a.tolist()
         assert v.data_ptr() % 16 == 0

@@ -9,6 +9,7 @@ import torch
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
 from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.batch_inputs import prepare_batch
 from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
@@ -42,7 +43,7 @@ def logits_for_all_positions(runner: ModelRunner, prompt: list[int], chunk: int)
             plan.cached_requests.append(CachedRequestData("r", [], start))
         plan.num_scheduled_tokens["r"] = n
         runner._apply_plan(plan)
-        batch = runner._prepare(plan.num_scheduled_tokens)
+        batch = prepare_batch(runner.requests, plan.num_scheduled_tokens, runner.block_size, runner.device)
         from headrace.services.gpu_worker.model.llama import ForwardContext
 
         ctx = ForwardContext(batch.attn, runner.kv_caches, runner.backend, runner.cos_sin_cache)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan  # noqa: E402
 from headrace.common.sampling_params import SamplingParams  # noqa: E402
+from headrace.services.gpu_worker.batch_inputs import prepare_batch  # noqa: E402
 from headrace.services.gpu_worker.model.llama import ForwardContext  # noqa: E402
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, capture_token_sizes  # noqa: E402
 from tests.services.gpu_worker.plan_driver import PlanDriver  # noqa: E402
@@ -45,7 +46,7 @@ def mixed_batch(runner):
                                                  [first_free, first_free + 1], 0, 0)])
     plan.num_scheduled_tokens = {f"r{i}": 1 for i in range(3)} | {"r3": 11}
     runner._apply_plan(plan)
-    return runner._prepare(plan.num_scheduled_tokens)
+    return prepare_batch(runner.requests, plan.num_scheduled_tokens, runner.block_size, runner.device)
 
 
 def test_pieces_with_eager_attention_equal_the_eager_forward():
@@ -63,7 +64,7 @@ def test_pieces_with_eager_attention_equal_the_eager_forward():
         buf.normal_()  # stale values from an earlier, larger step
     graphs.slot_mapping.fill_(3)
     graphs.input_ids.fill_(7)
-    hidden = graphs.run(batch.input_ids, batch.positions, batch.attn)
+    hidden = graphs.run(batch)
     assert graphs.slot_mapping[14:16].tolist() == [-1, -1] and graphs.positions[14:16].tolist() == [0, 0]
     assert hidden.shape == eager.shape
     torch.testing.assert_close(hidden, eager, atol=1e-5, rtol=1e-5)
@@ -79,29 +80,29 @@ def test_runner_steps_through_pieces_give_the_eager_tokens():
     """Chunked prefills (7 tokens a step) beside decodes, through the runner: every non-decode step goes
     through the pieces and the greedy tokens equal the eager runner's."""
     eager, pieced = make_runner(enforce_eager=True), make_runner(enforce_eager=True)
-    pieced.piecewise = make_pieces(pieced, [8, 16, 32])
+    pieced.piecewise_graphs = make_pieces(pieced, [8, 16, 32])
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9)]
     params = SamplingParams(temperature=0.0)
     want = PlanDriver(eager, chunk_size=7).generate(prompts, params, 4)
     assert PlanDriver(pieced, chunk_size=7).generate(prompts, params, 4) == want
-    assert pieced.piecewise.num_replays >= 3  # the chunked prefill steps (decode-only steps run eagerly here)
+    assert pieced.piecewise_graphs.num_replays >= 3  # the chunked prefill steps (decode-only steps run eagerly here)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 def test_captured_pieces_match_eager():
     graphed, eager = make_runner(enforce_eager=False), make_runner(enforce_eager=True)
-    assert graphed.piecewise is not None and eager.piecewise is None
+    assert graphed.piecewise_graphs is not None and eager.piecewise_graphs is None
     batch = mixed_batch(graphed)
     ctx = ForwardContext(batch.attn, graphed.kv_caches, graphed.backend, graphed.cos_sin_cache)
     want = graphed.model.compute_logits(graphed.model(batch.input_ids, batch.positions, ctx))
-    got = graphed.model.compute_logits(graphed.piecewise.run(batch.input_ids, batch.positions, batch.attn))
+    got = graphed.model.compute_logits(graphed.piecewise_graphs.run(batch))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9, 30, 2, 11)]
     params = SamplingParams(temperature=0.0)
-    replays = graphed.piecewise.num_replays
+    replays = graphed.piecewise_graphs.num_replays
     for chunk in (None, 7):
         want = PlanDriver(eager, chunk_size=chunk).generate(prompts, params, 6)
         assert PlanDriver(graphed, chunk_size=chunk).generate(prompts, params, 6) == want
-    assert graphed.piecewise.num_replays > replays + 5
+    assert graphed.piecewise_graphs.num_replays > replays + 5

@@ -33,7 +33,7 @@ def _rank_main(config_dict, rank, queue):
     tp = init_tensor_parallel(config, rank, torch.device("cpu"))
     runner = ModelRunner(resolved(config), tp=tp, device="cpu", log=lambda *_: None)
     out = PlanDriver(runner).generate(PROMPTS, SamplingParams(temperature=0.0), NEW_TOKENS)
-    queue.put((rank, out, runner.num_kv_heads_local))
+    queue.put((rank, out, runner.kv_layout.num_kv_heads))
 
 
 def run_tp(model: str, tp_size: int) -> list:

@@ -65,7 +65,7 @@ def test_paged_matches_dense(heads, kv_heads, head_dim, seed):
         max_seq_len=max(c + n for c, n in shapes))
     positions = torch.cat(pos)
     scale = head_dim ** -0.5
-    out = TorchAttentionBackend().forward(torch.cat(q_parts), torch.cat(k_new), torch.cat(v_new), positions, cos_sin,
+    out = TorchAttentionBackend(block_size=bs).forward(torch.cat(q_parts), torch.cat(k_new), torch.cat(v_new), positions, cos_sin,
                                           (k_cache, v_cache), meta, scale)
     start = 0
     for i, (ctx, n) in enumerate(shapes):

@@ -76,7 +76,7 @@ def run_both(batch, scale: float):
     q, k, v, pos, cos_sin, (kc, vc), meta = batch
     cos_sin = cos_sin.to(DEVICE)  # float32, as the runner keeps it
     results = []
-    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+    for backend in (TorchAttentionBackend(block_size=kc.shape[1]), TritonAttentionBackend()):
         qkv = torch.cat([q, k, v], dim=1).reshape(q.shape[0], -1)  # fresh fused storage per backend
         qkv = to_device(qkv)
         hq, hk = q.shape[1], k.shape[1]
