@@ -151,12 +151,10 @@ class LlamaForCausalLM(nn.Module):
         """After loading, on a CPU: the attention projections (q|k|v, o) and the LM head K-major
         (layers.store_k_major); the MLP keeps its layout. Returns the number of weights relaid.
 
-        Why these (the embedded model on 2 cores, µs per product, as loaded / K-major):
-        - one row: q|k|v 139/99, o 83/68, LM head 6,965/4,067, gate|up 449/312, down 184/160;
-        - eight rows: q|k|v 172/170, o 102/103, LM head 12,674/12,123, but gate|up 531/685, down 257/277.
-        So the attention projections and the LM head are never slower K-major and much faster at batch 1,
-        while the MLP would lose at batch 8 what it gains at batch 1. cuBLAS has no such gap: GPUs keep the
-        loaded layout. A single-row product may round differently in the last bits (another summation order)."""
+        Why these: CPU BLAS streams a K-major weight faster for one row and as fast for eight, but the MLP's
+        products would lose at eight rows what they gain at one (per-product timings: docs/benchmarks.md,
+        fourth session). cuBLAS has no such gap, so GPUs keep the loaded layout. A single-row product may
+        round differently in the last bits (another summation order)."""
         attn = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)]
         return store_k_major([*attn, self.lm_head])
 
