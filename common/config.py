@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from headrace.common.models.quant import QUANTIZATION_METHODS, QuantSpec
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# GGUF files are dequantized at load; pass the .gguf path as --model.
-QUANTIZATION_METHODS = ("gguf",)
 
 
 class ConfigError(ValueError):
@@ -41,8 +41,8 @@ class ModelConfig:
         _require(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
-                 f"--quantization {self.quantization!r} is not supported (GGUF files are dequantized at load; "
-                 "pass the .gguf path as --model)")
+                 f"--quantization {self.quantization!r} is not supported; choose one of {QUANTIZATION_METHODS} "
+                 "(GGUF files are dequantized at load: pass the .gguf path as --model)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class ResolvedModel:
     max_model_len: int  # the context length every process enforces
     eos_token_ids: tuple[int, ...]  # config.json and generation_config.json together
     vocab_size: int
+    quantization: QuantSpec | None = None  # how the checkpoint's linears are quantized (None: not at all)
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,7 @@ class EngineConfig:
             device=data["device"],
             attention_backend=data["attention_backend"],
             enforce_eager=data["enforce_eager"],
-            resolved=None if resolved is None else ResolvedModel(
-                **{**resolved, "eos_token_ids": tuple(resolved["eos_token_ids"])}),
+            resolved=None if resolved is None else _resolved_from_dict(resolved),
         )
 
     @classmethod
@@ -217,3 +217,9 @@ _FIELD_OWNER: dict[str, str] = {f.name: section for section, kind in _SECTIONS.i
                                 for f in dataclasses.fields(kind)}
 _FIELD_OWNER.update({f.name: "" for f in dataclasses.fields(EngineConfig)
                      if f.name not in _SECTIONS and f.name != "resolved"})
+
+
+def _resolved_from_dict(data: dict[str, Any]) -> ResolvedModel:
+    quant = data.get("quantization")
+    return ResolvedModel(**{**data, "eos_token_ids": tuple(data["eos_token_ids"]),
+                            "quantization": None if quant is None else QuantSpec.from_dict(quant)})

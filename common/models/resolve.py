@@ -17,7 +17,8 @@ from headrace.common.config import (
     ResolvedModel,
     resolve_device,
 )
-from headrace.common.models.arch import arch_from_hf_config, check_tp_heads
+from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_heads
+from headrace.common.models.quant import QuantizationError, QuantSpec, quant_spec
 from headrace.common.models.source import ModelSource, eos_token_ids, resolve_model
 
 
@@ -43,6 +44,10 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     requested = config.model.max_model_len
     if requested is not None and requested > limit:
         raise ConfigError(f"--max-model-len {requested} exceeds the model's context length {limit}")
+    try:
+        quantization = _quantization(source, hf_config, config.model.quantization, arch)
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from None
     return ResolvedModel(
         kind=source.kind,
         name=config.model.served_model_name or source.name,
@@ -52,4 +57,16 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
         max_model_len=requested or limit,
         eos_token_ids=eos_token_ids(hf_config, source.weights_dir),
         vocab_size=arch.vocab_size,
+        quantization=quantization,
     )
+
+
+def _quantization(source: ModelSource, hf_config, requested: str | None, arch: ModelArch) -> QuantSpec | None:
+    """A random-weight preset is quantized as asked, so GPU benchmarks need no quantized checkpoint: the
+    integer methods give 4-bit weights in groups of 128 (the common W4A16 checkpoint; 32 for the tiny test
+    shapes 128 does not divide), fp8 per-channel."""
+    if source.kind == "random" and requested in ("gptq", "awq", "compressed-tensors"):
+        inputs = (arch.hidden_size, arch.intermediate_size, arch.q_size)
+        group = 128 if all(n % 128 == 0 for n in inputs) else 32
+        return QuantSpec(kind="int", checkpoint_format="random", bits=4, group_size=group)
+    return quant_spec(hf_config, requested)

@@ -48,7 +48,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
-        loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed)
+        loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization)
         self.load_seconds = time.perf_counter() - t0
         self.model, self.arch, self.hf_config, self.dtype = loaded.model, loaded.arch, loaded.hf_config, loaded.dtype
         self.eos_token_ids = resolved.eos_token_ids

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from headrace.common.models.arch import ModelArch, arch_from_hf_config
+from headrace.common.models.quant import QuantSpec
 from headrace.common.models.source import WeightsLocation, load_hf_config
 from headrace.services.gpu_worker.model.llama import LlamaForCausalLM
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
@@ -83,16 +84,17 @@ def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torc
 
 @torch.no_grad()
 def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, quant: QuantSpec | None = None) -> LoadedModel:
     hf_config = load_hf_config(source)
     arch = arch_from_hf_config(hf_config)
-    model = LlamaForCausalLM(arch, tp, dtype, device)
+    model = LlamaForCausalLM(arch, tp, dtype, device, quant)
     weights = random_weights(arch, seed, device, dtype) if source.kind == "random" else \
         safetensors_weights(source.weights_dir)
     missing = model.expected_parameter_names() - model.load_weights(weights)
     if missing:
         raise ValueError(f"checkpoint {source.weights_dir or source.preset} lacks {len(missing)} tensors, e.g. "
                          f"{sorted(missing)[:3]}")
+    model.process_weights_after_loading()
     model.eval()
     if device.type == "cpu":
         model.use_cpu_weight_layout()
@@ -100,14 +102,21 @@ def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype
 
 
 def export_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    """Our (TP=1) weights under transformers' names, merged projections split back (for the HF oracle)."""
+    """Our (TP=1) weights under transformers' names, merged projections split back and quantized linears
+    dequantized (the HF oracle runs the same weights in float)."""
     arch = model.arch
+    tensors = {name: p for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(name + ".") or k == name + ".bias"}
+            tensors[name + ".weight"] = method.dense_weight(module)
     out: dict[str, torch.Tensor] = {}
     split = {
         "qkv_proj": (("q_proj", "k_proj", "v_proj"), [arch.q_size, arch.kv_size, arch.kv_size]),
         "gate_up_proj": (("gate_proj", "up_proj"), [arch.intermediate_size] * 2),
     }
-    for name, p in model.named_parameters():
+    for name, p in tensors.items():
         hf = name if name.startswith("lm_head") else f"model.{name}"
         for merged, (parts, sizes) in split.items():
             if f".{merged}." in hf:

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from headrace.common.models.arch import check_tp_heads
+from headrace.services.gpu_worker.model.quant.base import LinearMethod
+from headrace.services.gpu_worker.model.quant.params import LinearShape
+from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
 
 
@@ -86,21 +89,26 @@ def _triton_kernels():
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's output rows split across ranks; several logical outputs may be merged
-    (gate|up, or q|k|v), each sharded on its own so every rank holds its part of each."""
+    (gate|up, or q|k|v), each sharded on its own so every rank holds its part of each. The tensors that
+    hold W (dense, integer groups, fp8) belong to `quant_method`."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool, tp: TPGroup,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None):
         super().__init__()
         self.tp = tp
-        # Per logical output: (rows on this rank, first row of this rank's part in the full weight).
-        self.shards = self._plan_shards(shard_sizes)
-        out_local = sum(rows for rows, _ in self.shards)
-        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype, device=device), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = dtype
+        self.shape = LinearShape(in_features, 0, in_features, tuple(self._plan_shards(shard_sizes)))
+        self.quant_method = quant_method or UnquantizedLinear()
+        self.quant_method.create_weights(self, self.shape, dtype, device)
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype, device=device), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            self.bias = nn.Parameter(torch.empty(self.shape.out_local, dtype=dtype, device=device),
+                                     requires_grad=False)
+            self.bias.weight_loader = self.bias_loader
+
+    @property
+    def shards(self) -> tuple[tuple[int, int], ...]:
+        return self.shape.shards
 
     def _plan_shards(self, shard_sizes: list[int]) -> list[tuple[int, int]]:
         plan = []
@@ -111,13 +119,12 @@ class ColumnParallelLinear(nn.Module):
             plan.append((rows, self.tp.rank * rows))
         return plan
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard: int = 0) -> None:
+    def bias_loader(self, param: nn.Parameter, loaded: Any, shard: int = 0) -> None:
         rows, src_start = self.shards[shard]
-        dst_start = sum(r for r, _ in self.shards[:shard])
-        _copy_into(param.data.narrow(0, dst_start, rows), loaded[src_start : src_start + rows])
+        _copy_into(param.data.narrow(0, self.shape.out_offset(shard), rows), loaded[src_start : src_start + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -125,11 +132,11 @@ class QKVParallelLinear(ColumnParallelLinear):
     fewer KV heads than ranks (each rank then holds the one KV head its query heads use)."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None):
         check_tp_heads(num_heads, num_kv_heads, tp.size)
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
         super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         bias, tp, dtype, device)
+                         bias, tp, dtype, device, quant_method)
 
     def _plan_shards(self, shard_sizes: list[int]) -> list[tuple[int, int]]:
         tp, d = self.tp, self.head_dim
@@ -149,26 +156,23 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None):
         super().__init__()
         if in_features % tp.size:
             raise ValueError(f"input size {in_features} is not divisible by tensor-parallel size {tp.size}")
         self.tp = tp
-        self.in_local = in_features // tp.size
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype, device=device),
-                                   requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = dtype
+        in_local = in_features // tp.size
+        self.shape = LinearShape(in_features, tp.rank * in_local, in_local, ((out_features, 0),))
+        self.quant_method = quant_method or UnquantizedLinear()
+        self.quant_method.create_weights(self, self.shape, dtype, device)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
             self.bias.weight_loader = default_weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard: Any = None) -> None:
-        start = self.tp.rank * self.in_local
-        _copy_into(param.data, loaded[:, start : start + self.in_local])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
 from headrace.common.models.arch import ModelArch
+from headrace.common.models.quant import QuantSpec
 from headrace.services.gpu_worker.model.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -25,6 +26,8 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
+from headrace.services.gpu_worker.model.quant import linear_method
+from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
 
 
@@ -37,14 +40,18 @@ class ForwardContext:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 quant: QuantSpec | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = arch.head_dim
+        prefix = f"model.layers.{layer_idx}.self_attn."
         self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
-                                          arch.qkv_bias, tp, dtype, device)
+                                          arch.qkv_bias, tp, dtype, device,
+                                          linear_method(quant, [prefix + p for p in ("q_proj", "k_proj", "v_proj")]))
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device)
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device,
+                                        linear_method(quant, [prefix + "o_proj"]))
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.scale = arch.head_dim ** -0.5
@@ -76,23 +83,28 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 quant: QuantSpec | None = None):
         super().__init__()
         i = arch.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], False, tp, dtype, device)
-        self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device)
+        prefix = f"model.layers.{layer_idx}.mlp."
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], False, tp, dtype, device,
+                                                 linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device,
+                                           linear_method(quant, [prefix + "down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 quant: QuantSpec | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device)
+        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, tp, dtype, device)
+        self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
     def before_attention(self, positions, x, residual, ctx: ForwardContext):
@@ -125,11 +137,13 @@ _MERGED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 quant: QuantSpec | None = None):
         super().__init__()
         self.arch = arch
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
@@ -155,7 +169,8 @@ class LlamaForCausalLM(nn.Module):
         products would lose at eight rows what they gain at one (per-product timings: docs/benchmarks.md,
         fourth session). cuBLAS has no such gap, so GPUs keep the loaded layout. A single-row product may
         round differently in the last bits (another summation order)."""
-        attn = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)]
+        attn = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)
+                if isinstance(m.quant_method, UnquantizedLinear)]
         return store_k_major([*attn, self.lm_head])
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
@@ -181,7 +196,16 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
     def expected_parameter_names(self) -> set[str]:
-        names = set(dict(self.named_parameters()).keys())
+        """Every parameter a checkpoint must fill (tensors some checkpoints of a format lack are optional)."""
+        names = {name for name, p in self.named_parameters() if not getattr(getattr(p, "tensor_layout", None),
+                                                                                  "optional", False)}
         if self.arch.tie_word_embeddings:
             names.discard("lm_head.weight")
         return names
+
+    def process_weights_after_loading(self) -> None:
+        """Quantized linears turn their checkpoint tensors into the layout their kernels read."""
+        for module in self.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_after_loading(module)
