@@ -53,21 +53,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+class _FirstTokenClock:
+    """A generate streamer that notes when the first new token exists: generate hands it the prompt, then
+    each step's tokens, so prefill and decode are split inside one call (two separate calls, one for the
+    first token and one for all, made decode times negative whenever the machine jittered between them)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.calls, self.first_at = device, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            _sync(self.device)
+            self.first_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def timed_generate(hf, prompts: list[list[int]], new_tokens: int) -> float:
     """Seconds for one batched greedy `generate` of exactly `new_tokens` tokens per prompt."""
+    return timed_generate_split(hf, prompts, new_tokens)[0]
+
+
+@torch.no_grad()
+def timed_generate_split(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(seconds in all, seconds to the first new token) of one batched greedy `generate` of exactly
+    `new_tokens` tokens per prompt."""
     device = hf.device
     pad_id = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
     ids, mask = left_padded(prompts, pad_id, device)
+    clock = _FirstTokenClock(device)
     _sync(device)
     t0 = time.perf_counter()
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, pad_token_id=pad_id)
+                      do_sample=False, pad_token_id=pad_id, streamer=clock)
     _sync(device)
     seconds = time.perf_counter() - t0
     if out.shape[1] - ids.shape[1] != new_tokens:
         raise RuntimeError(f"HF generate made {out.shape[1] - ids.shape[1]} tokens, asked for {new_tokens}")
-    return seconds
+    return seconds, clock.first_at - t0
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ context (input_len + output_len / 2), at the copy bandwidth measured before the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -103,9 +104,33 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-size {max(args.batch_size)} exceeds --max-num-seqs {config.scheduler.max_num_seqs}")
     rates = roofline.measure_for_engine(config)  # before the engine claims the GPU's memory
 
+    summary, hf_prompts = measure_engine(config, args, rates)
+    if config.model.quantization is not None:
+        # The same prompts on the same weights unquantized, in the same run: the speed-up is the point.
+        dense = config.replace(model=dataclasses.replace(config.model, quantization=None), resolved=None)
+        dense_summary, _ = measure_engine(dense, args, rates)
+        summary["unquantized_step_weight_bytes"] = dense_summary["step_weight_bytes"]
+        for res, base in zip(summary["results"], dense_summary["results"]):
+            res["unquantized"] = base["ours"]
+            res["quantized_over_unquantized_decode_tokens_per_s"] = (res["ours"]["decode_tokens_per_s"]
+                                                                     / base["ours"]["decode_tokens_per_s"])
+    if args.baseline == "hf":
+        run_hf_baseline(config, args, summary["results"], hf_prompts)
+
+    print(format_table(summary))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def measure_engine(config: EngineConfig, args: argparse.Namespace, rates) -> tuple[dict, dict]:
+    """Our decode speed at each batch size (random prompts from --seed, so reruns see the same prompts);
+    returns the summary and, per batch size, the timed prompts for the HF baseline."""
     engine = LLMEngine(config)
     runner = engine.runner
     arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
+    weight_bytes = roofline.step_weight_bytes(runner.model)
     rng = np.random.default_rng(args.seed)
     mean_context = args.input_len + args.output_len / 2
     results, hf_prompts = [], {}
@@ -117,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = sets[args.num_iters_warmup:]
         runs = [run_batch(engine, prompts, args.output_len, f"b{batch}-{i}") for i, prompts in enumerate(timed)]
         ours = decode_stats(batch, args.output_len, [e for _, e in runs], [f for f, _ in runs])
-        bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context)
+        bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context, weight_bytes)
         ours["memory_roofline_decode_tokens_per_s"] = bound
         ours["fraction_of_memory_roofline"] = ours["decode_tokens_per_s"] / bound
         results.append({"batch_size": batch, "ours": ours})
@@ -127,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
               f"of the memory roofline ({bound:,.1f})", flush=True)
     summary = {
         "benchmark": "latency", "model": config.model.model or "embedded",
-        "dtype": str(runner.dtype).removeprefix("torch."),
+        "dtype": str(runner.dtype).removeprefix("torch."), "quantization": config.model.quantization,
         "device": rates.device, "attention_backend": runner.backend.name,
         "cuda_graphs": runner.decode_graphs is not None,
         "graph_batch_sizes": runner.decode_graphs.sizes if runner.decode_graphs is not None else [],
         "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
-        "kv_bytes_per_token": roofline.kv_bytes_per_token(arch, nbytes),
+        "step_weight_bytes": weight_bytes, "kv_bytes_per_token": roofline.kv_bytes_per_token(arch, nbytes),
         "input_len": args.input_len, "output_len": args.output_len, "num_iters": args.num_iters,
         "num_iters_warmup": args.num_iters_warmup, "results": results,
     }
@@ -140,32 +165,30 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return summary, hf_prompts
 
-    if args.baseline == "hf":
-        hf = hf_baseline.load_hf_twin(config)
-        hf_baseline.timed_generate(hf, hf_prompts[args.batch_size[0]][0], 2)  # warm-up: kernels, handles
-        for res in results:
-            batch = res["batch_size"]
-            prompts = hf_prompts[batch]
-            first = [hf_baseline.timed_generate(hf, p, 1) for p in prompts]
-            e2e = [hf_baseline.timed_generate(hf, p, args.output_len) for p in prompts]
-            stats = decode_stats(batch, args.output_len, e2e, first)
-            stats["fraction_of_memory_roofline"] = (stats["decode_tokens_per_s"]
-                                                    / res["ours"]["memory_roofline_decode_tokens_per_s"])
-            res["hf"] = stats
-            res["ours_over_hf_decode_tokens_per_s"] = res["ours"]["decode_tokens_per_s"] / stats["decode_tokens_per_s"]
-            res["ours_over_hf_output_tokens_per_s"] = res["ours"]["output_tokens_per_s"] / stats["output_tokens_per_s"]
-        del hf
 
-    print(format_table(summary))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
+def run_hf_baseline(config: EngineConfig, args: argparse.Namespace, results: list[dict], hf_prompts: dict) -> None:
+    """transformers' generate on the same (dense) weights and prompts, added to each batch size's result."""
+    hf = hf_baseline.load_hf_twin(config)
+    hf_baseline.timed_generate(hf, hf_prompts[args.batch_size[0]][0], 2)  # warm-up: kernels, handles
+    for res in results:
+        batch = res["batch_size"]
+        prompts = hf_prompts[batch]
+        e2e, first = zip(*(hf_baseline.timed_generate_split(hf, p, args.output_len) for p in prompts))
+        stats = decode_stats(batch, args.output_len, list(e2e), list(first))
+        stats["fraction_of_memory_roofline"] = (stats["decode_tokens_per_s"]
+                                                / res["ours"]["memory_roofline_decode_tokens_per_s"])
+        res["hf"] = stats
+        res["ours_over_hf_decode_tokens_per_s"] = res["ours"]["decode_tokens_per_s"] / stats["decode_tokens_per_s"]
+        res["ours_over_hf_output_tokens_per_s"] = res["ours"]["output_tokens_per_s"] / stats["output_tokens_per_s"]
+    del hf
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"latency on {summary['device']} ({summary['model']}, {summary['dtype']}, "
+    quant = f", {summary['quantization']}: weights {summary['step_weight_bytes'] / 2**30:.2f} GiB" \
+        if summary.get("quantization") else ""
+    lines = [f"latency on {summary['device']} ({summary['model']}, {summary['dtype']}{quant}, "
              f"in {summary['input_len']} / out {summary['output_len']}, cuda graphs {summary['cuda_graphs']})",
              f"{'batch':>6} {'ms/token':>9} {'decode tok/s':>13} {'roofline':>10} {'% roof':>7} "
              f"{'HF tok/s':>10} {'ours/HF':>8}"]
@@ -175,7 +198,9 @@ def format_table(summary: dict) -> str:
                      f"{o['decode_tokens_per_s']:>13,.1f} "
                      f"{o['memory_roofline_decode_tokens_per_s']:>10,.1f} {o['fraction_of_memory_roofline']:>7.1%} "
                      + (f"{hf['decode_tokens_per_s']:>10,.1f} {r['ours_over_hf_decode_tokens_per_s']:>7.2f}x"
-                        if hf else f"{'-':>10} {'-':>8}"))
+                        if hf else f"{'-':>10} {'-':>8}")
+                     + (f"   unquantized {r['unquantized']['decode_tokens_per_s']:,.1f} tok/s, "
+                        f"{r['quantized_over_unquantized_decode_tokens_per_s']:.2f}x" if "unquantized" in r else ""))
     return "\n".join(lines)
 
 

@@ -123,20 +123,32 @@ def step_weight_params(arch: ModelArch) -> int:
     return params
 
 
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a forward step reads in full, counted from the loaded model, so quantized layers
+    count their packed weights, scales and zero points: every parameter but the input-embedding table
+    (a step reads only its tokens' rows of it, unless it is tied to the LM head)."""
+    embed = model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+
+
 def kv_bytes_per_token(arch: ModelArch, nbytes: int) -> int:
     """K and V of one token in every layer."""
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * nbytes
 
 
-def decode_step_bytes(arch: ModelArch, nbytes: int, batch: int, mean_context: float) -> float:
-    """Bytes one decode step must read: the weights once, plus each sequence's live KV."""
-    return step_weight_params(arch) * nbytes + batch * mean_context * kv_bytes_per_token(arch, nbytes)
+def decode_step_bytes(arch: ModelArch, nbytes: int, batch: int, mean_context: float,
+                      weight_bytes: int | None = None) -> float:
+    """Bytes one decode step must read: the weights once (`weight_bytes` where they are quantized),
+    plus each sequence's live KV."""
+    weights = step_weight_params(arch) * nbytes if weight_bytes is None else weight_bytes
+    return weights + batch * mean_context * kv_bytes_per_token(arch, nbytes)
 
 
 def decode_roofline_tokens_per_s(rates: DeviceRates, arch: ModelArch, nbytes: int, batch: int,
-                                 mean_context: float) -> float:
+                                 mean_context: float, weight_bytes: int | None = None) -> float:
     """Output tokens/s of a memory-bound decode of `batch` sequences at `mean_context` tokens each."""
-    return batch * rates.copy_bytes_per_s / decode_step_bytes(arch, nbytes, batch, mean_context)
+    return batch * rates.copy_bytes_per_s / decode_step_bytes(arch, nbytes, batch, mean_context, weight_bytes)
 
 
 def compute_roofline_tokens_per_s(rates: DeviceRates, arch: ModelArch) -> float:

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = min(len(requests), config.scheduler.max_num_seqs)
     mean_context = statistics.fmean(r.prompt_len + r.output_len / 2 for r in requests)
     compute_bound = roofline.compute_roofline_tokens_per_s(rates, arch)
-    decode_bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context)
+    weight_bytes = roofline.step_weight_bytes(runner.model)
+    decode_bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context, weight_bytes)
     ours = {
         "elapsed_s": elapsed, "requests_per_s": len(requests) / elapsed,
         "input_tokens_per_s": input_tokens / elapsed, "output_tokens_per_s": output_tokens / elapsed,
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "device": rates.device, "attention_backend": runner.backend.name, "cuda_graphs": runner.decode_graphs is not None,
         "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
+        "step_weight_bytes": weight_bytes, "quantization": config.model.quantization,
         "dataset": args.dataset_name, "num_requests": len(requests), "input_tokens": input_tokens,
         "output_tokens": output_tokens, "requested_output_tokens": sum(r.output_len for r in requests),
         "max_num_seqs": config.scheduler.max_num_seqs,

@@ -50,6 +50,11 @@ class ModelRunner:
         dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization)
         self.load_seconds = time.perf_counter() - t0
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        quant = resolved.quantization
+        log(f"weights: {weight_bytes / 2**30:.2f} GiB on this rank ("
+            + (f"{quant.checkpoint_format} {quant.kind}{quant.bits if quant.kind == 'int' else ''}" if quant
+               else str(dtype).removeprefix("torch.")) + f"), loaded in {self.load_seconds:.1f} s")
         self.model, self.arch, self.hf_config, self.dtype = loaded.model, loaded.arch, loaded.hf_config, loaded.dtype
         self.eos_token_ids = resolved.eos_token_ids
         self.max_model_len = resolved.max_model_len
