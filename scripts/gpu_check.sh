@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
-# (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online)
+# (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online,
+#  quant, quant_fp8)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -91,6 +92,20 @@ phase_gpu_tests() {
   step gpu_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/services/gpu_worker/test_cuda_graphs.py \
     tests/services/gpu_worker/attention/test_triton_backend.py tests/services/gpu_worker/test_model_runner.py \
     tests/services/gpu_worker/test_sampler.py tests/services/gpu_worker/test_piecewise_graphs.py
+}
+
+phase_quant() {  # quantized layers: GPU tests, the W4A16 kernel against bf16 cuBLAS, int4 decode vs bf16 in one run
+  step quant_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_w4a16_matmul.py \
+    tests/services/gpu_worker/model/quant/test_quantized_models.py -k "gpu or w4a16"
+  step w4a16_kernels 120 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch --w4a16 \
+    --w4a16-batch 1 16 64 256 --output-json "$R/w4a16.json"
+  step latency_w4a16 220 python3 -m headrace.cli bench latency $M --quantization gptq --input-len 128 --output-len 128 \
+    --batch-size 1 64 --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_w4a16.json"
+}
+
+phase_quant_fp8() {  # fp8 (online, per-channel weights, per-token activations) decode vs bf16 in one run
+  step latency_fp8 220 python3 -m headrace.cli bench latency $M --quantization fp8 --input-len 128 --output-len 128 \
+    --batch-size 1 64 --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_fp8.json"
 }
 
 phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run

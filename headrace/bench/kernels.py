@@ -12,10 +12,14 @@
   M rows (`--gemv-batch`), ours next to torch.nn.functional.linear (cuBLAS); weight bytes/s, fraction of copy
   bandwidth. Each shape cycles through enough weight copies (>= 256 MiB) that no weight is read from L2, as in a
   real forward pass where every layer has its own weights.
+- W4A16 matmul (`--w4a16`, CUDA only): Llama-3-8B's four linear layers (QKV, o_proj, gate_up, down) with 4-bit
+  weights, group size 128, at M rows (`--w4a16-batch`), ours next to bf16 torch.nn.functional.linear (cuBLAS);
+  bytes/s of the quantized weight streamed (packed nibbles + scales + zeros), fraction of copy bandwidth, speed
+  over bf16 and max relative error against the fp32 reference. Weights cycled as for --gemv.
 Each kernel's output is also checked against a reference (relative error, or token agreement, reported).
 
     python -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 --prefill-tokens 4096 \
-        --sampling-batch 1 256 --gemv --gemv-batch 1 4 --output-json kernels.json
+        --sampling-batch 1 256 --gemv --gemv-batch 1 4 --w4a16 --w4a16-batch 1 16 64 256 --output-json kernels.json
 
 Shapes default to Llama-3-8B's attention: 32 query heads, 8 KV heads, head_dim 128, block size 16, bf16.
 Run it as a module (`-m`): run as a file, its own name would shadow the top-level `kernels` package.
@@ -38,6 +42,8 @@ from headrace.kernels.paged_decode_attention import (
 from headrace.kernels.gemv import default_config as gemv_default_config
 from headrace.kernels.gemv import gemv, gemv_ref
 from headrace.kernels.prefill_attention import paged_prefill_attention
+from headrace.kernels.w4a16_matmul import default_config as w4a16_default_config
+from headrace.kernels.w4a16_matmul import w4a16_matmul, w4a16_matmul_reference
 from headrace.kernels.sampling import hash_gumbel_argmax
 from headrace.services.gpu_worker.sampler import gumbel_argmax_
 
@@ -307,6 +313,83 @@ def sweep_gemv(batch: int, name: str, n: int, k: int, dtype: torch.dtype, device
             "best": ok[:3], "tried": len(rows)}
 
 
+# Llama-3-8B's linear layers with 4-bit weights, (name, N, K): y[M, N] = x[M, K] @ dequant(qweight [K // 8, N]).
+W4A16_SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+W4A16_GROUP = 128
+
+
+def w4a16_bytes(n: int, k: int, group: int, dtype: torch.dtype) -> int:
+    """Weight bytes a W4A16 matmul streams: the packed nibbles plus a scale and a zero per group and column."""
+    return n * k // 2 + 2 * (k // group) * n * roofline.dtype_bytes(dtype)
+
+
+def w4a16_inputs(batch: int, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """x [batch, K] and as many (qweight, scales, zeros) as it takes to cycle through >= 256 MiB (at most 64):
+    random nibbles, scales ~ 1 / (8 sqrt(K)) (outputs of order 1), asymmetric integer zeros in 0..15."""
+    copies = max(1, min(64, -(-_GEMV_ROTATE_BYTES // w4a16_bytes(n, k, group, dtype))))
+    x = torch.randn(batch, k, device=device, dtype=dtype)
+    ws = []
+    for _ in range(copies):
+        qweight = torch.randint(-(2**31), 2**31, (k // 8, n), device=device, dtype=torch.int32)
+        scales = ((0.5 + torch.rand(k // group, n, device=device)) / (8 * k**0.5)).to(dtype)
+        zeros = torch.randint(0, 16, (k // group, n), device=device).to(dtype)
+        ws.append((qweight, scales, zeros))
+    return x, ws
+
+
+def bench_w4a16(batch: int, name: str, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device,
+                copy_bytes_per_s: float, reps: int) -> dict:
+    x, ws = w4a16_inputs(batch, n, k, group, dtype, device)
+    cfg = w4a16_default_config(batch, n, k, group, device, dtype)
+    y, ref = w4a16_matmul(x, *ws[0], group, None, cfg), w4a16_matmul_reference(x, *ws[0], group)
+    max_rel = float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+    seconds = roofline.time_median(_cycling(lambda w: w4a16_matmul(x, *w, group, None, cfg), ws), device, reps)
+    _, bf16_ws = gemv_inputs(batch, n, k, torch.bfloat16, device)
+    x16 = x.to(torch.bfloat16)
+    bf16_seconds = roofline.time_median(_cycling(lambda w: F.linear(x16, w), bf16_ws), device, reps)
+    nbytes, bf16_bytes = w4a16_bytes(n, k, group, dtype), n * k * 2
+    return {"kernel": "w4a16_matmul", "name": name, "batch": batch, "n": n, "k": k, "group_size": group,
+            "config": list(cfg), "weight_copies": len(ws), "time_us": seconds * 1e6, "bytes": nbytes,
+            "gb_per_s": nbytes / seconds / 1e9, "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s,
+            "bf16_time_us": bf16_seconds * 1e6, "bf16_bytes": bf16_bytes,
+            "bf16_gb_per_s": bf16_bytes / bf16_seconds / 1e9,
+            "bf16_fraction_of_copy_bandwidth": bf16_bytes / bf16_seconds / copy_bytes_per_s,
+            "ours_over_bf16": bf16_seconds / seconds, "rel_err": rel_err(y, ref), "max_rel_err": max_rel}
+
+
+def _w4a16_sweep_configs(batch: int, default) -> list[tuple]:
+    """Configs around the default, as W4A16Config tuples (block_m, block_n, block_k, split_k, warps, stages):
+    the skinny kernel's tiles at the default split, half and double it, and 1; the GEMM's tiles at its default
+    split and 1 (block_m 64 or 128; block_k must divide the group size, 128 here)."""
+    splits = sorted({1, max(1, default[3] // 2), default[3], 2 * default[3]} if batch <= 16 else {1, default[3]})
+    if batch <= 16:
+        return [(16, bn, bk, split, w, st) for split in splits
+                for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4, 5)]
+    return [(bm, bn, bk, split, w, st) for split in splits for bm in (64, 128) for bn in (64, 128, 256)
+            for bk in (32, 64, 128) for w in (4, 8) for st in (3, 4)]
+
+
+def sweep_w4a16(batch: int, name: str, n: int, k: int, group: int, dtype: torch.dtype, device: torch.device,
+                copy_bytes_per_s: float, reps: int) -> dict:
+    """Every config of `_w4a16_sweep_configs` at one shape, fastest first (errors: configs that do not fit)."""
+    x, ws = w4a16_inputs(batch, n, k, group, dtype, device)
+    default = w4a16_default_config(batch, n, k, group, device, dtype)
+    nbytes = w4a16_bytes(n, k, group, dtype)
+    rows = []
+    for cfg in _w4a16_sweep_configs(batch, default):
+        try:
+            sec = roofline.time_median(_cycling(lambda w: w4a16_matmul(x, *w, group, None, cfg), ws), device, reps)
+        except Exception as e:  # noqa: BLE001 - a config may not fit the SM's shared memory or registers
+            rows.append({"config": list(cfg), "error": type(e).__name__})
+            continue
+        rows.append({"config": list(cfg), "time_us": sec * 1e6, "gb_per_s": nbytes / sec / 1e9,
+                     "fraction_of_copy_bandwidth": nbytes / sec / copy_bytes_per_s})
+    ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+    return {"kernel": "w4a16_sweep", "name": name, "batch": batch, "n": n, "k": k, "default_config": list(default),
+            "best": ok[:3], "tried": len(rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
@@ -325,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv", action="store_true",
                    help="also time the small-M GEMV on Llama-3-8B's five decode GEMMs against cuBLAS (CUDA only)")
     p.add_argument("--gemv-batch", type=int, nargs="*", default=[1], help="rows M (<= 16) for --gemv")
+    p.add_argument("--w4a16", action="store_true",
+                   help="also time the W4A16 matmul (4-bit weights, group 128) on Llama-3-8B's four linear layers "
+                        "against bf16 torch.nn.functional.linear (CUDA only)")
+    p.add_argument("--w4a16-batch", type=int, nargs="*", default=[1, 16, 64, 256], help="rows M for --w4a16")
     p.add_argument("--sweep", action="store_true",
                    help="also time a grid of launch configurations per decode/prefill shape (CUDA only); "
-                        "prefill: both variants, paged and new K/V contiguous; with --gemv, per GEMV shape too")
+                        "prefill: both variants, paged and new K/V contiguous; with --gemv or --w4a16, per shape too")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -352,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             results += [sweep_gemv(b, name, n, k, dtype, device, rates.copy_bytes_per_s, max(10, args.reps // 5))
                         for b in args.gemv_batch for name, n, k in GEMV_SHAPES]
+    if args.w4a16 and device.type == "cuda":  # the interpreter says nothing of bandwidth
+        results += [bench_w4a16(b, name, n, k, W4A16_GROUP, dtype, device, rates.copy_bytes_per_s, args.reps)
+                    for b in args.w4a16_batch for name, n, k in W4A16_SHAPES]
+        if args.sweep:
+            results += [sweep_w4a16(b, name, n, k, W4A16_GROUP, dtype, device, rates.copy_bytes_per_s,
+                                    max(10, args.reps // 5))
+                        for b in args.w4a16_batch for name, n, k in W4A16_SHAPES]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
@@ -368,10 +462,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"cuBLAS {r['cublas_time_us']:8.1f} us {r['cublas_gb_per_s']:7,.0f} GB/s = "
                   f"{r['cublas_fraction_of_copy_bandwidth']:6.1%} ({r['ours_over_cublas']:.2f}x, "
                   f"rel err {r['rel_err']:.1e})")
-        elif r["kernel"] == "gemv_sweep":
+        elif r["kernel"] == "w4a16_matmul":
+            print(f"  w4a16   M={r['batch']:<4} {r['name']:<8} N={r['n']:<6} K={r['k']:<6} cfg={tuple(r['config'])} "
+                  f"{r['time_us']:8.1f} us {r['gb_per_s']:7,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy; "
+                  f"bf16 {r['bf16_time_us']:8.1f} us = {r['bf16_fraction_of_copy_bandwidth']:6.1%} "
+                  f"({r['ours_over_bf16']:.2f}x, max rel err {r['max_rel_err']:.1e})")
+        elif r["kernel"] in ("gemv_sweep", "w4a16_sweep"):
             for b in r["best"]:
-                print(f"  sweep   gemv M={r['batch']} {r['name']} config={tuple(b['config'])}: {b['time_us']:8.1f} us "
-                      f"{b['gb_per_s']:7,.0f} GB/s = {b['fraction_of_copy_bandwidth']:6.1%} "
+                print(f"  sweep   {r['kernel'][:-6]} M={r['batch']} {r['name']} config={tuple(b['config'])}: "
+                      f"{b['time_us']:8.1f} us {b['gb_per_s']:7,.0f} GB/s = {b['fraction_of_copy_bandwidth']:6.1%} "
                       f"(default {tuple(r['default_config'])})")
         elif r["kernel"].endswith("_sweep"):
             shape_txt = f"B={r['batch']} ctx={r['context']}" if "batch" in r else f"T={r['tokens']}"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headrace.common.models.quant import QuantSpec
+from headrace.kernels.int_packing import dequantize, pack, unpack
 from headrace.services.gpu_worker.model.quant.base import LinearMethod
 from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorLayout, new_param
 
@@ -24,36 +25,6 @@ from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorL
 # _AWQ_ORDER[i]; reading column j back takes nibble _AWQ_REVERSE[j].
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
-
-
-def unpack(packed: torch.Tensor, bits: int, dim: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """int32 words -> their values (0 .. 2^bits - 1) as int32, expanded along `dim`: element j of a word's
-    group comes from field j (bits j*bits ..) or, with `order`, from field order[j]."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    if order is not None:
-        shifts = shifts[list(order)]
-    words = packed.movedim(dim, -1).to(torch.int32)
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(*words.shape[:-1], words.shape[-1] * per).movedim(-1, dim)
-
-
-def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of `unpack` (sequential fields): values 0 .. 2^bits - 1 along `dim` -> int32 words."""
-    per = 32 // bits
-    v = values.movedim(dim, -1).to(torch.int64)
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
-    words = (v << shifts).sum(-1)  # fields are disjoint: the sum is their OR
-    words = torch.where(words >= 2**31, words - 2**32, words)  # the top field's bit 31 is int32's sign
-    return words.to(torch.int32).movedim(-1, dim)
-
-
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               bits: int) -> torch.Tensor:
-    """The canonical layout back to a dense [in, out] weight in the scales' dtype."""
-    q = unpack(qweight, bits, 0).to(scales.dtype)
-    return (q - zeros.repeat_interleave(group_size, 0)) * scales.repeat_interleave(group_size, 0)
 
 
 class IntWeightLinear(LinearMethod):

@@ -11,7 +11,8 @@ import torch
 
 from headrace.common.models.quant import QuantSpec
 from headrace.services.gpu_worker.model.layers import ColumnParallelLinear, RowParallelLinear
-from headrace.services.gpu_worker.model.quant.int_weights import IntWeightLinear, pack, quantize_rtn, unpack
+from headrace.kernels.int_packing import pack, unpack
+from headrace.services.gpu_worker.model.quant.int_weights import IntWeightLinear, quantize_rtn
 from headrace.services.gpu_worker.parallel import TPGroup
 from tests.services.gpu_worker.model.quant.checkpoint_writers import awq_tensors, gptq_tensors
 

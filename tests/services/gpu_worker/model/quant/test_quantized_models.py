@@ -16,7 +16,8 @@ from tests.services.gpu_worker.test_models_vs_hf import hf_twin, logits_for_all_
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
 def test_quantized_logits_match_a_float_forward_over_the_dequantized_weights(preset, quantization):
     cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", seed=5, max_model_len=512,
-                                         quantization=quantization), cache=CacheConfig(num_blocks=64))
+                                         quantization=quantization), cache=CacheConfig(num_blocks=64),
+                       device="cpu")
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     qkv = runner.model.layers[0].self_attn.qkv_proj
     assert not hasattr(qkv, "weight") if quantization == "gptq" else qkv.weight.dtype == torch.float8_e4m3fn
@@ -28,3 +29,32 @@ def test_quantized_logits_match_a_float_forward_over_the_dequantized_weights(pre
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     dense = {n: p for n, p in hf.named_parameters() if n.endswith("q_proj.weight")}
     assert dense and all(p.dtype == torch.float32 for p in dense.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the W4A16 kernel and fp8 _scaled_mm need a GPU")
+@pytest.mark.parametrize("quantization,tolerance", [("gptq", 0.02), ("fp8", 0.08)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_kernels_match_a_float_forward_over_the_dequantized_weights(quantization, tolerance, dtype):
+    """On a GPU the int4 layers run the Triton W4A16 kernel and fp8 layers quantize activations per token for
+    torch._scaled_mm, so the logits differ from the float32 oracle by 16-bit rounding (and fp8 activations):
+    within `tolerance` of the largest logit, with the same greedy token almost everywhere."""
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", seed=5, max_model_len=512, dtype=dtype,
+                                         quantization=quantization), cache=CacheConfig(num_blocks=64))
+    runner = ModelRunner(resolved(cfg), log=lambda *_: None)
+    hf = hf_twin_float32(runner)
+    prompt = torch.randint(0, runner.arch.vocab_size, (61,), generator=torch.Generator().manual_seed(4)).tolist()
+    ours = logits_for_all_positions(runner, prompt, 16).float().cpu()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt], device=hf.device)).logits[0].float().cpu()
+    assert (ours - ref).abs().max() <= tolerance * ref.abs().max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def hf_twin_float32(runner: ModelRunner):
+    from transformers import AutoModelForCausalLM
+
+    from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
+
+    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=torch.float32).to(runner.device)
+    hf.load_state_dict({k: v.float() for k, v in export_hf_state_dict(runner.model).items()}, strict=False)
+    return hf.eval()
