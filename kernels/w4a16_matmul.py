@@ -192,6 +192,75 @@ def _w4a16_skinny_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "G", "tiles_per_split"])
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, G,
+    stride_xm, stride_qk, stride_sg, stride_zg,
+    stride_os, stride_om,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """M <= 4 (batch-1 decode): no tensor core, no layout change. Nibble j of word row r is input k = 8r + j,
+    so for each j the tile's nibbles multiply x at k0 + 8r + j (a stride-8 read of x, which sits in L1): the
+    words stay in the layout they were loaded in. A nibble costs a shift, one and-or (it lands in bits 16-19
+    of the float 128.0, making exactly 128 + q) and one FMA per row; the 128 comes off with the zero point.
+    The [BLOCK_M, R, BLOCK_N] accumulator is scaled once per tile (a tile lies in one group) and reduced over
+    R once, after the loop."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    cols = offs_n
+    k_start = pid_k * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    word_rows = k_start // 8 + offs_r
+    if IDX64:
+        cols = cols.to(tl.int64)
+        word_rows = word_rows.to(tl.int64)
+    qw_ptrs = qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_r * 8)[None, :]
+    acc = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+    acc_off = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):  # empty for an empty split: its partial stays 0
+        words = tl.load(qw_ptrs, mask=mask_n[None, :], other=0)
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_sg + cols, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_zg + cols, mask=mask_n, other=0.0).to(tl.float32)
+        tile = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j in tl.static_range(8):
+            if j < 4:
+                bits = (words << (16 - 4 * j)) & 0xF0000
+            elif j == 4:
+                bits = words & 0xF0000
+            else:
+                bits = (words >> (4 * j - 16)) & 0xF0000  # the sign bits land above bit 19 and are masked
+            w = (bits | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q, exact
+            xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            tile += xj[:, :, None] * w[None, :, :]
+            x_sum += tl.sum(xj, axis=1)
+        acc += tile * s[None, None, :]
+        acc_off += x_sum[:, None] * ((z + 128.0) * s)[None, :]
+        qw_ptrs += R * stride_qk
+        x_ptrs += BLOCK_K
+
+    out = tl.sum(acc, axis=1) - acc_off
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M", "G", "stride_ps", "tiles_per_split", "split_k"])
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
@@ -338,7 +407,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if M == 0 or N == 0:
         return y
     cfg = W4A16Config(*(config or default_config(M, N, K, group_size, x.device, x.dtype)))
-    assert cfg.block_k >= 16 and cfg.block_n >= 16 and cfg.block_m >= 16 and cfg.split_k >= 1, cfg
+    assert cfg.block_k >= 16 and cfg.block_n >= 16 and cfg.block_m >= 1 and cfg.split_k >= 1, cfg
     assert group_size % cfg.block_k == 0 or group_size == K, "a K tile must stay inside one group"
     magic, offset = _MAGIC[x.dtype]
     common = dict(
@@ -348,9 +417,32 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is the default (ignored for 16-bit)
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if cfg.block_m < MAX_SKINNY_M:
+        _gemv(x, qweight, scales, zeros, group_size, bias, y, cfg, common)
+        return y
     launch = _skinny if M <= MAX_SKINNY_M else _gemm
     launch(x, qweight, scales, zeros, group_size, bias, y, cfg, common)
     return y
+
+
+def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, G: int,
+          bias: torch.Tensor | None, y: torch.Tensor, cfg: W4A16Config, common: dict) -> None:
+    M, K = x.shape
+    N = y.shape[1]
+    assert M <= cfg.block_m and K % cfg.block_k == 0, (M, K, cfg)
+    tiles_per_split = triton.cdiv(K // cfg.block_k, cfg.split_k)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    args = (x, qweight, scales, zeros, bias if bias is not None else y)
+    strides = (x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0))
+    opts = dict(HAS_BIAS=common["HAS_BIAS"], IDX64=common["IDX64"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k == 1:
+        _w4a16_gemv_kernel[grid](*args, y, M, N, K, G, *strides, 0, y.stride(0), tiles_per_split, SPLIT=False, **opts)
+        return
+    part = _utils.empty((cfg.split_k, MAX_SKINNY_M, N), torch.float32, x.device)
+    _w4a16_gemv_kernel[grid](*args, part, M, N, K, G, *strides, part.stride(0), part.stride(1), tiles_per_split,
+                             SPLIT=True, **opts)
+    _reduce(part, bias, y, cfg.split_k, _utils.next_pow2(cfg.split_k))
 
 
 def _skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, G: int,

@@ -23,6 +23,8 @@ from headrace.kernels.w4a16_matmul import (  # noqa: E402
 _CPU_SHAPE = (48, 128)
 _CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2)]
 _CPU_GEMM = [(16, 32, 32, 1, 4, 2), (32, 16, 32, 1, 4, 2), (16, 32, 32, 3, 4, 2)]
+# The elementwise GEMV (block_m < 16, M <= block_m): no split, and 3 splits of 4 tiles (one empty).
+_CPU_GEMV = [(4, 32, 32, 1, 4, 1), (4, 16, 32, 3, 4, 1)]
 _GPU_SHAPES = [(6144, 4096), (4096, 14336), (1000, 1024)]
 
 
@@ -46,8 +48,8 @@ def _dtypes(dtype: torch.dtype) -> list[torch.dtype]:
 
 def _configs(M: int, device: torch.device) -> list:
     if device.type != "cpu":
-        return [None]
-    return _CPU_SKINNY if M <= 16 else _CPU_GEMM
+        return [None] + ([(4, 128, 128, 4, 4, 2)] if M <= 4 else [])
+    return _CPU_SKINNY + (_CPU_GEMV if M <= 4 else []) if M <= 16 else _CPU_GEMM
 
 
 def test_pack_nibble_order() -> None:
