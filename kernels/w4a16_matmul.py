@@ -76,6 +76,7 @@ class W4A16Config(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
+    per_field: bool = False  # skinny kernel: 8 dots per tile, one per nibble field, instead of a reshape and one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def _w4a16_skinny_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MAGIC: tl.constexpr, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MAGIC: tl.constexpr, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_FIELD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -164,6 +165,7 @@ def _w4a16_skinny_kernel(
         word_rows = word_rows.to(tl.int64)
     qw_ptrs = qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    xf_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_r * 8)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # empty for an empty split: its partial stays 0
         if EVEN_K:
@@ -175,12 +177,28 @@ def _w4a16_skinny_kernel(
         g = k0 // G  # the tile lies inside one group
         s = tl.load(s_ptr + g * stride_sg + cols, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_zg + cols, mask=mask_n, other=0.0).to(tl.float32)
-        w = _unpack_tile(words, BLOCK_K, BLOCK_N, MAGIC, x_ptr.dtype.element_ty)  # OFFSET + q, exact
-        d = tl.dot(x, w, input_precision=DOT_PRECISION)  # sum_k x (OFFSET + q), fp32
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        if PER_FIELD:
+            # No reshape: nibble j of word row r is input k0 + 8r + j, so field j of the loaded words is a
+            # [BLOCK_K / 8, BLOCK_N] operand as it stands, met by x's columns k0 + 8r + j (a stride-8 read).
+            d = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(8):
+                q = (words >> (4 * j)) & 0xF
+                if MAGIC != 0:
+                    wj = (q | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                else:
+                    wj = q.to(x_ptr.dtype.element_ty)
+                xj = tl.load(xf_ptrs + j, mask=mask_m[:, None], other=0.0)
+                d += tl.dot(xj, wj, input_precision=DOT_PRECISION)
+                x_sum += tl.sum(xj.to(tl.float32), axis=1)
+        else:
+            w = _unpack_tile(words, BLOCK_K, BLOCK_N, MAGIC, x_ptr.dtype.element_ty)  # OFFSET + q, exact
+            d = tl.dot(x, w, input_precision=DOT_PRECISION)  # sum_k x (OFFSET + q), fp32
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
         acc += d * s[None, :] - x_sum[:, None] * ((z + OFFSET) * s)[None, :]
         qw_ptrs += (BLOCK_K // 8) * stride_qk
         x_ptrs += BLOCK_K
+        xf_ptrs += BLOCK_K
 
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
@@ -450,18 +468,19 @@ def _skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     M, K = x.shape
     N = y.shape[1]
     assert cfg.block_m == MAX_SKINNY_M, cfg
+    per_field = cfg.per_field and common["EVEN_K"] and cfg.block_k >= 128  # tl.dot needs K >= 16 word rows
     tiles_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (x, qweight, scales, zeros, bias if bias is not None else y)  # y: a dummy bias pointer, never read
     strides = (x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0))
     if cfg.split_k == 1:
         _w4a16_skinny_kernel[grid](*args, y, M, N, K, G, *strides, 0, y.stride(0), tiles_per_split,
-                                   SPLIT=False, BLOCK_M=MAX_SKINNY_M, **common)
+                                   SPLIT=False, BLOCK_M=MAX_SKINNY_M, PER_FIELD=per_field, **common)
         return
     # Partials are [split, 16, N] whatever M is: their strides depend on the shape only (one compiled variant).
     part = _utils.empty((cfg.split_k, MAX_SKINNY_M, N), torch.float32, x.device)
     _w4a16_skinny_kernel[grid](*args, part, M, N, K, G, *strides, part.stride(0), part.stride(1), tiles_per_split,
-                               SPLIT=True, BLOCK_M=MAX_SKINNY_M, **common)
+                               SPLIT=True, BLOCK_M=MAX_SKINNY_M, PER_FIELD=per_field, **common)
     _reduce(part, bias, y, cfg.split_k, _utils.next_pow2(cfg.split_k))
 
 

@@ -21,7 +21,7 @@ from headrace.kernels.w4a16_matmul import (  # noqa: E402
 # configs cover no split, uneven splits (4 K tiles in 3 splits: 2 + 2 + 0, an empty split) and a split per tile;
 # the GEMM ones a ragged last row block (M = 17, 40 over BLOCK_M = 16 / 32), without and with split-K.
 _CPU_SHAPE = (48, 128)
-_CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2)]
+_CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2), (16, 32, 128, 1, 4, 2, True)]
 _CPU_GEMM = [(16, 32, 32, 1, 4, 2), (32, 16, 32, 1, 4, 2), (16, 32, 32, 3, 4, 2)]
 # The elementwise GEMV (block_m < 16, M <= block_m): no split, and 3 splits of 4 tiles (one empty).
 _CPU_GEMV = [(4, 32, 32, 1, 4, 1), (4, 16, 32, 3, 4, 1)]
@@ -48,8 +48,13 @@ def _dtypes(dtype: torch.dtype) -> list[torch.dtype]:
 
 def _configs(M: int, device: torch.device) -> list:
     if device.type != "cpu":
-        return [None] + ([(4, 128, 128, 4, 4, 2)] if M <= 4 else [])
+        return [None] + ([(4, 128, 32, 4, 4, 2)] if M <= 4 else []) + ([(16, 128, 128, 4, 8, 4, True)] if M <= 16 else [])
     return _CPU_SKINNY + (_CPU_GEMV if M <= 4 else []) if M <= 16 else _CPU_GEMM
+
+
+def _fits(cfg, G: int, K: int) -> bool:
+    """A config's K tile must lie inside one group (or the one group spans K)."""
+    return cfg is None or G % cfg[2] == 0 or G == K
 
 
 def test_pack_nibble_order() -> None:
@@ -92,7 +97,7 @@ def test_w4a16_matmul(dev: tuple[torch.device, torch.dtype], M: int) -> None:
             for G in (32, 64, K):
                 x, q, scales, zeros, bias = _inputs(M, N, K, G, dtype, device)
                 qweight = pack(q)
-                for i, cfg in enumerate(_configs(M, device)):
+                for i, cfg in enumerate(c for c in _configs(M, device) if _fits(c, G, K)):
                     for b in (None, bias) if i == 0 else (bias,):
                         y = w4a16_matmul(x, qweight, scales, zeros, G, b, cfg)
                         assert y.shape == (M, N) and y.dtype == dtype
@@ -109,7 +114,7 @@ def test_w4a16_matmul_strided_rows(dev: tuple[torch.device, torch.dtype], M: int
     assert x.stride(0) == K + 40
     qweight = pack(q)
     want = w4a16_matmul_reference(x, qweight, scales, zeros, G, bias)
-    cfgs = _configs(M, device) + [None]
+    cfgs = [c for c in _configs(M, device) if _fits(c, G, K)] + [None]
     for cfg in cfgs:
         assert_close(w4a16_matmul(x, qweight, scales, zeros, G, bias, cfg), want, dtype)
 
