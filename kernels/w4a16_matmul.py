@@ -59,6 +59,7 @@ from .gemv import _gemv_reduce_kernel  # the deterministic split-K reduction (su
 
 PACK = 8  # nibbles per int32 word
 MAX_SKINNY_M = 16  # rows of the padded dot in the small-M kernel (tl.dot needs >= 16); larger M takes the GEMM
+_GEMV_PROGRAMS = 512  # M = 1: split K until the grid holds this many programs (about 4 per SM)
 _PROGRAMS_PER_SM = 4  # skinny kernel: aim for >= 4 programs per SM over the whole grid (the GEMM: 1)
 _MAX_GEMM_SPLIT = 16  # the GEMM's reduction is compiled for up to 16 splits, whatever the split of the call
 _MIN_SPLIT_BYTES = 32 << 10  # a split streams >= 32 KiB of packed weight: the pipeline prologue amortised
@@ -210,29 +211,28 @@ def _w4a16_skinny_kernel(
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "G", "tiles_per_split"])
+@triton.jit(do_not_specialize=["G", "tiles_per_split"])
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, G,
-    stride_xm, stride_qk, stride_sg, stride_zg,
-    stride_os, stride_om,
+    N, K, G,
+    stride_qk, stride_sg, stride_zg, stride_os,
     tiles_per_split,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IDX64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """M <= 4 (batch-1 decode): no tensor core, no layout change. Nibble j of word row r is input k = 8r + j,
-    so for each j the tile's nibbles multiply x at k0 + 8r + j (a stride-8 read of x, which sits in L1): the
-    words stay in the layout they were loaded in. A nibble costs a shift, one and-or (it lands in bits 16-19
-    of the float 128.0, making exactly 128 + q) and one FMA per row; the 128 comes off with the zero point.
-    The [BLOCK_M, R, BLOCK_N] accumulator is scaled once per tile (a tile lies in one group) and reduced over
-    R once, after the loop."""
+    """M = 1 (batch-1 decode): no tensor core and no layout change. Nibble j of word row r is input
+    k0 + 8r + j, so for each j the tile's nibbles meet x at k0 + 8r + j (a stride-8 read of x, which sits
+    in L1) in the layout the words were loaded in: every tensor here is [R, BLOCK_N] or a slice of it, so
+    nothing goes through shared memory (a [1, R, BLOCK_N] form of this cost a layout conversion and a
+    barrier per field). A nibble costs a shift, one and-or (it lands in bits 16-19 of the float 128.0,
+    making exactly 128 + q) and one FMA; the 128 comes off with the zero point, once per tile. The [R,
+    BLOCK_N] accumulator is scaled once per tile (a tile lies in one group) and summed over R at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
-    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     cols = offs_n
     k_start = pid_k * tiles_per_split * BLOCK_K
@@ -242,16 +242,15 @@ def _w4a16_gemv_kernel(
         cols = cols.to(tl.int64)
         word_rows = word_rows.to(tl.int64)
     qw_ptrs = qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_r * 8)[None, :]
-    acc = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
-    acc_off = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+    acc_off = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # empty for an empty split: its partial stays 0
         words = tl.load(qw_ptrs, mask=mask_n[None, :], other=0)
         g = k0 // G
         s = tl.load(s_ptr + g * stride_sg + cols, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_zg + cols, mask=mask_n, other=0.0).to(tl.float32)
-        tile = tl.zeros([BLOCK_M, R, BLOCK_N], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        x_sum = tl.sum(tl.load(x_ptr + k0 + offs_k).to(tl.float32), axis=0)
+        tile = tl.zeros([R, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(8):
             if j < 4:
                 bits = (words << (16 - 4 * j)) & 0xF0000
@@ -260,23 +259,19 @@ def _w4a16_gemv_kernel(
             else:
                 bits = (words >> (4 * j - 16)) & 0xF0000  # the sign bits land above bit 19 and are masked
             w = (bits | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q, exact
-            xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0).to(tl.float32)
-            tile += xj[:, :, None] * w[None, :, :]
-            x_sum += tl.sum(xj, axis=1)
-        acc += tile * s[None, None, :]
-        acc_off += x_sum[:, None] * ((z + 128.0) * s)[None, :]
+            xj = tl.load(x_ptr + k0 + offs_r * 8 + j).to(tl.float32)
+            tile += xj[:, None] * w
+        acc += tile * s[None, :]
+        acc_off += x_sum * ((z + 128.0) * s)
         qw_ptrs += R * stride_qk
-        x_ptrs += BLOCK_K
 
-    out = tl.sum(acc, axis=1) - acc_off
-    mask = mask_m[:, None] & mask_n[None, :]
+    out = tl.sum(acc, axis=0) - acc_off
     if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
+        tl.store(out_ptr + pid_k * stride_os + offs_n, out, mask=mask_n)
     else:
         if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit(do_not_specialize=["M", "G", "stride_ps", "tiles_per_split", "split_k"])
@@ -385,6 +380,14 @@ def default_config(M: int, N: int, K: int, G: int, device: torch.device,
     assert M >= 1 and K % G == 0
     sms = _utils.num_sms(device) if device.type == "cuda" else 4
     block_n = max(16, min(128, _utils.next_pow2(N)))
+    gemv_k = _block_k(K, G, 128)
+    if M == 1 and K % gemv_k == 0 and gemv_k >= 32:
+        # GEMV (sweep on an H200, Llama-3-8B shapes at G = 128: 4 warps and 2 stages won everywhere; splits
+        # until the grid holds >= 512 programs, at most 16: 1.1-1.4x bf16 cuBLAS, where the padded dot lost).
+        split = 1
+        while triton.cdiv(N, block_n) * split < _GEMV_PROGRAMS and split < 16 and K // gemv_k >= 4 * split:
+            split *= 2
+        return W4A16Config(1, block_n, gemv_k, split, 4, 2)
     if M <= MAX_SKINNY_M:
         block_k = _block_k(K, G, 128)
         split = _split(triton.cdiv(N, block_n), triton.cdiv(K, block_k), block_k * block_n // 2,
@@ -447,19 +450,18 @@ def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: t
           bias: torch.Tensor | None, y: torch.Tensor, cfg: W4A16Config, common: dict) -> None:
     M, K = x.shape
     N = y.shape[1]
-    assert M <= cfg.block_m and K % cfg.block_k == 0, (M, K, cfg)
+    assert M == 1 and cfg.block_m == 1 and K % cfg.block_k == 0, (M, K, cfg)
     tiles_per_split = triton.cdiv(K // cfg.block_k, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (x, qweight, scales, zeros, bias if bias is not None else y)
-    strides = (x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0))
-    opts = dict(HAS_BIAS=common["HAS_BIAS"], IDX64=common["IDX64"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (qweight.stride(0), scales.stride(0), zeros.stride(0))
+    opts = dict(HAS_BIAS=common["HAS_BIAS"], IDX64=common["IDX64"], BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.split_k == 1:
-        _w4a16_gemv_kernel[grid](*args, y, M, N, K, G, *strides, 0, y.stride(0), tiles_per_split, SPLIT=False, **opts)
+        _w4a16_gemv_kernel[grid](*args, y, N, K, G, *strides, 0, tiles_per_split, SPLIT=False, **opts)
         return
     part = _utils.empty((cfg.split_k, MAX_SKINNY_M, N), torch.float32, x.device)
-    _w4a16_gemv_kernel[grid](*args, part, M, N, K, G, *strides, part.stride(0), part.stride(1), tiles_per_split,
-                             SPLIT=True, **opts)
+    _w4a16_gemv_kernel[grid](*args, part, N, K, G, *strides, part.stride(0), tiles_per_split, SPLIT=True, **opts)
     _reduce(part, bias, y, cfg.split_k, _utils.next_pow2(cfg.split_k))
 
 

@@ -363,9 +363,8 @@ def _w4a16_sweep_configs(batch: int, default) -> list[tuple]:
     the skinny kernel's tiles at the default split, half and double it, and 1; the GEMM's tiles at its default
     split and 1 (block_m 64 or 128; block_k must divide the group size, 128 here)."""
     splits = sorted({1, max(1, default[3] // 2), default[3], 2 * default[3]} if batch <= 16 else {1, default[3]})
-    if batch <= 4:  # the elementwise GEMV (block_m = batch rounded up), over more splits: it has no dot to feed
-        bm = 1 if batch == 1 else 2 if batch == 2 else 4
-        return [(bm, bn, 128, split, w, 2) for split in (2, 4, 8, 16) for bn in (128, 256) for w in (4, 8)]
+    if batch == 1:  # the elementwise GEMV (block_m 1), over more splits: it has no dot to feed
+        return [(1, bn, 128, split, w, 2) for split in (2, 4, 8, 16) for bn in (64, 128, 256) for w in (4, 8)]
     if batch <= 16:
         return [(16, bn, 128, split, w, st, pf) for split in splits for pf in (True, False)
                 for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]

@@ -24,7 +24,7 @@ _CPU_SHAPE = (48, 128)
 _CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2), (16, 32, 128, 1, 4, 2, True)]
 _CPU_GEMM = [(16, 32, 32, 1, 4, 2), (32, 16, 32, 1, 4, 2), (16, 32, 32, 3, 4, 2)]
 # The elementwise GEMV (block_m < 16, M <= block_m): no split, and 3 splits of 4 tiles (one empty).
-_CPU_GEMV = [(4, 32, 32, 1, 4, 1), (4, 16, 32, 3, 4, 1)]
+_CPU_GEMV = [(1, 32, 32, 1, 4, 1), (1, 16, 32, 3, 4, 1)]
 _GPU_SHAPES = [(6144, 4096), (4096, 14336), (1000, 1024)]
 
 
@@ -48,8 +48,8 @@ def _dtypes(dtype: torch.dtype) -> list[torch.dtype]:
 
 def _configs(M: int, device: torch.device) -> list:
     if device.type != "cpu":
-        return [None] + ([(4, 128, 32, 4, 4, 2)] if M <= 4 else []) + ([(16, 128, 128, 4, 8, 4, True)] if M <= 16 else [])
-    return _CPU_SKINNY + (_CPU_GEMV if M <= 4 else []) if M <= 16 else _CPU_GEMM
+        return [None] + ([(1, 128, 32, 4, 4, 2)] if M == 1 else []) + ([(16, 128, 128, 4, 8, 4, True)] if M <= 16 else [])
+    return _CPU_SKINNY + (_CPU_GEMV if M == 1 else []) if M <= 16 else _CPU_GEMM
 
 
 def _fits(cfg, G: int, K: int) -> bool:
@@ -181,12 +181,18 @@ def test_default_config_llama3_8b(monkeypatch: pytest.MonkeyPatch) -> None:
         (4096, 14336): ((128, 128, 16), (8, 8, 2, 1)),   # down: 32 x 16 = 512 programs of 7 tiles
     }
     for (N, K), ((bn, bk, split), gemm_splits) in want.items():
-        skinny = {default_config(M, N, K, 128, cuda) for M in (1, 2, 7, 16)}
+        skinny = {default_config(M, N, K, 128, cuda) for M in (2, 7, 16)}
         assert skinny == {W4A16Config(16, bn, bk, split, 8, 4)}, (N, K, skinny)
         gemm = [default_config(M, N, K, 128, cuda) for M in (17, 64, 256, 8192)]
         assert {c._replace(split_k=0) for c in gemm} == {W4A16Config(64, 128, 64, 0, 4, 4)}, gemm
         assert tuple(c.split_k for c in gemm) == gemm_splits, (N, K, gemm)
+    # M = 1 takes the GEMV, split until the grid has >= 512 programs (at most 16, >= 4 tiles a split).
+    gemv = {(N, K): default_config(1, N, K, 128, cuda) for N, K in want}
+    assert gemv == {(6144, 4096): W4A16Config(1, 128, 128, 16, 4, 2), (4096, 4096): W4A16Config(1, 128, 128, 16, 4, 2),
+                    (28672, 4096): W4A16Config(1, 128, 128, 4, 4, 2),
+                    (4096, 14336): W4A16Config(1, 128, 128, 16, 4, 2)}, gemv
     # Tiles never cross a group; one group per column takes any K.
-    assert default_config(1, 4096, 4096, 32, cuda).block_k == 32
+    assert default_config(2, 4096, 4096, 32, cuda).block_k == 32
     assert default_config(64, 4096, 4096, 32, cuda).block_k == 32
-    assert default_config(1, 4096, 4104, 4104, cuda).block_k == 128
+    assert default_config(2, 4096, 4104, 4104, cuda).block_k == 128
+    assert default_config(1, 4096, 4104, 4104, cuda).block_m == 16  # a ragged K stays on the padded-dot path
