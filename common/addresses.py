@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from headrace.common.config import ConfigError, ServerConfig
+from headrace.common.ipc_dir import make_temp_dir, private_dir
 
 # Longest path a Unix domain socket accepts (sockaddr_un.sun_path is 108 bytes with the NUL on Linux).
 _MAX_IPC_PATH = 107
@@ -45,10 +45,27 @@ class AddressPlan:
 
 
 def with_ipc_dir(server: ServerConfig) -> ServerConfig:
-    """The launcher calls this once, so every process it starts derives the same socket paths."""
-    if server.transport != "ipc" or server.ipc_dir:
-        return server
-    return dataclasses.replace(server, ipc_dir=tempfile.mkdtemp(prefix="headrace-"))
+    """`claim_ipc_dir` without the word on who made the folder."""
+    return claim_ipc_dir(server)[0]
+
+
+def claim_ipc_dir(server: ServerConfig) -> tuple[ServerConfig, bool]:
+    """The launcher calls this once, before any process starts, so every process derives the same socket
+    paths, in a folder only this user may enter (common.ipc_dir): a fresh temp folder when none is given; a
+    given one is made 0700 when missing and refused when others may enter it. True when this call made the
+    folder: shutdown removes it then (if it is empty), and never a folder that was there before."""
+    if server.transport != "ipc":
+        return server, False
+    if not server.ipc_dir:
+        return dataclasses.replace(server, ipc_dir=make_temp_dir()), True
+    return server, private_dir(server.ipc_dir)
+
+
+def ipc_socket_paths(server: ServerConfig) -> list[str]:
+    """The socket files the engine binds under its ipc dir (none under tcp)."""
+    if server.transport != "ipc":
+        return []
+    return [ep.bind[len("ipc://"):] for ep in address_plan(server).all()]
 
 
 def address_plan(server: ServerConfig, *, base_port: int | None = None,

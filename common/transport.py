@@ -24,6 +24,7 @@ import zmq.asyncio
 from headrace.common import codec
 from headrace.common.addresses import Endpoint
 from headrace.common.codec import MessageDecodeError
+from headrace.common.ipc_dir import bind_path_is_free, private_dir
 
 # --------------------------------------------------------------------------- liveness timing (every process)
 
@@ -55,13 +56,27 @@ def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: b
         sock.setsockopt(zmq.ROUTING_ID, _valid_identity(identity))  # before connect: peers read it on handshake
     if isinstance(address, Endpoint):
         address = address.bind if bind else address.connect
-    if bind:
-        if address.startswith("ipc://"):
-            os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
+    if bind and address.startswith("ipc://"):
+        _bind_ipc(sock, address[len("ipc://"):])
+    elif bind:
         sock.bind(address)
     else:
         sock.connect(address)
     return sock
+
+
+def _bind_ipc(sock: zmq.Socket, path: str) -> None:
+    """Bind a socket file that only this user can reach, in a folder only this user can enter
+    (common.ipc_dir says why the folder is the guarantee)."""
+    private_dir(os.path.dirname(path) or ".")
+    bind_path_is_free(path)
+    # The file is made with 0777 & ~umask. The umask is process-wide: a file another thread creates in this
+    # instant comes out owner-only too, which is never less safe than it asked for.
+    old = os.umask(0o077)
+    try:
+        sock.bind(f"ipc://{path}")
+    finally:
+        os.umask(old)
 
 
 def new_identity(prefix: str) -> Identity:

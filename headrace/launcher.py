@@ -77,9 +77,18 @@ def check_devices(device: str, tp: int) -> None:
             raise ValueError(f"--tensor-parallel-size {tp} needs {tp} GPUs; this host has {count}")
 
 
-def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
-    """Resolve everything every process must agree on, once, before any process starts."""
-    from headrace.common.addresses import with_ipc_dir
+@dataclass
+class RuntimeFiles:
+    """What the launcher made on disk for one run, so that shutdown removes exactly that: never a folder, or a
+    file in it, that was there before."""
+
+    ipc_dir: str | None = None  # the ipc folder, only when the launcher created it
+
+
+def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | None = None) -> EngineConfig:
+    """Resolve everything every process must agree on, once, before any process starts. What it creates on
+    disk is noted in `files` (for Launcher.stop)."""
+    from headrace.common.addresses import claim_ipc_dir
     from headrace.common.models.resolve import resolve_engine_config
 
     config = resolve_engine_config(config, log=log_fn)
@@ -87,12 +96,17 @@ def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
     parallel = config.parallel
     if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
-    return config.replace(parallel=parallel, server=with_ipc_dir(config.server))
+    # Last: nothing is made on disk for a start that fails earlier.
+    server, created = claim_ipc_dir(config.server)
+    if created and files is not None:
+        files.ipc_dir = server.ipc_dir
+    return config.replace(parallel=parallel, server=server)
 
 
 class Launcher:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, files: RuntimeFiles | None = None):
         self.config = config
+        self.files = files or RuntimeFiles()
         self.config_dict = config.to_dict()
         self.ctx = mp.get_context("spawn")
         self.children: list[Child] = []
@@ -213,21 +227,33 @@ class Launcher:
                 log.warning("%s did not stop; killing it", c.name)
                 c.process.kill()
                 c.process.join(5)
-        s = self.config.server
-        if s.transport == "ipc" and s.ipc_dir:
-            shutil.rmtree(s.ipc_dir, ignore_errors=True)
+        self._remove_runtime_files()
+
+    def _remove_runtime_files(self) -> None:
+        """The sockets the processes bound (a killed one leaves its file), the ipc folder if the launcher made
+        it and nothing else is in it, the metrics folder (made by the launcher, written only by the apis)."""
+        from headrace.common.addresses import ipc_socket_paths
+        from headrace.common.ipc_dir import remove_sockets
+
+        remove_sockets(ipc_socket_paths(self.config.server))
+        if self.files.ipc_dir:
+            try:
+                os.rmdir(self.files.ipc_dir)
+            except OSError as e:
+                log.warning("left the ipc folder %s in place: %s", self.files.ipc_dir, e.strerror)
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 def serve(config: EngineConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+    files = RuntimeFiles()
     try:
-        config = prepare_config(config, log_fn=log.info)
-    except (ValueError, FileNotFoundError) as e:
+        config = prepare_config(config, log_fn=log.info, files=files)
+    except (ValueError, OSError) as e:  # a ConfigError, a missing model, an ipc folder we may not create
         print(f"headrace: error: {e}", file=sys.stderr)
         return 2
-    launcher = Launcher(config)
+    launcher = Launcher(config, files)
 
     def on_signal(signum, _frame):
         log.info("received %s; draining", signal.Signals(signum).name)

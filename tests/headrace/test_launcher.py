@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+
 import pytest
 
-from headrace.common.config import EngineConfig, ModelConfig, ParallelConfig
-from headrace.launcher import check_devices, prepare_config
+from headrace.common.addresses import ipc_socket_paths
+from headrace.common.config import EngineConfig, ModelConfig, ParallelConfig, ServerConfig
+from headrace.launcher import Launcher, RuntimeFiles, check_devices, prepare_config
 
 
 def test_prepare_config_resolves_model_tokenizer_and_addresses():
@@ -39,3 +44,62 @@ def test_bad_flags_are_one_line_errors(capsys):
     err = capsys.readouterr().err
     assert "headrace: error: --port must be in 1..65535" in err and "Traceback" not in err
     assert "--block-size must be one of" in err
+
+
+def tiny(server: ServerConfig) -> EngineConfig:
+    return EngineConfig(model=ModelConfig(model="random:tiny-llama"), device="cpu", server=server)
+
+
+def leave_sockets_behind(server: ServerConfig) -> None:
+    """What killed processes leave: a socket file at every bound path, with nobody listening."""
+    for path in ipc_socket_paths(server):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path)
+
+
+def test_stop_removes_only_its_sockets_from_a_given_ipc_dir(tmp_path):
+    folder = tmp_path / "ipc"
+    folder.mkdir(mode=0o700)
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "sub").mkdir()
+    files = RuntimeFiles()
+    config = prepare_config(tiny(ServerConfig(ipc_dir=str(folder))), log_fn=lambda *_: None, files=files)
+    assert files.ipc_dir is None  # it was there before: not ours to remove
+    leave_sockets_behind(config.server)
+    assert len(os.listdir(folder)) == 2 + 4
+    Launcher(config, files).stop(drain=False)
+    assert sorted(os.listdir(folder)) == ["notes.txt", "sub"]
+    assert (folder / "notes.txt").read_text() == "the user's"
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["temp-dir", "missing-ipc-dir"])
+def test_stop_removes_the_ipc_dir_it_made_unless_others_files_are_in_it(tmp_path, given):
+    for someone_wrote_there in (False, True):
+        server = ServerConfig(ipc_dir=str(tmp_path / f"new-{someone_wrote_there}") if given else None)
+        files = RuntimeFiles()
+        config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
+        folder = config.server.ipc_dir
+        assert files.ipc_dir == folder and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        leave_sockets_behind(config.server)
+        if someone_wrote_there:
+            with open(os.path.join(folder, "theirs.txt"), "w") as f:
+                f.write("x")
+        Launcher(config, files).stop(drain=False)
+        if someone_wrote_there:
+            assert os.listdir(folder) == ["theirs.txt"]
+            os.remove(os.path.join(folder, "theirs.txt"))
+            os.rmdir(folder)
+        else:
+            assert not os.path.exists(folder)
+
+
+def test_an_ipc_dir_others_may_enter_stops_the_start_with_one_line(tmp_path, capsys):
+    from headrace.cli import main
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    assert main(["serve", "--model", "random:tiny-llama", "--device", "cpu", "--ipc-dir", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"headrace: error: --ipc-dir {folder} is open to other users" in err and "Traceback" not in err
+    assert os.listdir(folder) == []
