@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from headrace.common.config import EngineConfig
+from headrace.common.config import EngineConfig, ServerConfig
 from headrace.common.messages import Shutdown, WorkerFailed
 
 log = logging.getLogger("headrace.launcher")
@@ -83,6 +83,7 @@ class RuntimeFiles:
     file in it, that was there before."""
 
     ipc_dir: str | None = None  # the ipc folder, only when the launcher created it
+    key_dir: str | None = None  # the private folder of a one-off CURVE key (tcp without --engine-curve-key-file)
 
 
 def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | None = None) -> EngineConfig:
@@ -96,11 +97,35 @@ def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | Non
     parallel = config.parallel
     if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
-    # Last: nothing is made on disk for a start that fails earlier.
-    server, created = claim_ipc_dir(config.server)
-    if created and files is not None:
+    # Last: nothing is made on disk (a one-off key, the ipc folder) for a start that fails earlier.
+    files = files if files is not None else RuntimeFiles()
+    server = tcp_on_one_host(config.server, files)
+    server, created = claim_ipc_dir(server)
+    if created:
         files.ipc_dir = server.ipc_dir
     return config.replace(parallel=parallel, server=server)
+
+
+def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
+    """tcp with every process on this host: peers dial the host the engine binds on (the compose service
+    names do not resolve here), every host they dial must resolve now, and without a key of the user's the
+    processes share a one-off CURVE key, so no other local user's process can reach the engine's ports."""
+    from headrace.common.addresses import address_plan, check_resolves, loopback_peer_host
+    from headrace.common.curve import write_new_key_file
+    from headrace.common.ipc_dir import make_temp_dir
+
+    if server.transport != "tcp":
+        return server
+    if server.engine_connect_host is None:
+        server = dataclasses.replace(server, engine_connect_host=loopback_peer_host(server.engine_bind_host))
+    for endpoint in address_plan(server).all():
+        check_resolves(endpoint.connect)
+    if server.engine_curve_key_file is None:
+        files.key_dir = make_temp_dir()
+        key_file = os.path.join(files.key_dir, "engine_curve.key")
+        write_new_key_file(key_file)
+        server = dataclasses.replace(server, engine_curve_key_file=key_file)
+    return server
 
 
 class Launcher:
@@ -241,6 +266,8 @@ class Launcher:
                 os.rmdir(self.files.ipc_dir)
             except OSError as e:
                 log.warning("left the ipc folder %s in place: %s", self.files.ipc_dir, e.strerror)
+        if self.files.key_dir:  # made by the launcher, holding only the key it wrote
+            shutil.rmtree(self.files.key_dir, ignore_errors=True)
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 

@@ -103,3 +103,45 @@ def test_an_ipc_dir_others_may_enter_stops_the_start_with_one_line(tmp_path, cap
     err = capsys.readouterr().err
     assert f"headrace: error: --ipc-dir {folder} is open to other users" in err and "Traceback" not in err
     assert os.listdir(folder) == []
+
+
+@pytest.mark.parametrize("bind_host,dialed", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_tcp_on_one_host_dials_the_bind_host_with_a_one_off_key(bind_host, dialed):
+    from headrace.common.addresses import address_plan, tcp_host_port
+    from headrace.common.curve import read_key_file
+
+    files = RuntimeFiles()
+    server = ServerConfig(transport="tcp", engine_bind_host=bind_host)
+    config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
+    s = config.server
+    assert s.engine_connect_host == dialed  # not the compose service names, which do not resolve here
+    assert {tcp_host_port(ep.connect)[0] for ep in address_plan(s).all()} == {dialed}
+    assert s.engine_curve_key_file and os.path.dirname(s.engine_curve_key_file) == files.key_dir
+    assert stat.S_IMODE(os.stat(files.key_dir).st_mode) == 0o700
+    read_key_file(s.engine_curve_key_file)
+    assert files.ipc_dir is None
+    Launcher(config, files).stop(drain=False)
+    assert not os.path.exists(files.key_dir)
+
+
+def test_tcp_keeps_the_users_key_and_hosts(tmp_path):
+    from headrace.common.curve import write_new_key_file
+
+    key = str(tmp_path / "k")
+    write_new_key_file(key)
+    files = RuntimeFiles()
+    server = ServerConfig(transport="tcp", engine_connect_host="localhost", engine_curve_key_file=key)
+    config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
+    assert config.server == server and files == RuntimeFiles()
+    Launcher(config, files).stop(drain=False)
+    assert os.path.exists(key)  # the user's key is not the launcher's to remove
+
+
+def test_a_peer_host_that_does_not_resolve_stops_the_start_with_one_line(capsys):
+    from headrace.cli import main
+
+    assert main(["serve", "--model", "random:tiny-llama", "--device", "cpu", "--transport", "tcp",
+                 "--engine-connect-host", "no-such-host.invalid"]) == 2
+    err = capsys.readouterr().err
+    assert "headrace: error: the engine peer host 'no-such-host.invalid'" in err and "does not resolve" in err
+    assert "Traceback" not in err
