@@ -111,7 +111,7 @@ def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
     names do not resolve here), every host they dial must resolve now, and without a key of the user's the
     processes share a one-off CURVE key, so no other local user's process can reach the engine's ports."""
     from headrace.common.addresses import address_plan, check_resolves, loopback_peer_host
-    from headrace.common.curve import write_new_key_file
+    from headrace.common.curve import read_key_file, write_new_key_file
     from headrace.common.ipc_dir import make_temp_dir
 
     if server.transport != "tcp":
@@ -120,18 +120,19 @@ def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
         server = dataclasses.replace(server, engine_connect_host=loopback_peer_host(server.engine_bind_host))
     for endpoint in address_plan(server).all():
         check_resolves(endpoint.connect)
-    if server.engine_curve_key_file is None:
-        files.key_dir = make_temp_dir()
-        key_file = os.path.join(files.key_dir, "engine_curve.key")
-        write_new_key_file(key_file)
-        server = dataclasses.replace(server, engine_curve_key_file=key_file)
-    return server
+    if server.engine_curve_key_file is not None:
+        read_key_file(server.engine_curve_key_file)  # one line now rather than every process failing on it
+        return server
+    files.key_dir = make_temp_dir()
+    key_file = os.path.join(files.key_dir, "engine_curve.key")
+    write_new_key_file(key_file)
+    return dataclasses.replace(server, engine_curve_key_file=key_file)
 
 
 class Launcher:
     def __init__(self, config: EngineConfig, files: RuntimeFiles | None = None):
         self.config = config
-        self.files = files or RuntimeFiles()
+        self.files = files if files is not None else RuntimeFiles()
         self.config_dict = config.to_dict()
         self.ctx = mp.get_context("spawn")
         self.children: list[Child] = []

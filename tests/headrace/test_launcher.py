@@ -145,3 +145,13 @@ def test_a_peer_host_that_does_not_resolve_stops_the_start_with_one_line(capsys)
     err = capsys.readouterr().err
     assert "headrace: error: the engine peer host 'no-such-host.invalid'" in err and "does not resolve" in err
     assert "Traceback" not in err
+
+
+def test_a_key_file_that_cannot_be_read_stops_the_start_with_one_line(tmp_path, capsys):
+    from headrace.cli import main
+
+    missing = tmp_path / "no-key"
+    assert main(["serve", "--model", "random:tiny-llama", "--device", "cpu", "--transport", "tcp",
+                 "--engine-curve-key-file", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"headrace: error: --engine-curve-key-file {missing}: No such file" in err and "Traceback" not in err
