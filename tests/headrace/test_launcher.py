@@ -14,10 +14,12 @@ from headrace.launcher import Launcher, RuntimeFiles, check_devices, prepare_con
 
 
 def test_prepare_config_resolves_model_tokenizer_and_addresses():
-    config = prepare_config(EngineConfig(device="cpu"), log_fn=lambda *_: None)
+    files = RuntimeFiles()
+    config = prepare_config(EngineConfig(device="cpu"), log_fn=lambda *_: None, files=files)
     assert config.resolved.tokenizer_dir and config.resolved.name == "SmolLM2-135M-Instruct"
     assert config.resolved.max_model_len == 8192
     assert config.server.ipc_dir
+    os.rmdir(files.ipc_dir)  # the launcher made it (and would remove it at stop)
 
 
 def test_more_ranks_than_gpus_fails_before_start(monkeypatch):
@@ -113,14 +115,17 @@ def test_tcp_on_one_host_dials_the_bind_host_with_a_one_off_key(bind_host, diale
     files = RuntimeFiles()
     server = ServerConfig(transport="tcp", engine_bind_host=bind_host)
     config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
-    s = config.server
-    assert s.engine_connect_host == dialed  # not the compose service names, which do not resolve here
-    assert {tcp_host_port(ep.connect)[0] for ep in address_plan(s).all()} == {dialed}
-    assert s.engine_curve_key_file and os.path.dirname(s.engine_curve_key_file) == files.key_dir
-    assert stat.S_IMODE(os.stat(files.key_dir).st_mode) == 0o700
-    read_key_file(s.engine_curve_key_file)
-    assert files.ipc_dir is None
-    Launcher(config, files).stop(drain=False)
+    launcher = Launcher(config, files)
+    try:
+        s = config.server
+        assert s.engine_connect_host == dialed  # not the compose service names, which do not resolve here
+        assert {tcp_host_port(ep.connect)[0] for ep in address_plan(s).all()} == {dialed}
+        assert s.engine_curve_key_file and os.path.dirname(s.engine_curve_key_file) == files.key_dir
+        assert stat.S_IMODE(os.stat(files.key_dir).st_mode) == 0o700
+        read_key_file(s.engine_curve_key_file)
+        assert files.ipc_dir is None
+    finally:
+        launcher.stop(drain=False)
     assert not os.path.exists(files.key_dir)
 
 
