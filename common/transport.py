@@ -8,12 +8,18 @@ connects. PULL and PUB (the worker channels) are bound by the scheduler; PUSH an
 Every factory works with a `zmq.Context` or a `zmq.asyncio.Context`; the socket follows the context, so the
 api uses the same factories and the `*_async` send/recv with `await`.
 
+Over tcp, every socket built here is secured here: with the engine's CURVE key (the endpoint carries its file)
+the owner that binds is a CURVE server admitting only peers that hold the key and its peers are CURVE clients
+(common/curve.py says why one key); without a key, a bind beyond loopback logs a loud warning. A peer host
+that does not resolve is a ConfigError at once, not a silent retry.
+
 Receivers: malformed bytes (not a message, or the wrong number of frames) raise `MessageDecodeError` after
 the whole bad message has been consumed, so a loop that catches it and logs carries on with the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Any
@@ -21,9 +27,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from headrace.common import codec
-from headrace.common.addresses import Endpoint
+from headrace.common import codec, curve
+from headrace.common.addresses import Endpoint, check_resolves, is_loopback
 from headrace.common.codec import MessageDecodeError
+from headrace.common.ipc_dir import bind_path_is_free, private_dir
 
 # --------------------------------------------------------------------------- liveness timing (every process)
 
@@ -43,25 +50,78 @@ DEFAULT_HWM = 0
 
 Identity = bytes
 
+log = logging.getLogger("headrace.transport")
+
 
 def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: bool,
                 hwm: int = DEFAULT_HWM, linger_ms: int = 0, identity: Identity | None = None) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    # linger 0: a process that exits never hangs on messages its dead peer will not take.
-    sock.setsockopt(zmq.LINGER, linger_ms)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.RCVHWM, hwm)
-    if identity is not None:
-        sock.setsockopt(zmq.ROUTING_ID, _valid_identity(identity))  # before connect: peers read it on handshake
+    key_file = address.curve_key_file if isinstance(address, Endpoint) else None
     if isinstance(address, Endpoint):
         address = address.bind if bind else address.connect
-    if bind:
-        if address.startswith("ipc://"):
-            os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
+    sock = ctx.socket(kind)
+    try:
+        # linger 0: a process that exits never hangs on messages its dead peer will not take.
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, _valid_identity(identity))  # before connect: peers read it on handshake
+        if address.startswith("tcp://"):
+            _secure_tcp(ctx, sock, address, bind=bind, key_file=key_file)  # before bind/connect: the handshake reads it
+        _attach(sock, address, bind=bind)
+    except BaseException:
+        sock.close(linger=0)  # a half-made socket would hold up the context's termination
+        raise
+    return sock
+
+
+def _attach(sock: zmq.Socket, address: str, *, bind: bool) -> None:
+    if bind and address.startswith("ipc://"):
+        _bind_ipc(sock, address[len("ipc://"):])
+    elif bind:
         sock.bind(address)
     else:
+        if address.startswith("tcp://"):
+            check_resolves(address)
         sock.connect(address)
-    return sock
+
+
+def _secure_tcp(ctx: zmq.Context, sock: zmq.Socket, address: str, *, bind: bool, key_file: str | None) -> None:
+    """CURVE with the engine's key: the owner (binding side) is the server and admits only peers holding the
+    key; a peer is a client with the same key pair."""
+    if address.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+    if key_file is None:
+        if bind and not is_loopback(address):
+            log.warning("INSECURE: engine socket %s accepts peers from the network with no authentication: "
+                        "anyone who reaches it can submit requests or shut the engine down. Set "
+                        "--engine-curve-key-file (docs/deployment.md, Security).", address)
+        return
+    key = curve.read_key_file(key_file)
+    if bind:
+        curve.ensure_authenticator(ctx, key)  # before the bind: the first peer already meets it
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, key.secret)
+        sock.setsockopt(zmq.ZAP_DOMAIN, curve.ZAP_DOMAIN)
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # and should the handler be gone, refuse rather than admit
+    else:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, key.public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, key.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, key.secret)
+
+
+def _bind_ipc(sock: zmq.Socket, path: str) -> None:
+    """Bind a socket file that only this user can reach, in a folder only this user can enter
+    (common.ipc_dir says why the folder is the guarantee)."""
+    private_dir(os.path.dirname(path) or ".")
+    bind_path_is_free(path)
+    # The file is made with 0777 & ~umask. The umask is process-wide: a file another thread creates in this
+    # instant comes out owner-only too, which is never less safe than it asked for.
+    old = os.umask(0o077)
+    try:
+        sock.bind(f"ipc://{path}")
+    finally:
+        os.umask(old)
 
 
 def new_identity(prefix: str) -> Identity:

@@ -4,6 +4,7 @@
     headrace run-batch -i in.jsonl -o out.jsonl      offline OpenAI Batch API files
     headrace bench {latency,throughput,serve} ...    benchmarks (print numbers, write JSON)
     headrace {api,tokenizer,scheduler,worker} ...    one service process (compose.yaml runs these)
+    headrace keygen FILE                             a new CURVE key for the engine's tcp sockets
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _service_parser(sub, "api", "one API server process", indexed=True)
     _service_parser(sub, "tokenizer", "one tokenizer process", indexed=True)
-    _service_parser(sub, "scheduler", "the scheduler process", indexed=False)
+    scheduler = _service_parser(sub, "scheduler", "the scheduler process", indexed=False)
+    scheduler.add_argument("--create-curve-key", action="store_true",
+                           help="first write a new key to --engine-curve-key-file if that file is missing "
+                                "(compose's scheduler does, before every other service starts)")
     _service_parser(sub, "worker", "one GPU worker process (rank = --index)", indexed=True)
+
+    keygen = sub.add_parser("keygen", help="write a new CURVE key for the engine's tcp sockets")
+    keygen.add_argument("file", help="where to write it (owner-only; an existing file is never replaced)")
     return parser
 
 
@@ -80,6 +87,13 @@ def _main(argv: list[str] | None) -> int:
         return run_batch(engine_config_from_args(args), args.input_file, args.output_file)
     if args.command in SERVICE_ENTRIES:
         return _run_one_service(args)
+    if args.command == "keygen":
+        from headrace.common.curve import write_new_key_file
+
+        write_new_key_file(args.file)
+        print(f"wrote a new engine key to {args.file}; point --engine-curve-key-file (or "
+              "HEADRACE_ENGINE_CURVE_KEY_FILE) of every process at it")
+        return 0
     return 2
 
 
@@ -93,8 +107,19 @@ def _run_one_service(args: argparse.Namespace) -> int:
     except (ValueError, ModelNotFoundError) as e:
         print(f"headrace: error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "create_curve_key", False):
+        _create_curve_key(config.server.engine_curve_key_file)
     run_service(args.command, config.to_dict(), getattr(args, "index", 0))
     return 0
+
+
+def _create_curve_key(path: str | None) -> None:
+    from headrace.common.curve import create_key_file_if_missing
+
+    if not path:
+        raise ConfigError("--create-curve-key needs --engine-curve-key-file (where to write the key)")
+    if create_key_file_if_missing(path):
+        print(f"headrace: wrote a new engine key to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

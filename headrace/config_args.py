@@ -91,7 +91,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--num-tokenizers", ServerConfig, type=int)
     _flag(g, "--api-server-count", ServerConfig, "num_api_servers", type=int)
     _flag(g, "--transport", ServerConfig, choices=["ipc", "tcp"])
-    _flag(g, "--ipc-dir", ServerConfig)
+    _flag(g, "--ipc-dir", ServerConfig, help="ipc: the folder of the engine's sockets (default: a fresh temp "
+          "folder); it must be yours and closed to others (mode 0700), or missing")
+    _flag(g, "--engine-bind-host", ServerConfig,
+          help="tcp: the interface the scheduler and apis bind the engine's sockets on (compose: 0.0.0.0)")
+    _flag(g, "--engine-connect-host", ServerConfig,
+          help="tcp: the host every process dials (default: the compose service names; serve: the bind host)")
+    _flag(g, "--engine-curve-key-file", ServerConfig,
+          help="tcp: the engine's CURVE secret key (`headrace keygen FILE`); peers without it are refused "
+               "(serve makes a one-off key when unset)")
     _flag(g, "--max-request-bytes", ServerConfig, type=int)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from headrace.common.config import EngineConfig
+from headrace.common.config import EngineConfig, ServerConfig
 from headrace.common.messages import Shutdown, WorkerFailed
 
 log = logging.getLogger("headrace.launcher")
@@ -77,9 +77,19 @@ def check_devices(device: str, tp: int) -> None:
             raise ValueError(f"--tensor-parallel-size {tp} needs {tp} GPUs; this host has {count}")
 
 
-def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
-    """Resolve everything every process must agree on, once, before any process starts."""
-    from headrace.common.addresses import with_ipc_dir
+@dataclass
+class RuntimeFiles:
+    """What the launcher made on disk for one run, so that shutdown removes exactly that: never a folder, or a
+    file in it, that was there before."""
+
+    ipc_dir: str | None = None  # the ipc folder, only when the launcher created it
+    key_dir: str | None = None  # the private folder of a one-off CURVE key (tcp without --engine-curve-key-file)
+
+
+def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | None = None) -> EngineConfig:
+    """Resolve everything every process must agree on, once, before any process starts. What it creates on
+    disk is noted in `files` (for Launcher.stop)."""
+    from headrace.common.addresses import claim_ipc_dir
     from headrace.common.models.resolve import resolve_engine_config
 
     config = resolve_engine_config(config, log=log_fn)
@@ -87,12 +97,42 @@ def prepare_config(config: EngineConfig, log_fn=print) -> EngineConfig:
     parallel = config.parallel
     if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
-    return config.replace(parallel=parallel, server=with_ipc_dir(config.server))
+    # Last: nothing is made on disk (a one-off key, the ipc folder) for a start that fails earlier.
+    files = files if files is not None else RuntimeFiles()
+    server = tcp_on_one_host(config.server, files)
+    server, created = claim_ipc_dir(server)
+    if created:
+        files.ipc_dir = server.ipc_dir
+    return config.replace(parallel=parallel, server=server)
+
+
+def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
+    """tcp with every process on this host: peers dial the host the engine binds on (the compose service
+    names do not resolve here), every host they dial must resolve now, and without a key of the user's the
+    processes share a one-off CURVE key, so no other local user's process can reach the engine's ports."""
+    from headrace.common.addresses import address_plan, check_resolves, loopback_peer_host
+    from headrace.common.curve import read_key_file, write_new_key_file
+    from headrace.common.ipc_dir import make_temp_dir
+
+    if server.transport != "tcp":
+        return server
+    if server.engine_connect_host is None:
+        server = dataclasses.replace(server, engine_connect_host=loopback_peer_host(server.engine_bind_host))
+    for endpoint in address_plan(server).all():
+        check_resolves(endpoint.connect)
+    if server.engine_curve_key_file is not None:
+        read_key_file(server.engine_curve_key_file)  # one line now rather than every process failing on it
+        return server
+    files.key_dir = make_temp_dir()
+    key_file = os.path.join(files.key_dir, "engine_curve.key")
+    write_new_key_file(key_file)
+    return dataclasses.replace(server, engine_curve_key_file=key_file)
 
 
 class Launcher:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, files: RuntimeFiles | None = None):
         self.config = config
+        self.files = files if files is not None else RuntimeFiles()
         self.config_dict = config.to_dict()
         self.ctx = mp.get_context("spawn")
         self.children: list[Child] = []
@@ -213,21 +253,35 @@ class Launcher:
                 log.warning("%s did not stop; killing it", c.name)
                 c.process.kill()
                 c.process.join(5)
-        s = self.config.server
-        if s.transport == "ipc" and s.ipc_dir:
-            shutil.rmtree(s.ipc_dir, ignore_errors=True)
+        self._remove_runtime_files()
+
+    def _remove_runtime_files(self) -> None:
+        """The sockets the processes bound (a killed one leaves its file), the ipc folder if the launcher made
+        it and nothing else is in it, the metrics folder (made by the launcher, written only by the apis)."""
+        from headrace.common.addresses import ipc_socket_paths
+        from headrace.common.ipc_dir import remove_sockets
+
+        remove_sockets(ipc_socket_paths(self.config.server))
+        if self.files.ipc_dir:
+            try:
+                os.rmdir(self.files.ipc_dir)
+            except OSError as e:
+                log.warning("left the ipc folder %s in place: %s", self.files.ipc_dir, e.strerror)
+        if self.files.key_dir:  # made by the launcher, holding only the key it wrote
+            shutil.rmtree(self.files.key_dir, ignore_errors=True)
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 def serve(config: EngineConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+    files = RuntimeFiles()
     try:
-        config = prepare_config(config, log_fn=log.info)
-    except (ValueError, FileNotFoundError) as e:
+        config = prepare_config(config, log_fn=log.info, files=files)
+    except (ValueError, OSError) as e:  # a ConfigError, a missing model, an ipc folder we may not create
         print(f"headrace: error: {e}", file=sys.stderr)
         return 2
-    launcher = Launcher(config)
+    launcher = Launcher(config, files)
 
     def on_signal(signum, _frame):
         log.info("received %s; draining", signal.Signals(signum).name)

@@ -251,6 +251,29 @@ def test_tcp_ports_and_hosts_follow_the_address_plan(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_engine_sockets_listen_for_other_containers_and_admit_only_key_holders(name, monkeypatch):
+    """Bound on every interface of a container (the others dial it by service name), so every socket is
+    secured with the engine's CURVE key: the scheduler, which every other service waits for, writes it into
+    a volume on first start; the others mount that volume read-only."""
+    doc = compose(name)
+    runs = [rest for word, rest in dockerfile() if word == "RUN"]
+    for service_name, service in pipeline(doc).items():
+        args, config = start(service, monkeypatch)
+        server = config.server
+        assert server.engine_bind_host == "0.0.0.0" and server.engine_connect_host is None, service_name
+        key_dir = os.path.dirname(server.engine_curve_key_file)
+        mounts = {v.split(":")[1]: v.split(":") for v in service["volumes"]}
+        assert key_dir in mounts, f"{service_name} does not mount {key_dir}"
+        volume, _, *mode = mounts[key_dir]
+        assert volume in doc["volumes"], f"{service_name}: {volume} is not a named volume"
+        writer = args.command == "scheduler"
+        assert mode == ([] if writer else ["ro"]), service_name
+        assert getattr(args, "create_curve_key", False) is writer, service_name
+    # The volume starts as a copy of the image's folder: the image makes it the user's alone.
+    assert any(f"chown headrace:headrace /cache {key_dir}" in r and f"chmod 700 {key_dir}" in r for r in runs)
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_tokenizers_scale(name):
     for service_name, service in by_command(compose(name), "tokenizer").items():
         for key in ("container_name", "ports", "hostname"):

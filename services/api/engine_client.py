@@ -112,8 +112,8 @@ class EngineClient:
                  on_generation_finished: Callable[[Generation], None] | None = None,
                  on_stats: Callable[[EngineStats], None] | None = None):
         self.api_index = api_index
-        self._inbox_address = inbox.bind
-        self._scheduler_address = scheduler.connect
+        self._inbox_address = inbox
+        self._scheduler_address = scheduler
         self.heartbeat_interval_s = heartbeat_interval_s
         self.peer_timeout_s = peer_timeout_s
         # Called once per engine request when it finishes, fails or is aborted (the metrics hook).

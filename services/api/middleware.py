@@ -92,14 +92,17 @@ class BodyLimitMiddleware:
 
 
 def api_key_check(api_key: str | None):
-    """A route dependency: 401 unless `Authorization: Bearer <api_key>` (no check when no key is set)."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    """A route dependency: 401 unless `Authorization: Bearer <api_key>` (no check when no key is set). The
+    scheme name is case-insensitive (RFC 7235 section 2.1), so `bearer <key>` passes as well."""
+    expected = api_key.encode() if api_key else None
 
     async def check(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization", "").encode("latin-1", "replace")
-        if not hmac.compare_digest(given, expected):
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        # 1*SP separates scheme and credentials; compare_digest keeps the key's check constant-time.
+        given = credentials.lstrip(" ").encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             raise ApiError(401, "Missing or invalid API key; send it as `Authorization: Bearer <key>`.",
                            code="invalid_api_key")
 

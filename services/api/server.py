@@ -9,17 +9,21 @@ parent (the launcher) dies.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
+import sys
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from headrace.common.config import EngineConfig
 from headrace.common.process import event_loop_factory, freeze_startup_heap
 from headrace.services.api.app import create_app
+from headrace.services.api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,40 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
-def build_server(app: FastAPI) -> uvicorn.Server:
+def openai_400_protocol(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol `base` (httptools or h11), except that a request its parser rejects gets the
+    OpenAI error body as JSON instead of uvicorn's plain text. A non-numeric or negative Content-Length, a
+    malformed request line or header never reaches the app (its middleware cannot answer it), yet clients
+    parse every error the same way."""
+
+    class OpenAI400Protocol(base):  # type: ignore[valid-type, misc]
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this inside its `except` for the parser's error, whose text names the bad part
+            # ("Invalid character in Content-Length"); its own `msg` only says the request was invalid.
+            error = sys.exc_info()[1]
+            detail = str(error) if error is not None and str(error) else msg
+            self.transport.write(_bad_request_bytes(detail))
+            self.transport.close()
+
+    OpenAI400Protocol.__name__ = OpenAI400Protocol.__qualname__ = f"OpenAI400{base.__name__}"
+    return OpenAI400Protocol
+
+
+def _bad_request_bytes(detail: str) -> bytes:
+    body = json.dumps(ApiError(400, f"Invalid HTTP request: {detail.rstrip('.')}.").body()).encode()
+    head = ("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+# The HTTP/1.1 protocol uvicorn would pick (httptools when installed, else h11), with the JSON 400 above.
+HTTP_PROTOCOL = openai_400_protocol(AutoHTTPProtocol)
+
+
+def build_server(app: FastAPI, http: type[asyncio.Protocol] = HTTP_PROTOCOL) -> uvicorn.Server:
+    """The api's uvicorn server; `http` is its HTTP/1.1 protocol class (tests pass the h11 one too)."""
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none",
-                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                         http=http, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
 
 async def serve(server: uvicorn.Server, sock: socket.socket, parent_pid: int | None = None) -> None:

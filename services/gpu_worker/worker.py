@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from headrace.common import transport
-from headrace.common.addresses import address_plan
+from headrace.common.addresses import Endpoint, address_plan
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
@@ -58,7 +58,7 @@ def worker_device(config: EngineConfig, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _heartbeat(ctx: zmq.Context, address: str, rank: int, ready: list[WorkerReady], stop: threading.Event) -> None:
+def _heartbeat(ctx: zmq.Context, address: Endpoint, rank: int, ready: list[WorkerReady], stop: threading.Event) -> None:
     """Once loaded, the heartbeat IS the WorkerReady message: a restarted scheduler re-learns every rank
     within a second, and a rank the scheduler dropped after a failure re-registers by itself."""
     sock = transport.push_socket(ctx, address)
@@ -77,7 +77,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     results = transport.push_socket(ctx, plan.worker_result)
     stop = threading.Event()
     announced: list[WorkerReady] = []
-    beat = threading.Thread(target=_heartbeat, args=(ctx, plan.worker_result.connect, rank, announced, stop),
+    beat = threading.Thread(target=_heartbeat, args=(ctx, plan.worker_result, rank, announced, stop),
                             daemon=True)
     beat.start()
     parent = os.getppid()

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from headrace.common.addresses import Endpoint, address_plan, with_ipc_dir
+from headrace.common.addresses import Endpoint, address_plan, check_resolves, is_loopback, with_ipc_dir
 from headrace.common.config import ConfigError, ServerConfig
 
 
@@ -43,10 +43,11 @@ def test_ipc_plan_needs_a_shared_dir_with_short_paths(tmp_path):
 
 def test_tcp_plan_uses_service_names_and_distinct_ports():
     plan = address_plan(ServerConfig(transport="tcp", port=8000, num_api_servers=2, num_tokenizers=5))
-    assert plan.scheduler == Endpoint("tcp://*:9000", "tcp://scheduler:9000")
+    assert plan.scheduler == Endpoint("tcp://127.0.0.1:9000", "tcp://scheduler:9000")
     assert plan.worker_plan.connect == "tcp://scheduler:9001"
     assert plan.worker_result.connect == "tcp://scheduler:9002"
-    assert plan.api_inbox == (Endpoint("tcp://*:9003", "tcp://api-0:9003"), Endpoint("tcp://*:9004", "tcp://api-1:9004"))
+    assert plan.api_inbox == (Endpoint("tcp://127.0.0.1:9003", "tcp://api-0:9003"),
+                              Endpoint("tcp://127.0.0.1:9004", "tcp://api-1:9004"))
     ports = [int(ep.bind.rsplit(":", 1)[1]) for ep in plan.all()]
     assert len(set(ports)) == len(ports) == 5  # tokenizers bind nothing: no ports for them
 
@@ -54,11 +55,39 @@ def test_tcp_plan_uses_service_names_and_distinct_ports():
 def test_tcp_plan_host_overrides_and_base_port():
     plan = address_plan(ServerConfig(transport="tcp", num_api_servers=2), base_port=7000,
                         hosts={"scheduler": "10.0.0.2", "api-1": "10.0.0.9"})
-    assert plan.scheduler == Endpoint("tcp://*:7000", "tcp://10.0.0.2:7000")
+    assert plan.scheduler == Endpoint("tcp://127.0.0.1:7000", "tcp://10.0.0.2:7000")
     assert plan.worker_result.connect == "tcp://10.0.0.2:7002"  # the worker channels live on the scheduler's host
     assert [ep.connect for ep in plan.api_inbox] == ["tcp://api-0:7003", "tcp://10.0.0.9:7004"]
     with pytest.raises(ConfigError, match="do not fit"):
         address_plan(ServerConfig(transport="tcp"), base_port=65533)
     # The ports do not move when the api count changes, so the fixed services keep theirs.
     more = address_plan(ServerConfig(transport="tcp", num_api_servers=5), base_port=7000)
-    assert [ep.bind for ep in more.all()[:1] + more.all()[-2:]] == ["tcp://*:7000", "tcp://*:7001", "tcp://*:7002"]
+    assert [ep.bind for ep in more.all()[:1] + more.all()[-2:]] == ["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001",
+                                                                    "tcp://127.0.0.1:7002"]
+
+
+def test_tcp_plan_binds_the_configured_interface_and_dials_the_configured_host():
+    # The default keeps the engine's ports on this host (loopback); compose asks for every interface.
+    default = address_plan(ServerConfig(transport="tcp"))
+    assert {ep.bind.rsplit(":", 1)[0] for ep in default.all()} == {"tcp://127.0.0.1"}
+    plan = address_plan(ServerConfig(transport="tcp", engine_bind_host="0.0.0.0", engine_connect_host="10.1.2.3",
+                                     engine_curve_key_file="/keys/k", num_api_servers=2), base_port=7000)
+    assert [ep.bind for ep in plan.all()] == [f"tcp://0.0.0.0:{p}" for p in (7000, 7003, 7004, 7001, 7002)]
+    assert {ep.connect.rsplit(":", 1)[0] for ep in plan.all()} == {"tcp://10.1.2.3"}
+    assert {ep.curve_key_file for ep in plan.all()} == {"/keys/k"}  # every socket is secured with the one key
+    # A per-service override still wins over the shared connect host.
+    assert address_plan(ServerConfig(transport="tcp", engine_connect_host="h"), base_port=7000,
+                        hosts={"scheduler": "s"}).worker_plan.connect == "tcp://s:7001"
+    v6 = address_plan(ServerConfig(transport="tcp", engine_bind_host="::1", engine_connect_host="::1"), base_port=7000)
+    assert v6.scheduler == Endpoint("tcp://[::1]:7000", "tcp://[::1]:7000")
+    with pytest.raises(ConfigError, match="engine-bind-host"):
+        ServerConfig(transport="tcp", engine_bind_host="")
+
+
+def test_peer_hosts_that_do_not_resolve_fail_at_once_naming_the_host():
+    check_resolves("tcp://127.0.0.1:9000")
+    check_resolves("tcp://localhost:9000")
+    with pytest.raises(ConfigError, match="'no-such-host.invalid' .* does not resolve.*--engine-connect-host"):
+        check_resolves("tcp://no-such-host.invalid:9000")
+    assert is_loopback("tcp://127.0.0.1:1") and is_loopback("tcp://[::1]:1") and is_loopback("tcp://localhost:1")
+    assert not any(is_loopback(a) for a in ("tcp://0.0.0.0:1", "tcp://*:1", "tcp://10.0.0.1:1", "tcp://scheduler:1"))

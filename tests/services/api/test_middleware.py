@@ -63,3 +63,14 @@ def test_api_key(http):
     assert http.get("/secret", headers={"Authorization": "k"}).status_code == 401
     assert http.get("/secret", headers={"Authorization": "Bearer k"}).status_code == 200
     assert http.get("/open").status_code == 200
+
+
+def test_api_key_scheme_is_case_insensitive(http):
+    # RFC 7235: the auth-scheme token is case-insensitive; the key itself is not.
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        assert http.get("/secret", headers={"Authorization": f"{scheme} k"}).status_code == 200, scheme
+    assert http.get("/secret", headers={"Authorization": "Bearer  k"}).status_code == 200  # 1*SP
+    assert http.get("/secret", headers={"Authorization": "bearer K"}).status_code == 401
+    assert http.get("/secret", headers={"Authorization": "Basic k"}).status_code == 401
+    assert http.get("/secret", headers={"Authorization": "bearer"}).status_code == 401
+    assert http.get("/secret", headers={"Authorization": "bearerk"}).status_code == 401

@@ -11,10 +11,14 @@ import sys
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from headrace.common.addresses import address_plan
 from headrace.common.config import EngineConfig
-from headrace.services.api.server import bind_socket
+from headrace.services.api import errors
+from headrace.services.api.middleware import BodyLimitMiddleware
+from headrace.services.api.server import HTTP_PROTOCOL, bind_socket, build_server, openai_400_protocol, serve
 from tests.services.api.fakes import WAIT_S, FakeScheduler, FakeTokenizer, api_config, until, words
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -120,3 +124,54 @@ async def test_main_exits_when_its_parent_dies(config):
         if middle.poll() is None:
             middle.kill()
             middle.wait()
+
+
+async def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request, read to the server's close: (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), WAIT_S)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("http_protocol", [HTTP_PROTOCOL, openai_400_protocol(H11Protocol)],
+                         ids=["auto", "h11"])
+async def test_a_bad_content_length_gets_the_openai_json_400(http_protocol):
+    """uvicorn's parser rejects these before any middleware runs; the answer is still the OpenAI error body."""
+    app = FastAPI()
+    errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=100)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"size": len(await request.body())}
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = build_server(app, http=http_protocol)
+    task = asyncio.create_task(serve(server, sock))
+    try:
+        await until(lambda: server.started or task.done())
+        port = sock.getsockname()[1]
+        for length in (b"abc", b"-3", b"+3", b"99999999999999999999999999"):
+            request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\nabc"
+            status, headers, body = await _raw_exchange(port, request)
+            assert status == 400, length
+            assert headers["content-type"] == "application/json" and int(headers["content-length"]) == len(body)
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"}, length
+            assert error["code"] == 400 and error["type"] == "BadRequestError", error
+            assert "Content-Length" in error["message"], error  # the parser's own words name the bad header
+        # A good request on the same server still works.
+        status, _, body = await _raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                                    b"Connection: close\r\n\r\nabc")
+        assert status == 200 and json.loads(body) == {"size": 3}
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
