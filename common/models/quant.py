@@ -184,8 +184,10 @@ def _ct_fp8(weights: dict, acts: Any, ignore: tuple[str, ...]) -> QuantSpec:
     if acts and (acts.get("type") != "float" or int(acts.get("num_bits", 0)) != 8):
         raise QuantizationError(f"compressed-tensors fp8 weights with activations {acts} are not supported")
     act_scale = "dynamic" if not acts or acts.get("dynamic", False) else "static"
-    if acts and act_scale == "dynamic" and acts.get("strategy") not in ("token", None):
+    # Dynamic activation scales per 128-column group (what FP8_BLOCK pairs with its weight blocks) are served
+    # per token: a per-token scale covers every group of the row, so the values stay in range.
+    if acts and act_scale == "dynamic" and acts.get("strategy") not in ("token", "group", None):
         raise QuantizationError(f"compressed-tensors dynamic activation strategy {acts.get('strategy')!r} is "
-                                "not supported (token)")
+                                "not supported (token, group)")
     return QuantSpec(kind="fp8", checkpoint_format="compressed-tensors", weight_scale=strategy,
                      block_size=block if strategy == "block" else None, activation_scale=act_scale, ignore=ignore)

@@ -37,11 +37,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 [out, in] with per-row [out] or block [out / 128, in / 128] scales -> dense weight in `dtype`."""
+    """fp8 [out, in] with per-row [out] scales, or block scales held per row and 128-column block [out,
+    ceil(in / 128)] -> dense weight in `dtype`."""
     w = weight.float()
     if scale.dim() == 2:
-        scale = scale.repeat_interleave(BLOCK, 0)[: w.shape[0]].repeat_interleave(BLOCK, 1)[:, : w.shape[1]]
-        return (w * scale).to(dtype)
+        return (w * scale.repeat_interleave(BLOCK, 1)[:, : w.shape[1]]).to(dtype)
     return (w * scale[:, None]).to(dtype)
 
 
@@ -59,12 +59,12 @@ class Fp8Linear(LinearMethod):
         new_param(layer, "weight", (n, k), FP8, device, weight)
         strategy = self.spec.weight_scale
         if strategy == "block":
-            if n % BLOCK or k % BLOCK:
-                raise ValueError(f"fp8 128x128 block scales need {BLOCK}-multiples here, got [{n}, {k}]")
+            if shape.in_local != shape.in_features and shape.in_local % BLOCK:
+                raise ValueError(f"fp8 128x128 block scales need a rank's {k} input features in whole blocks")
             # HF fp8 calls its block scales weight_scale_inv (they multiply, despite the name).
             name = "weight_scale_inv" if self.spec.checkpoint_format == "fp8" else "weight_scale"
-            new_param(layer, name, (n // BLOCK, k // BLOCK), torch.float32, device,
-                      TensorLayout(out_dim=0, out_per_elem=BLOCK, in_dim=1, in_per_elem=BLOCK))
+            new_param(layer, name, (n, -(-k // BLOCK)), torch.float32, device,
+                      TensorLayout(out_dim=0, out_block=BLOCK, in_dim=1, in_per_elem=BLOCK))
         elif strategy == "channel":
             new_param(layer, "weight_scale", (n, 1), torch.float32, device, TensorLayout(out_dim=0))
         else:

@@ -43,6 +43,10 @@ class TensorLayout:
     in_dim: int | None = None  # the dimension indexing input features; None: every rank reads all of it
     in_per_elem: int = 1  # input features one element along in_dim covers (a pack, or a group)
     per_shard: bool = False  # one element per merged part (per-tensor scales): index = the part
+    # The checkpoint holds one element per `out_block` output rows, the last block possibly partial (fp8 128x128
+    # block scales of a 64-row k_proj); they are loaded expanded to one element per row, so merged parts whose
+    # sizes are not block multiples still line up.
+    out_block: int = 0
     optional: bool = False  # absent from some checkpoints of the format
 
 
@@ -85,11 +89,19 @@ def load_slice(param: nn.Parameter, loaded: Any, shape: LinearShape, shard: int,
         return
     if layout.in_dim is not None and shape.in_local != shape.in_features:
         src[layout.in_dim] = _span(shape.in_start, shape.in_local, layout.in_per_elem, name)
-    if layout.out_dim is not None:
+    first_block = 0
+    if layout.out_block:
+        first_block = src_start // layout.out_block
+        src[layout.out_dim] = slice(first_block, -(-(src_start + rows) // layout.out_block))
+        dst = dst.narrow(layout.out_dim, shape.out_offset(shard), rows)
+    elif layout.out_dim is not None:
         src[layout.out_dim] = _span(src_start, rows, layout.out_per_elem, name)
         span = _span(shape.out_offset(shard), rows, layout.out_per_elem, name)
         dst = dst.narrow(layout.out_dim, span.start, span.stop - span.start)
     value = _as_tensor(loaded[tuple(src)] if ndim else loaded[()])
+    if layout.out_block:  # one element per row, from this part's first row
+        value = value.repeat_interleave(layout.out_block, dim=layout.out_dim)
+        value = value.narrow(layout.out_dim, src_start - first_block * layout.out_block, rows)
     if tuple(value.shape) != tuple(dst.shape):
         raise ValueError(f"{name}: checkpoint slice {tuple(value.shape)} does not fit {tuple(dst.shape)}")
     dst.copy_(value.to(device=dst.device, dtype=dst.dtype))

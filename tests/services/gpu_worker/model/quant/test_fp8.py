@@ -66,7 +66,27 @@ def test_online_quantization_keeps_each_row_within_half_an_fp8_step():
     assert torch.allclose(dense.abs().amax(1), w.abs().amax(1))  # each row's maximum is exact
 
 
-def test_block_scales_need_whole_blocks():
+def test_block_scales_of_parts_smaller_than_a_block_stay_with_their_rows():
+    """A 64-row k_proj has one partial block row of scales; merged after a 128-row q_proj its rows must still
+    meet their own scales."""
+    g = torch.Generator().manual_seed(3)
+    spec = QuantSpec(kind="fp8", checkpoint_format="compressed-tensors", weight_scale="block", block_size=(128, 128))
+    layer = ColumnParallelLinear(256, [128, 64], False, TPGroup(), torch.float32, CPU, Fp8Linear(spec))
+    dense = []
+    for shard, rows in enumerate((128, 64)):
+        w = torch.randn(rows, 256, generator=g)
+        scales = torch.rand(1, 2, generator=g) + 0.01
+        full = scales.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)
+        q = fp8_with_scale(w, full)
+        layer.weight.weight_loader(layer.weight, q, shard)
+        layer.weight_scale.weight_loader(layer.weight_scale, scales, shard)
+        dense.append(q.float() * full)
+    layer.quant_method.process_after_loading(layer)
+    x = torch.randn(2, 256, generator=g)
+    torch.testing.assert_close(layer(x), x @ torch.cat(dense).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_parallel_block_scales_need_whole_blocks_per_rank():
     spec = QuantSpec(kind="fp8", checkpoint_format="fp8", weight_scale="block", block_size=(128, 128))
-    with pytest.raises(ValueError, match="128-multiples"):
-        ColumnParallelLinear(128, [64], False, TPGroup(), torch.float32, CPU, Fp8Linear(spec))
+    with pytest.raises(ValueError, match="whole blocks"):
+        RowParallelLinear(128, 64, False, TPGroup(0, 2), torch.float32, CPU, Fp8Linear(spec))

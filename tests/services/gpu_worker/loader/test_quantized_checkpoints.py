@@ -1,0 +1,65 @@
+"""Quantized checkpoints written by the real tools (llm-compressor / compressed-tensors, GPTQModel,
+AutoAWQ; `scripts/make_quant_fixtures.py` made them): the format is detected from config.json, every
+quantized linear dequantizes to exactly what the tool's own dequantization gives (the fixture's
+oracle.st, stored in the dtype the tool computes it in), and the whole model runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
+from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
+from headrace.services.gpu_worker.model_runner import ModelRunner
+from tests.configs import resolved
+from tests.services.gpu_worker.test_models_vs_hf import hf_twin, logits_for_all_positions
+
+FIXTURES = Path(__file__).parents[3] / "fixtures" / "quant"
+FOLDERS = sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle.st").exists())
+EXPECTED = {  # folder prefix -> (kind, checkpoint format) the resolution must find
+    "ct-w": ("int", "compressed-tensors"), "ct-fp8": ("fp8", "compressed-tensors"),
+    "gptq-": ("int", "gptq"), "awq-": ("int", "awq"),
+}
+
+
+def runner_for(folder: str) -> ModelRunner:
+    cfg = EngineConfig(model=ModelConfig(model=str(FIXTURES / folder), dtype="float32", max_model_len=256),
+                       cache=CacheConfig(num_blocks=32), device="cpu")
+    return ModelRunner(resolved(cfg), log=lambda *_: None)
+
+
+def test_the_fixtures_cover_every_checkpoint_format():
+    assert {prefix for prefix in EXPECTED for f in FOLDERS if f.startswith(prefix)} == set(EXPECTED), FOLDERS
+    assert json.loads((FIXTURES / "fixtures.json").read_text())["fixtures"]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_dequantized_weights_equal_the_tools_own(folder):
+    runner = runner_for(folder)
+    spec = runner.config.resolved.quantization
+    kind, fmt = next(v for prefix, v in EXPECTED.items() if folder.startswith(prefix))
+    assert (spec.kind, spec.checkpoint_format) == (kind, fmt)
+    ours = export_hf_state_dict(runner.model)
+    oracle = load_file(str(FIXTURES / folder / "oracle.st"))
+    assert oracle
+    for name, want in oracle.items():
+        got = ours[name]
+        assert got.shape == want.shape, name
+        # The tools round the exact product (q - zero) * scale once, to their dtype; ours keeps it exact
+        # in float32, so rounding it the same way must give the same bits.
+        assert torch.equal(got.to(want.dtype), want), (name, (got.to(want.dtype).float() - want.float()).abs().max())
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_quantized_model_runs_as_its_dequantized_twin(folder):
+    runner = runner_for(folder)
+    hf = hf_twin(runner)
+    prompt = torch.randint(3, runner.arch.vocab_size, (19,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = logits_for_all_positions(runner, prompt, 7)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
