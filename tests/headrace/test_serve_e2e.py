@@ -214,3 +214,32 @@ def test_a_sliding_window_model_starts_without_max_model_len():
     finally:
         left = srv.stop()
         assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.parametrize("fixture,logged", [("gptq-w4-g32-asym-descact", "(gptq int4)"),
+                                            ("ct-fp8-dynamic", "(compressed-tensors fp8)")])
+def test_a_quantized_checkpoint_is_served_and_answers_as_the_offline_engine(fixture, logged, embedded_source):
+    """A GPTQ (act-order) and a compressed-tensors FP8 checkpoint made by the real tools, served end to end
+    (the fixtures carry no tokenizer: the embedded model's stands in, and prompts are token ids)."""
+    from pathlib import Path
+
+    from headrace import LLM, SamplingParams
+
+    folder = str(Path(__file__).parents[1] / "fixtures" / "quant" / fixture)
+    prompt = [5, 17, 99, 3, 250, 42]
+    srv = ServerProcess("--model", folder, "--tokenizer", embedded_source.tokenizer_dir, "--num-tokenizers", "1")
+    try:
+        srv.wait_ready()
+        assert logged in srv.output  # the worker's start-up line: weights: N GiB on this rank (format kind+bits)
+        reply = srv.post("/v1/completions", json={"model": srv.get("/v1/models").json()["data"][0]["id"],
+                                                  "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                  "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        served = reply.json()["choices"][0]
+    finally:
+        left = srv.stop()
+        assert not left, f"processes left behind: {left}"
+    llm = LLM(model=folder, tokenizer=embedded_source.tokenizer_dir, log=lambda *_: None)
+    offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert len(offline.token_ids) == 8 and served["text"] == offline.text
