@@ -7,6 +7,7 @@ headrace.run_batch) calls them in its own process, so a prompt renders, fails an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +30,7 @@ class TextCodec:
         template = chat_template if chat_template is not None else chat_template_source(tokenizer, None)
         self.chat_template = ChatTemplate(template, tokenizer.special_tokens_map) if template else None
         self.token_texts = TokenTexts(self.raw)
+        self.user_text = UserText(self.raw)
 
     @classmethod
     def load(cls, tokenizer_dir: str, chat_template_path: str | None, max_model_len: int | None) -> TextCodec:
@@ -64,10 +66,13 @@ class TextCodec:
                     template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[int], str]:
         if self.chat_template is None:
             raise RequestError("this model has no chat template; the server needs --chat-template.", "messages")
-        text = self.chat_template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt,
+        escaped, literals = self.user_text.escape(validate_messages(messages))
+        text = self.chat_template.render(escaped, add_generation_prompt=add_generation_prompt,
                                          continue_final_message=continue_final_message, kwargs=template_kwargs)
         # The template already wrote BOS and friends; adding them again would double them.
-        return self.tokenizer.encode(text, add_special_tokens=False), text
+        if not literals:
+            return self.tokenizer.encode(text, add_special_tokens=False), text
+        return self.user_text.encode(text, literals, self.tokenizer), self.user_text.restore(text, literals)
 
     def check_ids(self, ids: Any, param: str = "prompt") -> list[int]:
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)) or not ids:
@@ -133,3 +138,54 @@ class OutputText:
         return [TokenLogprobs(token=t, logprob=lp.token_logprob, top_token_ids=lp.top_token_ids,
                               top_tokens=self._token_texts(lp.top_token_ids), top_logprobs=lp.top_logprobs)
                 for t, lp in zip(texts, logprobs)]
+
+
+class UserText:
+    """Special-token text typed into a chat message stays text.
+
+    A template's own markers (`<|im_start|>`) must become control tokens, but the same characters inside a
+    user's message must not, or a user could close their turn and open a system one. Messages are scanned
+    for special-token strings; each occurrence is swapped for a placeholder of private-use characters before
+    rendering, the rendered prompt is tokenized between placeholders as usual, and each placeholder's
+    literal is tokenized as plain text. Messages without such strings take the ordinary path unchanged.
+    """
+
+    _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+    def __init__(self, raw: Any):
+        specials = [t.content for t in raw.get_added_tokens_decoder().values() if t.special]
+        self._specials = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) \
+            if specials else None
+        self._plain = type(raw).from_str(raw.to_str())  # a copy whose special tokens encode as text
+        self._plain.encode_special_tokens = True
+
+    def escape(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Messages with every special-token string in their text swapped for a numbered placeholder."""
+        literals: list[str] = []
+        if self._specials is None:
+            return messages, literals
+
+        def swap(m: re.Match) -> str:
+            literals.append(m.group(0))
+            return f"\ue000{len(literals) - 1}\ue001"
+
+        out = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) and self._specials.search(content):
+                message = {**message, "content": self._specials.sub(swap, content)}
+            out.append(message)
+        return out, literals
+
+    def encode(self, text: str, literals: list[str], tokenizer: Any) -> list[int]:
+        pieces = self._PLACEHOLDER.split(text)  # text, index, text, index, ..., text
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids += self._plain.encode(literals[int(piece)], add_special_tokens=False).ids
+            elif piece:
+                ids += tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+    def restore(self, text: str, literals: list[str]) -> str:
+        return self._PLACEHOLDER.sub(lambda m: literals[int(m.group(1))], text)
