@@ -5,8 +5,9 @@ quantized as soon as its parts have landed, so the 16-bit weights are never all 
 
 After loading, every layer holds `weight` fp8 [out, in], `weight_scale` float32 [out] (per-tensor scales
 are spread over their part's rows) or [out / 128, in / 128] for blocks, and `input_scale` (a float32
-scalar, static activations only). On a GPU per-channel layers run `torch._scaled_mm` (rowwise scales);
-blocks and CPUs run the reference: the weight dequantized for the product.
+scalar, static activations only). On a GPU per-channel layers run `kernels/fp8_gemv.py` for one row (the
+weight streamed, x left unquantized) and `torch._scaled_mm` (rowwise scales) for more; blocks and CPUs run
+the reference: the weight dequantized for the product.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class Fp8Linear(LinearMethod):
         if not x.is_cuda or layer.weight_scale.dim() == 2:
             return F.linear(x, dequantize(layer.weight, layer.weight_scale, x.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] == 1 and x2.stride(-1) == 1:  # batch-1 decode: stream the fp8 weight, x unquantized
+            from headrace.kernels.fp8_gemv import fp8_gemv
+
+            return fp8_gemv(x2, layer.weight, layer.weight_scale, bias).reshape(*x.shape[:-1], -1)
         if layer.input_scale is not None:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

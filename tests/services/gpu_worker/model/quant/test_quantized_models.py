@@ -34,7 +34,8 @@ def test_quantized_logits_match_a_float_forward_over_the_dequantized_weights(pre
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the W4A16 kernel and fp8 _scaled_mm need a GPU")
 @pytest.mark.parametrize("quantization,tolerance", [("gptq", 0.02), ("fp8", 0.08)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gpu_kernels_match_a_float_forward_over_the_dequantized_weights(quantization, tolerance, dtype):
+@pytest.mark.parametrize("chunk", [16, 1])  # 1: every step one row, the batch-1 GEMV kernels
+def test_gpu_kernels_match_a_float_forward_over_the_dequantized_weights(quantization, tolerance, dtype, chunk):
     """On a GPU the int4 layers run the Triton W4A16 kernel and fp8 layers quantize activations per token for
     torch._scaled_mm, so the logits differ from the float32 oracle by 16-bit rounding (and fp8 activations):
     within `tolerance` of the largest logit, with the same greedy token almost everywhere."""
@@ -43,7 +44,7 @@ def test_gpu_kernels_match_a_float_forward_over_the_dequantized_weights(quantiza
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     hf = hf_twin_float32(runner)
     prompt = torch.randint(0, runner.arch.vocab_size, (61,), generator=torch.Generator().manual_seed(4)).tolist()
-    ours = logits_for_all_positions(runner, prompt, 16).float().cpu()
+    ours = logits_for_all_positions(runner, prompt, chunk).float().cpu()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device=hf.device)).logits[0].float().cpu()
     assert (ours - ref).abs().max() <= tolerance * ref.abs().max()
