@@ -22,7 +22,7 @@ from headrace.common.addresses import address_plan
 from headrace.common.config import EngineConfig
 from headrace.common.messages import DetokenizeRequest, TokenizeRequest
 from headrace.common.version import VERSION
-from headrace.services.api import errors
+from headrace.services.api import errors, protocol
 from headrace.services.api.engine_client import EngineClient
 from headrace.services.api.errors import ApiError
 from headrace.services.api.metrics import Metrics
@@ -171,6 +171,8 @@ async def _read(request: Request, model: type[B]) -> B:
         raise ApiError(400, f"Malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    if unexpected := protocol.unexpected_field(model, data):
+        raise ApiError(400, unexpected[1], param=unexpected[0])
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -112,10 +112,12 @@ def test_oversized_bodies_are_413(http):
     error(http.post(COMPLETIONS, content=chunks()), 413)
 
 
-def test_no_tokenizer_is_503_and_unknown_fields_are_ignored(http):
-    err = error(http.post(COMPLETIONS, json={"prompt": "x", "best_of": 3, "suffix": None, "logit_bias": {"1": 2}}),
-                503)
+def test_no_tokenizer_is_503_and_unimplemented_fields_are_refused_first(http):
+    err = error(http.post(COMPLETIONS, json={"prompt": "x", "best_of": 1, "suffix": None, "logit_bias": {}}), 503)
     assert err["type"] == "ServiceUnavailableError"
+    # A field that would change the answer but is not implemented is refused before any engine work.
+    err = error(http.post(COMPLETIONS, json={"prompt": "x", "logit_bias": {"1": 2}}), 400, "logit_bias")
+    assert "not supported" in err["message"]
 
 
 def test_unknown_route_and_wrong_method_keep_the_shape(http):
