@@ -22,7 +22,7 @@ from headrace.common.addresses import address_plan
 from headrace.common.config import EngineConfig
 from headrace.common.messages import DetokenizeRequest, TokenizeRequest
 from headrace.common.version import VERSION
-from headrace.services.api import errors, protocol
+from headrace.services.api import errors, openapi, protocol
 from headrace.services.api.engine_client import EngineClient
 from headrace.services.api.errors import ApiError
 from headrace.services.api.metrics import Metrics
@@ -55,6 +55,7 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     app.add_middleware(RequestIdMiddleware)  # outermost: its header and 500 cover everything inside
     app.include_router(openai_routes, dependencies=[Depends(api_key_check(config.server.api_key))])
     app.include_router(operator_routes)
+    openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeBody, DetokenizeBody])
     return app
 
 
@@ -87,19 +88,19 @@ async def models(request: Request) -> dict[str, Any]:
         "root": ctx.model_root, "parent": None, "max_model_len": ctx.max_model_len}]}
 
 
-@openai_routes.post("/v1/completions")
+@openai_routes.post("/v1/completions", openapi_extra=openapi.request_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     body = await _read(request, CompletionRequest)
     return await create_completion(_serving(request), body, request, _http_request(request, body.n))
 
 
-@openai_routes.post("/v1/chat/completions")
+@openai_routes.post("/v1/chat/completions", openapi_extra=openapi.request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     body = await _read(request, ChatCompletionRequest)
     return await create_chat_completion(_serving(request), body, request, _http_request(request, body.n))
 
 
-@openai_routes.post("/tokenize")
+@openai_routes.post("/tokenize", openapi_extra=openapi.request_body(TokenizeBody))
 async def tokenize(request: Request) -> dict[str, Any]:
     ctx = _serving(request)
     body = await _read(request, TokenizeBody)
@@ -117,7 +118,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
             "tokens": reply.token_ids, "token_strs": reply.token_strs}
 
 
-@openai_routes.post("/detokenize")
+@openai_routes.post("/detokenize", openapi_extra=openapi.request_body(DetokenizeBody))
 async def detokenize(request: Request) -> dict[str, Any]:
     ctx = _serving(request)
     body = await _read(request, DetokenizeBody)
