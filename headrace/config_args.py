@@ -101,6 +101,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
           help="tcp: the engine's CURVE secret key (`headrace keygen FILE`); peers without it are refused "
                "(serve makes a one-off key when unset)")
     _flag(g, "--max-request-bytes", ServerConfig, type=int)
+    _flag(g, "--max-num-queued-reqs", ServerConfig, type=int,
+          help="engine requests waiting to start beyond which new requests get 429 with Retry-After")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -124,6 +124,7 @@ class EngineClient:
         self.on_stats = on_stats or (lambda stats: None)
 
         self.stats: EngineStats | None = None
+        self._sent_since_stats = 0  # engine requests this api sent after the last EngineStats was taken
         self._stats_seen = 0.0
         self._engine_alive = False
         self._peers: dict[bytes, _Peer] = {}
@@ -169,6 +170,12 @@ class EngineClient:
     # ------------------------------------------------------------------ state the routes read
 
     @property
+    def queued_estimate(self) -> int:
+        """Engine requests waiting to start, as far as this api knows without asking: the scheduler's last
+        count plus what this api sent since (other apis' recent requests show up with the next count)."""
+        return (self.stats.num_waiting if self.stats is not None else 0) + self._sent_since_stats
+
+    @property
     def engine_alive(self) -> bool:
         """EngineStats keeps arriving (the scheduler is up and its engine loaded)."""
         return self._engine_alive
@@ -196,6 +203,7 @@ class EngineClient:
             try:
                 for data in payloads:
                     self._send_bytes(peer, data)
+                self._sent_since_stats += len(requests)
                 return gen
             except _PeerGone:
                 self._unregister(gen)  # it never started: retry the whole request on the next live tokenizer
@@ -340,6 +348,7 @@ class EngineClient:
                 continue
             if isinstance(msg, EngineStats):
                 self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), True
+                self._sent_since_stats = 0
                 try:
                     self.on_stats(msg)
                 except Exception:  # a metrics failure must not stop the engine's heartbeat

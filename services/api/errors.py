@@ -26,8 +26,9 @@ class ApiError(Exception):
     """A request that fails with an HTTP error; raised anywhere below a route, rendered by `install`."""
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: int | str | None = None):
+                 code: int | str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.type = type or error_type(status)
@@ -44,7 +45,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 def model_not_found(name: str) -> ApiError:

@@ -51,6 +51,7 @@ class ServingContext:
     max_model_len: int
     model_root: str  # /v1/models' `root`: the --model the server was started with
     started: int  # unix seconds, /v1/models' `created`
+    max_num_queued_reqs: int | None = None  # --max-num-queued-reqs: beyond it, 429
 
 
 class ClientDisconnected(Exception):
@@ -96,6 +97,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
 async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, http: HttpRequest,
                     stream: bool, request: Request) -> Response:
     n = http.n
+    _admit(ctx, len(engine_requests))
     gen = ctx.client.submit(engine_requests, http)
     states = [ChoiceState(k) for k in range(len(engine_requests))]
     streaming = False
@@ -114,6 +116,14 @@ async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest],
     finally:
         if not streaming:
             gen.abort()  # a no-op once every choice finished
+
+
+def _admit(ctx: ServingContext, count: int) -> None:
+    """Overload control: refuse at once, before any engine work, when the queue is past its bound."""
+    limit = ctx.max_num_queued_reqs
+    if limit is not None and ctx.client.queued_estimate + count > limit:
+        raise ApiError(429, f"The server is busy: about {ctx.client.queued_estimate} requests are waiting to "
+                            f"start (at most {limit}). Retry later.", headers={"Retry-After": "1"})
 
 
 async def _collect(gen: Generation, states: list[ChoiceState]) -> None:

@@ -139,6 +139,7 @@ class FakeScheduler(_AsyncPeer):
         self.address, self.interval_s = address, interval_s
         self.hellos: list[Heartbeat] = []
         self.sending = False
+        self.waiting = 0  # the num_waiting gauge it reports
         self._apis: set[bytes] = set()
         self._ctx = transport.async_context()
         self._sock = transport.router_socket(self._ctx, address)
@@ -160,7 +161,8 @@ class FakeScheduler(_AsyncPeer):
         while True:
             if self.sending:
                 for identity in self._apis:
-                    stats = EngineStats(num_running=1, prefix_cache_queries=40, prefix_cache_hits=16)
+                    stats = EngineStats(num_running=1, num_waiting=self.waiting, prefix_cache_queries=40,
+                                        prefix_cache_hits=16)
                     await transport.router_send_async(self._sock, identity, stats)
             await asyncio.sleep(self.interval_s)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -252,3 +253,27 @@ async def test_request_id_is_echoed_or_generated(stack):
     first, second = (await stack.http.get("/version")).headers["x-request-id"], \
         (await stack.http.get("/version")).headers["x-request-id"]
     assert first and second and first != second
+
+
+async def test_overload_is_429_with_retry_after_before_any_engine_work(make_stack):
+    async with make_stack(max_num_queued_reqs=3) as stack:
+        tok = await stack.add_tokenizer(words("a"))
+        await stack.ready()
+        ok = await stack.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        stack.scheduler.waiting = 3  # the scheduler reports a full queue
+        await until(lambda: stack.client.queued_estimate == 3)
+        t0 = time.monotonic()
+        r = await stack.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "RateLimitError" and "at most 3" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 0.5
+        assert len(tok.requests) == 1  # the refused request never reached a tokenizer
+        stack.scheduler.waiting = 1  # room for 2 engine requests: n=3 is refused, n=2 admitted
+        await until(lambda: stack.client.queued_estimate == 1)
+        r = await stack.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                "n": 3, "max_tokens": 1})
+        assert r.status_code == 429
+        r = await stack.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                "n": 2, "max_tokens": 1})
+        assert r.status_code == 200, r.text
