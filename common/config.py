@@ -123,10 +123,14 @@ class ServerConfig:
     # Engine requests waiting for a first step beyond which the api answers 429 without touching the engine
     # (None: no bound, as vLLM). The scheduler's own queue is unbounded, so this is what keeps it short.
     max_num_queued_reqs: int | None = None
+    # Seconds a request may run before it is aborted (its KV freed) and answered 408; a request may ask for
+    # less with an X-Request-Timeout header. None: no server default.
+    request_timeout: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_queued_reqs is None or self.max_num_queued_reqs > 0,
                  "--max-num-queued-reqs must be positive")
+        _require(self.request_timeout is None or self.request_timeout > 0, "--request-timeout must be positive")
         _require(0 < self.port < 65536, "--port must be in 1..65535")
         _require(self.num_tokenizers >= 1, "--num-tokenizers must be >= 1")
         _require(self.num_api_servers >= 1, "--api-server-count must be >= 1")

@@ -42,7 +42,8 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
         client = EngineClient.from_plan(address_plan(config.server), index)
     ctx = ServingContext(client=client, model_name=model.name, max_n=config.server.max_n,
                          max_model_len=model.max_model_len, model_root=config.model.model or model.name,
-                         started=int(time.time()), max_num_queued_reqs=config.server.max_num_queued_reqs)
+                         started=int(time.time()), max_num_queued_reqs=config.server.max_num_queued_reqs,
+                         request_timeout=config.server.request_timeout)
     metrics = Metrics(ctx.model_name, model.max_model_len)
     client.on_generation_finished = lambda gen: metrics.observe(gen.records, gen.http)
     client.on_stats = metrics.on_stats

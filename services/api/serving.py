@@ -52,6 +52,7 @@ class ServingContext:
     model_root: str  # /v1/models' `root`: the --model the server was started with
     started: int  # unix seconds, /v1/models' `created`
     max_num_queued_reqs: int | None = None  # --max-num-queued-reqs: beyond it, 429
+    request_timeout: float | None = None  # --request-timeout, seconds
 
 
 class ClientDisconnected(Exception):
@@ -97,18 +98,19 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
 async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, http: HttpRequest,
                     stream: bool, request: Request) -> Response:
     n = http.n
+    deadline = request_deadline(ctx.request_timeout, request)
     _admit(ctx, len(engine_requests))
     gen = ctx.client.submit(engine_requests, http)
     states = [ChoiceState(k) for k in range(len(engine_requests))]
     streaming = False
     try:
         if stream:
-            first = await unless_disconnected(gen.next_batch(), request)
+            first = await unless_disconnected(before(deadline, gen.next_batch()), request)
             _raise_first_error(first)
-            response = SSEResponse(_events(gen, shape, states, n, first), on_close=gen.abort)
+            response = SSEResponse(_events(gen, shape, states, n, first, deadline), on_close=gen.abort)
             streaming = True  # from here on the response aborts whatever is left when it closes
             return response
-        await unless_disconnected(_collect(gen, states), request)
+        await unless_disconnected(before(deadline, _collect(gen, states)), request)
         return JSONResponse(shape.response(states, n))
     except ClientDisconnected:
         log.info("client left before %s finished; aborted", shape.request_id)
@@ -116,6 +118,32 @@ async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest],
     finally:
         if not streaming:
             gen.abort()  # a no-op once every choice finished
+
+
+def request_deadline(server_timeout: float | None, request: Request) -> float | None:
+    """The monotonic time the request must be done by: the X-Request-Timeout header (seconds) or the
+    server's --request-timeout, whichever is sooner; None when neither is set."""
+    timeouts = [] if server_timeout is None else [server_timeout]
+    header = request.headers.get("x-request-timeout")
+    if header is not None:
+        try:
+            seconds = float(header)
+        except ValueError:
+            seconds = float("nan")
+        if not 0 < seconds < float("inf"):
+            raise ApiError(400, "X-Request-Timeout must be a positive number of seconds.", param="X-Request-Timeout")
+        timeouts.append(seconds)
+    return time.monotonic() + min(timeouts) if timeouts else None
+
+
+async def before(deadline: float | None, work: Awaitable[T]) -> T:
+    """Await `work`; past `deadline` cancel it and raise a 408 (the caller's cleanup aborts the request)."""
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise ApiError(408, "The request did not finish within its time limit and was aborted.") from None
 
 
 def _admit(ctx: ServingContext, count: int) -> None:
@@ -140,7 +168,7 @@ def _raise_first_error(batch: list[tuple[int, TextDelta]]) -> None:
 
 
 async def _events(gen: Generation, shape: Shape, states: list[ChoiceState], n: int,
-                  batch: list[tuple[int, TextDelta]]) -> AsyncIterator[str]:
+                  batch: list[tuple[int, TextDelta]], deadline: float | None = None) -> AsyncIterator[str]:
     out = [sse(chunk) for chunk in shape.start_chunks(len(states))]
     while True:
         for index, delta in batch:
@@ -155,7 +183,12 @@ async def _events(gen: Generation, shape: Shape, states: list[ChoiceState], n: i
             out = []
         if gen.finished:
             break
-        batch = await gen.next_batch()
+        try:
+            batch = await before(deadline, gen.next_batch())
+        except ApiError as timeout:  # the deadline passed mid-stream: say so, and the close aborts the rest
+            gen.abort()
+            yield sse_error(timeout) + DONE
+            return
     if shape.include_usage:
         out.append(sse(shape.usage_chunk(states, n)))
     yield "".join(out) + DONE

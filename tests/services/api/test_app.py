@@ -277,3 +277,28 @@ async def test_overload_is_429_with_retry_after_before_any_engine_work(make_stac
         r = await stack.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                                 "n": 2, "max_tokens": 1})
         assert r.status_code == 200, r.text
+
+
+def _stalls(req):
+    return [[delta(req.req_id, "a", 0, 5)]]  # one token of five, then nothing: the request never finishes
+
+
+async def test_a_request_past_its_deadline_is_aborted_and_answered_408(make_stack):
+    async with make_stack(request_timeout=30.0) as stack:
+        tok = await stack.add_tokenizer(_stalls)
+        t0 = time.monotonic()
+        r = await stack.http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Timeout": "0.3"})
+        assert r.status_code == 408 and r.json()["error"]["type"] == "RequestTimeoutError"
+        assert 0.3 <= time.monotonic() - t0 < 5
+        await until(lambda: tok.requests[0].req_id in tok.aborted)  # its KV is freed, not left generating
+        # Streamed: the first chunk arrives, then an error event and [DONE] when the deadline passes.
+        r = await stack.http.post("/v1/completions", json={"prompt": "x", "stream": True},
+                                  headers={"X-Request-Timeout": "0.3"})
+        assert r.status_code == 200
+        chunks = events(r.text)
+        assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == 408
+        assert any(c["choices"][0]["text"] == "a" for c in chunks[:-2] if isinstance(c, dict) and c.get("choices"))
+        await until(lambda: tok.requests[1].req_id in tok.aborted)
+        bad = await stack.http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Timeout": "soon"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+        assert len(tok.requests) == 2  # the bad header was refused before any engine work
