@@ -22,10 +22,6 @@ from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLine
 from headrace.services.gpu_worker.parallel import TPGroup
 
 
-def _shape(loaded: Any) -> tuple[int, ...]:
-    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
-
-
 def _copy_into(dst: torch.Tensor, src: Any) -> None:
     src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
     if tuple(src.shape) != tuple(dst.shape):

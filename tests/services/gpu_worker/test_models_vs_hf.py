@@ -20,8 +20,10 @@ PRESETS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-llama
 def hf_twin(runner: ModelRunner):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=torch.float32)
-    missing, unexpected = hf.load_state_dict(export_hf_state_dict(runner.model), strict=False)
+    # float32 on the runner's device, whatever the runner's dtype: the oracle.
+    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=torch.float32).to(runner.device)
+    ours = {name: t.float() for name, t in export_hf_state_dict(runner.model).items()}
+    missing, unexpected = hf.load_state_dict(ours, strict=False)
     assert not unexpected and all("rotary" in m or (m == "lm_head.weight" and runner.arch.tie_word_embeddings)
                                   for m in missing), (missing, unexpected)
     if runner.arch.tie_word_embeddings:
@@ -55,6 +57,15 @@ def logits_for_all_positions(runner: ModelRunner, prompt: list[int], chunk: int)
     return torch.cat(rows)
 
 
+def ours_and_reference(runner: ModelRunner, hf, prompt: list[int], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our logits for every prompt position (through the paged cache, `chunk` tokens a step) and the HF
+    model's for the whole prompt at once, both float32 on the CPU."""
+    ours = logits_for_all_positions(runner, prompt, chunk)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt], device=hf.device)).logits[0]
+    return ours.float().cpu(), ref.float().cpu()
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("chunk", [1000, 5, 1])
 def test_logits_match_transformers(preset, chunk):
@@ -63,7 +74,5 @@ def test_logits_match_transformers(preset, chunk):
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     hf = hf_twin(runner)
     prompt = torch.randint(0, runner.arch.vocab_size, (37,), generator=torch.Generator().manual_seed(3)).tolist()
-    ours = logits_for_all_positions(runner, prompt, chunk)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].float()
+    ours, ref = ours_and_reference(runner, hf, prompt, chunk)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

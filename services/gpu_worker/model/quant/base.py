@@ -29,7 +29,3 @@ class LinearMethod:
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
         """The [out, in] weight this layer multiplies by, dequantized (oracles and exports)."""
         raise NotImplementedError
-
-    def weight_bytes(self, layer: nn.Module) -> int:
-        """Bytes a forward reads for this layer's weights (benchmarks' rooflines)."""
-        return sum(p.numel() * p.element_size() for p in layer.parameters(recurse=False) if p is not layer.bias)

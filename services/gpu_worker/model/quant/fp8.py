@@ -25,16 +25,16 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dense [out, in] weight -> (fp8 weight, float32 scale per output row)."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-    return (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def to_fp8(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """t / scale in e4m3, saturated at its largest value."""
+    return (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [T, in] -> (fp8, float32 scale [T, 1]) with each row's absolute max at the fp8 maximum."""
-    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, in] -> (fp8, float32 scale [rows, 1]) with each row's absolute max at the fp8 maximum: a weight
+    per output channel, activations per token."""
+    scale = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return to_fp8(t, scale), scale
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,9 +78,9 @@ class Fp8Linear(LinearMethod):
             return
         layer.parts_left -= 1
         if layer.parts_left == 0:
-            weight, scale = quantize_per_channel(layer.weight.data)
+            weight, scale = quantize_rows(layer.weight.data)
             del layer.weight
-            self._store(layer, weight, scale, None)
+            self._store(layer, weight, scale[:, 0], None)
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if self.spec.checkpoint_format == "online":
@@ -115,9 +115,9 @@ class Fp8Linear(LinearMethod):
             return fp8_gemv(x2, layer.weight, layer.weight_scale, bias).reshape(*x.shape[:-1], -1)
         if layer.input_scale is not None:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
-            x_fp8 = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            x_fp8 = to_fp8(x2, x_scale)
         else:
-            x_fp8, x_scale = quantize_per_token(x2)
+            x_fp8, x_scale = quantize_rows(x2)
         y = torch._scaled_mm(x_fp8, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale[None, :],
                              out_dtype=x.dtype)
         if bias is not None:

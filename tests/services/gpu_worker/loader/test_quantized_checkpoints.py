@@ -16,7 +16,7 @@ from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
-from tests.services.gpu_worker.test_models_vs_hf import hf_twin, logits_for_all_positions
+from tests.services.gpu_worker.test_models_vs_hf import hf_twin, ours_and_reference
 
 FIXTURES = Path(__file__).parents[3] / "fixtures" / "quant"
 FOLDERS = sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle.st").exists())
@@ -59,7 +59,5 @@ def test_the_quantized_model_runs_as_its_dequantized_twin(folder):
     runner = runner_for(folder)
     hf = hf_twin(runner)
     prompt = torch.randint(3, runner.arch.vocab_size, (19,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = logits_for_all_positions(runner, prompt, 7)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].float()
+    ours, ref = ours_and_reference(runner, hf, prompt, 7)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

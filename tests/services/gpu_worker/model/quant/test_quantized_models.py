@@ -9,7 +9,7 @@ import torch
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
-from tests.services.gpu_worker.test_models_vs_hf import hf_twin, logits_for_all_positions
+from tests.services.gpu_worker.test_models_vs_hf import hf_twin, ours_and_reference
 
 
 @pytest.mark.parametrize("quantization", ["gptq", "fp8"])
@@ -23,9 +23,7 @@ def test_quantized_logits_match_a_float_forward_over_the_dequantized_weights(pre
     assert not hasattr(qkv, "weight") if quantization == "gptq" else qkv.weight.dtype == torch.float8_e4m3fn
     hf = hf_twin(runner)
     prompt = torch.randint(0, runner.arch.vocab_size, (29,), generator=torch.Generator().manual_seed(4)).tolist()
-    ours = logits_for_all_positions(runner, prompt, 8)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].float()
+    ours, ref = ours_and_reference(runner, hf, prompt, 8)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     dense = {n: p for n, p in hf.named_parameters() if n.endswith("q_proj.weight")}
     assert dense and all(p.dtype == torch.float32 for p in dense.values())
@@ -42,20 +40,9 @@ def test_gpu_kernels_match_a_float_forward_over_the_dequantized_weights(quantiza
     cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", seed=5, max_model_len=512, dtype=dtype,
                                          quantization=quantization), cache=CacheConfig(num_blocks=64))
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
-    hf = hf_twin_float32(runner)
+    hf = hf_twin(runner)
     prompt = torch.randint(0, runner.arch.vocab_size, (61,), generator=torch.Generator().manual_seed(4)).tolist()
-    ours = logits_for_all_positions(runner, prompt, chunk).float().cpu()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt], device=hf.device)).logits[0].float().cpu()
+    ours, ref = ours_and_reference(runner, hf, prompt, chunk)
     assert (ours - ref).abs().max() <= tolerance * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
-
-def hf_twin_float32(runner: ModelRunner):
-    from transformers import AutoModelForCausalLM
-
-    from headrace.services.gpu_worker.loader.model_loader import export_hf_state_dict
-
-    hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=torch.float32).to(runner.device)
-    hf.load_state_dict({k: v.float() for k, v in export_hf_state_dict(runner.model).items()}, strict=False)
-    return hf.eval()
