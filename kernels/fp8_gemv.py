@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .gemv import _gemv_reduce_kernel
+from .gemv import _gemv_reduce_kernel, store_row
 
 _PROGRAMS = 512  # split K until the grid holds about 4 programs per SM of an H200
 _MIN_TILES_PER_SPLIT = 4
@@ -60,12 +60,7 @@ def _fp8_gemv_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + offs_n, out, mask=mask_n)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    store_row(out, out_ptr, b_ptr, offs_n, mask_n, pid_k, stride_os, HAS_BIAS, SPLIT)
 
 
 def default_config(N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:

@@ -33,6 +33,32 @@ _TILE_ROW_BYTES = 512  # BLOCK_K * element size: 4 full 128-byte lines per weigh
 _REDUCE_BLOCK = 256
 
 
+@triton.jit
+def store_rows(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_os, stride_om,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """The epilogue of a split-K program's [rows, BLOCK_N] fp32 result: SPLIT stores it as split pid_k's
+    partial (the reduce kernel adds the bias); otherwise the bias is added and y is stored in its dtype."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_row(out, out_ptr, b_ptr, offs_n, mask_n, pid_k, stride_os, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """store_rows for a one-row program (a [BLOCK_N] result)."""
+    if SPLIT:
+        tl.store(out_ptr + pid_k * stride_os + offs_n, out, mask=mask_n)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
@@ -71,14 +97,7 @@ def _gemv_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_rows(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT)
 
 
 @triton.jit(do_not_specialize=["split_k"])

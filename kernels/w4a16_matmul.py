@@ -56,6 +56,7 @@ import triton.language as tl
 
 from . import _utils, int_packing
 from .gemv import _gemv_reduce_kernel  # the deterministic split-K reduction (sum in a fixed order, bias, cast)
+from .gemv import store_row, store_rows
 
 PACK = 8  # nibbles per int32 word
 MAX_SKINNY_M = 16  # rows of the padded dot in the small-M kernel (tl.dot needs >= 16); larger M takes the GEMM
@@ -77,7 +78,6 @@ class W4A16Config(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
-    per_field: bool = False  # skinny kernel: 8 dots per tile, one per nibble field, instead of a reshape and one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,6 +138,23 @@ def _unpack_tile(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MAGIC: tl.
     return w
 
 
+@triton.jit
+def _word_tiles(qw_ptr, pid_n, pid_k, N, K, stride_qk, tiles_per_split, IDX64: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A split-K program's columns and K range, and the pointers of its first [BLOCK_K / 8, BLOCK_N] word
+    tile: (offs_n, mask_n, cols (int64 where IDX64), k_start, k_end, qw_ptrs)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cols = offs_n
+    k_start = pid_k * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
+    word_rows = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    if IDX64:
+        cols = cols.to(tl.int64)
+        word_rows = word_rows.to(tl.int64)
+    return offs_n, mask_n, cols, k_start, k_end, qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
+
+
 @triton.jit(do_not_specialize=["M", "G", "tiles_per_split"])
 def _w4a16_skinny_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -147,26 +164,17 @@ def _w4a16_skinny_kernel(
     tiles_per_split,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MAGIC: tl.constexpr, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr, PER_FIELD: tl.constexpr,
+    MAGIC: tl.constexpr, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_K // 8)
     mask_m = offs_m < M
-    mask_n = offs_n < N
-    cols = offs_n
-    k_start = pid_k * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
-    word_rows = k_start // 8 + offs_r
-    if IDX64:
-        cols = cols.to(tl.int64)
-        word_rows = word_rows.to(tl.int64)
-    qw_ptrs = qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
+    offs_n, mask_n, cols, k_start, k_end, qw_ptrs = _word_tiles(qw_ptr, pid_n, pid_k, N, K, stride_qk,
+                                                                tiles_per_split, IDX64, BLOCK_N, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
-    xf_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_r * 8)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # empty for an empty split: its partial stays 0
         if EVEN_K:
@@ -178,37 +186,14 @@ def _w4a16_skinny_kernel(
         g = k0 // G  # the tile lies inside one group
         s = tl.load(s_ptr + g * stride_sg + cols, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_zg + cols, mask=mask_n, other=0.0).to(tl.float32)
-        if PER_FIELD:
-            # No reshape: nibble j of word row r is input k0 + 8r + j, so field j of the loaded words is a
-            # [BLOCK_K / 8, BLOCK_N] operand as it stands, met by x's columns k0 + 8r + j (a stride-8 read).
-            d = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for j in tl.static_range(8):
-                q = (words >> (4 * j)) & 0xF
-                if MAGIC != 0:
-                    wj = (q | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-                else:
-                    wj = q.to(x_ptr.dtype.element_ty)
-                xj = tl.load(xf_ptrs + j, mask=mask_m[:, None], other=0.0)
-                d += tl.dot(xj, wj, input_precision=DOT_PRECISION)
-                x_sum += tl.sum(xj.to(tl.float32), axis=1)
-        else:
-            w = _unpack_tile(words, BLOCK_K, BLOCK_N, MAGIC, x_ptr.dtype.element_ty)  # OFFSET + q, exact
-            d = tl.dot(x, w, input_precision=DOT_PRECISION)  # sum_k x (OFFSET + q), fp32
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
+        w = _unpack_tile(words, BLOCK_K, BLOCK_N, MAGIC, x_ptr.dtype.element_ty)  # OFFSET + q, exact
+        d = tl.dot(x, w, input_precision=DOT_PRECISION)  # sum_k x (OFFSET + q), fp32
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
         acc += d * s[None, :] - x_sum[:, None] * ((z + OFFSET) * s)[None, :]
         qw_ptrs += (BLOCK_K // 8) * stride_qk
         x_ptrs += BLOCK_K
-        xf_ptrs += BLOCK_K
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_rows(acc, out_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_os, stride_om, HAS_BIAS, SPLIT)
 
 
 @triton.jit(do_not_specialize=["G", "tiles_per_split"])
@@ -230,18 +215,10 @@ def _w4a16_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    cols = offs_n
-    k_start = pid_k * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
-    word_rows = k_start // 8 + offs_r
-    if IDX64:
-        cols = cols.to(tl.int64)
-        word_rows = word_rows.to(tl.int64)
-    qw_ptrs = qw_ptr + word_rows[:, None] * stride_qk + cols[None, :]
+    offs_n, mask_n, cols, k_start, k_end, qw_ptrs = _word_tiles(qw_ptr, pid_n, pid_k, N, K, stride_qk,
+                                                                tiles_per_split, IDX64, BLOCK_N, BLOCK_K)
     acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
     acc_off = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):  # empty for an empty split: its partial stays 0
@@ -266,12 +243,7 @@ def _w4a16_gemv_kernel(
         qw_ptrs += R * stride_qk
 
     out = tl.sum(acc, axis=0) - acc_off
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + offs_n, out, mask=mask_n)
-    else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    store_row(out, out_ptr, b_ptr, offs_n, mask_n, pid_k, stride_os, HAS_BIAS, SPLIT)
 
 
 @triton.jit(do_not_specialize=["M", "G", "stride_ps", "tiles_per_split", "split_k"])
@@ -470,19 +442,18 @@ def _skinny(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     M, K = x.shape
     N = y.shape[1]
     assert cfg.block_m == MAX_SKINNY_M, cfg
-    per_field = cfg.per_field and common["EVEN_K"] and cfg.block_k >= 128  # tl.dot needs K >= 16 word rows
     tiles_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     args = (x, qweight, scales, zeros, bias if bias is not None else y)  # y: a dummy bias pointer, never read
     strides = (x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0))
     if cfg.split_k == 1:
         _w4a16_skinny_kernel[grid](*args, y, M, N, K, G, *strides, 0, y.stride(0), tiles_per_split,
-                                   SPLIT=False, BLOCK_M=MAX_SKINNY_M, PER_FIELD=per_field, **common)
+                                   SPLIT=False, BLOCK_M=MAX_SKINNY_M, **common)
         return
     # Partials are [split, 16, N] whatever M is: their strides depend on the shape only (one compiled variant).
     part = _utils.empty((cfg.split_k, MAX_SKINNY_M, N), torch.float32, x.device)
     _w4a16_skinny_kernel[grid](*args, part, M, N, K, G, *strides, part.stride(0), part.stride(1), tiles_per_split,
-                               SPLIT=True, BLOCK_M=MAX_SKINNY_M, PER_FIELD=per_field, **common)
+                               SPLIT=True, BLOCK_M=MAX_SKINNY_M, **common)
     _reduce(part, bias, y, cfg.split_k, _utils.next_pow2(cfg.split_k))
 
 

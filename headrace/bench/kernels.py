@@ -366,8 +366,8 @@ def _w4a16_sweep_configs(batch: int, default) -> list[tuple]:
     if batch == 1:  # the elementwise GEMV (block_m 1), over more splits: it has no dot to feed
         return [(1, bn, 128, split, w, 2) for split in (2, 4, 8, 16) for bn in (64, 128, 256) for w in (4, 8)]
     if batch <= 16:
-        return [(16, bn, 128, split, w, st, pf) for split in splits for pf in (True, False)
-                for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+        return [(16, bn, bk, split, w, st) for split in splits
+                for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4, 5)]
     return [(bm, bn, bk, split, w, st) for split in splits for bm in (64, 128) for bn in (64, 128, 256)
             for bk in (32, 64, 128) for w in (4, 8) for st in (3, 4)]
 

@@ -21,7 +21,7 @@ from headrace.kernels.w4a16_matmul import (  # noqa: E402
 # configs cover no split, uneven splits (4 K tiles in 3 splits: 2 + 2 + 0, an empty split) and a split per tile;
 # the GEMM ones a ragged last row block (M = 17, 40 over BLOCK_M = 16 / 32), without and with split-K.
 _CPU_SHAPE = (48, 128)
-_CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2), (16, 32, 128, 1, 4, 2, True)]
+_CPU_SKINNY = [(16, 32, 32, 1, 4, 2), (16, 16, 32, 3, 4, 2), (16, 32, 32, 4, 4, 2)]
 _CPU_GEMM = [(16, 32, 32, 1, 4, 2), (32, 16, 32, 1, 4, 2), (16, 32, 32, 3, 4, 2)]
 # The elementwise GEMV (block_m < 16, M <= block_m): no split, and 3 splits of 4 tiles (one empty).
 _CPU_GEMV = [(1, 32, 32, 1, 4, 1), (1, 16, 32, 3, 4, 1)]
@@ -48,7 +48,7 @@ def _dtypes(dtype: torch.dtype) -> list[torch.dtype]:
 
 def _configs(M: int, device: torch.device) -> list:
     if device.type != "cpu":
-        return [None] + ([(1, 128, 32, 4, 4, 2)] if M == 1 else []) + ([(16, 128, 128, 4, 8, 4, True)] if M <= 16 else [])
+        return [None] + ([(1, 128, 32, 4, 4, 2)] if M == 1 else [])
     return _CPU_SKINNY + (_CPU_GEMV if M == 1 else []) if M <= 16 else _CPU_GEMM
 
 
