@@ -116,8 +116,10 @@ class Fp8Linear(LinearMethod):
         if layer.input_scale is not None:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_fp8 = to_fp8(x2, x_scale)
-        else:
-            x_fp8, x_scale = quantize_rows(x2)
+        else:  # one kernel instead of torch's four (and two fp32 copies of x)
+            from headrace.kernels.fp8_quant import per_token_quant
+
+            x_fp8, x_scale = per_token_quant(x2 if x2.stride(-1) == 1 else x2.contiguous())
         y = torch._scaled_mm(x_fp8, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale[None, :],
                              out_dtype=x.dtype)
         if bias is not None:
