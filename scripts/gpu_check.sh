@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 # (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online,
-#  quant, quant_fp8)
+#  quant, quant_fp8, quant_fp8_throughput)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -106,6 +106,13 @@ phase_quant() {  # quantized layers: GPU tests, the W4A16 kernel against bf16 cu
 phase_quant_fp8() {  # fp8 (online, per-channel weights, per-token activations) decode vs bf16 in one run
   step latency_fp8 220 python3 -m headrace.cli bench latency $M --quantization fp8 --input-len 128 --output-len 128 \
     --batch-size 1 64 --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_fp8.json"
+}
+
+phase_quant_fp8_throughput() {  # fp8 saturation: 1,000 x 1024/128 engine-direct, bf16 then fp8 in one run
+  step throughput_bf16 200 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
+    --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_bf16.json"
+  step throughput_fp8 200 python3 -m headrace.cli bench throughput $M --quantization fp8 --dataset-name random \
+    --input-len 1024 --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_fp8.json"
 }
 
 phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run
