@@ -1,5 +1,8 @@
 """Probe: FP8 linear at M rows, Llama-3-8B shapes: rowwise torch._scaled_mm after our one-kernel per-token quant
 (or torch's four-kernel one), our fp8_gemv at M=1, bf16 cuBLAS."""
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from headrace.bench import roofline
@@ -11,6 +14,7 @@ dev = torch.device("cuda")
 copy = roofline.measure_copy_bandwidth(dev)[0]
 mm_rate = roofline.measure_matmul_rate(dev, torch.bfloat16)
 print(f"copy {copy/1e9:.0f} GB/s bf16 mm {mm_rate}")
+rows = []
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 for name, n, k in SHAPES:
     copies = max(1, (512 << 20) // (n * k))
@@ -30,5 +34,11 @@ for name, n, k in SHAPES:
         if m == 1:
             tg = roofline.time_median(_cycling(lambda w: fp8_gemv(x, w, sw[0]), w8), dev, 30)
             line += f" | gemv {tg*1e6:6.1f}us"
+        rows.append(dict(name=name, m=m, quant_us=tq * 1e6, torch_quant_us=tq_t * 1e6, rowwise_mm_us=tmm * 1e6,
+                         bf16_us=tb * 1e6, fp8_over_bf16=tb / (tq + tmm), copy_bytes_per_s=copy))
         print(line, flush=True)
     del w8, wb
+out = os.environ.get("OUT", "/tmp/out")
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "probe_fp8.json"), "w") as f:
+    json.dump(rows, f, indent=1)
