@@ -96,7 +96,8 @@ phase_gpu_tests() {
 
 phase_quant() {  # quantized layers: GPU tests, the W4A16 kernel against bf16 cuBLAS, int4 decode vs bf16 in one run
   step quant_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_w4a16_matmul.py tests/kernels/test_fp8_gemv.py \
-    tests/services/gpu_worker/model/quant/test_quantized_models.py -k "gpu or w4a16"
+    tests/kernels/test_fp8_quant.py tests/kernels/test_fp8_block_matmul.py tests/services/gpu_worker/model/quant/test_quantized_models.py \
+    tests/services/gpu_worker/loader/test_quantized_checkpoints.py -k "gpu or w4a16 or fp8"
   step w4a16_kernels 120 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch --w4a16 \
     --w4a16-batch 1 16 64 256 --output-json "$R/w4a16.json"
   step latency_w4a16 220 python3 -m headrace.cli bench latency $M --quantization gptq --input-len 128 --output-len 128 \
