@@ -44,6 +44,7 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     requested = config.model.max_model_len
     if requested is not None and requested > limit:
         raise ConfigError(f"--max-model-len {requested} exceeds the model's context length {limit}")
+    _check_long_rope_prefix_caching(arch, requested or limit, config.cache.enable_prefix_caching)
     try:
         quantization = _quantization(source, hf_config, config.model.quantization, arch)
     except QuantizationError as e:
@@ -59,6 +60,16 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
         vocab_size=arch.vocab_size,
         quantization=quantization,
     )
+
+
+def _check_long_rope_prefix_caching(arch: ModelArch, max_model_len: int, prefix_caching: bool) -> None:
+    """LongRoPE rotates a prompt's keys with the short or the long factors by the prompt's length, so cached
+    blocks of one request are not another's: past the switch point, prefix caching would change outputs."""
+    switch = arch.longrope_original_max
+    if prefix_caching and switch is not None and max_model_len > switch:
+        raise ConfigError(f"--enable-prefix-caching is not supported with LongRoPE past its {switch} tokens "
+                          f"(cached keys depend on each prompt's length); pass --max-model-len {switch} or "
+                          "leave prefix caching off")
 
 
 def _quantization(source: ModelSource, hf_config, requested: str | None, arch: ModelArch) -> QuantSpec | None:

@@ -20,13 +20,14 @@ import torch
 
 from headrace.services.gpu_worker.attention.base import AttentionMetadata
 from headrace.services.gpu_worker.inflight import InflightStep
+from headrace.services.gpu_worker.model.rope import LongRopeRows
 from headrace.services.gpu_worker.request_state import RequestState
 
 
 @dataclass
 class PreparedBatch:
     input_ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor  # each token's row in the cos/sin cache (its position but for LongRoPE, see HostArrays)
     attn: AttentionMetadata
     req_order: list[str]  # batch order (decodes first)
     sample_req_ids: list[str]
@@ -58,7 +59,7 @@ class HostArrays:
     """A step's inputs on the host. The int64 fields travel in one upload, the int32 fields in another."""
 
     token_ids: np.ndarray  # [T]; 0 where fill_positions points: read from the pending step on the device
-    positions: np.ndarray  # [T]
+    positions: np.ndarray  # [T]: each token's position, its row in the cos/sin cache (LongRoPE: see _rope_rows)
     slots: np.ndarray  # [T]: where each token's K/V is written (block * block_size + offset)
     logits_indices: np.ndarray  # [R]: flat index of the last token of each sampling sequence
     fill_positions: np.ndarray  # [F]: token_ids entries the pending step is sampling
@@ -73,12 +74,14 @@ class HostArrays:
 
 
 def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], block_size: int,
-                  device: torch.device, pending: InflightStep | None = None) -> PreparedBatch:
+                  device: torch.device, pending: InflightStep | None = None,
+                  long_rope: LongRopeRows | None = None) -> PreparedBatch:
     """The batch of `scheduled` (request id -> tokens this step) on `device`. `pending` is the step still
-    running on the device, whose sampled tokens some decodes of this step take as input."""
+    running on the device, whose sampled tokens some decodes of this step take as input. `long_rope`: the
+    model's cos/sin cache holds LongRoPE's long-factor table too."""
     pending_rows = pending.row_of_state if pending is not None else {}
     layout = batch_layout(requests, scheduled, pending_rows)
-    host = host_arrays(layout, block_size, pending_rows)
+    host = host_arrays(layout, block_size, pending_rows, long_rope)
     dev = upload_host_arrays(host, device)
     if host.fill_positions.size:
         assert pending is not None and pending.sampled is not None
@@ -114,7 +117,8 @@ def batch_layout(requests: dict[str, RequestState], scheduled: dict[str, int],
     return BatchLayout(order, states, len(decodes), starts, counts, ends, known)
 
 
-def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, int]) -> HostArrays:
+def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, int],
+                long_rope: LongRopeRows | None = None) -> HostArrays:
     token_ids, fill_positions, fill_rows = _token_ids(layout, pending_rows)
     positions = _positions(layout)
     table = _block_table(layout.states)
@@ -122,7 +126,7 @@ def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, in
     np.cumsum(layout.counts, out=query_start_loc[1:])
     return HostArrays(
         token_ids=token_ids,
-        positions=positions,
+        positions=positions if long_rope is None else _rope_rows(layout, positions, long_rope),
         slots=_slots(table, layout.counts, positions, block_size),
         logits_indices=query_start_loc[1:][layout.samples].astype(np.int64) - 1,
         fill_positions=fill_positions,
@@ -159,6 +163,16 @@ def _positions(layout: BatchLayout) -> np.ndarray:
     if len(layout.order) > nd:
         return np.concatenate([starts[:nd]] + [np.arange(a, b) for a, b in zip(starts[nd:], ends[nd:])])
     return starts
+
+
+def _rope_rows(layout: BatchLayout, positions: np.ndarray, long_rope: LongRopeRows) -> np.ndarray:
+    """Each token's row in a LongRoPE cos/sin cache: in the long table where transformers' `generate` rotates
+    it with the long factors, i.e. where its sequence length as that call sees it (the whole prompt for a
+    prompt token, position + 1 for a generated one) exceeds the switch point. Keyed to the prompt length,
+    so a prompt split into chunks (or recomputed) is rotated as one prefill would rotate it."""
+    prompt_lens = np.fromiter((st.num_prompt_tokens for st in layout.states), np.int64, len(layout.states))
+    seen_len = np.maximum(np.repeat(prompt_lens, layout.counts), positions + 1)
+    return positions + long_rope.long_offset * (seen_len > long_rope.original_max)
 
 
 def _block_table(states: list[RequestState]) -> np.ndarray:
