@@ -80,7 +80,10 @@ def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], 
     running on the device, whose sampled tokens some decodes of this step take as input. `long_rope`: the
     model's cos/sin cache holds LongRoPE's long-factor table too."""
     pending_rows = pending.row_of_state if pending is not None else {}
-    layout = batch_layout(requests, scheduled, pending_rows)
+    restarts = long_rope_restarts(requests, scheduled, long_rope) if long_rope is not None else set()
+    if restarts:  # recomputed from their first token: all their known tokens this step
+        scheduled = {rid: len(requests[rid].token_ids) if rid in restarts else n for rid, n in scheduled.items()}
+    layout = batch_layout(requests, scheduled, pending_rows, restarts)
     host = host_arrays(layout, block_size, pending_rows, long_rope)
     dev = upload_host_arrays(host, device)
     if host.fill_positions.size:
@@ -99,13 +102,15 @@ def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], 
 
 
 def batch_layout(requests: dict[str, RequestState], scheduled: dict[str, int],
-                 pending_rows: dict[int, int]) -> BatchLayout:
-    """Decodes first, then prefills, each in plan order; raises if a request is scheduled past its tokens."""
+                 pending_rows: dict[int, int], restarts: set[str] = frozenset()) -> BatchLayout:
+    """Decodes first, then prefills, each in plan order; raises if a request is scheduled past its tokens.
+    `restarts` are computed from their first token whatever they computed before."""
     decodes = [rid for rid, n in scheduled.items() if n == 1]
     order = decodes + [rid for rid, n in scheduled.items() if n != 1]
     states = [requests[rid] for rid in order]
     num_seqs = len(order)
-    starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, num_seqs)
+    starts = np.fromiter((0 if rid in restarts else st.num_computed_tokens for rid, st in zip(order, states)),
+                         np.int64, num_seqs)
     counts = np.fromiter((scheduled[rid] for rid in order), np.int64, num_seqs)
     known = np.fromiter((len(st.token_ids) for st in states), np.int64, num_seqs)
     if pending_rows:
@@ -165,14 +170,26 @@ def _positions(layout: BatchLayout) -> np.ndarray:
     return starts
 
 
+def long_rope_restarts(requests: dict[str, RequestState], scheduled: dict[str, int],
+                       long_rope: LongRopeRows) -> set[str]:
+    """Requests whose cached keys must be recomputed with LongRoPE's long factors this step.
+
+    transformers rotates all of a sequence's tokens with the short factors while it is at most
+    `original_max` tokens long and with the long ones after: `generate` drops its cache and recomputes the
+    whole sequence on the step that crosses (Phi3ForCausalLM.prepare_inputs_for_generation). A request
+    crosses at the decode of position `original_max` when its prompt was short; that step recomputes it
+    from its first token (its blocks are already allocated). The scheduler counted one token for it."""
+    switch = long_rope.original_max
+    return {rid for rid, n in scheduled.items()
+            if n == 1 and requests[rid].num_computed_tokens == switch and requests[rid].num_prompt_tokens <= switch}
+
+
 def _rope_rows(layout: BatchLayout, positions: np.ndarray, long_rope: LongRopeRows) -> np.ndarray:
-    """Each token's row in a LongRoPE cos/sin cache: in the long table where transformers' `generate` rotates
-    it with the long factors, i.e. where its sequence length as that call sees it (the whole prompt for a
-    prompt token, position + 1 for a generated one) exceeds the switch point. Keyed to the prompt length,
-    so a prompt split into chunks (or recomputed) is rotated as one prefill would rotate it."""
-    prompt_lens = np.fromiter((st.num_prompt_tokens for st in layout.states), np.int64, len(layout.states))
-    seen_len = np.maximum(np.repeat(prompt_lens, layout.counts), positions + 1)
-    return positions + long_rope.long_offset * (seen_len > long_rope.original_max)
+    """Each token's row in a LongRoPE cos/sin cache: in the long table when its sequence is longer than
+    the switch point (every known token counted, so a prompt split into chunks, or recomputed after a
+    preemption, is rotated as transformers rotates it in one pass)."""
+    long_seqs = layout.known > long_rope.original_max
+    return positions + long_rope.long_offset * np.repeat(long_seqs, layout.counts)
 
 
 def _block_table(states: list[RequestState]) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
-from headrace.services.gpu_worker.batch_inputs import PreparedBatch, prepare_batch
+from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
@@ -167,7 +167,7 @@ class ModelRunner:
         if plan.is_empty:
             step.resolved = True
         else:
-            if pending is not None and self._needs_host_tokens(plan, pending):
+            if pending is not None and (self._needs_host_tokens(plan, pending) or self._restarts_long_rope(plan)):
                 pending.resolve()
                 pending = None
             self._run(step, pending)
@@ -195,6 +195,12 @@ class ModelRunner:
                 return graphs.run(batch)
         ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
         return self.model(batch.input_ids, batch.positions, ctx)
+
+    def _restarts_long_rope(self, plan: StepPlan) -> bool:
+        """Whether a request of this plan is recomputed for LongRoPE's long factors: its whole sequence,
+        the token the pending step is sampling included, is then read on the host."""
+        return self.long_rope is not None and bool(
+            long_rope_restarts(self.requests, plan.num_scheduled_tokens, self.long_rope))
 
     def _needs_host_tokens(self, plan: StepPlan, pending: InflightStep) -> bool:
         """Whether a request of this plan with a token in flight samples with penalties, which read every

@@ -12,10 +12,9 @@ from headrace.common.models.arch import ModelArch, UnsupportedModelError
 @dataclass(frozen=True)
 class LongRopeRows:
     """LongRoPE's two tables in one cos/sin cache: rows [0, long_offset) hold the angles of the short factors,
-    rows from long_offset those of the long ones. transformers picks the set per forward call from the
-    longest position it sees, so under `generate` a prompt's tokens use the long factors when the prompt is
-    longer than `original_max`, and a generated token at position p when p + 1 is (keys already cached keep
-    the rotation they were written with). batch_inputs applies that rule per token."""
+    rows from long_offset those of the long ones. As in transformers, every token of a sequence longer than
+    `original_max` uses the long factors, of a shorter one the short factors; a sequence that crosses while
+    generating is recomputed with the long ones (batch_inputs.long_rope_restarts)."""
 
     original_max: int
     long_offset: int
