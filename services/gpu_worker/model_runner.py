@@ -176,7 +176,7 @@ class ModelRunner:
     def _run(self, step: InflightStep, pending: InflightStep | None) -> None:
         """Prepare, forward and sample the step's batch on the device."""
         batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
-                              self.long_rope)
+                              long_rope=self.long_rope)
         hidden = self._forward(batch)
         if not batch.sample_req_ids:
             step.resolved = True

@@ -22,6 +22,7 @@ from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
 from tests.services.gpu_worker.plan_driver import PlanDriver
 from tests.services.gpu_worker.test_embedded_vs_hf import assert_matches
+from tests.services.gpu_worker.test_model_runner import run as run_overlapped
 from tests.services.gpu_worker.test_models_vs_hf import hf_twin, ours_and_reference
 from tests.services.gpu_worker.test_tensor_parallel import _port
 
@@ -118,6 +119,17 @@ def test_long_factors_are_what_makes_phi3_match(checkpoints):
     finally:
         runner.long_rope = kept
     assert (ours - ref).abs().max() > 1e-3
+
+
+def test_overlapped_steps_cross_the_long_rope_switch():
+    """The step that recomputes a request for the long factors reads the token the pending step samples:
+    launched ahead (overlapped) or one at a time, the tokens are the same. The 6-token prompt crosses
+    the switch (32) at its 27th token, the 19-token one at its 14th."""
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-phi3-longrope", seed=3, max_model_len=256),
+                       cache=CacheConfig(num_blocks=64))
+    runner = ModelRunner(resolved(cfg), log=lambda *_: None)
+    greedy = SamplingParams(temperature=0.0, max_tokens=64)
+    assert run_overlapped(runner, greedy, overlap=True, num_new=30) == run_overlapped(runner, greedy, False, 30)
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
