@@ -80,4 +80,11 @@ def _quantization(source: ModelSource, hf_config, requested: str | None, arch: M
         inputs = (arch.hidden_size, arch.intermediate_size, arch.q_size)
         group = 128 if all(n % 128 == 0 for n in inputs) else 32
         return QuantSpec(kind="int", checkpoint_format="random", bits=4, group_size=group)
-    return quant_spec(hf_config, requested)
+    spec = quant_spec(hf_config, requested)
+    fused_family = arch.model_type in ("phi3", "falcon")
+    if spec is not None and spec.checkpoint_format not in ("online", "random") and fused_family:
+        # Their checkpoints fuse q|k|v (and Phi-3 gate|up) into one linear, whose packed quantized tensors the
+        # loader does not split; a 16-bit checkpoint quantized at load is fine.
+        raise QuantizationError(f"quantized {arch.model_type} checkpoints are not supported (their fused "
+                                "projections); serve the 16-bit checkpoint, with --quantization fp8 if wanted")
+    return spec

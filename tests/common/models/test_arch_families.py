@@ -18,7 +18,8 @@ def preset_arch(name: str):
 
 
 def test_falcon_layouts_become_flags():
-    old, new, seq = preset_arch("tiny-falcon"), preset_arch("tiny-falcon-new-arch"), preset_arch("tiny-falcon-sequential")
+    old, new = preset_arch("tiny-falcon"), preset_arch("tiny-falcon-new-arch")
+    seq = preset_arch("tiny-falcon-sequential")
     assert (old.num_kv_heads, old.parallel_residual, old.separate_mlp_norm, old.norm) == (1, True, False, "layer")
     assert (new.num_kv_heads, new.parallel_residual, new.separate_mlp_norm) == (2, True, True)
     assert (seq.num_kv_heads, seq.parallel_residual) == (4, False)
@@ -72,3 +73,18 @@ def test_start_up_on_an_unsupported_architecture_names_it_and_lists_the_supporte
     err = capsys.readouterr().err
     assert "headrace: error: model architecture GPT2LMHeadModel" in err and "FalconForCausalLM" in err
     assert "Traceback" not in err
+
+
+def test_quantized_phi3_checkpoints_are_refused_at_start_up(tmp_path):
+    from headrace.common.config import ConfigError
+    from headrace.common.models.presets import PRESETS
+    from headrace.common.models.resolve import resolve_engine_config
+
+    config = {**PRESETS["tiny-phi3-longrope"], "quantization_config": {"quant_method": "gptq", "bits": 4,
+                                                                      "group_size": 32, "sym": True}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="quantized phi3 checkpoints are not supported"):
+        resolve_engine_config(EngineConfig(model=ModelConfig(model=str(tmp_path)), device="cpu"), log=lambda *_: None)
+    fp8 = EngineConfig(model=ModelConfig(model="random:tiny-falcon", quantization="fp8"), device="cpu")
+    assert resolve_engine_config(fp8, log=lambda *_: None).resolved.quantization.checkpoint_format == "online"
