@@ -2,10 +2,9 @@
 KV cache.
 
 Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP and Falcon's parallel attention + MLP are
-switched on by ModelArch flags (checkpoint names of other families are mapped to these modules by
-loader/family_layouts). Q/K/V and gate/up are merged
-into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
-`ForwardContext`; no module keeps per-step state.
+switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
+loader/family_layouts. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs
+for attention arrives in an explicit `ForwardContext`; no module keeps per-step state.
 """
 
 from __future__ import annotations
