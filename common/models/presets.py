@@ -68,6 +68,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "sliding_window": 2047,
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
     },
+    # Phi-3-mini's layers with LongRoPE switching at 256 tokens, so a GPU check's 512-token prompt runs on the
+    # long factors through the Triton kernels. (Phi-3-mini-128k switches at 4,096; its published factor lists
+    # are not reproduced here: smooth ramps of the same range stand in.)
+    "phi-3-mini-longrope": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 8192, "original_max_position_embeddings": 256, "sliding_window": None,
+        "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                         "long_factor": [1.08 ** i for i in range(48)]},
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+    },
     # Tiny configs for tests: every family's code path at a size a CPU runs in milliseconds.
     "tiny-llama": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

@@ -35,6 +35,7 @@ def test_real_shapes_have_their_published_sizes():
 def test_phi3_long_rope_switch_point():
     assert preset_arch("tiny-phi3-longrope").longrope_original_max == 32
     assert preset_arch("phi-3-mini").longrope_original_max is None
+    assert preset_arch("phi-3-mini-longrope").longrope_original_max == 256
 
 
 def test_old_phi3_su_configs_read_as_longrope():
