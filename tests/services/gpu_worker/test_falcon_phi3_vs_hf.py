@@ -4,8 +4,8 @@ Checkpoints are written by transformers itself (`save_pretrained`), so its own f
 load: Falcon's per-KV-group `query_key_value` (multi-query, grouped, interleaved per head) and Phi-3's
 `qkv_proj` / `gate_up_proj`. Weights are redrawn with nonzero biases and norm parameters, so every tensor
 matters. The Phi-3 config switches LongRoPE from short to long factors at 32 tokens: the 37-token prompt is
-past it from the start, the 20-token one crosses it while generating (where transformers rotates the
-new tokens' keys with the long factors and keeps the earlier ones).
+past it from the start, the 20-token one crosses it while generating (where transformers' `generate` drops
+its cache and recomputes the whole sequence with the long factors, and so do we).
 """
 
 from __future__ import annotations
