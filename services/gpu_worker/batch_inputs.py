@@ -178,10 +178,12 @@ def long_rope_restarts(requests: dict[str, RequestState], scheduled: dict[str, i
     `original_max` tokens long and with the long ones after: `generate` drops its cache and recomputes the
     whole sequence on the step that crosses (Phi3ForCausalLM.prepare_inputs_for_generation). A request
     crosses at the decode of position `original_max` when its prompt was short; that step recomputes it
-    from its first token (its blocks are already allocated). The scheduler counted one token for it."""
+    from its first token (its blocks are already allocated). The scheduler counted one token for it. A
+    request recomputed after a preemption with more tokens than that was long from its first chunk."""
     switch = long_rope.original_max
     return {rid for rid, n in scheduled.items()
-            if n == 1 and requests[rid].num_computed_tokens == switch and requests[rid].num_prompt_tokens <= switch}
+            if n == 1 and requests[rid].num_computed_tokens == switch and requests[rid].num_prompt_tokens <= switch
+            and len(requests[rid].token_ids) <= switch + 1}  # the newest token may still be on the device
 
 
 def _rope_rows(layout: BatchLayout, positions: np.ndarray, long_rope: LongRopeRows) -> np.ndarray:

@@ -183,3 +183,29 @@ def test_prefix_caching_with_long_rope_past_its_switch_is_refused():
         resolved(cfg)
     short = cfg.replace(model=ModelConfig(model="random:tiny-phi3-longrope", max_model_len=32))
     assert resolved(short).resolved.max_model_len == 32
+
+
+def test_long_rope_rows_and_restarts():
+    """Which table each token reads, and who is recomputed: a short prompt at its crossing decode (its
+    newest token on the host or still on the device), never a long prompt, nor a request re-sent after a
+    preemption with more tokens than the switch (its first chunk already used the long factors)."""
+    from headrace.services.gpu_worker.batch_inputs import long_rope_restarts, prepare_batch
+    from headrace.services.gpu_worker.model.rope import LongRopeRows
+    from headrace.services.gpu_worker.request_state import RequestState
+
+    rows = LongRopeRows(original_max=32, long_offset=1000)
+    greedy = SamplingParams(temperature=0.0)
+
+    def state(rid, num_prompt, num_tokens, computed):
+        return RequestState(rid, list(range(num_tokens)), num_prompt, list(range(8)), computed, greedy, 0)
+
+    reqs = {"crossing": state("crossing", 20, 33, 32), "in-flight": state("in-flight", 20, 32, 32),
+            "long-prompt": state("long-prompt", 40, 41, 40), "re-sent": state("re-sent", 20, 40, 32),
+            "short": state("short", 20, 25, 24)}
+    scheduled = dict.fromkeys(reqs, 1)
+    assert long_rope_restarts(reqs, scheduled, rows) == {"crossing", "in-flight"}
+    del reqs["in-flight"], scheduled["in-flight"]
+    batch = prepare_batch(reqs, scheduled, 16, torch.device("cpu"), long_rope=rows)
+    assert batch.req_order == ["long-prompt", "re-sent", "short", "crossing"]  # decodes first
+    assert batch.positions[:3].tolist() == [1040, 1032, 24]
+    assert batch.positions[3:].tolist() == [1000 + p for p in range(33)]  # "crossing", recomputed whole
