@@ -116,8 +116,8 @@ def _falcon_split_qkv(arch: ModelArch, fused: torch.Tensor) -> tuple[torch.Tenso
 def _falcon_to_llama(arch: ModelArch, weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     layer_names = _falcon_layer_names(arch)
     for name, tensor in weights:
-        if name in _FALCON_GLOBAL:
-            yield _FALCON_GLOBAL[name], tensor
+        if name in _FALCON_GLOBAL or "rotary_emb." in name:  # a saved inv_freq buffer: the model skips it
+            yield _FALCON_GLOBAL.get(name, name), tensor
             continue
         prefix, _, rest = name.partition(".h.")
         index, _, local = rest.partition(".")
