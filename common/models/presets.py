@@ -43,6 +43,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
         "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,
     },
+    # Falcon-7B: the original decoder (multi-query attention, attention and MLP in parallel off one LayerNorm).
+    "falcon-7b": {
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024,
+        "multi_query": True, "parallel_attn": True, "new_decoder_architecture": False, "alibi": False, "bias": False,
+        "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 11, "eos_token_id": 11,
+    },
+    # Falcon-40B: the new decoder architecture (8 KV groups, a LayerNorm each for attention and MLP); 84 GB in bf16.
+    "falcon-40b": {
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": 8192, "num_hidden_layers": 60, "num_attention_heads": 128, "num_kv_heads": 8,
+        "vocab_size": 65024, "new_decoder_architecture": True, "parallel_attn": True, "alibi": False, "bias": False,
+        "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 11, "eos_token_id": 11,
+    },
+    # Phi-3-mini-4k-instruct (fused qkv_proj / gate_up_proj checkpoints; its 2,047-token window caps the context
+    # until the attention kernels take a window).
+    "phi-3-mini": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "sliding_window": 2047,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+    },
+    # Phi-3-mini's layers with LongRoPE switching at 256 tokens, so a GPU check's 512-token prompt runs on the
+    # long factors through the Triton kernels. (Phi-3-mini-128k switches at 4,096; its published factor lists
+    # are not reproduced here: smooth ramps of the same range stand in.)
+    "phi-3-mini-longrope": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 8192, "original_max_position_embeddings": 256, "sliding_window": None,
+        "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                         "long_factor": [1.08 ** i for i in range(48)]},
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+    },
     # Tiny configs for tests: every family's code path at a size a CPU runs in milliseconds.
     "tiny-llama": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -86,5 +123,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 256},
+    },
+    # Falcon's three layouts: the original (multi-query, parallel, one LayerNorm; with biases here to cover
+    # them), the new decoder architecture (grouped KV, two LayerNorms) and the sequential one (a KV head per
+    # query head, q/k/v interleaved head by head in the fused checkpoint tensor).
+    "tiny-falcon": {
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+        "multi_query": True, "parallel_attn": True, "new_decoder_architecture": False, "alibi": False, "bias": True,
+        "layer_norm_epsilon": 1e-5, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "tiny-falcon-new-arch": {
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, "num_kv_heads": 2, "vocab_size": 512,
+        "new_decoder_architecture": True, "parallel_attn": True, "alibi": False, "bias": False,
+        "ffn_hidden_size": 96, "layer_norm_epsilon": 1e-5, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "tiny-falcon-sequential": {
+        "architectures": ["FalconForCausalLM"], "model_type": "falcon",
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+        "multi_query": False, "parallel_attn": False, "new_decoder_architecture": False, "alibi": False,
+        "bias": False, "layer_norm_epsilon": 1e-5, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Phi-3 with LongRoPE switching at 32 tokens (4,096 in Phi-3-mini-128k), so short prompts cross it.
+    "tiny-phi3-longrope": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 256, "original_max_position_embeddings": 32, "sliding_window": None,
+        "rope_scaling": {"rope_type": "longrope",
+                         "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0],
+                         "long_factor": [1.0, 1.3, 2.1, 3.5, 6.0, 9.5, 14.0, 20.0]},
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     },
 }

@@ -16,7 +16,7 @@ import torch
 from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
-from headrace.services.gpu_worker.batch_inputs import PreparedBatch, prepare_batch
+from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
@@ -27,7 +27,7 @@ from headrace.services.gpu_worker.kv_sizing import (
     profile_gpu_num_blocks,
 )
 from headrace.services.gpu_worker.loader.model_loader import load_model, resolve_dtype
-from headrace.services.gpu_worker.model.rope import rope_cos_sin_cache
+from headrace.services.gpu_worker.model.rope import long_rope_rows, rope_cos_sin_cache
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
@@ -59,7 +59,9 @@ class ModelRunner:
         self.eos_token_ids = resolved.eos_token_ids
         self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
-        self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device)
+        self.long_rope = long_rope_rows(self.arch, self.max_model_len)  # LongRoPE's second table, where used
+        self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
+                                                self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
         self.kv_layout = KVCacheLayout(self.arch.num_layers, self.block_size,
                                        self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim, self.dtype)
@@ -165,7 +167,7 @@ class ModelRunner:
         if plan.is_empty:
             step.resolved = True
         else:
-            if pending is not None and self._needs_host_tokens(plan, pending):
+            if pending is not None and (self._needs_host_tokens(plan, pending) or self._restarts_long_rope(plan)):
                 pending.resolve()
                 pending = None
             self._run(step, pending)
@@ -173,7 +175,8 @@ class ModelRunner:
 
     def _run(self, step: InflightStep, pending: InflightStep | None) -> None:
         """Prepare, forward and sample the step's batch on the device."""
-        batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending)
+        batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
+                              long_rope=self.long_rope)
         hidden = self._forward(batch)
         if not batch.sample_req_ids:
             step.resolved = True
@@ -192,6 +195,12 @@ class ModelRunner:
                 return graphs.run(batch)
         ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
         return self.model(batch.input_ids, batch.positions, ctx)
+
+    def _restarts_long_rope(self, plan: StepPlan) -> bool:
+        """Whether a request of this plan is recomputed for LongRoPE's long factors: its whole sequence,
+        the token the pending step is sampling included, is then read on the host."""
+        return self.long_rope is not None and bool(
+            long_rope_restarts(self.requests, plan.num_scheduled_tokens, self.long_rope))
 
     def _needs_host_tokens(self, plan: StepPlan, pending: InflightStep) -> bool:
         """Whether a request of this plan with a token in flight samples with penalties, which read every

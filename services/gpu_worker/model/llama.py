@@ -1,8 +1,10 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Falcon) over the paged
+KV cache.
 
-Written once: QKV bias and QK-norm are switched on by ModelArch flags. Q/K/V and gate/up are merged
-into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
-`ForwardContext`; no module keeps per-step state.
+Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP and Falcon's parallel attention + MLP are
+switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
+loader/family_layouts. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs
+for attention arrives in an explicit `ForwardContext`; no module keeps per-step state.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from headrace.services.gpu_worker.attention.base import AttentionBackend, Attent
 from headrace.common.models.arch import ModelArch
 from headrace.common.models.quant import QuantSpec
 from headrace.services.gpu_worker.model.layers import (
+    ACTIVATIONS,
     ColumnParallelLinear,
+    LayerNorm,
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
@@ -29,6 +33,10 @@ from headrace.services.gpu_worker.model.layers import (
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
+
+
+def make_norm(arch: ModelArch, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm | LayerNorm:
+    return (LayerNorm if arch.norm == "layer" else RMSNorm)(size, arch.rms_norm_eps, dtype, device)
 
 
 @dataclass
@@ -50,8 +58,8 @@ class LlamaAttention(nn.Module):
                                           arch.qkv_bias, tp, dtype, device,
                                           linear_method(quant, [prefix + p for p in ("q_proj", "k_proj", "v_proj")]))
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device,
-                                        linear_method(quant, [prefix + "o_proj"]))
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.attn_out_bias, tp,
+                                        dtype, device, linear_method(quant, [prefix + "o_proj"]))
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.scale = arch.head_dim ** -0.5
@@ -86,39 +94,62 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
                  quant: QuantSpec | None = None):
         super().__init__()
-        i = arch.intermediate_size
+        i, bias = arch.intermediate_size, arch.mlp_bias
         prefix = f"model.layers.{layer_idx}.mlp."
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], False, tp, dtype, device,
-                                                 linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
-        self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device,
+        # Gated (SwiGLU): gate|up merged into one GEMM. Ungated (Falcon): up alone, then the activation.
+        self.gate_up_proj = self.up_proj = None
+        if arch.gated_mlp:
+            self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], bias, tp, dtype, device,
+                                                     linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
+        else:
+            self.up_proj = ColumnParallelLinear(arch.hidden_size, [i], bias, tp, dtype, device,
+                                                linear_method(quant, [prefix + "up_proj"]))
+        self.activation = ACTIVATIONS[arch.mlp_activation]
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, bias, tp, dtype, device,
                                            linear_method(quant, [prefix + "down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        if self.gate_up_proj is not None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.activation(self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
                  quant: QuantSpec | None = None):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        h = arch.hidden_size
+        self.input_layernorm = make_norm(arch, h, dtype, device)
         self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        # Parallel residual (Falcon): x + attn(norm(x)) + mlp(norm'(x)), norm' being input_layernorm itself
+        # or, with separate_mlp_norm, mlp_layernorm. Sequential: the MLP reads post_attention_layernorm.
+        self.parallel_residual = arch.parallel_residual
+        self.post_attention_layernorm = None if arch.parallel_residual else make_norm(arch, h, dtype, device)
+        self.mlp_layernorm = make_norm(arch, h, dtype, device) if arch.separate_mlp_norm else None
         self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
     def before_attention(self, positions, x, residual, ctx: ForwardContext):
-        """Input norm (fused with the residual add) and project_qkv; returns q, k, v, residual."""
+        """Input norm (fused with the residual add) and project_qkv; returns q, k, v, residual. With a
+        parallel residual the MLP runs here too (it does not read attention's output) and its output is
+        folded into the returned residual."""
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, normed = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.project_qkv(positions, x, ctx)
+            normed, residual = self.input_layernorm(x, residual)
+        q, k, v = self.self_attn.project_qkv(positions, normed, ctx)
+        if self.parallel_residual:
+            mlp_in = normed if self.mlp_layernorm is None else self.mlp_layernorm(residual)
+            residual = residual + self.mlp(mlp_in)
         return q, k, v, residual
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
-        """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual)."""
-        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
+        """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual). With a
+        parallel residual the MLP already ran: attention's output is this layer's x."""
+        out = self.self_attn.o_proj(attn_out)
+        if self.parallel_residual:
+            return out, residual
+        x, residual = self.post_attention_layernorm(out, residual)
         return self.mlp(x), residual
 
     def forward(self, positions, x, residual, ctx: ForwardContext):
@@ -144,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
                                     for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.norm = make_norm(arch, arch.hidden_size, dtype, device)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -185,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             shard: int | None = None
             for hf_part, (ours, idx) in _MERGED.items():
-                if f".{hf_part}." in name:
+                if f".{hf_part}." in name and name not in params:  # an ungated MLP's up_proj is its own
                     name, shard = name.replace(hf_part, ours), idx
                     break
             if name not in params:

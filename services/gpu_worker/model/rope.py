@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from headrace.common.models.arch import UnsupportedModelError
+from headrace.common.models.arch import ModelArch, UnsupportedModelError
 
 
-def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling exactly as transformers computes them (all rope types)."""
+@dataclass(frozen=True)
+class LongRopeRows:
+    """LongRoPE's two tables in one cos/sin cache: rows [0, long_offset) hold the angles of the short factors,
+    rows from long_offset those of the long ones. As in transformers, every token of a sequence longer than
+    `original_max` uses the long factors, of a shorter one the short factors; a sequence that crosses while
+    generating is recomputed with the long ones (batch_inputs.long_rope_restarts)."""
+
+    original_max: int
+    long_offset: int
+
+
+def long_rope_rows(arch: ModelArch, max_positions: int) -> LongRopeRows | None:
+    """The layout for a LongRoPE model that may run past its switch point; None where only the short factors
+    can ever apply (no LongRoPE, or a context that never exceeds `original_max`)."""
+    switch = arch.longrope_original_max
+    if switch is None or max_positions <= switch:
+        return None
+    return LongRopeRows(original_max=switch, long_offset=max_positions)
+
+
+def rope_inv_freq(hf_config, head_dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling exactly as transformers computes them (all rope types);
+    `seq_len` is the sequence length the length-dependent types (LongRoPE) choose by."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {}
@@ -20,14 +43,23 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), seq_len=seq_len)
     return inv_freq, float(scaling)
 
 
-def rope_cos_sin_cache(hf_config, head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos in the first half, sin in the second (rotate-half layout)."""
-    inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
+def _table(inv_freq: torch.Tensor, scaling: float, max_positions: int) -> torch.Tensor:
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
-    cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+
+
+def rope_cos_sin_cache(hf_config, head_dim: int, max_positions: int, device: torch.device,
+                       long_rope: LongRopeRows | None = None) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half, sin in the second (rotate-half layout).
+    With `long_rope`, the long factors' table follows (2 * max_positions rows); LongRoPE's attention scaling
+    is the same for both sets."""
+    cache = _table(*rope_inv_freq(hf_config, head_dim), max_positions)
+    if long_rope is not None:
+        long_freq, scaling = rope_inv_freq(hf_config, head_dim, seq_len=long_rope.original_max + 1)
+        cache = torch.cat([cache, _table(long_freq, scaling, max_positions)])
     return cache.to(device)
