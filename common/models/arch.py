@@ -1,14 +1,16 @@
 """The shape of a Llama-family decoder, read once from a transformers config.
 
-One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias) and Qwen3 (QK-norm); the model code branches
-only on the flags here, never on the model type.
+One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias) and Qwen3 (QK-norm), and the mixture-of-experts
+families Mixtral, Qwen2-MoE and Qwen3-MoE (`num_experts` > 0: a routed MoE block replaces the MLP in the
+layers `is_moe_layer` names); the model code branches only on the flags here, never on the model type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES)
 
 
 class UnsupportedModelError(ValueError):
@@ -33,6 +35,17 @@ class ModelArch:
     bos_token_id: int | None
     # Tokens of full attention the model supports (None: every position); see `context_limit`.
     sliding_window: int | None = None
+    # Mixture of experts (0 experts: a dense MLP in every layer). Each token goes to its top `num_experts_per_tok`
+    # experts by softmax score, weighted by those scores (renormalised to sum to 1 when `norm_topk_prob`).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    # Qwen2-MoE's shared expert (0: none): a dense MLP every token runs, scaled by sigmoid(its own gate).
+    shared_expert_intermediate_size: int = 0
+    # Which layers are MoE (Qwen2/3-MoE): every `decoder_sparse_step`-th one, except `mlp_only_layers`.
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -50,15 +63,29 @@ class ModelArch:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
-    def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+                and layer not in self.mlp_only_layers)
+
+    def num_params(self, experts_read: int | None = None) -> int:
+        """Parameter count (embeddings included once when tied). `experts_read`: count only that many
+        experts per MoE layer (`num_active_params` passes top-k); None counts them all."""
         h, i = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
-        layer = attn + 3 * h * i + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        layer = attn + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        experts = self.num_experts if experts_read is None else experts_read
+        moe = (self.num_experts * h + experts * 3 * h * self.moe_intermediate_size  # router + experts
+               + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
+        mlps = sum(moe if self.is_moe_layer(n) else 3 * h * i for n in range(self.num_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + h
+        return self.num_layers * layer + mlps + embed + h
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward reads: attention, the router, its top-k experts, the shared expert.
+        Equal to num_params for a dense model."""
+        return self.num_params(experts_read=self.num_experts_per_tok)
 
 
 def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
@@ -92,9 +119,30 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         # Qwen2 always carries q/k/v biases; Llama-style configs say so with attention_bias.
-        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        or (model_type == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True))),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         # Qwen2 configs carry a window they only use with use_sliding_window.
         sliding_window=window if window and getattr(hf_config, "use_sliding_window", True) else None,
+        **_moe_fields(hf_config, model_type),
+    )
+
+
+def _moe_fields(hf_config, model_type: str) -> dict:
+    """ModelArch's mixture-of-experts fields: Mixtral names its experts `num_local_experts` and sizes them
+    with `intermediate_size`; Qwen2/3-MoE use `num_experts` and `moe_intermediate_size` (transformers 5 maps
+    Qwen3-MoE's to `num_local_experts` too). Mixtral always renormalises its top-k weights."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    num_experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    mixtral = model_type == "mixtral"
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        moe_intermediate_size=hf_config.intermediate_size if mixtral else hf_config.moe_intermediate_size,
+        norm_topk_prob=True if mixtral else bool(getattr(hf_config, "norm_topk_prob", False)),
+        shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
+        decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1) or 1,
+        mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
     )

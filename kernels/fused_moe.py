@@ -1,0 +1,145 @@
+"""Fused mixture-of-experts: every expert's SwiGLU MLP over the tokens routed to it, in two grouped GEMMs.
+
+Each token goes to top_k experts; a (token, j) pair is one row of work. `align_by_expert` sorts the pairs by
+expert and pads each expert's run to a multiple of BLOCK_M, so every BLOCK_M-row block belongs to one
+expert. Then:
+  1. one launch over (row blocks x intermediate tiles): h = silu(x W_gate^T) * (x W_up^T) for each pair,
+     gate and up accumulated side by side from the expert's stacked w13 [E, 2I, H], SiLU-and-mul fused;
+  2. one launch over (row blocks x hidden tiles): y = h W_down^T scaled by the pair's routing weight;
+and the top_k rows of each token are summed. A program loads its block's pair ids and expert from the
+alignment; blocks past the real total return at once.
+
+Nothing here syncs with the host or depends on the routing for its shapes: the alignment buffers are sized
+for the worst case (every pair's expert padded by BLOCK_M - 1), so CUDA graphs capture it. The block sizes
+come from the expected rows per expert (`default_config`): a decode step streams each touched expert's
+weights once with 16-row blocks, a prefill chunk uses tensor-core-sized tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
+    """Block sizes by the rows an expert expects (routing roughly uniform): BLOCK_M about 1.5x that count,
+    so most touched experts fit in one row block and their weights stream once."""
+    expected = num_tokens * top_k / num_experts
+    block_m = min(128, max(16, _utils.next_pow2(int(1.5 * expected) + 1)))
+    if block_m <= 32:
+        return MoeConfig(block_m, 64, 128, num_warps=4, num_stages=4)
+    if block_m == 64:
+        return MoeConfig(64, 128, 64, num_warps=4, num_stages=3)
+    return MoeConfig(128, 128, 64, num_warps=8, num_stages=3)
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Rows after per-expert padding, at worst: each expert that receives a pair adds up to BLOCK_M - 1."""
+    return triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert, each expert's run padded to a multiple of block_m. Returns
+    sorted_pairs [max_padded] int32 (pair index t * top_k + j, or num_pairs in padding rows),
+    block_experts [max_padded / block_m] int32 (each row block's expert) and num_padded [1] int32 (the rows
+    in use). Device ops only, shapes fixed by (num_pairs, num_experts, block_m)."""
+    flat = topk_ids.flatten().long()
+    n, device = flat.numel(), flat.device
+    size = max_padded_rows(n, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    first_pair = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    dest = padded_end[sorted_experts] - padded[sorted_experts] + torch.arange(n, device=device) - first_pair[sorted_experts]
+    sorted_pairs = torch.full((size,), n, dtype=torch.int32, device=device).scatter_(0, dest, order.int())
+    block_starts = torch.arange(0, size, block_m, device=device)
+    block_experts = torch.searchsorted(padded_end, block_starts, right=True).clamp_max_(num_experts - 1).int()
+    return sorted_pairs, block_experts, padded_end[-1:].int()
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_padded_ptr,
+                     N, K, num_pairs, pairs_per_a_row, stride_am, stride_be, stride_bn, stride_om,
+                     GATED: tl.constexpr, WEIGHTED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[pair, n] = (a[pair // pairs_per_a_row] . b[e, n]) for the block's pairs and expert e;
+    GATED: b holds gate rows [0, N) then up rows [N, 2N) and out = silu(gate) * up; WEIGHTED: out is scaled by
+    the pair's routing weight. b is [E, rows, K] with K contiguous."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    mask_m = pairs < num_pairs
+    a_rows = (pairs // pairs_per_a_row).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        if GATED:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHTED:
+        acc *= tl.load(weights_ptr + pairs, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _launch(a, b, out, weights, aligned, pairs_per_a_row: int, gated: bool, cfg: MoeConfig) -> None:
+    sorted_pairs, block_experts, num_padded = aligned
+    n_out, k = out.shape[1], a.shape[1]
+    grid = (block_experts.numel(), triton.cdiv(n_out, cfg.block_n))
+    _moe_gemm_kernel[grid](a, b, out, weights, sorted_pairs, block_experts, num_padded,
+                           n_out, k, out.shape[0], pairs_per_a_row, a.stride(0), b.stride(0), b.stride(1),
+                           out.stride(0), GATED=gated, WEIGHTED=not gated,
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, cfg: MoeConfig | None = None) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights [T, k] (float32),
+    topk_ids [T, k] -> [T, H] in x's dtype: what fused_moe_ref.fused_moe_reference computes."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_i, hidden = w13.shape
+    assert x.stride(-1) == 1 and w13.is_contiguous() and w2.is_contiguous() and w2.shape == (num_experts, hidden, two_i // 2)
+    cfg = cfg or default_config(num_tokens, top_k, num_experts)
+    num_pairs = num_tokens * top_k
+    if num_tokens == 0:
+        return x.new_zeros(0, hidden)
+    aligned = align_by_expert(topk_ids, num_experts, cfg.block_m)
+    h = _utils.empty((num_pairs, two_i // 2), x.dtype, x.device)
+    _launch(x, w13, h, topk_weights, aligned, top_k, True, cfg)
+    y = _utils.empty((num_pairs, hidden), x.dtype, x.device)
+    _launch(h, w2, y, topk_weights.float().contiguous(), aligned, 1, False, cfg)
+    return y.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -1,0 +1,64 @@
+"""The fused MoE kernel against its torch reference, on fresh random routings (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from .kernel_testing import assert_close  # noqa: E402
+from headrace.kernels.fused_moe import MoeConfig, align_by_expert, default_config, fused_moe, max_padded_rows  # noqa: E402
+from headrace.kernels.fused_moe_ref import fused_moe_reference  # noqa: E402
+
+
+def random_routing(num_tokens: int, num_experts: int, top_k: int, device: torch.device):
+    """Distinct experts per token (as top-k gives), weights from a softmax, float32."""
+    ids = torch.rand(num_tokens, num_experts, device=device).argsort(dim=1)[:, :top_k]
+    weights = torch.rand(num_tokens, top_k, device=device).softmax(dim=1)
+    return weights, ids
+
+
+def test_alignment_groups_pairs_by_expert_in_padded_blocks():
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [3, 2]])
+    sorted_pairs, block_experts, num_padded = align_by_expert(ids, 5, 4)
+    n = ids.numel()
+    assert sorted_pairs.numel() == max_padded_rows(n, 5, 4) and sorted_pairs.numel() % 4 == 0
+    # expert 0: pairs 1, 4 | expert 1: pair 3 | expert 2: pairs 0, 2, 5, 7 | expert 3: pair 6; expert 4 none
+    want = [1, 4, n, n] + [3, n, n, n] + [0, 2, 5, 7] + [6, n, n, n]
+    assert int(num_padded) == 16
+    assert sorted_pairs[:16].tolist() == want
+    assert block_experts[:4].tolist() == [0, 1, 2, 3]
+    assert (sorted_pairs[16:] == n).all()
+
+
+def test_reference_is_the_per_token_sum_over_its_experts():
+    x, w13, w2 = torch.randn(5, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    weights, ids = random_routing(5, 4, 2, torch.device("cpu"))
+    want = torch.zeros(5, 8)
+    for t in range(5):
+        for j in range(2):
+            e = int(ids[t, j])
+            h = w13[e] @ x[t]
+            want[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(h[:6]) * h[6:]))
+    torch.testing.assert_close(fused_moe_reference(x, w13, w2, weights, ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", [
+    (1, 4, 2, 32, 48), (7, 8, 2, 48, 40), (33, 8, 3, 64, 24), (20, 3, 3, 16, 16),
+])
+def test_fused_moe_matches_reference(dev, num_tokens, num_experts, top_k, hidden, inter):
+    device, dtype = dev
+    x = torch.randn(num_tokens, hidden, device=device).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter ** 0.5).to(dtype)
+    weights, ids = random_routing(num_tokens, num_experts, top_k, device)
+    want = fused_moe_reference(x, w13, w2, weights, ids)
+    for cfg in (MoeConfig(16, 16, 16, 4, 1), MoeConfig(32, 32, 32, 4, 1)):  # K and N tails, several row blocks
+        assert_close(fused_moe(x, w13, w2, weights, ids, cfg), want, dtype)
+
+
+def test_block_size_grows_with_the_rows_per_expert():
+    decode, prefill = default_config(1, 2, 8), default_config(1024, 2, 8)
+    assert decode.block_m == 16 and prefill.block_m == 128
+    assert default_config(64, 2, 8).block_m == 32  # Mixtral at batch 64: ~16 rows per expert, up to ~24
