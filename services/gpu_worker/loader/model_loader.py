@@ -61,12 +61,27 @@ def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
         if arch.qk_norm:
             yield p + "self_attn.q_norm.weight", (d,)
             yield p + "self_attn.k_norm.weight", (d,)
-        yield p + "mlp.gate_proj.weight", (i, h)
-        yield p + "mlp.up_proj.weight", (i, h)
-        yield p + "mlp.down_proj.weight", (h, i)
+        yield from (_moe_shapes(arch, p + "mlp.") if arch.is_moe_layer(n) else _mlp_shapes(p + "mlp.", h, i))
     yield "model.norm.weight", (h,)
     if not arch.tie_word_embeddings:
         yield "lm_head.weight", (arch.vocab_size, h)
+
+
+def _mlp_shapes(prefix: str, h: int, i: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield prefix + "gate_proj.weight", (i, h)
+    yield prefix + "up_proj.weight", (i, h)
+    yield prefix + "down_proj.weight", (h, i)
+
+
+def _moe_shapes(arch: ModelArch, prefix: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """An MoE block's tensors, the experts stacked as transformers 5 holds them (one tensor per layer)."""
+    h, i, e = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts
+    yield prefix + "gate.weight", (e, h)
+    yield prefix + "experts.gate_up_proj", (e, 2 * i, h)
+    yield prefix + "experts.down_proj", (e, h, i)
+    if arch.shared_expert_intermediate_size:
+        yield from _mlp_shapes(prefix + "shared_expert.", h, arch.shared_expert_intermediate_size)
+        yield prefix + "shared_expert_gate.weight", (1, h)
 
 
 def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype
@@ -114,13 +129,13 @@ def export_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     split = {
         "qkv_proj": (("q_proj", "k_proj", "v_proj"), [arch.q_size, arch.kv_size, arch.kv_size]),
-        "gate_up_proj": (("gate_proj", "up_proj"), [arch.intermediate_size] * 2),
+        "gate_up_proj": (("gate_proj", "up_proj"), None),  # halves (a shared expert has its own size)
     }
     for name, p in tensors.items():
         hf = name if name.startswith("lm_head") else f"model.{name}"
         for merged, (parts, sizes) in split.items():
             if f".{merged}." in hf:
-                for part, tensor in zip(parts, p.split(sizes, dim=0)):
+                for part, tensor in zip(parts, p.split(sizes or p.shape[0] // 2, dim=0)):
                     out[hf.replace(merged, part)] = tensor
                 break
         else:

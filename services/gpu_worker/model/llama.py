@@ -1,6 +1,7 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
 
-Written once: QKV bias and QK-norm are switched on by ModelArch flags. Q/K/V and gate/up are merged
+Written once: QKV bias and QK-norm are switched on by ModelArch flags, and so is the mixture-of-experts
+block (model/moe.py) that replaces the MLP in Mixtral's and Qwen-MoE's MoE layers. Q/K/V and gate/up are merged
 into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
 `ForwardContext`; no module keeps per-step state.
 """
@@ -26,6 +27,7 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
+from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
@@ -104,7 +106,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
+        self.mlp = MoEBlock(arch, tp, dtype, device) if arch.is_moe_layer(layer_idx) else \
+            LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
     def before_attention(self, positions, x, residual, ctx: ForwardContext):
@@ -183,8 +186,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
-            shard: int | None = None
-            for hf_part, (ours, idx) in _MERGED.items():
+            shard: Any = None
+            moe = moe_checkpoint_name(name)
+            if moe is not None:
+                name, shard = moe
+            for hf_part, (ours, idx) in _MERGED.items() if moe is None else ():
                 if f".{hf_part}." in name:
                     name, shard = name.replace(hf_part, ours), idx
                     break
