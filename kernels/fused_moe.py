@@ -74,7 +74,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_pairs, block_experts, padded_end[-1:].int()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # the batch's pair count changes per step: one compile for all
 def _moe_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_padded_ptr,
                      N, K, num_pairs, pairs_per_a_row, stride_am, stride_be, stride_bn, stride_om,
                      GATED: tl.constexpr, WEIGHTED: tl.constexpr,

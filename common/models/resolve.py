@@ -48,6 +48,9 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
         quantization = _quantization(source, hf_config, config.model.quantization, arch)
     except QuantizationError as e:
         raise ConfigError(str(e)) from None
+    if quantization is not None and arch.num_experts:
+        raise ConfigError(f"quantized mixture-of-experts models ({arch.model_type}) are not supported yet; "
+                          "serve the 16-bit checkpoint without --quantization")
     return ResolvedModel(
         kind=source.kind,
         name=config.model.served_model_name or source.name,
