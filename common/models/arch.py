@@ -67,9 +67,10 @@ class ModelArch:
         return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
                 and layer not in self.mlp_only_layers)
 
-    def num_params(self, experts_read: int | None = None) -> int:
+    def num_params(self, experts_read: float | None = None) -> int:
         """Parameter count (embeddings included once when tied). `experts_read`: count only that many
-        experts per MoE layer (`num_active_params` passes top-k); None counts them all."""
+        experts per MoE layer (`num_active_params` passes top-k, a benchmark the mean a batch reads);
+        None counts them all."""
         h, i = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.qkv_bias:
@@ -80,7 +81,7 @@ class ModelArch:
                + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
         mlps = sum(moe if self.is_moe_layer(n) else 3 * h * i for n in range(self.num_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + mlps + embed + h
+        return round(self.num_layers * layer + mlps + embed + h)
 
     def num_active_params(self) -> int:
         """Parameters one token's forward reads: attention, the router, its top-k experts, the shared expert.

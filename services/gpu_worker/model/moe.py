@@ -86,6 +86,7 @@ class Experts(nn.Module):
     def _param(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
         param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
         param.weight_loader = self.weight_loader
+        param.expert_stack = True  # a step reads only the experts its tokens route to (bench/roofline.py)
         return param
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard: tuple[int, int] | None = None) -> None:
