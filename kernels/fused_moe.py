@@ -77,7 +77,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
 @triton.jit(do_not_specialize=["num_pairs"])  # the batch's pair count changes per step: one compile for all
 def _moe_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block_experts_ptr, num_padded_ptr,
                      N, K, num_pairs, pairs_per_a_row, stride_am, stride_be, stride_bn, stride_om,
-                     GATED: tl.constexpr, WEIGHTED: tl.constexpr,
+                     GATED: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[pair, n] = (a[pair // pairs_per_a_row] . b[e, n]) for the block's pairs and expert e;
     GATED: b holds gate rows [0, N) then up rows [N, 2N) and out = silu(gate) * up; WEIGHTED: out is scaled by
@@ -101,10 +101,10 @@ def _moe_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if GATED:
@@ -122,6 +122,7 @@ def _launch(a, b, out, weights, aligned, pairs_per_a_row: int, gated: bool, cfg:
     _moe_gemm_kernel[grid](a, b, out, weights, sorted_pairs, block_experts, num_padded,
                            n_out, k, out.shape[0], pairs_per_a_row, a.stride(0), b.stride(0), b.stride(1),
                            out.stride(0), GATED=gated, WEIGHTED=not gated,
+                           DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 stays exact
                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -107,8 +107,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the routed experts' outputs, [T, H]."""
-        if x.is_cuda and _fused_moe() is not None:
-            return _fused_moe()(x, self.gate_up_proj, self.down_proj, weights, ids)
+        if use_fused_kernel(x):
+            from headrace.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
         from headrace.kernels.fused_moe_ref import fused_moe_reference
 
         return fused_moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
@@ -121,14 +123,17 @@ def _copy(dst: torch.Tensor, src: Any) -> None:
     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 
+def use_fused_kernel(x: torch.Tensor) -> bool:
+    """The Triton kernel on CUDA (graph-safe: no host sync); the torch reference elsewhere."""
+    return x.is_cuda and _triton_importable()
+
+
 @functools.cache
-def _fused_moe():
-    """kernels.fused_moe.fused_moe, or None where Triton is missing; imported on first CUDA use only."""
-    try:
-        from headrace.kernels.fused_moe import fused_moe
-    except ImportError:
-        return None
-    return fused_moe
+def _triton_importable() -> bool:
+    """Checked on first CUDA use only: CPU processes never load Triton."""
+    from headrace.kernels._utils import triton_importable
+
+    return triton_importable()
 
 
 class ReplicatedLinear(nn.Module):
