@@ -98,6 +98,14 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
                          f"{num_kv_heads} key/value heads")
 
 
+def check_tp_experts(arch: ModelArch, tp_size: int) -> None:
+    """Tensor parallelism splits every expert's (and the shared expert's) intermediate dimension evenly."""
+    for what, size in (("experts'", arch.moe_intermediate_size), ("shared expert's", arch.shared_expert_intermediate_size)):
+        if size % tp_size:
+            raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {what} intermediate size "
+                             f"{size}")
+
+
 def arch_from_hf_config(hf_config) -> ModelArch:
     """Build a ModelArch from a `transformers.PretrainedConfig` (or anything with the same attributes)."""
     model_type = getattr(hf_config, "model_type", None)

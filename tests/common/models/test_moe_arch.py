@@ -51,3 +51,12 @@ def test_quantizing_an_moe_model_is_refused_at_start_up():
     with pytest.raises(ConfigError, match="quantized mixture-of-experts"):
         resolve_engine_config(EngineConfig.from_flat(model="random:tiny-mixtral", quantization="fp8", device="cpu"),
                               log=lambda *_: None)
+
+
+def test_tensor_parallel_size_must_split_the_experts():
+    from headrace.common.models.arch import check_tp_experts
+
+    check_tp_experts(arch("tiny-qwen2-moe"), 4)  # 32 and 96 split 4 ways
+    with pytest.raises(ValueError, match="must divide the model's experts' intermediate size 96"):
+        check_tp_experts(arch("tiny-mixtral"), 64)
+    check_tp_experts(arch("tiny-llama"), 7)  # no experts: nothing to split
