@@ -9,6 +9,9 @@ expert. Then:
 and the top_k rows of each token are summed. A program loads its block's pair ids and expert from the
 alignment; blocks past the real total return at once.
 
+Up to ALIGN_KERNEL_MAX_PAIRS pairs (decode steps) the alignment is one single-program launch
+(`align_by_expert_kernel`); larger steps use the parallel device ops of `align_by_expert`, its reference.
+
 Nothing here syncs with the host or depends on the routing for its shapes: the alignment buffers are sized
 for the worst case (every pair's expert padded by BLOCK_M - 1), so CUDA graphs capture it. The block sizes
 come from the expected rows per expert (`default_config`): a decode step streams each touched expert's
@@ -72,6 +75,61 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     block_starts = torch.arange(0, size, block_m, device=device)
     block_experts = torch.searchsorted(padded_end, block_starts, right=True).clamp_max_(num_experts - 1).int()
     return sorted_pairs, block_experts, padded_end[-1:].int()
+
+
+# Up to this many pairs (a decode step: 128 sequences x top 8), one program aligns them in a single launch;
+# beyond, the device ops of align_by_expert (a dozen launches, each parallel) are faster than one program.
+ALIGN_KERNEL_MAX_PAIRS = 1024
+
+
+@triton.jit(do_not_specialize=["num_pairs", "size"])
+def _align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_padded_ptr, num_pairs, size,
+                  NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """align_by_expert in one program: count pairs per expert, lay the padded runs out, fill the padding,
+    scatter each pair to its expert's next slot (pairs keep their order within an expert), and name each row
+    block's expert. A chunk of pairs meets the experts as a [CHUNK, E_P2] one-hot matrix, whose column
+    cumsum gives each pair's rank among the chunk's pairs of its expert."""
+    experts = tl.arange(0, E_P2)
+    counts = tl.zeros((E_P2,), dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=E_P2)  # E_P2 matches no expert
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for start in range(0, size, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        tl.store(sorted_pairs_ptr + offs, tl.zeros((CHUNK,), dtype=tl.int32) + num_pairs, mask=offs < size)
+    tl.debug_barrier()  # the padding is written before any pair lands on its slot
+    next_slot = end - padded
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=E_P2)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        slot = tl.cumsum(onehot, axis=0) - onehot + next_slot[None, :]
+        tl.store(sorted_pairs_ptr + tl.sum(onehot * slot, axis=1), offs, mask=offs < num_pairs)
+        next_slot += tl.sum(onehot, axis=0)
+    real = experts[None, :] < NUM_EXPERTS
+    for start in range(0, size // BLOCK_M, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        before = tl.sum(((end[None, :] <= blocks[:, None] * BLOCK_M) & real).to(tl.int32), axis=1)
+        tl.store(block_experts_ptr + blocks, tl.minimum(before, NUM_EXPERTS - 1), mask=blocks < size // BLOCK_M)
+
+
+def align_by_expert_kernel(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """align_by_expert in one launch (for up to ALIGN_KERNEL_MAX_PAIRS pairs); the same three tensors."""
+    n, device = topk_ids.numel(), topk_ids.device
+    size = max_padded_rows(n, num_experts, block_m)
+    sorted_pairs = torch.empty(size, dtype=torch.int32, device=device)
+    block_experts = torch.empty(size // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    e_p2 = _utils.next_pow2(num_experts)
+    _align_kernel[(1,)](topk_ids.contiguous(), sorted_pairs, block_experts, num_padded, n, size,
+                        NUM_EXPERTS=num_experts, E_P2=e_p2, BLOCK_M=block_m, CHUNK=max(16, min(1024, 8192 // e_p2)),
+                        num_warps=4)
+    return sorted_pairs, block_experts, num_padded
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # the batch's pair count changes per step: one compile for all
@@ -138,7 +196,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_pairs = num_tokens * top_k
     if num_tokens == 0:
         return x.new_zeros(0, hidden)
-    aligned = align_by_expert(topk_ids, num_experts, cfg.block_m)
+    align = align_by_expert_kernel if num_pairs <= ALIGN_KERNEL_MAX_PAIRS else align_by_expert
+    aligned = align(topk_ids, num_experts, cfg.block_m)
     h = _utils.empty((num_pairs, two_i // 2), x.dtype, x.device)
     _launch(x, w13, h, topk_weights, aligned, top_k, True, cfg)
     y = _utils.empty((num_pairs, hidden), x.dtype, x.device)

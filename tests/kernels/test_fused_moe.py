@@ -8,7 +8,14 @@ import torch
 pytest.importorskip("triton")
 
 from .kernel_testing import assert_close  # noqa: E402
-from headrace.kernels.fused_moe import MoeConfig, align_by_expert, default_config, fused_moe, max_padded_rows  # noqa: E402
+from headrace.kernels.fused_moe import (  # noqa: E402
+    MoeConfig,
+    align_by_expert,
+    align_by_expert_kernel,
+    default_config,
+    fused_moe,
+    max_padded_rows,
+)
 from headrace.kernels.fused_moe_ref import fused_moe_reference  # noqa: E402
 
 
@@ -30,6 +37,15 @@ def test_alignment_groups_pairs_by_expert_in_padded_blocks():
     assert sorted_pairs[:16].tolist() == want
     assert block_experts[:4].tolist() == [0, 1, 2, 3]
     assert (sorted_pairs[16:] == n).all()
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 2, 16), (64, 8, 2, 32), (5, 128, 8, 16),
+                                                                  (300, 6, 3, 16), (4, 3, 3, 64), (200, 128, 4, 16)])
+def test_one_launch_alignment_equals_the_device_ops(dev, num_tokens, num_experts, top_k, block_m):
+    device, _ = dev
+    _, ids = random_routing(num_tokens, num_experts, top_k, device)
+    for got, want in zip(align_by_expert_kernel(ids, num_experts, block_m), align_by_expert(ids, num_experts, block_m)):
+        assert torch.equal(got.cpu(), want.cpu())
 
 
 def test_reference_is_the_per_token_sum_over_its_experts():
