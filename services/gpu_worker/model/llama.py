@@ -188,12 +188,13 @@ class LlamaForCausalLM(nn.Module):
                 continue
             shard: Any = None
             moe = moe_checkpoint_name(name)
-            if moe is not None:
+            if moe is not None:  # an MoE block's expert (into its layer's stack) or router
                 name, shard = moe
-            for hf_part, (ours, idx) in _MERGED.items() if moe is None else ():
-                if f".{hf_part}." in name:
-                    name, shard = name.replace(hf_part, ours), idx
-                    break
+            else:
+                for hf_part, (ours, idx) in _MERGED.items():
+                    if f".{hf_part}." in name:
+                        name, shard = name.replace(hf_part, ours), idx
+                        break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[name]
