@@ -16,7 +16,7 @@ from tests.services.gpu_worker.test_models_vs_hf import ours_and_reference
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-llama3-scaled", "tiny-mixtral"])
 def test_hf_twin_has_every_tensor_on_the_device_and_our_logits(preset):
     cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", seed=7, max_model_len=512),
-                       cache=CacheConfig(num_blocks=16), device="cpu")
+                       cache=CacheConfig(num_blocks=32), device="cpu")
     hf = load_hf_twin(cfg, log=lambda *_: None)
     assert not any(t.is_meta for t in (*hf.parameters(), *hf.buffers()))
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
