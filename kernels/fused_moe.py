@@ -173,15 +173,28 @@ def _moe_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_pairs_ptr, block
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def block_n_for(n_out: int, busy_row_blocks: int, block_n: int, num_sms: int) -> int:
+    """cfg.block_n, halved (down to 16) while the row blocks that hold pairs times the column tiles give fewer
+    than two programs per SM: a decode step touches few experts, and a narrow output (Mixtral's down, H = 4096;
+    Qwen3-MoE's gate|up, I = 768) would otherwise leave SMs idle while the weights stream."""
+    while block_n > 16 and busy_row_blocks * triton.cdiv(n_out, block_n) < 2 * num_sms:
+        block_n //= 2
+    return block_n
+
+
 def _launch(a, b, out, weights, aligned, pairs_per_a_row: int, gated: bool, cfg: MoeConfig) -> None:
     sorted_pairs, block_experts, num_padded = aligned
     n_out, k = out.shape[1], a.shape[1]
-    grid = (block_experts.numel(), triton.cdiv(n_out, cfg.block_n))
+    block_n = cfg.block_n
+    if a.is_cuda:  # row blocks holding pairs, at most: one per touched expert plus the ones pairs fill
+        busy = min(block_experts.numel(), min(b.shape[0], out.shape[0]) + out.shape[0] // cfg.block_m)
+        block_n = block_n_for(n_out, busy, cfg.block_n, _utils.num_sms(a.device))
+    grid = (block_experts.numel(), triton.cdiv(n_out, block_n))
     _moe_gemm_kernel[grid](a, b, out, weights, sorted_pairs, block_experts, num_padded,
                            n_out, k, out.shape[0], pairs_per_a_row, a.stride(0), b.stride(0), b.stride(1),
                            out.stride(0), GATED=gated, WEIGHTED=not gated,
                            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # float32 stays exact
-                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -175,8 +175,11 @@ phase_moe_kernels() {  # the fused MoE kernel over the experts it touches (vs co
     --moe --moe-model "${MOE_MODEL#random:}" --moe-batch 1 16 64 256 --sweep --reps 20 --output-json "$R/moe_kernels.json"
   step moe_gpu_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_moe.py \
     tests/services/gpu_worker/test_moe_graphs.py tests/services/gpu_worker/test_moe_vs_hf.py
-  step moe_logits 180 python3 -m headrace.bench.gpu_check --out "$R" --sections logits --backends triton \
-    --preset mixtral-8x7b-4l --tokenizer "$TOK"
+  for preset in mixtral-8x7b-4l qwen3-30b-a3b-12l; do
+    mkdir -p "$R/$preset"
+    step "moe_logits_$preset" 150 python3 -m headrace.bench.gpu_check --out "$R/$preset" --sections logits \
+      --backends triton --preset "$preset" --tokenizer "$TOK"
+  done
 }
 
 phase_moe_engine() {  # Mixtral-8x7B: batch-1/64 decode against the roofline of the bytes a step reads, 1,000 x 1024/128

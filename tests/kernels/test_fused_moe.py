@@ -12,6 +12,7 @@ from headrace.kernels.fused_moe import (  # noqa: E402
     MoeConfig,
     align_by_expert,
     align_by_expert_kernel,
+    block_n_for,
     default_config,
     fused_moe,
     max_padded_rows,
@@ -78,3 +79,12 @@ def test_block_size_grows_with_the_rows_per_expert():
     decode, prefill = default_config(1, 2, 8), default_config(1024, 2, 8)
     assert decode.block_m == 16 and prefill.block_m == 128
     assert default_config(64, 2, 8).block_m == 32  # Mixtral at batch 64: ~16 rows per expert, up to ~24
+
+
+def test_narrow_outputs_of_few_experts_get_narrower_column_tiles():
+    # Mixtral at batch 1 on 132 SMs: gate|up (2 experts x 14336 / 64 = 448 programs) keeps 64 columns, down
+    # (2 x 4096 / 64 = 128 programs) halves to 16; at batch 64 (12 busy row blocks) down keeps 64.
+    assert block_n_for(14336, 2, 64, 132) == 64
+    assert block_n_for(4096, 2, 64, 132) == 16
+    assert block_n_for(4096, 12, 64, 132) == 64
+    assert block_n_for(768, 8, 64, 132) == 16  # Qwen3-MoE's gate|up at batch 1
