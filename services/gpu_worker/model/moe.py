@@ -23,6 +23,7 @@ from headrace.common.models.arch import ModelArch
 from headrace.services.gpu_worker.model.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    _copy_into,
     default_weight_loader,
     silu_and_mul,
 )
@@ -95,15 +96,15 @@ class Experts(nn.Module):
         rows = slice(self.start, self.start + self.local)
         if param is self.down_proj:
             src, dst = (loaded[:, :, rows], param.data) if shard is None else (loaded[:, rows], param.data[shard[0]])
-            _copy(dst, src)
+            _copy_into(dst, src)
             return
         if shard is None:
             up_rows = slice(self.inter + self.start, self.inter + self.start + self.local)
-            _copy(param.data[:, : self.local], loaded[:, rows])
-            _copy(param.data[:, self.local :], loaded[:, up_rows])
+            _copy_into(param.data[:, : self.local], loaded[:, rows])
+            _copy_into(param.data[:, self.local :], loaded[:, up_rows])
             return
         expert, part = shard
-        _copy(param.data[expert, part * self.local : (part + 1) * self.local], loaded[rows])
+        _copy_into(param.data[expert, part * self.local : (part + 1) * self.local], loaded[rows])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the routed experts' outputs, [T, H]."""
@@ -114,13 +115,6 @@ class Experts(nn.Module):
         from headrace.kernels.fused_moe_ref import fused_moe_reference
 
         return fused_moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
-
-
-def _copy(dst: torch.Tensor, src: Any) -> None:
-    src = src if isinstance(src, torch.Tensor) else torch.as_tensor(src)
-    if tuple(src.shape) != tuple(dst.shape):
-        raise ValueError(f"expert weight shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
-    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 
 def use_fused_kernel(x: torch.Tensor) -> bool:
