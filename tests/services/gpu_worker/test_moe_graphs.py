@@ -50,6 +50,22 @@ def test_padded_static_decode_forward_with_the_fused_kernel_equals_eager(monkeyp
     assert torch.isfinite(hidden).all()
 
 
+def test_runner_steps_through_pieces_with_the_fused_kernel_give_the_eager_tokens(monkeypatch):
+    """Chunked prefills beside decodes through piecewise pieces (run uncaptured), the experts by the fused
+    kernel: the greedy tokens equal the eager runner's with the torch reference."""
+    from tests.services.gpu_worker.test_piecewise_graphs import make_pieces
+
+    eager, pieced = moe_runner(enforce_eager=True), moe_runner(enforce_eager=True)
+    pieced.piecewise_graphs = make_pieces(pieced, [8, 16, 32])
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 13)]
+    params = SamplingParams(temperature=0.0)
+    want = PlanDriver(eager, chunk_size=7).generate(prompts, params, 3)
+    monkeypatch.setattr(moe, "use_fused_kernel", lambda x: True)
+    assert PlanDriver(pieced, chunk_size=7).generate(prompts, params, 3) == want
+    assert pieced.piecewise_graphs.num_replays >= 2
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 def test_graphed_moe_steps_give_the_eager_tokens():
     graphed, eager = moe_runner(enforce_eager=False), moe_runner(enforce_eager=True)
