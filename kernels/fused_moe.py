@@ -182,13 +182,33 @@ def block_n_for(n_out: int, busy_row_blocks: int, block_n: int, num_sms: int) ->
     return block_n
 
 
+def _launch_block_n(num_pairs: int, num_experts: int, n_out: int, cfg: MoeConfig, device: torch.device) -> int:
+    if device.type != "cuda":
+        return cfg.block_n
+    # Row blocks holding pairs, at most: one per touched expert plus the ones the pairs fill.
+    busy = min(max_padded_rows(num_pairs, num_experts, cfg.block_m) // cfg.block_m,
+               min(num_experts, num_pairs) + num_pairs // cfg.block_m)
+    return block_n_for(n_out, busy, cfg.block_n, _utils.num_sms(device))
+
+
+def launch_variants(max_tokens: int, top_k: int, num_experts: int, inter: int, hidden: int,
+                    device: torch.device) -> dict[tuple, int]:
+    """Every compiled variant fused_moe can launch for 1..max_tokens tokens of this shape (its default
+    config, the column tiles of both GEMMs, which alignment), each with the fewest tokens that launch it: what a
+    warm-up must run so that no variant compiles while serving."""
+    variants: dict[tuple, int] = {}
+    for tokens in range(1, max_tokens + 1):
+        cfg, pairs = default_config(tokens, top_k, num_experts), tokens * top_k
+        key = (cfg, _launch_block_n(pairs, num_experts, inter, cfg, device),
+               _launch_block_n(pairs, num_experts, hidden, cfg, device), pairs <= ALIGN_KERNEL_MAX_PAIRS)
+        variants.setdefault(key, tokens)
+    return variants
+
+
 def _launch(a, b, out, weights, aligned, pairs_per_a_row: int, gated: bool, cfg: MoeConfig) -> None:
     sorted_pairs, block_experts, num_padded = aligned
     n_out, k = out.shape[1], a.shape[1]
-    block_n = cfg.block_n
-    if a.is_cuda:  # row blocks holding pairs, at most: one per touched expert plus the ones pairs fill
-        busy = min(block_experts.numel(), min(b.shape[0], out.shape[0]) + out.shape[0] // cfg.block_m)
-        block_n = block_n_for(n_out, busy, cfg.block_n, _utils.num_sms(a.device))
+    block_n = _launch_block_n(out.shape[0], b.shape[0], n_out, cfg, a.device)
     grid = (block_experts.numel(), triton.cdiv(n_out, block_n))
     _moe_gemm_kernel[grid](a, b, out, weights, sorted_pairs, block_experts, num_padded,
                            n_out, k, out.shape[0], pairs_per_a_row, a.stride(0), b.stride(0), b.stride(1),

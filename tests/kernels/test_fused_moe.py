@@ -15,6 +15,7 @@ from headrace.kernels.fused_moe import (  # noqa: E402
     block_n_for,
     default_config,
     fused_moe,
+    launch_variants,
     max_padded_rows,
 )
 from headrace.kernels.fused_moe_ref import fused_moe_reference  # noqa: E402
@@ -88,3 +89,11 @@ def test_narrow_outputs_of_few_experts_get_narrower_column_tiles():
     assert block_n_for(4096, 2, 64, 132) == 16
     assert block_n_for(4096, 12, 64, 132) == 64
     assert block_n_for(768, 8, 64, 132) == 16  # Qwen3-MoE's gate|up at batch 1
+
+
+def test_launch_variants_name_each_variant_once_with_its_smallest_batch():
+    # Mixtral (top 2 of 8): BLOCK_M 16 up to 42 tokens, 32 from 43, 64 from 86, 128 from 171; beyond 512 tokens
+    # (1,024 pairs) the alignment is the device ops'.
+    variants = launch_variants(600, 2, 8, 14336, 4096, torch.device("cpu"))
+    assert sorted((cfg.block_m, one_launch, tokens) for (cfg, _, _, one_launch), tokens in variants.items()) == [
+        (16, True, 1), (32, True, 43), (64, True, 86), (128, False, 513), (128, True, 171)]

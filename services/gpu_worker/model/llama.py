@@ -27,7 +27,7 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
-from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name
+from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name, warm_up_fused_kernel
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
@@ -160,6 +160,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    def warm_up_experts(self, max_tokens: int) -> int:
+        """Compile the fused MoE kernel's variants for steps of up to max_tokens tokens (CUDA; a dense model
+        has none). Returns how many were run."""
+        blocks = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+        return warm_up_fused_kernel(blocks[0].experts, max_tokens) if blocks else 0
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -76,6 +76,7 @@ class Experts(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         inter, e, h = arch.moe_intermediate_size, arch.num_experts, arch.hidden_size
+        self.top_k = arch.num_experts_per_tok
         if inter % tp.size:
             raise ValueError(f"the experts' intermediate size {inter} is not divisible by tensor-parallel size "
                              f"{tp.size}")
@@ -115,6 +116,21 @@ class Experts(nn.Module):
         from headrace.kernels.fused_moe_ref import fused_moe_reference
 
         return fused_moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+
+def warm_up_fused_kernel(experts: Experts, max_tokens: int) -> int:
+    """Run the fused kernel once per variant it can launch for up to max_tokens tokens (each layer has the
+    same shapes, so one block's experts suffice); returns the number of variants compiled."""
+    from headrace.kernels.fused_moe import fused_moe, launch_variants
+
+    w13, w2 = experts.gate_up_proj, experts.down_proj
+    num_experts, hidden, top_k = w13.shape[0], w13.shape[2], experts.top_k
+    variants = launch_variants(max_tokens, top_k, num_experts, w2.shape[2], hidden, w13.device)
+    for tokens in variants.values():
+        x = torch.zeros(tokens, hidden, dtype=w13.dtype, device=w13.device)
+        ids = (torch.arange(tokens * top_k, device=w13.device) % num_experts).view(tokens, top_k)
+        fused_moe(x, w13, w2, torch.full((tokens, top_k), 1.0 / top_k, device=w13.device), ids)
+    return len(variants)
 
 
 def use_fused_kernel(x: torch.Tensor) -> bool:

@@ -66,6 +66,12 @@ def test_runner_steps_through_pieces_with_the_fused_kernel_give_the_eager_tokens
     assert pieced.piecewise_graphs.num_replays >= 2
 
 
+def test_warm_up_runs_every_fused_kernel_variant_a_step_can_launch():
+    """(On a GPU the runner calls this before capturing graphs, so no variant compiles while serving.)"""
+    runner = moe_runner(enforce_eager=True)
+    assert runner.model.warm_up_experts(40) == 2  # 8 experts, top 3: BLOCK_M 16 up to 28 tokens, then 32
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 def test_graphed_moe_steps_give_the_eager_tokens():
     graphed, eager = moe_runner(enforce_eager=False), moe_runner(enforce_eager=True)
