@@ -445,8 +445,8 @@ def bench_moe(preset: str, batch: int, dtype: torch.dtype, device: torch.device,
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the MoE sweep.
-MOE_SWEEP = [MoeConfig(bm, bn, bk, w, st) for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (64, 128, 256)
-             for w in (4, 8) for st in (3, 4)]
+MOE_SWEEP = [MoeConfig(bm, bn, bk, 4, st) for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (64, 128)
+             for st in (3, 4)]
 
 
 def sweep_moe(preset: str, batch: int, dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float,
