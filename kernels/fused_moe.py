@@ -70,7 +70,8 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     first_pair = counts.cumsum(0) - counts  # where each expert's pairs start in the sorted order
     order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
-    dest = padded_end[sorted_experts] - padded[sorted_experts] + torch.arange(n, device=device) - first_pair[sorted_experts]
+    rank = torch.arange(n, device=device) - first_pair[sorted_experts]  # among its expert's pairs
+    dest = padded_end[sorted_experts] - padded[sorted_experts] + rank
     sorted_pairs = torch.full((size,), n, dtype=torch.int32, device=device).scatter_(0, dest, order.int())
     block_starts = torch.arange(0, size, block_m, device=device)
     block_experts = torch.searchsorted(padded_end, block_starts, right=True).clamp_max_(num_experts - 1).int()
@@ -224,7 +225,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk_ids [T, k] -> [T, H] in x's dtype: what fused_moe_ref.fused_moe_reference computes."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_i, hidden = w13.shape
-    assert x.stride(-1) == 1 and w13.is_contiguous() and w2.is_contiguous() and w2.shape == (num_experts, hidden, two_i // 2)
+    assert x.stride(-1) == 1 and w13.is_contiguous() and w2.is_contiguous()
+    assert w2.shape == (num_experts, hidden, two_i // 2)
     cfg = cfg or default_config(num_tokens, top_k, num_experts)
     num_pairs = num_tokens * top_k
     if num_tokens == 0:

@@ -100,7 +100,8 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
 
 def check_tp_experts(arch: ModelArch, tp_size: int) -> None:
     """Tensor parallelism splits every expert's (and the shared expert's) intermediate dimension evenly."""
-    for what, size in (("experts'", arch.moe_intermediate_size), ("shared expert's", arch.shared_expert_intermediate_size)):
+    for what, size in (("experts'", arch.moe_intermediate_size),
+                       ("shared expert's", arch.shared_expert_intermediate_size)):
         if size % tp_size:
             raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {what} intermediate size "
                              f"{size}")
