@@ -22,8 +22,9 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module", params=PRESETS)
 def pair(request):
+    # The oracle's terms: float32 on the CPU (a GPU's bf16 logits are checked by bench/gpu_check.py).
     cfg = EngineConfig(model=ModelConfig(model=f"random:{request.param}", seed=7, max_model_len=512),
-                       cache=CacheConfig(num_blocks=64))
+                       cache=CacheConfig(num_blocks=64), device="cpu")
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     return runner, hf_twin(runner)
 
