@@ -1,18 +1,21 @@
 """The shape of a decoder, read once from a transformers config.
 
 One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (QK-norm), Phi-3 (fused checkpoint
-tensors, LongRoPE) and Falcon (LayerNorm, GELU MLP, attention and MLP in parallel); the model code branches
-only on the flags here, never on the model type.
+tensors, LongRoPE), Falcon (LayerNorm, GELU MLP, attention and MLP in parallel) and the mixture-of-experts
+families Mixtral, Qwen2-MoE and Qwen3-MoE (`num_experts` > 0: a routed MoE block replaces the MLP in the
+layers `is_moe_layer` names); the model code branches only on the flags here, never on the model type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "falcon")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "falcon", *MOE_MODEL_TYPES)
 # The `architectures` entry of config.json for each model type above (what users see on a model card).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM", "FalconForCausalLM")
+                           "Phi3ForCausalLM", "FalconForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3MoeForCausalLM")
 
 
 class UnsupportedModelError(ValueError):
@@ -49,6 +52,17 @@ class ModelArch:
     mlp_bias: bool = False
     # LongRoPE (Phi-3): a sequence longer than this uses the long rotary factors, a shorter one the short ones.
     longrope_original_max: int | None = None
+    # Mixture of experts (0 experts: a dense MLP in every layer). Each token goes to its top `num_experts_per_tok`
+    # experts by softmax score, weighted by those scores (renormalised to sum to 1 when `norm_topk_prob`).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    # Qwen2-MoE's shared expert (0: none): a dense MLP every token runs, scaled by sigmoid(its own gate).
+    shared_expert_intermediate_size: int = 0
+    # Which layers are MoE (Qwen2/3-MoE): every `decoder_sparse_step`-th one, except `mlp_only_layers`.
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -66,19 +80,34 @@ class ModelArch:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
-    def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+                and layer not in self.mlp_only_layers)
+
+    def num_params(self, experts_read: float | None = None) -> int:
+        """Parameter count (embeddings included once when tied). `experts_read`: count only that many
+        experts per MoE layer (`num_active_params` passes top-k, a benchmark the mean a batch reads);
+        None counts them all."""
         h, i = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
         attn += h if self.attn_out_bias else 0
-        mlp = (3 if self.gated_mlp else 2) * h * i + ((i * (2 if self.gated_mlp else 1) + h) if self.mlp_bias else 0)
+        dense = (3 if self.gated_mlp else 2) * h * i + ((i * (2 if self.gated_mlp else 1) + h) if self.mlp_bias else 0)
         norms = 1 if self.parallel_residual and not self.separate_mlp_norm else 2
         norm_params = norms * h * (2 if self.norm == "layer" else 1)
-        layer = attn + mlp + norm_params + (2 * self.head_dim if self.qk_norm else 0)
+        layer = attn + norm_params + (2 * self.head_dim if self.qk_norm else 0)
+        experts = self.num_experts if experts_read is None else experts_read
+        moe = (self.num_experts * h + experts * 3 * h * self.moe_intermediate_size  # router + experts
+               + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
+        mlps = sum(moe if self.is_moe_layer(n) else dense for n in range(self.num_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + h * (2 if self.norm == "layer" else 1)
+        return round(self.num_layers * layer + mlps + embed + h * (2 if self.norm == "layer" else 1))
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward reads: attention, the router, its top-k experts, the shared expert.
+        Equal to num_params for a dense model."""
+        return self.num_params(experts_read=self.num_experts_per_tok)
 
 
 def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
@@ -88,6 +117,15 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
     if num_kv_heads % tp_size and tp_size % num_kv_heads:
         raise ValueError(f"--tensor-parallel-size {tp_size} must divide, or be a multiple of, the model's "
                          f"{num_kv_heads} key/value heads")
+
+
+def check_tp_experts(arch: ModelArch, tp_size: int) -> None:
+    """Tensor parallelism splits every expert's (and the shared expert's) intermediate dimension evenly."""
+    for what, size in (("experts'", arch.moe_intermediate_size),
+                       ("shared expert's", arch.shared_expert_intermediate_size)):
+        if size % tp_size:
+            raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {what} intermediate size "
+                             f"{size}")
 
 
 def arch_from_hf_config(hf_config) -> ModelArch:
@@ -117,12 +155,33 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         # Qwen2 always carries q/k/v biases; Llama-style configs say so with attention_bias.
-        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        or (model_type == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True))),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         # Qwen2 configs carry a window they only use with use_sliding_window.
         sliding_window=window if window and getattr(hf_config, "use_sliding_window", True) else None,
         longrope_original_max=_longrope_original_max(hf_config),
+        **_moe_fields(hf_config, model_type),
+    )
+
+
+def _moe_fields(hf_config, model_type: str) -> dict:
+    """ModelArch's mixture-of-experts fields: Mixtral names its experts `num_local_experts` and sizes them
+    with `intermediate_size`; Qwen2/3-MoE use `num_experts` and `moe_intermediate_size` (transformers 5 maps
+    Qwen3-MoE's to `num_local_experts` too). Mixtral always renormalises its top-k weights."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    num_experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    mixtral = model_type == "mixtral"
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        moe_intermediate_size=hf_config.intermediate_size if mixtral else hf_config.moe_intermediate_size,
+        norm_topk_prob=True if mixtral else bool(getattr(hf_config, "norm_topk_prob", False)),
+        shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
+        decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1) or 1,
+        mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
     )
 
 

@@ -15,6 +15,25 @@ _LLAMA3_8B: dict[str, Any] = {
     "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
 }
 
+_MIXTRAL_8X7B: dict[str, Any] = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "sliding_window": None,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+_QWEN3_30B_A3B: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+    "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    "attention_bias": False,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": _LLAMA3_8B,
     "llama-3.1-8b": {
@@ -80,6 +99,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "long_factor": [1.08 ** i for i in range(48)]},
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
     },
+    # Mixture of experts. Mixtral-8x7B: 46.7B parameters (94 GB in bf16, one H200), 12.9B read per token.
+    "mixtral-8x7b": _MIXTRAL_8X7B,
+    # Qwen3-30B-A3B: 30.5B parameters, 3.3B read per token (8 of 128 experts).
+    "qwen3-30b-a3b": _QWEN3_30B_A3B,
+    # Cut-down versions for GPU correctness checks against transformers in float32 (the full models do not fit
+    # one GPU beside their fp32 twin): 4 and 12 real-shaped layers.
+    "mixtral-8x7b-4l": {**_MIXTRAL_8X7B, "num_hidden_layers": 4},
+    "qwen3-30b-a3b-12l": {**_QWEN3_30B_A3B, "num_hidden_layers": 12},
     # Tiny configs for tests: every family's code path at a size a CPU runs in milliseconds.
     "tiny-llama": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -158,5 +185,31 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0],
                          "long_factor": [1.0, 1.3, 2.1, 3.5, 6.0, 9.5, 14.0, 20.0]},
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    },
+    # Tiny mixture-of-experts configs: Mixtral (renormalised top-2 of 4), Qwen2-MoE with its shared expert,
+    # QKV bias, no renormalisation and one dense layer (mlp_only_layers), Qwen3-MoE with QK-norm.
+    "tiny-mixtral": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+        "max_position_embeddings": 1024, "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "tiny-qwen2-moe": {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 1024, "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": False,
+        "decoder_sparse_step": 1, "mlp_only_layers": [1], "use_sliding_window": False,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "tiny-qwen3-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 1024, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False,
     },
 }

@@ -17,7 +17,7 @@ from headrace.common.config import (
     ResolvedModel,
     resolve_device,
 )
-from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_heads
+from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_experts, check_tp_heads
 from headrace.common.models.quant import QuantizationError, QuantSpec, quant_spec
 from headrace.common.models.source import ModelSource, eos_token_ids, resolve_model
 
@@ -49,6 +49,10 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
         quantization = _quantization(source, hf_config, config.model.quantization, arch)
     except QuantizationError as e:
         raise ConfigError(str(e)) from None
+    check_tp_experts(arch, config.parallel.tensor_parallel_size)
+    if quantization is not None and arch.num_experts:
+        raise ConfigError(f"quantized mixture-of-experts models ({arch.model_type}) are not supported yet; "
+                          "serve the 16-bit checkpoint without --quantization")
     return ResolvedModel(
         kind=source.kind,
         name=config.model.served_model_name or source.name,

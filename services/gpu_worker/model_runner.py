@@ -91,6 +91,7 @@ class ModelRunner:
         if cuda:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
                                  min(sched.token_budget, self.max_model_len))
+            self.model.warm_up_experts(sched.token_budget)
         decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
                                              self.cos_sin_cache, self.device, tp_size, self.max_model_len,
                                              self.block_size, log=self.log)

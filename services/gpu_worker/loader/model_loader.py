@@ -66,11 +66,10 @@ def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield p + "self_attn.k_norm.weight", (d,)
         if arch.separate_mlp_norm:
             yield from _norm_shapes(arch, [p + "mlp_layernorm"])
-        for name, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-            if name != "gate_proj" or arch.gated_mlp:
-                yield p + f"mlp.{name}.weight", shape
-                if arch.mlp_bias:
-                    yield p + f"mlp.{name}.bias", shape[:1]
+        if arch.is_moe_layer(n):
+            yield from _moe_shapes(arch, p + "mlp.")
+        else:
+            yield from _mlp_shapes(arch, p + "mlp.", h, i)
     yield from _norm_shapes(arch, ["model.norm"])
     if not arch.tie_word_embeddings:
         yield "lm_head.weight", (arch.vocab_size, h)
@@ -81,6 +80,26 @@ def _norm_shapes(arch: ModelArch, norms: list[str]) -> Iterator[tuple[str, tuple
         yield norm + ".weight", (arch.hidden_size,)
         if arch.norm == "layer":
             yield norm + ".bias", (arch.hidden_size,)
+
+
+def _mlp_shapes(arch: ModelArch, prefix: str, h: int, i: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """A dense MLP's tensors: gate (when gated), up and down, with biases where the model has them."""
+    for name, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+        if name != "gate_proj" or arch.gated_mlp:
+            yield prefix + f"{name}.weight", shape
+            if arch.mlp_bias:
+                yield prefix + f"{name}.bias", shape[:1]
+
+
+def _moe_shapes(arch: ModelArch, prefix: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """An MoE block's tensors, the experts stacked as transformers 5 holds them (one tensor per layer)."""
+    h, i, e = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts
+    yield prefix + "gate.weight", (e, h)
+    yield prefix + "experts.gate_up_proj", (e, 2 * i, h)
+    yield prefix + "experts.down_proj", (e, h, i)
+    if arch.shared_expert_intermediate_size:
+        yield from _mlp_shapes(arch, prefix + "shared_expert.", h, arch.shared_expert_intermediate_size)
+        yield prefix + "shared_expert_gate.weight", (1, h)
 
 
 def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype
@@ -129,13 +148,13 @@ def export_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     split = {
         "qkv_proj": (("q_proj", "k_proj", "v_proj"), [arch.q_size, arch.kv_size, arch.kv_size]),
-        "gate_up_proj": (("gate_proj", "up_proj"), [arch.intermediate_size] * 2),
+        "gate_up_proj": (("gate_proj", "up_proj"), None),  # halves (a shared expert has its own size)
     }
     for name, p in tensors.items():
         hf = name if name.startswith("lm_head") else f"model.{name}"
         for merged, (parts, sizes) in split.items():
             if f".{merged}." in hf:
-                for part, tensor in zip(parts, p.split(sizes, dim=0)):
+                for part, tensor in zip(parts, p.split(sizes or p.shape[0] // 2, dim=0)):
                     out[hf.replace(merged, part)] = tensor
                 break
         else:

@@ -175,11 +175,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once."""
+    """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once.
+    With reduce_results=False the caller gets this rank's partial sum and reduces it together with others
+    (an MoE block adds its shared expert's partial to the experts' and all-reduces once)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
-                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None):
+                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None,
+                 reduce_results: bool = True):
         super().__init__()
+        if bias and not reduce_results:
+            raise ValueError("a partial sum cannot carry the bias: every rank would add it")
+        self.reduce_results = reduce_results
         if in_features % tp.size:
             raise ValueError(f"input size {in_features} is not divisible by tensor-parallel size {tp.size}")
         self.tp = tp
@@ -194,7 +200,8 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
+        y = self.quant_method.apply(self, x, None)
+        y = self.tp.all_reduce(y) if self.reduce_results else y
         return y if self.bias is None else y + self.bias
 
 

@@ -1,7 +1,8 @@
 """The decoder of every supported family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Falcon) over the paged
 KV cache.
 
-Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP and Falcon's parallel attention + MLP are
+Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP, Falcon's parallel attention + MLP and the
+mixture-of-experts block (model/moe.py) that replaces the MLP in Mixtral's and Qwen-MoE's MoE layers are
 switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
 loader/family_layouts. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs
 for attention arrives in an explicit `ForwardContext`; no module keeps per-step state.
@@ -30,6 +31,7 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
+from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name, warm_up_fused_kernel
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
@@ -126,7 +128,8 @@ class LlamaDecoderLayer(nn.Module):
         self.parallel_residual = arch.parallel_residual
         self.post_attention_layernorm = None if arch.parallel_residual else make_norm(arch, h, dtype, device)
         self.mlp_layernorm = make_norm(arch, h, dtype, device) if arch.separate_mlp_norm else None
-        self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
+        self.mlp = MoEBlock(arch, tp, dtype, device) if arch.is_moe_layer(layer_idx) else \
+            LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
     def before_attention(self, positions, x, residual, ctx: ForwardContext):
@@ -189,6 +192,12 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def warm_up_experts(self, max_tokens: int) -> int:
+        """Compile the fused MoE kernel's variants for steps of up to max_tokens tokens (CUDA; a dense model
+        has none). Returns how many were run."""
+        blocks = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+        return warm_up_fused_kernel(blocks[0].experts, max_tokens) if blocks else 0
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
@@ -214,11 +223,15 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
-            shard: int | None = None
-            for hf_part, (ours, idx) in _MERGED.items():
-                if f".{hf_part}." in name and name not in params:  # an ungated MLP's up_proj is its own
-                    name, shard = name.replace(hf_part, ours), idx
-                    break
+            shard: Any = None
+            moe = moe_checkpoint_name(name)
+            if moe is not None:  # an MoE block's expert (into its layer's stack) or router
+                name, shard = moe
+            else:
+                for hf_part, (ours, idx) in _MERGED.items():
+                    if f".{hf_part}." in name and name not in params:  # an ungated MLP's up_proj is its own
+                        name, shard = name.replace(hf_part, ours), idx
+                        break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[name]
