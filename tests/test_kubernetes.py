@@ -34,6 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["base", "overlays/replica-a", "overlays/replica-b", "overlays/cpu"]
 GPU_OVERLAYS = ["base", "overlays/replica-a", "overlays/replica-b"]
+# With the ServiceMonitor (components/service-monitor, for clusters with the Prometheus Operator).
+MONITORED_OVERLAYS = ["overlays/replica-a", "overlays/replica-b"]
 # The oldest release with the StatefulSet pod-index label the apis read their index from, and the newest
 # the schemas cover.
 KUBERNETES_VERSIONS = ["1.28.0", "1.37.0"]
@@ -160,7 +162,8 @@ def test_manifests_render_and_validate_against_the_kubernetes_api(overlay, versi
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"StatefulSet", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "NetworkPolicy", "ServiceMonitor", "ConfigMap"} <= kinds
+            "NetworkPolicy", "ConfigMap"} <= kinds
+    assert ("ServiceMonitor" in kinds) == (overlay in MONITORED_OVERLAYS)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: test_service_monitor_has_the_operators_shape
@@ -198,7 +201,7 @@ SERVICE_MONITOR_SCHEMA = {
                              "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", MONITORED_OVERLAYS)
 def test_service_monitor_has_the_operators_shape_and_scrapes_each_api_once(overlay):
     docs = render(overlay)
     (monitor,) = of_kind(docs, "ServiceMonitor").values()
@@ -212,9 +215,9 @@ def test_service_monitor_has_the_operators_shape_and_scrapes_each_api_once(overl
     # The replica label the dashboard groups by comes from the pods' instance label.
     (relabel,) = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "replica"]
     assert relabel["sourceLabels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"]
-    if overlay != "base":
-        for workload in workloads(docs).values():
-            assert "app.kubernetes.io/instance" in workload["spec"]["template"]["metadata"]["labels"]
+    for workload in workloads(docs).values():
+        assert "app.kubernetes.io/instance" in workload["spec"]["template"]["metadata"]["labels"]
+    assert monitor["metadata"]["namespace"] == one(docs, "Service", "headrace")["metadata"]["namespace"]
 
 
 # ---- every container is a real headrace process with one shared configuration ---------------------------
