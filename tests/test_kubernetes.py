@@ -491,3 +491,25 @@ def test_connected_probe_tells_one_process_connection_from_its_neighbours():
         finally:
             client.kill()
             client.wait()
+
+
+# ---- the front across replicas (docs/deployment.md) -------------------------------------------------------
+
+def test_documented_front_routes_to_each_replicas_http_service():
+    """docs/deployment.md's HTTPRoute and ReferenceGrant name the Service and port the overlays render."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.+?)\n *```", text, re.S) if "kind: HTTPRoute" in b]
+    docs = {d["kind"]: d for d in yaml.safe_load_all(re.sub(r"^   ", "", block, flags=re.M))}
+    route, grant = docs["HTTPRoute"], docs["ReferenceGrant"]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert grant["apiVersion"] == "gateway.networking.k8s.io/v1beta1"
+    (rule,) = route["spec"]["rules"]
+    refs = {ref["namespace"]: ref for ref in rule["backendRefs"]}
+    for overlay in MONITORED_OVERLAYS:
+        http = one(render(overlay), "Service", "headrace")
+        ref = refs[http["metadata"]["namespace"]]
+        assert (ref["name"], ref["port"]) == (http["metadata"]["name"], http["spec"]["ports"][0]["port"])
+    assert grant["spec"]["from"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                      "namespace": route["metadata"]["namespace"]}]
+    assert grant["spec"]["to"] == [{"group": "", "kind": "Service", "name": "headrace"}]
+    assert grant["metadata"]["namespace"] in refs
