@@ -124,6 +124,7 @@ class CompletionRequest(SamplingBody):
     max_tokens: Int32 | None = 16
     logprobs: Int32 | None = None
     echo: bool = False
+    prompt_logprobs: Int32 | None = None  # vLLM's: top logprobs of every prompt token (scoring)
 
 
 class ChatCompletionRequest(SamplingBody):

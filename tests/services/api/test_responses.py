@@ -29,7 +29,7 @@ def test_choice_state_folds_deltas_and_echo():
 
 
 def test_completion_response_and_logprobs_offsets():
-    shape = CompletionShape("cmpl-1", 123, "m", logprobs=True, include_usage=False)
+    shape = CompletionShape("cmpl-1", 123, "m", logprobs=1, include_usage=False)
     state = ChoiceState(0)
     state.add(TextDelta("r", text="ab c", token_ids=[1, 2], logprobs=[lp("ab"), lp(" c", -0.5)], finished=True,
                         finish_reason="length", num_prompt_tokens=1, num_output_tokens=2))
@@ -42,7 +42,7 @@ def test_completion_response_and_logprobs_offsets():
 
 
 def test_streamed_completion_offsets_continue_across_chunks():
-    shape = CompletionShape("cmpl-1", 1, "m", logprobs=True, include_usage=True)
+    shape = CompletionShape("cmpl-1", 1, "m", logprobs=1, include_usage=True)
     state = ChoiceState(0)
     offsets = []
     for text in ("ab", "cde"):
@@ -75,7 +75,7 @@ def test_chat_start_chunks_open_every_choice_with_the_role():
     assert [c["choices"][0]["index"] for c in chunks] == [0, 1]
     assert all(c["choices"][0]["delta"] == {"role": "assistant", "content": ""} and c["usage"] is None
                for c in chunks)
-    assert CompletionShape("cmpl-1", 1, "m", logprobs=False, include_usage=False).start_chunks(2) == []
+    assert CompletionShape("cmpl-1", 1, "m", logprobs=None, include_usage=False).start_chunks(2) == []
 
 
 def test_usage_chunk_has_no_choices():
