@@ -9,17 +9,23 @@ the request's first token hands them over whole (StepResult.prompt_logprobs).
 Positions served from the prefix cache have no hidden state here, so the scheduler never reads the cache
 for a request that asks for prompt logprobs (block_manager.get_computed_blocks): its whole prompt runs.
 A request resumed after preemption with outputs already has its prompt scores delivered and scores nothing.
+The scores are read back to the host in the step that computes them, as the sampler's logprobs are: a
+scoring step does not overlap with the next one on a GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from headrace.common.messages import PromptLogprobs
+
+if TYPE_CHECKING:  # request_state imports this module
+    from headrace.services.gpu_worker.request_state import RequestState
 
 # Rows of logits made at once: a chunk of thousands of tokens times a 150k vocabulary would otherwise need
 # gigabytes for one float32 [rows, vocab] tensor.
@@ -66,7 +72,7 @@ class PromptSpan:
     end: int  # one past the last such position (at most P - 1)
 
 
-def prompt_spans(states: list, starts: np.ndarray, ends: np.ndarray, flat_starts: np.ndarray) -> list[PromptSpan]:
+def prompt_spans(states: list[RequestState], starts: np.ndarray, ends: np.ndarray, flat_starts: np.ndarray) -> list[PromptSpan]:
     """Spans of this step's sequences that still score prompt tokens (states, starts, ends and flat_starts
     in batch order)."""
     spans = []
