@@ -22,7 +22,8 @@ K = 3
 
 @pytest.fixture(scope="module")
 def runner():
-    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=512), cache=CacheConfig(num_blocks=120)))
+    # CPU, float32: the oracle is transformers in float32 (scripts/check_scoring.py measures a GPU server).
+    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=512), cache=CacheConfig(num_blocks=120), device="cpu"))
     return ModelRunner(cfg, log=lambda *_: None)
 
 
