@@ -21,6 +21,7 @@ import torch
 from headrace.services.gpu_worker.attention.base import AttentionMetadata
 from headrace.services.gpu_worker.inflight import InflightStep
 from headrace.services.gpu_worker.model.rope import LongRopeRows
+from headrace.services.gpu_worker.prompt_logprobs import PromptSpan, prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 
 
@@ -33,6 +34,7 @@ class PreparedBatch:
     sample_req_ids: list[str]
     logits_indices: torch.Tensor  # flat-batch index of the last token of each sampling request
     sample_states: list[RequestState] = field(default_factory=list)  # parallel to sample_req_ids
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # rows that score prompt tokens
 
 
 @dataclass
@@ -98,6 +100,7 @@ def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], 
         sample_req_ids=[rid for rid, yes in zip(layout.order, samples) if yes],
         logits_indices=dev["logits_indices"],
         sample_states=[st for st, yes in zip(layout.states, samples) if yes],
+        prompt_spans=prompt_spans(layout.states, layout.starts, layout.ends, host.query_start_loc[:-1]),
     )
 
 

@@ -31,6 +31,7 @@ from headrace.services.gpu_worker.model.rope import long_rope_rows, rope_cos_sin
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
+from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
 
@@ -179,6 +180,8 @@ class ModelRunner:
         batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
                               long_rope=self.long_rope)
         hidden = self._forward(batch)
+        if batch.prompt_spans:
+            score_prompt_spans(batch.prompt_spans, hidden, self.model.compute_logits)
         if not batch.sample_req_ids:
             step.resolved = True
             return
@@ -188,6 +191,10 @@ class ModelRunner:
                             1 if id(s) in pending_rows else 0) for s in batch.sample_states]
         out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
         step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device)
+        for state in batch.sample_states:
+            if state.prompt_scores is not None:  # the prompt is done: its scores go with the first token
+                step.result.prompt_logprobs[state.req_id] = state.prompt_scores.take()
+                state.prompt_scores = None
 
     def _forward(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states of the batch's tokens: from the first graph runner that accepts it, else eager."""
