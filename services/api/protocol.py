@@ -107,6 +107,13 @@ class SamplingBody(_Body):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained output (services/api/structured.py): OpenAI's field, vLLM's object and its older fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -130,7 +137,7 @@ class ChatCompletionRequest(SamplingBody):
     IGNORED_FIELDS = _OPENAI_NO_EFFECT | {"parallel_tool_calls"}
     UNSUPPORTED_FIELDS = {
         "logit_bias": _NEUTRAL, "tools": _NEUTRAL, "functions": _NEUTRAL, "tool_choice": (*_NEUTRAL, "none"),
-        "function_call": (*_NEUTRAL, "none"), "response_format": (*_NEUTRAL, {"type": "text"}),
+        "function_call": (*_NEUTRAL, "none"),
         "audio": _NEUTRAL, "modalities": (*_NEUTRAL, ["text"]), "prediction": _NEUTRAL,
         "reasoning_effort": _NEUTRAL, "web_search_options": _NEUTRAL, "verbosity": _NEUTRAL,
     }

@@ -32,6 +32,7 @@ from headrace.services.api.sampling import (
     completion_params,
     completion_prompts,
 )
+from headrace.services.api.structured import grammar_spec
 from headrace.services.api.streaming import DONE, SSEResponse, sse, sse_error
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,14 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     check_model(body.model, ctx.model_name)
     params = completion_params(body, ctx.max_n)
     prompts = completion_prompts(body)
+    grammar = grammar_spec(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     now = time.time()
     engine_requests = [
         GenerateRequest(req_id=f"{request_id}-{p * params.n + k}", sampling_params=choice_params(params, k),
                         prompt=prompt if isinstance(prompt, str) else None,
                         prompt_token_ids=prompt if isinstance(prompt, list) else None,
-                        echo=body.echo, arrival_time=now)
+                        echo=body.echo, arrival_time=now, grammar=grammar)
         for p, prompt in enumerate(prompts) for k in range(params.n)]
     shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
                             include_usage=body.include_usage)
@@ -81,6 +83,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                  http: HttpRequest) -> Response:
     check_model(body.model, ctx.model_name)
     params = chat_params(body, ctx.max_n)
+    grammar = grammar_spec(body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     now = time.time()
     messages = [m.to_wire() for m in body.messages]
@@ -88,7 +91,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         GenerateRequest(req_id=f"{request_id}-{k}", sampling_params=choice_params(params, k), messages=messages,
                         add_generation_prompt=body.add_generation_prompt,
                         continue_final_message=body.continue_final_message,
-                        chat_template_kwargs=body.chat_template_kwargs, arrival_time=now)
+                        chat_template_kwargs=body.chat_template_kwargs, arrival_time=now, grammar=grammar)
         for k in range(params.n)]
     shape = ChatShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
                       include_usage=body.include_usage)

@@ -55,6 +55,7 @@ from headrace.common.messages import (
 )
 from headrace.common.process import freeze_startup_heap
 from headrace.services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.grammar import GrammarBuilder
 from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class TokenizerService:
                  heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
         self.index = index  # for logs and heartbeats only: the identity is what routes
         self.codec = codec
+        self.grammars = GrammarBuilder()
         self.requests: dict[str, _Request] = {}
         self.heartbeat_interval_s = heartbeat_interval_s
 
@@ -178,6 +180,7 @@ class TokenizerService:
                                      continue_final_message=req.continue_final_message,
                                      template_kwargs=req.chat_template_kwargs)
             codec.check_length(len(ids), req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
+            grammar = self.grammars.build(req.grammar) if req.grammar is not None else None
         except Exception as e:
             self._reply(api, TextDelta(req.req_id, finished=True, finish_reason="error",
                                        error=self._error(e, req.req_id)))
@@ -185,7 +188,7 @@ class TokenizerService:
         params = req.sampling_params
         prompt_text = (text if text is not None else codec.decode(ids)) if req.echo else None
         self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text)
-        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time))
+        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time, grammar))
 
     def on_abort(self, msg: AbortRequest, api: int) -> None:
         self.requests.pop(msg.req_id, None)
