@@ -45,6 +45,12 @@ class GrammarBuilder:
         self.capacity = capacity
         self._cache: OrderedDict[tuple[str, str], str] = OrderedDict()
 
+    @staticmethod
+    def warm_up() -> None:
+        """Import xgrammar (it brings torch: seconds) and jsonschema before serving: done lazily, the first
+        constrained request would hold this tokenizer's loop past its heartbeat deadline."""
+        to_ebnf(GrammarSpec("json_schema", '{"type": "object", "properties": {"a": {"type": "integer"}}}'))
+
     def build(self, spec: GrammarSpec) -> str:
         key = (spec.kind, spec.source)
         ebnf = self._cache.get(key)

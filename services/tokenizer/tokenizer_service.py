@@ -296,6 +296,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     config = EngineConfig.from_dict(config_dict)
     model = config.require_resolved()
     codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
+    GrammarBuilder.warm_up()
     service = TokenizerService(index, codec, address_plan(config.server))
     log.info("tokenizer %d ready as %r", index, service.identity)
     freeze_startup_heap()
