@@ -134,10 +134,9 @@ class CompletionRequest(SamplingBody):
 
 
 class ChatCompletionRequest(SamplingBody):
-    IGNORED_FIELDS = _OPENAI_NO_EFFECT | {"parallel_tool_calls"}
+    IGNORED_FIELDS = _OPENAI_NO_EFFECT
     UNSUPPORTED_FIELDS = {
-        "logit_bias": _NEUTRAL, "tools": _NEUTRAL, "functions": _NEUTRAL, "tool_choice": (*_NEUTRAL, "none"),
-        "function_call": (*_NEUTRAL, "none"),
+        "logit_bias": _NEUTRAL, "functions": _NEUTRAL, "function_call": (*_NEUTRAL, "none"),
         "audio": _NEUTRAL, "modalities": (*_NEUTRAL, ["text"]), "prediction": _NEUTRAL,
         "reasoning_effort": _NEUTRAL, "web_search_options": _NEUTRAL, "verbosity": _NEUTRAL,
     }
@@ -149,6 +148,10 @@ class ChatCompletionRequest(SamplingBody):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Tool calling (services/api/tools.py).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeBody(_Body):

@@ -178,7 +178,7 @@ class TokenizerService:
                                      add_special_tokens=req.add_special_tokens,
                                      add_generation_prompt=req.add_generation_prompt,
                                      continue_final_message=req.continue_final_message,
-                                     template_kwargs=req.chat_template_kwargs)
+                                     template_kwargs=_template_kwargs(req))
             codec.check_length(len(ids), req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
             grammar = self.grammars.build(req.grammar) if req.grammar is not None else None
         except Exception as e:
@@ -277,6 +277,13 @@ class TokenizerService:
 
     def _reply(self, api: int, msg: Any) -> None:
         transport.dealer_send(self.to_api[api], msg)
+
+
+def _template_kwargs(req: GenerateRequest) -> dict[str, Any] | None:
+    """The request's chat_template_kwargs, plus its `tools` (templates render them into the prompt)."""
+    if not req.tools:
+        return req.chat_template_kwargs
+    return {**(req.chat_template_kwargs or {}), "tools": req.tools}
 
 
 def _timed_here(state: _Request, timings: RequestTimings | None) -> RequestTimings | None:

@@ -22,7 +22,8 @@ def test_accepted_chat_fields(extra):
 @pytest.mark.parametrize("extra,field,why", [
     ({"response_format": {"type": "json_object"}, "guided_json": {}, "structured_outputs": {"regex": "a"}}, None,
      None),  # read: structured outputs
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, None, None),  # read
+    ({"functions": [{"name": "f"}]}, "functions", "not supported"),
     ({"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
     ({"max_token": 5}, "max_token", "Unrecognized request argument 'max_token'"),
 ])
