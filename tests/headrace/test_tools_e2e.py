@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -120,9 +121,10 @@ def test_a_history_with_tool_calls_and_results_renders(client):
     reply = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=16, tools=TOOLS,
                                            messages=messages, tool_choice="none")
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
-    tokens = client.post("/tokenize", cast_to=object, body={"model": MODEL, "messages": messages})
-    text = client.post("/detokenize", cast_to=object, body={"model": MODEL, "tokens": tokens["tokens"]})
-    assert '{"temperature": 21}' in text["prompt"]
+    root = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    tokens = httpx.post(root + "/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    text = httpx.post(root + "/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"]
+    assert '{"temperature": 21}' in text
 
 
 @pytest.mark.parametrize("extra,param", [
