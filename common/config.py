@@ -99,6 +99,10 @@ class ParallelConfig:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
 
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # both: the reasoning sits between <think> and </think>
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -126,8 +130,19 @@ class ServerConfig:
     # Seconds a request may run before it is aborted (its KV freed) and answered 408; a request may ask for
     # less with an X-Request-Timeout header. None: no server default.
     request_timeout: float | None = None
+    # Tool calling as vLLM spells it: with --enable-auto-tool-choice, `tool_choice: auto` lets the model decide
+    # and --tool-call-parser reads the calls out of what it wrote. --reasoning-parser splits <think> text off.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
+                 f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+        _require(not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                 "--enable-auto-tool-choice needs --tool-call-parser")
+        _require(self.reasoning_parser in (None, *REASONING_PARSERS),
+                 f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}")
         _require(self.max_num_queued_reqs is None or self.max_num_queued_reqs > 0,
                  "--max-num-queued-reqs must be positive")
         _require(self.request_timeout is None or self.request_timeout > 0, "--request-timeout must be positive")

@@ -29,6 +29,21 @@ BlockIds = list[int]  # physical KV-cache block ids
 
 
 @dataclass
+class GrammarSpec:
+    """What a constrained request's output must match, as the client wrote it. The tokenizer checks it and
+    turns it into one EBNF grammar (services/tokenizer/grammar.py).
+
+    kind: "json_schema" (source: the schema as JSON text), "json_object" (any JSON object; source ""),
+    "regex", "choice" (source: a JSON array of the allowed strings) or "grammar" (EBNF / GBNF text).
+    """
+
+    kind: str
+    source: str
+    # The request field it came from ("response_format", "guided_regex", "tool_choice", ...), named in errors.
+    param: str = ""
+
+
+@dataclass
 class GenerateRequest:
     """One sequence to generate. Exactly one of prompt / prompt_token_ids / messages is set.
 
@@ -51,6 +66,10 @@ class GenerateRequest:
     # Return the prompt text on the first TextDelta (completions `echo`).
     echo: bool = False
     arrival_time: float = 0.0  # wall clock at the api, for the ingest phase (see RequestTimings)
+    # Constrained decoding: the output must match this (response_format, guided_*, tool_choice required).
+    grammar: GrammarSpec | None = None
+    # OpenAI `tools` (function definitions) for the chat template.
+    tools: list[dict[str, object]] | None = None
 
 
 @dataclass
@@ -99,6 +118,8 @@ class TokenizedRequest:
     prompt_token_ids: TokenIds
     sampling_params: SamplingParams
     arrival_time: float = 0.0
+    # The checked grammar of a constrained request, as EBNF (xgrammar's dialect); None: unconstrained.
+    grammar: str | None = None
 
 
 # --------------------------------------------------------------------------- scheduler -> gpu_worker
@@ -117,6 +138,8 @@ class NewRequestData:
     num_computed_tokens: int
     # The seed the sampler uses for this request (the request's own seed, or one the scheduler drew).
     sampling_seed: int
+    # EBNF grammar the sampled tokens must follow (TokenizedRequest.grammar); None: unconstrained.
+    grammar: str | None = None
 
 
 @dataclass

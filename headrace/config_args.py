@@ -15,6 +15,8 @@ from typing import Any
 from headrace.common.config import (
     DTYPES,
     QUANTIZATION_METHODS,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -105,6 +107,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
           help="engine requests waiting to start beyond which new requests get 429 with Retry-After")
     _flag(g, "--request-timeout", ServerConfig, type=float,
           help="seconds a request may run before it is aborted and answered 408 (X-Request-Timeout may ask less)")
+    _flag(g, "--enable-auto-tool-choice", ServerConfig, action="store_true",
+          help="let `tool_choice: auto` requests call tools (needs --tool-call-parser)")
+    _flag(g, "--tool-call-parser", ServerConfig, choices=TOOL_CALL_PARSERS,
+          help="how the model writes tool calls: hermes (Qwen2.5/Qwen3), llama3_json, mistral")
+    _flag(g, "--reasoning-parser", ServerConfig, choices=REASONING_PARSERS,
+          help="return the model's <think>...</think> text as reasoning_content")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -107,6 +107,13 @@ class SamplingBody(_Body):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained output (services/api/structured.py): OpenAI's field, vLLM's object and its older fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -128,10 +135,9 @@ class CompletionRequest(SamplingBody):
 
 
 class ChatCompletionRequest(SamplingBody):
-    IGNORED_FIELDS = _OPENAI_NO_EFFECT | {"parallel_tool_calls"}
+    IGNORED_FIELDS = _OPENAI_NO_EFFECT
     UNSUPPORTED_FIELDS = {
-        "logit_bias": _NEUTRAL, "tools": _NEUTRAL, "functions": _NEUTRAL, "tool_choice": (*_NEUTRAL, "none"),
-        "function_call": (*_NEUTRAL, "none"), "response_format": (*_NEUTRAL, {"type": "text"}),
+        "logit_bias": _NEUTRAL, "functions": _NEUTRAL, "function_call": (*_NEUTRAL, "none"),
         "audio": _NEUTRAL, "modalities": (*_NEUTRAL, ["text"]), "prediction": _NEUTRAL,
         "reasoning_effort": _NEUTRAL, "web_search_options": _NEUTRAL, "verbosity": _NEUTRAL,
     }
@@ -143,6 +149,10 @@ class ChatCompletionRequest(SamplingBody):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Tool calling (services/api/tools.py).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeBody(_Body):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from headrace.common.messages import PromptLogprobsText, TextDelta, TokenLogprobs
+from headrace.services.api.reasoning import split_reasoning
+from headrace.services.api.tools import ToolPlan
 
 # JSON has no -inf; a token the model ruled out reports this instead (vLLM does the same).
 _MIN_LOGPROB = -9999.0
@@ -37,6 +39,9 @@ class ChoiceState:
     echo_chars: int = 0
     text_offset: int = 0
     prompt_logprobs: PromptLogprobsText | None = None  # scoring requests: from the first delta
+    # Streaming with --reasoning-parser: characters of reasoning and of content already sent.
+    reasoning_sent: int = 0
+    content_sent: int = 0
 
     def add(self, delta: TextDelta) -> str:
         """Fold one delta in; return the text it adds (the echoed prompt first, on its first delta)."""
@@ -173,18 +178,90 @@ class CompletionShape(Shape):
 
 
 class ChatShape(Shape):
+    """Chat bodies. With a tool plan the reply's text becomes `tool_calls` where it holds calls; with a
+    reasoning parser its <think> part becomes `reasoning_content`."""
+
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, *args: Any, tools: ToolPlan | None = None, reasoning_parser: str | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.tools = tools
+        self.reasoning_parser = reasoning_parser
+
     def _choice(self, state: ChoiceState) -> dict[str, Any]:
-        return {"index": state.index, "message": {"role": "assistant", "content": state.full_text},
+        reasoning, content, calls = self._parts(state.full_text, state.finish_reason)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.reasoning_parser:
+            message["reasoning_content"] = reasoning or None
+        if self.tools is not None:
+            message["tool_calls"] = calls
+        return {"index": state.index, "message": message,
                 "logprobs": _chat_logprobs(state.logprobs) if self.want_logprobs else None,
-                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+                "finish_reason": _finish(state.finish_reason, calls), "stop_reason": state.stop_reason}
+
+    def _parts(self, text: str, finish_reason: str | None) -> tuple[str, str | None, list[dict[str, Any]]]:
+        """(reasoning, content, tool calls) of a whole reply."""
+        reasoning, content = split_reasoning(self.reasoning_parser, text) if self.reasoning_parser else ("", text)
+        if self.tools is None:
+            return reasoning, content, []
+        try:
+            extracted, calls = self.tools.extract(content)
+        except (ValueError, KeyError, TypeError):  # a forced call cut short by max_tokens: leave the text
+            return reasoning, content, []
+        return reasoning, extracted, calls
 
     def start_chunks(self, num_choices: int) -> list[dict[str, Any]]:
         # OpenAI opens every choice with the role and empty content.
         return [self._chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}) for k in range(num_choices)]
+
+    def delta_chunks(self, state: ChoiceState, text: str, delta: TextDelta) -> list[dict[str, Any]]:
+        if self.tools is not None:  # calls are known only once the reply is: they go out at its end
+            return self._tool_chunks(state) if delta.finished else []
+        if self.reasoning_parser:
+            return self._reasoning_chunks(state, delta)
+        return super().delta_chunks(state, text, delta)
+
+    def _tool_chunks(self, state: ChoiceState) -> list[dict[str, Any]]:
+        """The finished reply as deltas: its reasoning and content, then each call (name, then arguments),
+        then the finish. Joined, they give exactly the non-streamed message."""
+        reasoning, content, calls = self._parts(state.full_text, state.finish_reason)
+        deltas: list[dict[str, Any]] = []
+        if reasoning:
+            deltas.append({"reasoning_content": reasoning})
+        if content:
+            deltas.append({"content": content})
+        for i, call in enumerate(calls):
+            function = call["function"]
+            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": {"name": function["name"], "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
+        chunks = [self._chunk({"index": state.index, "delta": d, "logprobs": None, "finish_reason": None})
+                  for d in deltas]
+        chunks.append(self._chunk({"index": state.index, "delta": {}, "logprobs": None,
+                                   "finish_reason": _finish(state.finish_reason, calls),
+                                   "stop_reason": state.stop_reason}))
+        return chunks
+
+    def _reasoning_chunks(self, state: ChoiceState, delta: TextDelta) -> list[dict[str, Any]]:
+        """What the reply's reasoning and content gained since the last chunk."""
+        reasoning, content = split_reasoning(self.reasoning_parser or "", state.full_text, final=delta.finished)
+        out: dict[str, Any] = {}
+        if len(reasoning) > state.reasoning_sent:
+            out["reasoning_content"] = reasoning[state.reasoning_sent:]
+            state.reasoning_sent = len(reasoning)
+        if len(content) > state.content_sent:
+            out["content"] = content[state.content_sent:]
+            state.content_sent = len(content)
+        if not out and not delta.finished:
+            return []
+        choice: dict[str, Any] = {"index": state.index, "delta": out, "logprobs": None,
+                                  "finish_reason": delta.finish_reason if delta.finished else None}
+        if delta.finished:
+            choice["stop_reason"] = delta.stop_reason
+        return [self._chunk(choice)]
 
     def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
                       delta: TextDelta) -> dict[str, Any]:
@@ -196,6 +273,11 @@ class ChatShape(Shape):
         if delta.finished:
             choice["stop_reason"] = delta.stop_reason
         return choice
+
+
+def _finish(reason: str | None, calls: list[dict[str, Any]]) -> str | None:
+    """OpenAI's finish for a reply that ended on its own with tool calls is "tool_calls"."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _completion_logprobs(logprobs: list[TokenLogprobs], offset: int) -> dict[str, Any]:

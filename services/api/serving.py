@@ -19,7 +19,7 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from headrace.common.messages import GenerateRequest, TextDelta
+from headrace.common.messages import GenerateRequest, GrammarSpec, TextDelta
 from headrace.services.api.engine_client import EngineClient, Generation
 from headrace.services.api.errors import ApiError
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -32,6 +32,8 @@ from headrace.services.api.sampling import (
     completion_params,
     completion_prompts,
 )
+from headrace.services.api.structured import grammar_spec
+from headrace.services.api.tools import ToolPlan, tool_plan
 from headrace.services.api.streaming import DONE, SSEResponse, sse, sse_error
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class ServingContext:
     started: int  # unix seconds, /v1/models' `created`
     max_num_queued_reqs: int | None = None  # --max-num-queued-reqs: beyond it, 429
     request_timeout: float | None = None  # --request-timeout, seconds
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    tool_call_parser: str | None = None  # --tool-call-parser
+    reasoning_parser: str | None = None  # --reasoning-parser
 
 
 class ClientDisconnected(Exception):
@@ -64,13 +69,14 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     check_model(body.model, ctx.model_name)
     params = completion_params(body, ctx.max_n)
     prompts = completion_prompts(body)
+    grammar = grammar_spec(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     now = time.time()
     engine_requests = [
         GenerateRequest(req_id=f"{request_id}-{p * params.n + k}", sampling_params=choice_params(params, k),
                         prompt=prompt if isinstance(prompt, str) else None,
                         prompt_token_ids=prompt if isinstance(prompt, list) else None,
-                        echo=body.echo, arrival_time=now)
+                        echo=body.echo, arrival_time=now, grammar=grammar)
         for p, prompt in enumerate(prompts) for k in range(params.n)]
     shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs,
                             include_usage=body.include_usage, echo=body.echo, prompt_logprobs=body.prompt_logprobs,
@@ -82,6 +88,11 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                                  http: HttpRequest) -> Response:
     check_model(body.model, ctx.model_name)
     params = chat_params(body, ctx.max_n)
+    tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, ctx.enable_auto_tool_choice,
+                      ctx.tool_call_parser)
+    grammar = _chat_grammar(body, tools)
+    if tools is not None and tools.mode == "auto" and tools.parser in ("mistral", "llama3_json"):
+        params = params.replace(skip_special_tokens=False)  # their calls open with a special token
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     now = time.time()
     messages = [m.to_wire() for m in body.messages]
@@ -89,11 +100,22 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         GenerateRequest(req_id=f"{request_id}-{k}", sampling_params=choice_params(params, k), messages=messages,
                         add_generation_prompt=body.add_generation_prompt,
                         continue_final_message=body.continue_final_message,
-                        chat_template_kwargs=body.chat_template_kwargs, arrival_time=now)
+                        chat_template_kwargs=body.chat_template_kwargs, arrival_time=now, grammar=grammar,
+                        tools=body.tools if tools is not None else None)
         for k in range(params.n)]
     shape = ChatShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
-                      include_usage=body.include_usage)
+                      include_usage=body.include_usage, tools=tools, reasoning_parser=ctx.reasoning_parser)
     return await _generate(ctx, engine_requests, shape, http, bool(body.stream), request)
+
+
+def _chat_grammar(body: ChatCompletionRequest, tools: ToolPlan | None) -> GrammarSpec | None:
+    """The request's output constraint: its response format, or the one a required / named tool call needs."""
+    grammar = grammar_spec(body)
+    forced = tools.grammar() if tools is not None else None
+    if forced is not None and grammar is not None:
+        raise ApiError(400, f"tool_choice {body.tool_choice!r} and '{grammar.param}' both constrain the output; "
+                            "send one.", param="tool_choice")
+    return forced or grammar
 
 
 async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest], shape: Shape, http: HttpRequest,

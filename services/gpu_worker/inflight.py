@@ -58,7 +58,7 @@ class InflightStep:
             self.event.synchronize()
         sampled = self.host.tolist()
         for state, tok in zip(self.states, sampled):
-            state.token_ids.append(tok)
+            state.append_token(tok)
         self.result.sampled_token_ids = sampled
         self.resolved = True
         self.sampled = None  # free the device tensor; later steps no longer read from it

@@ -18,6 +18,7 @@ from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
+from headrace.services.gpu_worker.grammar import GrammarRuntime
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
 from headrace.services.gpu_worker.kv_cache import KVCacheLayout
@@ -69,6 +70,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.kv_layout.allocate(self.num_blocks, self.device)
         self.sampler = Sampler()
+        self.grammars = GrammarRuntime(resolved.tokenizer_dir, self.arch.vocab_size, self.eos_token_ids)
         # Decode-only steps replay CUDA graphs; other steps up to a token ladder's top replay everything but
         # attention from piecewise graphs (None: such steps run eagerly).
         self.decode_graphs: DecodeGraphs | None
@@ -148,7 +150,8 @@ class ModelRunner:
         for new in plan.new_requests:
             self.requests[new.req_id] = RequestState(
                 new.req_id, list(new.prompt_token_ids) + list(new.output_token_ids), len(new.prompt_token_ids),
-                new.block_ids, new.num_computed_tokens, new.sampling_params, new.sampling_seed)
+                new.block_ids, new.num_computed_tokens, new.sampling_params, new.sampling_seed,
+                None if new.grammar is None else self.grammars.start(new.grammar))
         for cached in plan.cached_requests:
             state = self.requests[cached.req_id]
             if cached.new_block_ids:
@@ -187,8 +190,11 @@ class ModelRunner:
             return
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         pending_rows = pending.row_of_state if pending is not None else {}
+        for s in batch.sample_states:
+            if s.grammar is not None and s.matcher is None:  # its first sampling: the grammar must be ready
+                s.matcher = self.grammars.matcher(s.grammar, s.token_ids[s.num_prompt_tokens:])
         rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
-                            1 if id(s) in pending_rows else 0) for s in batch.sample_states]
+                            1 if id(s) in pending_rows else 0, s.matcher) for s in batch.sample_states]
         out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
         step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device)
         for state in batch.sample_states:
@@ -212,7 +218,8 @@ class ModelRunner:
 
     def _needs_host_tokens(self, plan: StepPlan, pending: InflightStep) -> bool:
         """Whether a request of this plan with a token in flight samples with penalties, which read every
-        output token on the host: then the pending step is waited for first."""
+        output token on the host, or under a grammar, whose matcher must take that token before it can say
+        what may come next: then the pending step is waited for first."""
         rows = pending.row_of_state
-        return any(id(st) in rows and st.params.has_penalties
+        return any(id(st) in rows and (st.params.has_penalties or st.grammar is not None)
                    for st in map(self.requests.__getitem__, plan.num_scheduled_tokens))

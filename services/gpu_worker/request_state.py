@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future
+from typing import Any
+
 import numpy as np
 
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.prompt_logprobs import PromptScores
+
+log = logging.getLogger(__name__)
 
 
 class RequestState:
@@ -13,10 +19,10 @@ class RequestState:
     numpy row so a step's batch table is assembled with array copies, not Python loops over block ids."""
 
     __slots__ = ("req_id", "token_ids", "num_prompt_tokens", "block_table", "num_blocks", "num_computed_tokens",
-                 "params", "seed", "prompt_scores")
+                 "params", "seed", "prompt_scores", "grammar", "matcher")
 
     def __init__(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
-                 num_computed_tokens: int, params: SamplingParams, seed: int):
+                 num_computed_tokens: int, params: SamplingParams, seed: int, grammar: Future | None = None):
         self.req_id = req_id
         self.token_ids = token_ids  # prompt + every token sampled so far
         self.num_prompt_tokens = num_prompt_tokens
@@ -29,6 +35,10 @@ class RequestState:
         # with outputs delivered them before it was preempted).
         self.prompt_scores = (PromptScores(params.prompt_logprobs)
                               if params.prompt_logprobs is not None and len(token_ids) == num_prompt_tokens else None)
+        # A constrained request's compiled grammar (being compiled, maybe) and, from its first sampling on,
+        # the matcher its tokens advance (grammar.py). Both None for an unconstrained request.
+        self.grammar = grammar
+        self.matcher: Any = None
         self.add_blocks(block_ids)
 
     def add_blocks(self, block_ids: list[int]) -> None:
@@ -39,3 +49,11 @@ class RequestState:
             self.block_table = grown
         self.block_table[self.num_blocks : end] = block_ids
         self.num_blocks = end
+
+    def append_token(self, token_id: int) -> None:
+        """A sampled token joins the request (and advances its grammar)."""
+        self.token_ids.append(token_id)
+        matcher = self.matcher
+        if matcher is not None and not matcher.is_terminated() and not matcher.accept_token(token_id):
+            # Only reachable when every allowed token was also blocked (min_tokens over a finished grammar).
+            log.warning("request %s: sampled token %d does not follow its grammar", self.req_id, token_id)

@@ -12,7 +12,7 @@ is one Triton kernel (kernels/sampling.py) that makes the noise in registers; el
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,9 @@ class SamplingRow:
     # Tokens sampled by a step still running on the device, not yet in token_ids (the runner overlaps
     # step t+1's launch with step t): they count toward the output length, which seeds the draws.
     num_pending: int = 0
+    # A constrained request's grammar matcher (xgrammar's GrammarMatcher, advanced past every token in
+    # token_ids): it fills the row's allowed-token bitmask. None: unconstrained.
+    matcher: object | None = None
 
     @classmethod
     def from_parts(cls, params: SamplingParams, seed: int, prompt_token_ids: list[int],
@@ -95,6 +98,10 @@ class SamplingInputs:
     # Logprobs: per row N (None: not asked) and the batch max (None: no row asked).
     num_logprobs: list[int | None]
     max_num_logprobs: int | None
+    # Grammar-constrained rows ([G] i64) and their allowed tokens, one bit per token ([G, ceil(V / 32)] i32,
+    # bit v % 32 of word v // 32); None when no row is constrained.
+    grammar_rows: torch.Tensor | None = None
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def no_penalties(self) -> bool:
@@ -148,6 +155,7 @@ class _Columns:
     blocked_rows: list[int]
     blocked_tokens: list[int]
     num_logprobs: list[int | None]
+    matchers: dict[int, object] = field(default_factory=dict)  # row -> grammar matcher
     max_top_k: int = 0
     any_top_p: bool = False
     any_min_p: bool = False
@@ -175,6 +183,8 @@ class _Columns:
         if num_out < p.min_tokens:
             self._block_stop_tokens(i, row)
         self.num_logprobs[i] = p.logprobs
+        if row.matcher is not None and not row.matcher.is_terminated():
+            self.matchers[i] = row.matcher
 
     def _add_filters(self, i: int, p: SamplingParams) -> None:
         if 0 < p.top_k < self.vocab_size:
@@ -205,12 +215,23 @@ class _Columns:
                 self.blocked_rows.append(i)
                 self.blocked_tokens.append(t)
 
+    def grammar_masks(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(rows, bitmask) of the constrained rows, filled on the host by their matchers; (None, None) if none."""
+        if not self.matchers:
+            return None, None
+        bitmask = torch.empty(len(self.matchers), (self.vocab_size + 31) // 32, dtype=torch.int32)
+        for j, matcher in enumerate(self.matchers.values()):
+            matcher.fill_next_token_bitmask(bitmask, j)
+        return (to_device(list(self.matchers), torch.int64, device),
+                bitmask if device.type != "cuda" else bitmask.pin_memory().to(device, non_blocking=True))
+
     def to_inputs(self, device: torch.device) -> SamplingInputs:
         V = self.vocab_size
         all_greedy = all(self.greedy)
         mixed = not all_greedy and any(self.greedy)
         asked = [k for k in self.num_logprobs if k is not None]
         pen = self.any_penalty
+        grammar_rows, grammar_bitmask = self.grammar_masks(device)
         return SamplingInputs(
             vocab_size=V,
             all_greedy=all_greedy,
@@ -231,6 +252,8 @@ class _Columns:
             if self.blocked_rows else None,
             num_logprobs=self.num_logprobs,
             max_num_logprobs=max(asked) if asked else None,
+            grammar_rows=grammar_rows,
+            grammar_bitmask=grammar_bitmask,
         )
 
 
@@ -265,6 +288,17 @@ def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
 
 
 # --------------------------------------------------------------------------- logits processing
+
+
+def apply_grammar_masks_(x: torch.Tensor, inputs: SamplingInputs) -> None:
+    """Tokens a constrained row's grammar does not allow next go to -inf, in place; other rows are untouched
+    (only the constrained rows are gathered, unpacked and written back)."""
+    rows, bits = inputs.grammar_rows, inputs.grammar_bitmask
+    if rows is None or bits is None:
+        return
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    allowed = ((bits[:, :, None] >> shifts) & 1).view(bits.shape[0], -1)[:, : x.shape[-1]].bool()
+    x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
@@ -371,9 +405,11 @@ class Sampler:
         raw_lp = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
 
         x = logits
-        if inputs.blocked is not None:  # min_tokens: out of place, the raw logits stay intact
+        if inputs.blocked is not None or inputs.grammar_rows is not None:  # out of place: raw logits stay intact
             x = x.clone()
+        if inputs.blocked is not None:  # min_tokens
             x[inputs.blocked[0], inputs.blocked[1]] = float("-inf")
+        apply_grammar_masks_(x, inputs)
         x = apply_penalties(x, inputs)
         if inputs.all_greedy:
             tokens = x.argmax(dim=-1)

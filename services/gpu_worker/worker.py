@@ -85,6 +85,7 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         device = worker_device(config, rank)
         tp = init_tensor_parallel(config, rank, device)
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
+        runner.grammars.prepare_in_background()
         ready = WorkerReady(rank, runner.num_blocks, runner.load_seconds, str(device))
         freeze_startup_heap()
         if runner.device.type == "cuda":

@@ -37,7 +37,7 @@ class Request:
         "_max_model_len", "_max_tokens", "output_token_ids", "output_logprobs", "status", "stop_reason",
         "block_ids", "block_hashes", "num_committed_blocks", "num_computed_tokens", "num_cached_tokens",
         "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids", "queued_time",
-        "num_pending_tokens", "first_token_time",
+        "num_pending_tokens", "first_token_time", "grammar",
     )
 
     def __init__(
@@ -49,6 +49,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         max_model_len: int | None = None,
+        grammar: str | None = None,
     ) -> None:
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -65,6 +66,8 @@ class Request:
         self.queued_time = time.time()
         # The scheduler binds this to its model's context length in add_request (which resolves max_tokens).
         self.max_model_len = max_model_len
+        # EBNF the worker constrains sampling with (None: unconstrained); resent in full on every resumption.
+        self.grammar = grammar
 
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TopLogprobs] = []

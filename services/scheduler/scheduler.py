@@ -184,7 +184,7 @@ class Scheduler:
             self._start_running(req, num_hits, now)
             draft.new_reqs.append(NewRequestData(
                 req.req_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                list(req.block_ids), num_hits, req.sampling_seed))
+                list(req.block_ids), num_hits, req.sampling_seed, req.grammar))
             draft.new_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
             if req.num_computed_tokens == req.num_tokens:

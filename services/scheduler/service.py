@@ -162,7 +162,7 @@ class SchedulerService:
         params = msg.sampling_params
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req = Request(msg.req_id, msg.prompt_token_ids, params, seed, self.model.eos_token_ids,
-                      arrival_time=msg.arrival_time or None)
+                      arrival_time=msg.arrival_time or None, grammar=msg.grammar)
         try:
             self.scheduler.add_request(req)
         except ValueError as e:  # the request cannot run here (too long, duplicate id): the client's fault

@@ -49,6 +49,8 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         normalised = dict(message)
         normalised["role"] = "system" if role == "developer" else role
         normalised["content"] = _content(message.get("content"), role, message, f"{where}.content")
+        if isinstance(message.get("tool_calls"), list):
+            normalised["tool_calls"] = [_template_call(call) for call in message["tool_calls"]]
         out.append(normalised)
     return out
 
@@ -57,7 +59,7 @@ def _content(content: Any, role: str, message: Mapping[str, Any], where: str) ->
     if isinstance(content, str):
         return content
     if content is None and role == "assistant" and message.get("tool_calls"):
-        return None
+        return ""  # templates without tool support concatenate content; "" is falsy for the ones with it
     if isinstance(content, list):
         texts = []
         for k, part in enumerate(content):
@@ -68,6 +70,19 @@ def _content(content: Any, role: str, message: Mapping[str, Any], where: str) ->
             texts.append(part["text"])
         return "\n".join(texts)
     raise RequestError("content must be a string or an array of text parts.", where)
+
+
+def _template_call(call: Any) -> Any:
+    """An assistant's tool call as templates expect it: OpenAI sends `arguments` as JSON text, templates
+    (Qwen's, Llama's, Mistral's) write them with `tojson`, so the text is parsed back into an object."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class _GenerationTag(Extension):

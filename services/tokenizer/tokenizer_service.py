@@ -55,6 +55,7 @@ from headrace.common.messages import (
 )
 from headrace.common.process import freeze_startup_heap
 from headrace.services.tokenizer.errors import RequestError
+from headrace.services.tokenizer.grammar import GrammarBuilder
 from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class TokenizerService:
                  heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
         self.index = index  # for logs and heartbeats only: the identity is what routes
         self.codec = codec
+        self.grammars = GrammarBuilder()
         self.requests: dict[str, _Request] = {}
         self.heartbeat_interval_s = heartbeat_interval_s
 
@@ -177,8 +179,9 @@ class TokenizerService:
                                      add_special_tokens=req.add_special_tokens,
                                      add_generation_prompt=req.add_generation_prompt,
                                      continue_final_message=req.continue_final_message,
-                                     template_kwargs=req.chat_template_kwargs)
+                                     template_kwargs=_template_kwargs(req))
             codec.check_length(len(ids), req.sampling_params.max_tokens, "messages" if req.messages else "prompt")
+            grammar = self.grammars.build(req.grammar) if req.grammar is not None else None
         except Exception as e:
             self._reply(api, TextDelta(req.req_id, finished=True, finish_reason="error",
                                        error=self._error(e, req.req_id)))
@@ -187,7 +190,7 @@ class TokenizerService:
         prompt_text = (text if text is not None else codec.decode(ids)) if req.echo else None
         self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text,
                                              ids if params.prompt_logprobs is not None else None)
-        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time))
+        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time, grammar))
 
     def on_abort(self, msg: AbortRequest, api: int) -> None:
         self.requests.pop(msg.req_id, None)
@@ -281,6 +284,13 @@ class TokenizerService:
         transport.dealer_send(self.to_api[api], msg)
 
 
+def _template_kwargs(req: GenerateRequest) -> dict[str, Any] | None:
+    """The request's chat_template_kwargs, plus its `tools` (templates render them into the prompt)."""
+    if not req.tools:
+        return req.chat_template_kwargs
+    return {**(req.chat_template_kwargs or {}), "tools": req.tools}
+
+
 def _timed_here(state: _Request, timings: RequestTimings | None) -> RequestTimings | None:
     """The timings of a request this tokenizer ends on a stop string: the scheduler never times its finish,
     so its decode runs from the first token's output arriving here until now."""
@@ -298,6 +308,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     config = EngineConfig.from_dict(config_dict)
     model = config.require_resolved()
     codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
+    GrammarBuilder.warm_up()
     service = TokenizerService(index, codec, address_plan(config.server))
     log.info("tokenizer %d ready as %r", index, service.identity)
     freeze_startup_heap()

@@ -21,6 +21,7 @@ from headrace.common.messages import (
     EngineStats,
     ErrorInfo,
     GenerateRequest,
+    GrammarSpec,
     Heartbeat,
     NewRequestData,
     PromptLogprobs,
@@ -61,7 +62,8 @@ DELTA = TextDelta(req_id="r1", text="héllo 世界 🎉", token_ids=[1, 2],
 # One or more instances per message kind; test_every_message_kind_has_a_sample keeps this list complete.
 SAMPLES = [
     StepPlan(step_id=1,
-             new_requests=[NewRequestData("r1", [1, 2, 3], [], SP, [0, 1], 0, 42)],
+             new_requests=[NewRequestData("r1", [1, 2, 3], [], SP, [0, 1], 0, 42),
+                           NewRequestData("r2", [1], [4], SP, [2], 1, 43, grammar='root ::= "a" | "b"')],
              cached_requests=[CachedRequestData("r0", [7], 17)],
              num_scheduled_tokens={"r1": 3, "r0": 1}, finished_req_ids=["r9"], preempted_req_ids=["r8"]),
     StepPlan(step_id=0),
@@ -76,6 +78,10 @@ SAMPLES = [
     TokenizeRequest("t2", messages=[{"role": "user", "content": "hi"}], add_generation_prompt=False),
     DetokenizeRequest("d1", [1, 2, 3]),
     TokenizedRequest("r1", [1, 2, 3], SP, arrival_time=3.0),
+    TokenizedRequest("r2", [1], SP, grammar='root ::= [0-9]+'),
+    GenerateRequest("r4", SP, messages=[{"role": "user", "content": "x"}],
+                    grammar=GrammarSpec("json_schema", '{"type": "object"}'),
+                    tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     BatchRequestOutput([OUT, RequestOutput("r2", [], error="boom", finished=True, finish_reason="error")], step_id=5),
     DELTA,
     TextDelta("r2", finished=True, finish_reason="error", error=ErrorInfo("bad", param="messages.[0].role")),
@@ -153,6 +159,8 @@ def _tampered(msg, index, value) -> bytes:
     _tampered(BatchRequestOutput([OUT]), 1, [["r1"]]),  # nested message with too few fields
     _tampered(BatchRequestOutput([OUT]), 1, "not a list"),
     _tampered(StepPlan(1), 4, []),  # dict field given a list
+    _tampered(TokenizedRequest("r", [1], SP, grammar="root ::= \"a\""), 5, 7),  # grammar not a string
+    _tampered(GenerateRequest("r", SP, prompt="p", grammar=GrammarSpec("regex", "a")), 11, ["regex"]),  # too short
 ])
 def test_malformed_input_raises_message_decode_error(data):
     with pytest.raises(MessageDecodeError):

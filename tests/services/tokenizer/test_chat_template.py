@@ -28,9 +28,14 @@ def test_text_parts_and_developer_role_are_normalised():
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
         {"role": "tool", "content": "42", "tool_call_id": "1"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "2", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
     ])
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
-    assert messages[1]["content"] == "a\nb" and messages[2]["content"] is None
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    # A tool-calling turn's missing content renders as "" (templates without tool support concatenate it).
+    assert messages[1]["content"] == "a\nb" and messages[2]["content"] == ""
+    # Arguments reach templates as an object (they write them with tojson), not as JSON text.
+    assert messages[4]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert messages[3]["tool_call_id"] == "1"
 
 

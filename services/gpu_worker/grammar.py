@@ -1,0 +1,76 @@
+"""Grammars where tokens are sampled: each constrained request's EBNF (checked by the tokenizer) compiled
+against the vocabulary, and one matcher per request that the sampled tokens advance.
+
+Compiling runs on one background thread, started when a plan brings the request in: xgrammar releases the GIL
+while it compiles, so the work overlaps the request's prefill forward and the steps of everyone else; the
+first sampling of the request waits for it only if it is not done yet. Compiled grammars are cached by their
+EBNF text, so a burst of requests under one schema compiles it once (tokenizer/grammar.py says why the EBNF,
+not the compiled form, crosses the wire).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class GrammarRuntime:
+    def __init__(self, tokenizer_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...], capacity: int = 256):
+        """`vocab_size`: the logits' width (the model's embedding rows, which may exceed the tokenizer's);
+        `stop_token_ids`: the tokens that end a completed grammar (the model's EOS ids)."""
+        self.tokenizer_dir = tokenizer_dir
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self.capacity = capacity
+        self._compiler: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._compiled: OrderedDict[str, Future] = OrderedDict()
+
+    def prepare_in_background(self) -> None:
+        """`prepare` on the compile thread (the server calls it at start; grammars queue behind it)."""
+        self._pool.submit(self.prepare)
+
+    def prepare(self) -> None:
+        """Build the vocabulary tables now (about a second) instead of at the first constrained request."""
+        if self._compiler is None:
+            import xgrammar as xgr
+            from transformers import AutoTokenizer
+
+            if not self.tokenizer_dir:
+                raise RuntimeError("structured outputs need the model's tokenizer; none was found for this model")
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            # xgrammar's own cache is off: this one is bounded and keyed the same way (the EBNF text).
+            self._compiler = xgr.GrammarCompiler(info, max_threads=4, cache_enabled=False)
+
+    def start(self, ebnf: str) -> Future:
+        """The grammar compiled (a future): from the cache, or queued on the compile thread."""
+        future = self._compiled.get(ebnf)
+        if future is None:
+            future = self._compiled[ebnf] = self._pool.submit(self._compile, ebnf)
+            if len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(ebnf)
+        return future
+
+    def _compile(self, ebnf: str) -> Any:
+        self.prepare()
+        return self._compiler.compile_grammar(ebnf)
+
+    def matcher(self, compiled: Future, output_token_ids: list[int]) -> Any:
+        """A matcher at the request's current position: tokens it already generated (a request resumed after
+        preemption brings its outputs along) are replayed into it."""
+        import xgrammar as xgr
+
+        matcher = xgr.GrammarMatcher(compiled.result())
+        for tok in output_token_ids:
+            if not matcher.accept_token(tok):
+                log.warning("a resumed request's token %d does not follow its grammar", tok)
+                break
+        return matcher

@@ -1,0 +1,164 @@
+"""Structured outputs end to end: a real `headrace serve` with the embedded model, driven by the openai client.
+Every constrained output must parse and validate; constrained and unconstrained requests batched together
+must each produce what they produce alone (greedy); bad constraints are 400s that leave the server serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+
+from tests.headrace.server_process import ServerProcess
+from tests.headrace.structured_corpus import schemas
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct"
+REGEXES = [r"\d{3}-\d{4}", r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)", r"(yes|no), because [a-z ]{1,20}\.",
+           r"#[0-9a-f]{6}", r"[A-Z][a-z]{1,8} [A-Z][a-z]{1,8}", r"(\+|-)?[1-9][0-9]{0,3}\.[0-9]{2}"]
+CHOICES = [["Paris", "London", "Berlin"], ["positive", "negative", "neutral"], ["A", "B", "C", "D"]]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # One torch thread: on a small shared CI machine a second one mostly waits for the first.
+    srv = ServerProcess("--num-tokenizers", "2", "--max-model-len", "1024", "--max-num-seqs", "64",
+                        env={"OMP_NUM_THREADS": "1"})
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        left = srv.stop()
+        assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _aclient(server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+async def _chat(aclient, content: str, max_tokens: int, **extra) -> tuple[str, str]:
+    reply = await aclient.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": content}],
+        **extra)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+
+async def _complete(aclient, prompt: str, max_tokens: int, **extra) -> tuple[str, str]:
+    reply = await aclient.completions.create(model=MODEL, temperature=0, max_tokens=max_tokens, prompt=prompt,
+                                             **extra)
+    return reply.choices[0].text, reply.choices[0].finish_reason
+
+
+def _schema_request(aclient, i: int, schema: dict):
+    """Each schema through one of the four spellings, chat and completions alike."""
+    prompt = f"Give example {i} as JSON."
+    if i % 4 == 0:
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        return _chat(aclient, prompt, 160, response_format=fmt)
+    if i % 4 == 1:
+        return _complete(aclient, prompt, 160, extra_body={"guided_json": schema})
+    if i % 4 == 2:
+        return _chat(aclient, prompt, 160, extra_body={"structured_outputs": {"json": schema}})
+    return _complete(aclient, prompt, 160, extra_body={"guided_json": json.dumps(schema)})
+
+
+def test_every_schema_of_the_corpus_gives_valid_json(server):
+    corpus = schemas()
+    assert len(corpus) >= 100
+
+    async def run():
+        async with _aclient(server) as aclient:
+            return await asyncio.gather(*(_schema_request(aclient, i, s) for i, s in enumerate(corpus)))
+
+    for i, ((text, finish), schema) in enumerate(zip(asyncio.run(run()), corpus)):
+        assert finish == "stop", f"schema {i} ran out of tokens: {text!r}"
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_regex_choice_and_json_object_outputs_match(server):
+    async def run():
+        async with _aclient(server) as aclient:
+            jobs = [_complete(aclient, f"Example {i}:", 40, extra_body={"guided_regex": r})
+                    for i, r in enumerate(REGEXES)]
+            jobs += [_chat(aclient, "Pick one.", 10, extra_body={"guided_choice": c}) for c in CHOICES]
+            jobs += [_chat(aclient, "A JSON object of a book, please.", 120, response_format={"type": "json_object"}),
+                     _complete(aclient, "Digits:", 12, extra_body={"structured_outputs": {"regex": r"[0-9]{4}"}}),
+                     _complete(aclient, "Say:", 12, extra_body={"guided_grammar": 'root ::= "a" ("b" | "c")+ "d"'})]
+            return await asyncio.gather(*jobs)
+
+    got = asyncio.run(run())
+    for (text, _), regex in zip(got, REGEXES):
+        assert re.fullmatch(regex, text), (regex, text)
+    for (text, finish), choice in zip(got[len(REGEXES):], CHOICES):
+        assert text in choice and finish == "stop"
+    book, digits, grammar = got[-3:]
+    # Any JSON object has no length bound: it parses whenever it ends before max_tokens.
+    assert isinstance(json.loads(book[0]), dict) if book[1] == "stop" else book[0].startswith("{")
+    assert re.fullmatch(r"[0-9]{4}", digits[0])
+    assert re.fullmatch(r"a[bc]+d", grammar[0]) or grammar[1] == "length"
+
+
+def test_32_mixed_concurrent_requests_each_equal_their_run_alone(server):
+    corpus = schemas()
+
+    def request(aclient, i: int):
+        if i % 3 == 0:
+            return _chat(aclient, f"Tell me one fact about the number {i}.", 12)
+        if i % 3 == 1:
+            return _chat(aclient, "Give it as JSON.", 16,
+                         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": corpus[i]}})
+        return _complete(aclient, f"Item {i}:", 12, extra_body={"guided_regex": REGEXES[i % len(REGEXES)]})
+
+    async def together():
+        async with _aclient(server) as aclient:
+            return await asyncio.gather(*(request(aclient, i) for i in range(32)))
+
+    async def alone():
+        async with _aclient(server) as aclient:
+            return [await request(aclient, i) for i in range(32)]
+
+    assert asyncio.run(together()) == asyncio.run(alone())
+
+
+def test_a_streamed_constrained_reply_equals_the_whole_one(client):
+    schema = schemas()[8]
+    kw = dict(model=MODEL, temperature=0, max_tokens=80, messages=[{"role": "user", "content": "JSON please"}],
+              response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == whole
+    jsonschema.validate(json.loads(whole), schema)
+
+
+@pytest.mark.parametrize("extra,param,says", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format", "invalid JSON schema"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", "uniqueItems"),
+    ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}}},
+     "structured_outputs.json", "'not'"),
+    ({"guided_regex": "(ab"}, "guided_regex", "invalid regex"),
+    ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar", "invalid grammar"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "both constrain"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+])
+def test_bad_constraints_are_400s_naming_the_field(client, extra, param, says):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, max_tokens=4, stream=stream,
+                                           messages=[{"role": "user", "content": "x"}], extra_body=extra)
+        assert err.value.status_code == 400
+        assert err.value.body["param"] == param and says in err.value.body["message"], err.value.body
+    # ...and the server keeps serving.
+    assert client.chat.completions.create(model=MODEL, max_tokens=2,
+                                          messages=[{"role": "user", "content": "hi"}]).choices
