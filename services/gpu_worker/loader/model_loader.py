@@ -53,6 +53,9 @@ def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
         p = f"model.layers.{n}."
         yield p + "input_layernorm.weight", (h,)
         yield p + "post_attention_layernorm.weight", (h,)
+        if arch.sandwich_norms:
+            yield p + "pre_feedforward_layernorm.weight", (h,)
+            yield p + "post_feedforward_layernorm.weight", (h,)
         for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             yield p + f"self_attn.{name}.weight", (rows, h)
             if arch.qkv_bias:

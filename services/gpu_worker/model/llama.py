@@ -1,6 +1,7 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) over the paged KV cache.
 
-Written once: QKV bias and QK-norm are switched on by ModelArch flags. Q/K/V and gate/up are merged
+Written once: QKV bias, QK-norm, per-layer sliding windows and Gemma's differences (norms with offset around
+attention and MLP, GeGLU, soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch flags. Q/K/V and gate/up are merged
 into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
 `ForwardContext`; no module keeps per-step state.
 """
@@ -23,6 +24,7 @@ from headrace.services.gpu_worker.model.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gelu_tanh_and_mul,
     silu_and_mul,
     store_k_major,
 )
@@ -36,7 +38,16 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[KVCache]
     backend: AttentionBackend
+    # [max_pos, head_dim]; for a model with a local RoPE base (Gemma 3) [2, max_pos, head_dim]: the global
+    # table, then the one windowed layers use (rope.rope_cos_sin_cache builds both).
     cos_sin_cache: torch.Tensor
+
+
+def layer_rope_table(cos_sin_cache: torch.Tensor, local: bool) -> torch.Tensor:
+    """The [max_pos, head_dim] table one layer rotates with."""
+    if cos_sin_cache.dim() == 2:
+        return cos_sin_cache
+    return cos_sin_cache[1 if local else 0]
 
 
 class LlamaAttention(nn.Module):
@@ -52,9 +63,14 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device,
                                         linear_method(quant, [prefix + "o_proj"]))
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.scale = arch.head_dim ** -0.5
+        norm = arch.norm_offset
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
+        self.scale = arch.attn_scale
+        # Per-layer constants (CUDA graphs capture them): the window (None: global) and logit soft-cap.
+        self.window = arch.layer_window(layer_idx)
+        self.softcap = arch.attn_logit_softcap
+        self.local_rope = arch.local_rope and self.window is not None
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
         """QKV projection, QK-norm, RoPE and the KV-cache write: everything before attention, all of it
@@ -68,13 +84,14 @@ class LlamaAttention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ctx.backend.write_cache(q, k, v, positions, ctx.cos_sin_cache, ctx.kv_caches[self.layer_idx],
-                                       ctx.attn.slot_mapping)
+        q, k = ctx.backend.write_cache(q, k, v, positions, layer_rope_table(ctx.cos_sin_cache, self.local_rope),
+                                       ctx.kv_caches[self.layer_idx], ctx.attn.slot_mapping)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attention over the paged cache; [T, heads * head_dim]."""
-        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale)
+        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale,
+                                 window=self.window, softcap=self.softcap)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -92,18 +109,24 @@ class LlamaMLP(nn.Module):
                                                  linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
         self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device,
                                            linear_method(quant, [prefix + "down_proj"]))
+        self.act_and_mul = gelu_tanh_and_mul if arch.mlp_activation == "gelu_tanh" else silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
                  quant: QuantSpec | None = None):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        h, eps, offset = arch.hidden_size, arch.rms_norm_eps, arch.norm_offset
+        self.input_layernorm = RMSNorm(h, eps, dtype, device, offset)
         self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        # Llama: post_attention_layernorm is the MLP's input norm. Gemma ("sandwich"): it normalises the
+        # attention output before the residual add, and two more norms wrap the MLP.
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device, offset)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, device, offset) if arch.sandwich_norms else None
+        self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, device, offset) if arch.sandwich_norms else None
         self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
@@ -118,8 +141,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
         """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual)."""
-        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
-        return self.mlp(x), residual
+        if self.pre_feedforward_layernorm is None:
+            x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
+            return self.mlp(x), residual
+        x = self.post_attention_layernorm(self.self_attn.o_proj(attn_out))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
     def forward(self, positions, x, residual, ctx: ForwardContext):
         q, k, v, residual = self.before_attention(positions, x, residual, ctx)
@@ -144,22 +171,32 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
                                     for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device, arch.norm_offset)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Gemma scales embeddings by sqrt(hidden), that factor first rounded to the weights' dtype (as HF).
+        self.embed_scale = float(torch.tensor(arch.hidden_size ** 0.5, dtype=dtype)) if arch.scale_embeddings \
+            else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         ctx.backend.prepare(ctx.attn)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first layer's input (piecewise graphs call it too)."""
+        x = self.embed_tokens(input_ids)
+        return x if self.embed_scale is None else x * self.embed_scale
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
+        logits = self.lm_head.compute_logits(hidden)
+        cap = self.arch.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def use_cpu_weight_layout(self) -> int:
         """After loading, on a CPU: the attention projections (q|k|v, o) and the LM head K-major
