@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and decode steps cross the window's edge inside a block.
     "tiny-mistral-sw": {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral",
-        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 1024, "sliding_window": 11, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2,

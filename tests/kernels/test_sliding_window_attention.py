@@ -18,9 +18,9 @@ from headrace.kernels.prefill_attention import paged_prefill_attention, paged_pr
 
 MakeKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-# (window, softcap): a window of one token, one inside a block, one across blocks and tiles; a Gemma 2-like
-# global layer (soft-cap, no window) and a windowed soft-capped one.
-WINDOWS = [(1, None), (5, None), (21, None), (40, 2.0), (None, 2.0)]
+# (window, softcap): a window of one token, one inside a block, one across blocks and tiles (soft-capped),
+# and a Gemma 2-like global layer (soft-cap, no window).
+WINDOWS = [(1, None), (5, None), (40, 2.0), (None, 2.0)]
 
 
 def _poison_before(caches: tuple[torch.Tensor, ...], table: torch.Tensor, first_key: int) -> None:
@@ -76,7 +76,7 @@ def _prefill_inputs(device, dtype, make_paged_kv: MakeKV, window: int | None) ->
 
 
 @pytest.mark.parametrize("window,softcap", WINDOWS)
-@pytest.mark.parametrize("config", [None, (16, 32, 4, 1), (64, 16, 4, 1)], ids=["default", "bq<bn", "bq>bn"])
+@pytest.mark.parametrize("config", [None, (16, 32, 4, 1)], ids=["default", "bq<bn"])
 def test_prefill_window_and_softcap(dev, make_paged_kv: MakeKV, window, softcap, config) -> None:
     """Both the paged path and the contiguous one (this step's keys from k_new / v_new)."""
     device, dtype = dev

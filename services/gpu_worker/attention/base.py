@@ -95,6 +95,7 @@ class AttentionBackend(ABC):
         q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
         return self.attend(q, k, v, kv_cache, meta, scale, window, softcap)
 
-    def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
+    def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int,
+                softcap: float | None = None) -> None:
         """Compile whatever this backend compiles lazily (Triton kernel variants) before serving, so no
         request pays for it. The cache's contents are scratch at this point. Default: nothing to do."""
