@@ -36,9 +36,12 @@ class TritonAttentionBackend(AttentionBackend):
         decode_out = None
         if nd:
             tables = meta.block_tables[:nd]
-            # From shapes only (the table width is static in a captured graph), never from seq_lens values.
-            splits = default_num_kv_splits(nd, k_cache.shape[2], k_cache.shape[3],
-                                           tables.shape[1] * k_cache.shape[1], q.device)
+            # From shapes only (the table width is static in a captured graph), never from seq_lens values; a
+            # windowed layer reads at most `window` keys, so it splits those, not the table's width.
+            max_context = tables.shape[1] * k_cache.shape[1]
+            if window:
+                max_context = min(max_context, window)
+            splits = default_num_kv_splits(nd, k_cache.shape[2], k_cache.shape[3], max_context, q.device)
             decode_out = paged_decode_attention(q[:nd], k_cache, v_cache, tables, meta.seq_lens[:nd], scale, splits,
                                                 window=window, softcap=softcap)
             if nd == ns:
