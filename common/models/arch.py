@@ -34,7 +34,7 @@ class ModelArch:
     bos_token_id: int | None
     # Keys a windowed layer attends to, its own included (None: no layer is windowed); see `layer_window`.
     sliding_window: int | None = None
-    # Which layers are windowed (None: every layer, when sliding_window is set), from `layer_types`.
+    # Which layers are windowed (None: every layer), from `layer_types`; none is without sliding_window.
     window_layers: tuple[bool, ...] | None = None
     # Gemma 2/3. RMSNorm scales by (1 + w); norms around attention output and MLP (pre/post feed-forward);
     # GeGLU (tanh GELU) instead of SwiGLU; embeddings times sqrt(hidden); softmax scale
@@ -63,11 +63,13 @@ class ModelArch:
         model serves its whole position range."""
         return self.max_position_embeddings
 
+    def is_sliding_layer(self, layer_idx: int) -> bool:
+        """Whether the config makes this layer a windowed ("local") one, window set or not."""
+        return self.window_layers is None or self.window_layers[layer_idx]
+
     def layer_window(self, layer_idx: int) -> int | None:
         """The attention window of one layer (None: global attention)."""
-        if not self.sliding_window or (self.window_layers is not None and not self.window_layers[layer_idx]):
-            return None
-        return self.sliding_window
+        return self.sliding_window if self.sliding_window and self.is_sliding_layer(layer_idx) else None
 
     @property
     def attn_scale(self) -> float:
@@ -122,7 +124,7 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         # Qwen2 configs carry a window they only use with use_sliding_window.
         sliding_window=window,
-        window_layers=_window_layers(hf_config) if window else None,
+        window_layers=_window_layers(hf_config),
         **(_gemma_fields(hf_config) if model_type in _GEMMA_TYPES else {}),
     )
 

@@ -1,8 +1,8 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) over the paged KV cache.
 
-Written once: QKV bias, QK-norm, per-layer sliding windows and Gemma's differences (norms with offset around
-attention and MLP, GeGLU, soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch flags. Q/K/V and gate/up are merged
-into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
+Written once: QKV bias, QK-norm, per-layer sliding windows and Gemma's differences (norms with offset
+around attention and MLP, GeGLU, soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch
+flags. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
 `ForwardContext`; no module keeps per-step state.
 """
 
@@ -70,7 +70,7 @@ class LlamaAttention(nn.Module):
         # Per-layer constants (CUDA graphs capture them): the window (None: global) and logit soft-cap.
         self.window = arch.layer_window(layer_idx)
         self.softcap = arch.attn_logit_softcap
-        self.local_rope = arch.local_rope and self.window is not None
+        self.local_rope = arch.local_rope and arch.is_sliding_layer(layer_idx)
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
         """QKV projection, QK-norm, RoPE and the KV-cache write: everything before attention, all of it
