@@ -72,6 +72,13 @@ class ModelArch:
         return self.sliding_window if self.sliding_window and self.is_sliding_layer(layer_idx) else None
 
     @property
+    def kv_window(self) -> int | None:
+        """The window when every layer has it (Mistral v0.1): no layer then reads a key before it, so its KV
+        blocks can be freed as a sequence grows. None where any layer is global."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return self.sliding_window if windows == {self.sliding_window} and self.sliding_window else None
+
+    @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

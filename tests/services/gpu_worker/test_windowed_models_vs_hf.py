@@ -67,3 +67,29 @@ def test_greedy_tokens_equal_generate(runner_and_hf, prompts_and_generated, chun
     prompts, refs = prompts_and_generated
     ours = PlanDriver(runner, chunk_size=chunk).generate(prompts, SamplingParams(temperature=0.0), NEW_TOKENS)
     assert ours == refs
+
+
+def test_an_all_windowed_model_frees_blocks_behind_the_window_and_stays_exact():
+    """Mistral v0.1 style (every layer windowed, window 11, blocks of 16): three requests of ~70 tokens
+    (5 blocks each, 15 together) run in a pool of 9 blocks without a preemption, because the scheduler
+    gives back the blocks behind the window and hands them to the others; tokens equal transformers'."""
+    from headrace.engine import LLMEngine
+
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-mistral-sw", seed=7, max_model_len=512),
+                       cache=CacheConfig(num_blocks=64))
+    runner = ModelRunner(resolved(cfg), log=lambda *_: None)
+    assert runner.config.require_resolved().kv_window == 11
+    hf = hf_twin(runner)
+    engine = LLMEngine(runner.config.replace(cache=CacheConfig(num_blocks=9)), runner=runner)
+    prompts = {f"r{i}": _prompt(n, 20 + i, runner.arch.vocab_size) for i, n in enumerate((40, 33, 29))}
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, params)
+    out: dict[str, list[int]] = {rid: [] for rid in prompts}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.req_id] += o.new_token_ids
+    assert engine.scheduler.num_preemptions == 0
+    for rid, p in prompts.items():
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out[rid] == ref[0, len(p):].tolist(), rid
