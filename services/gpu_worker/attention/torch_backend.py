@@ -73,16 +73,19 @@ def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int
     nd = meta.num_decodes
     tables = meta.block_tables[:nd]
     lens = seq_lens[:nd]
-    first = [max(0, n - window) // block_size if window else 0 for n in lens]
+    if not window:  # every row from its first block: the table's leading columns, no index arithmetic
+        max_len = max(lens)
+        n = meta.seq_lens[:nd].to(tables.device)
+        visible = torch.arange(max_len, device=tables.device)[None, :] < n[:, None]
+        return _Gather(tables[:, : -(-max_len // block_size)].reshape(-1).long(), nd, max_len, visible[:, None, :])
+    first = [max(0, n - window) // block_size for n in lens]
     width = max(-(-n // block_size) - f for n, f in zip(lens, first))
     cols = torch.tensor(first, device=tables.device)[:, None] + torch.arange(width, device=tables.device)[None, :]
     blocks = tables.gather(1, cols.clamp(max=tables.shape[1] - 1)).reshape(-1).long()
     key_pos = cols.repeat_interleave(block_size, dim=1) * block_size + \
         torch.arange(block_size, device=tables.device).repeat(width)[None, :]
     n = torch.tensor(lens, device=tables.device)[:, None]
-    visible = key_pos < n
-    if window:
-        visible &= key_pos >= n - window
+    visible = (key_pos < n) & (key_pos >= n - window)
     return _Gather(blocks, nd, width * block_size, visible[:, None, :])
 
 
