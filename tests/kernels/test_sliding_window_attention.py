@@ -75,8 +75,12 @@ def _prefill_inputs(device, dtype, make_paged_kv: MakeKV, window: int | None) ->
     return x
 
 
-@pytest.mark.parametrize("window,softcap", WINDOWS)
-@pytest.mark.parametrize("config", [None, (16, 32, 4, 1)], ids=["default", "bq<bn"])
+# Each window at the default tiles; the two windows that cross tiles also with a query tile narrower than
+# the key tile.
+PREFILL_CASES = [(w, c, None) for w, c in WINDOWS] + [(5, None, (16, 32, 4, 1)), (40, 2.0, (16, 32, 4, 1))]
+
+
+@pytest.mark.parametrize("window,softcap,config", PREFILL_CASES)
 def test_prefill_window_and_softcap(dev, make_paged_kv: MakeKV, window, softcap, config) -> None:
     """Both the paged path and the contiguous one (this step's keys from k_new / v_new)."""
     device, dtype = dev
