@@ -5,7 +5,9 @@ Decode sequences (one query token each) are computed together, gathering their b
 batch; prefill chunks are computed one sequence at a time (a step holds few of them). The attention itself
 is torch's scaled_dot_product_attention (fused on CPU, GQA without repeating K/V), the fastest exact
 form on CPU; blocks are gathered with index_select (a row copy per block), which beats advanced
-indexing at decode sizes (timings: docs/benchmarks.md).
+indexing at decode sizes (timings: docs/benchmarks.md). A windowed layer gathers from each row's first
+block inside its window and masks the rest of the window's edge; soft-capped logits (Gemma 2) are written
+out, as SDPA cannot cap them.
 """
 
 from __future__ import annotations
