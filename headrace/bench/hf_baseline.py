@@ -24,8 +24,10 @@ def load_hf_twin(config: EngineConfig, log=print):
     model = resolve_engine_config(config, log=log).require_resolved()
     dtype = resolve_dtype(config.model.dtype, device)
     ours = load_model(model, device, dtype, seed=config.model.seed)
+    # Soft-capped attention (Gemma 2) has no SDPA form in transformers: eager there.
+    attn = "eager" if getattr(ours.hf_config, "attn_logit_softcapping", None) else "sdpa"
     with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation=attn)
     missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False)
     # A tied LM head is the embedding itself; nothing else may be left at its random init.
     missing = [m for m in missing if not (m == "lm_head.weight" and ours.arch.tie_word_embeddings)]
