@@ -164,6 +164,19 @@ class TopLogprobs:
 
 
 @dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens 1..P-1, each given the tokens before it (token 0 has no context): the token's
+    own logprob and rank (1 = the model's top choice), and the top `num_top` of that position, flattened
+    row-major (position i's are top_*[i * num_top:(i + 1) * num_top])."""
+
+    token_logprobs: list[float] = field(default_factory=list)
+    token_ranks: list[int] = field(default_factory=list)
+    top_token_ids: TokenIds = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    num_top: int = 0
+
+
+@dataclass
 class StepResult:
     TAG: ClassVar[str] = "step_result"
 
@@ -175,6 +188,8 @@ class StepResult:
     logprobs: list[TopLogprobs | None] = field(default_factory=list)
     # Seconds the worker spent in the forward + sampling (for metrics and benchmarks).
     execute_time: float = 0.0
+    # Requests that asked for prompt logprobs and sampled their first token this step: every chunk's, whole.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,6 +266,8 @@ class RequestOutput:
     timings: RequestTimings | None = None
     # Times preempted so far (num_preemptions_total), on every output.
     num_preemptions: int = 0
+    # On the output with the first token, when the request asked for prompt logprobs.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -289,6 +306,16 @@ class TokenLogprobs:
 
 
 @dataclass
+class PromptLogprobsText:
+    """A prompt's logprobs with its tokens as text (tokenizer -> api, for echo + logprobs and prompt_logprobs)."""
+
+    token_ids: TokenIds  # all P prompt tokens
+    tokens: list[str]  # the text of each
+    logprobs: PromptLogprobs  # tokens 1..P-1
+    top_tokens: list[str]  # the text of each of logprobs.top_token_ids
+
+
+@dataclass
 class TextDelta:
     """What one request produced since its last delta, detokenized and stop-string checked."""
 
@@ -312,6 +339,8 @@ class TextDelta:
     # from the scheduler: its decode is timed in the tokenizer, from the first token's output arriving there.
     timings: RequestTimings | None = None
     num_preemptions: int = 0
+    # On the first delta, when the request asked for prompt logprobs.
+    prompt_logprobs: PromptLogprobsText | None = None
 
 
 @dataclass

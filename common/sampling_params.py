@@ -36,6 +36,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token; 0 = only the sampled token's
+    # Top logprobs of every prompt token after the first (scoring: echo + logprobs, vLLM's prompt_logprobs);
+    # 0 = only the prompt token's own. The engine computes them in the prefill, never from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -78,6 +81,8 @@ class SamplingParams:
             raise bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}.", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise bad(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}.", "prompt_logprobs")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed must be an integer.", "seed")
         if len(self.stop) > 16:

@@ -62,7 +62,11 @@ def parse_body(body: Mapping[str, Any], chat: bool, max_n: int = 16
             req = ChatCompletionRequest.model_validate(body)
             return req, chat_params(req, max_n)
         req = CompletionRequest.model_validate(body)
-        return req, completion_params(req, max_n)
+        params = completion_params(req, max_n)
+        if params.prompt_logprobs is not None:  # the offline engine returns no prompt logprobs yet
+            raise RequestError("scoring requests (echo with logprobs, prompt_logprobs, max_tokens 0) are served "
+                               "by `headrace serve` only.", "prompt_logprobs" if req.prompt_logprobs else "echo")
+        return req, params
     except ValidationError as e:
         err = from_validation_errors(e.errors())
         raise RequestError(err.message, err.param) from None

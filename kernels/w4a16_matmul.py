@@ -57,6 +57,7 @@ import triton.language as tl
 from . import _utils, int_packing
 from .gemv import _gemv_reduce_kernel  # the deterministic split-K reduction (sum in a fixed order, bias, cast)
 from .gemv import store_row, store_rows
+from .tile_order import grouped_tile
 
 PACK = 8  # nibbles per int32 word
 MAX_SKINNY_M = 16  # rows of the padded dot in the small-M kernel (tl.dot needs >= 16); larger M takes the GEMM
@@ -259,13 +260,7 @@ def _w4a16_gemm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

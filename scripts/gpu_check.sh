@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 # (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online,
-#  quant, quant_fp8)
+#  quant, quant_fp8, quant_fp8_throughput)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
+#   bash scripts/gpu_check.sh moe_kernels   # (then moe_check, moe_latency, moe_throughput: one call each) MoE, MOE_MODEL
 #   bash scripts/gpu_check.sh profile  # where decode/prefill/mixed steps' time goes (torch.profiler), bf16 logits vs HF
 # Carry .whl/ (the serving stack's wheels, see shared/device-wheels/README.md). Results land in $OUT/results.tar.gz
 # plus a summary on stdout. Env knobs: MODEL, N, BIG_MODEL, SKIP_HF=1, SKIP_TESTS=1, DEVICE_FLAGS (CPU smoke runs), SWEEP=1 (the
@@ -96,7 +97,8 @@ phase_gpu_tests() {
 
 phase_quant() {  # quantized layers: GPU tests, the W4A16 kernel against bf16 cuBLAS, int4 decode vs bf16 in one run
   step quant_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_w4a16_matmul.py tests/kernels/test_fp8_gemv.py \
-    tests/services/gpu_worker/model/quant/test_quantized_models.py -k "gpu or w4a16"
+    tests/kernels/test_fp8_quant.py tests/kernels/test_fp8_block_matmul.py tests/services/gpu_worker/model/quant/test_quantized_models.py \
+    tests/services/gpu_worker/loader/test_quantized_checkpoints.py -k "gpu or w4a16 or fp8"
   step w4a16_kernels 120 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch --w4a16 \
     --w4a16-batch 1 16 64 256 --output-json "$R/w4a16.json"
   step latency_w4a16 220 python3 -m headrace.cli bench latency $M --quantization gptq --input-len 128 --output-len 128 \
@@ -106,6 +108,13 @@ phase_quant() {  # quantized layers: GPU tests, the W4A16 kernel against bf16 cu
 phase_quant_fp8() {  # fp8 (online, per-channel weights, per-token activations) decode vs bf16 in one run
   step latency_fp8 220 python3 -m headrace.cli bench latency $M --quantization fp8 --input-len 128 --output-len 128 \
     --batch-size 1 64 --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_fp8.json"
+}
+
+phase_quant_fp8_throughput() {  # fp8 saturation: 1,000 x 1024/128 engine-direct, bf16 then fp8 in one run
+  step throughput_bf16 200 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 1024 \
+    --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_bf16.json"
+  step throughput_fp8 200 python3 -m headrace.cli bench throughput $M --quantization fp8 --dataset-name random \
+    --input-len 1024 --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_fp8.json"
 }
 
 phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run
@@ -164,6 +173,37 @@ phase_profile() {
   step logits 110 python3 -m headrace.bench.gpu_check --out "$R" --sections logits --backends triton --preset "${MODEL#random:}" --tokenizer "$TOK"
   [ "${SWEEP:-0}" = 1 ] && step kernel_sweep 150 python3 -m headrace.bench.kernels --decode-batch 1 64 256 --decode-context 2048 \
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"
+}
+
+MOE_MODEL=${MOE_MODEL:-random:mixtral-8x7b}
+
+phase_moe_kernels() {  # the fused MoE kernel over the experts it touches vs copy bandwidth, then a block-size sweep
+  step moe_kernels 150 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch \
+    --moe --moe-model "${MOE_MODEL#random:}" --moe-batch 1 16 64 256 --reps 50 --output-json "$R/moe_kernels.json"
+  step moe_sweep 400 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch \
+    --moe --moe-model "${MOE_MODEL#random:}" --moe-batch 1 64 --sweep --reps 20 --output-json "$R/moe_sweep.json"
+}
+
+phase_moe_check() {  # MoE GPU tests; bf16 logits of cut-down Mixtral / Qwen3-MoE (real layer shapes) vs transformers fp32
+  step moe_gpu_tests 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fused_moe.py \
+    tests/services/gpu_worker/test_moe_graphs.py
+  for preset in mixtral-8x7b-4l qwen3-30b-a3b-12l; do
+    mkdir -p "$R/$preset"
+    step "moe_logits_$preset" 180 python3 -m headrace.bench.gpu_check --out "$R/$preset" --sections logits \
+      --backends triton --preset "$preset" --tokenizer "$TOK"
+  done
+}
+
+phase_moe_latency() {  # Mixtral-8x7B batch-1/64 decode vs the roofline of the bytes a step reads, HF on the same weights
+  step moe_latency 560 python3 -m headrace.cli bench latency --model "$MOE_MODEL" --tokenizer "$TOK" --max-model-len 2048 \
+    $DEVICE_FLAGS --input-len 128 --output-len 128 --batch-size 1 64 --num-iters-warmup 2 --num-iters 5 $HF \
+    --hf-num-iters 1 --output-json "$R/moe_latency.json"
+}
+
+phase_moe_throughput() {  # Mixtral-8x7B 1,000 x 1024/128 engine-direct, total tok/s vs the active parameters' compute roofline
+  step moe_throughput 560 python3 -m headrace.cli bench throughput --model "$MOE_MODEL" --tokenizer "$TOK" \
+    --max-model-len 2048 $DEVICE_FLAGS --dataset-name random --input-len 1024 --output-len 128 --num-prompts "$N" \
+    --disable-tqdm --output-json "$R/moe_throughput.json"
 }
 
 for phase in "$@"; do "phase_$phase"; done

@@ -111,7 +111,8 @@ def start(service: dict[str, Any], monkeypatch) -> tuple[Any, EngineConfig]:
 
 
 def pipeline(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return doc["services"]
+    """The headrace services: every service but the monitoring profile's (Prometheus, Grafana)."""
+    return {name: s for name, s in doc["services"].items() if "monitoring" not in s.get("profiles", [])}
 
 
 def by_command(doc: dict[str, Any], command: str) -> dict[str, dict[str, Any]]:
@@ -168,6 +169,20 @@ def test_every_flag_and_variable_is_one_the_cli_reads(name, monkeypatch):
             if token.startswith("-"):
                 assert token in known, f"{service_name}: {token} is not a flag of `headrace {service['command'][0]}`"
 
+    read = variables_the_cli_reads(monkeypatch)
+    for service_name, service in pipeline(doc).items():
+        for key, value in service.get("environment", {}).items():
+            if not key.startswith("HEADRACE_"):
+                continue
+            if key in OTHER_HEADRACE_VARS:
+                monkeypatch.setenv(key, str(value))
+                assert OTHER_HEADRACE_VARS[key]() == value
+            else:
+                assert key in read, f"{service_name}: nothing reads {key} (a typo of a HEADRACE_<FLAG> name?)"
+
+
+def variables_the_cli_reads(monkeypatch) -> set[str]:
+    """Every environment variable the CLI parser looks up (each flag's HEADRACE_<FLAG>)."""
     read: set[str] = set()
 
     class Recording(dict):
@@ -178,15 +193,7 @@ def test_every_flag_and_variable_is_one_the_cli_reads(name, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(os, "environ", Recording(os.environ))
         build_parser()
-    for service_name, service in pipeline(doc).items():
-        for key, value in service.get("environment", {}).items():
-            if not key.startswith("HEADRACE_"):
-                continue
-            if key in OTHER_HEADRACE_VARS:
-                monkeypatch.setenv(key, str(value))
-                assert OTHER_HEADRACE_VARS[key]() == value
-            else:
-                assert key in read, f"{service_name}: nothing reads {key} (a typo of a HEADRACE_<FLAG> name?)"
+    return read
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)

@@ -1,15 +1,22 @@
-"""The shape of a Llama-family decoder, read once from a transformers config.
+"""The shape of a decoder, read once from a transformers config.
 
-One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (QK-norm) and Gemma 2/3 (the Gemma flags
-below); the model code branches only on the flags here, never on the model type.
+One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (QK-norm), Phi-3 (fused checkpoint
+tensors, LongRoPE), Falcon (LayerNorm, GELU MLP, attention and MLP in parallel) and the mixture-of-experts
+families Mixtral, Qwen2-MoE and Qwen3-MoE (`num_experts` > 0: a routed MoE block replaces the MLP in the
+layers `is_moe_layer` names), and Gemma 2/3 (the Gemma flags below); the model code branches only on the flags here, never on the model type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 _GEMMA_TYPES = ("gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "falcon", *MOE_MODEL_TYPES, *_GEMMA_TYPES)
+# The `architectures` entry of config.json for each model type above (what users see on a model card).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM", "FalconForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 class UnsupportedModelError(ValueError):
@@ -26,7 +33,7 @@ class ModelArch:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the norms' epsilon (LayerNorm's too, where `norm` is "layer")
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -36,12 +43,34 @@ class ModelArch:
     sliding_window: int | None = None
     # Which layers are windowed (None: every layer), from `layer_types`; none is without sliding_window.
     window_layers: tuple[bool, ...] | None = None
+    # Falcon's decoder: LayerNorm with bias instead of RMSNorm, a plain (ungated) GELU MLP, attention and MLP
+    # both reading the layer's input (parallel_residual; with separate_mlp_norm the MLP has its own norm of it),
+    # and biases on the output and MLP projections.
+    norm: str = "rms"  # "rms" or "layer"
+    gated_mlp: bool = True  # down(silu(gate) * up) when True, else down(act(up))
+    mlp_activation: str = "silu"  # "silu", "gelu" (exact erf GELU) or "gelu_tanh" (Gemma's GeGLU gate)
+    parallel_residual: bool = False
+    separate_mlp_norm: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    # LongRoPE (Phi-3): a sequence longer than this uses the long rotary factors, a shorter one the short ones.
+    longrope_original_max: int | None = None
+    # Mixture of experts (0 experts: a dense MLP in every layer). Each token goes to its top `num_experts_per_tok`
+    # experts by softmax score, weighted by those scores (renormalised to sum to 1 when `norm_topk_prob`).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    # Qwen2-MoE's shared expert (0: none): a dense MLP every token runs, scaled by sigmoid(its own gate).
+    shared_expert_intermediate_size: int = 0
+    # Which layers are MoE (Qwen2/3-MoE): every `decoder_sparse_step`-th one, except `mlp_only_layers`.
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     # Gemma 2/3. RMSNorm scales by (1 + w); norms around attention output and MLP (pre/post feed-forward);
-    # GeGLU (tanh GELU) instead of SwiGLU; embeddings times sqrt(hidden); softmax scale
+    # GeGLU (mlp_activation "gelu_tanh"); embeddings times sqrt(hidden); softmax scale
     # query_pre_attn_scalar ** -0.5; tanh soft-capping of attention and final logits (None: none).
     norm_offset: bool = False
     sandwich_norms: bool = False
-    mlp_activation: str = "silu"
     scale_embeddings: bool = False
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
@@ -82,16 +111,34 @@ class ModelArch:
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
-    def num_params(self) -> int:
-        """Parameter count (embeddings included once when tied)."""
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+                and layer not in self.mlp_only_layers)
+
+    def num_params(self, experts_read: float | None = None) -> int:
+        """Parameter count (embeddings included once when tied). `experts_read`: count only that many
+        experts per MoE layer (`num_active_params` passes top-k, a benchmark the mean a batch reads);
+        None counts them all."""
         h, i = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
-        norms = (4 if self.sandwich_norms else 2) * h
-        layer = attn + 3 * h * i + norms + (2 * self.head_dim if self.qk_norm else 0)
+        attn += h if self.attn_out_bias else 0
+        dense = (3 if self.gated_mlp else 2) * h * i + ((i * (2 if self.gated_mlp else 1) + h) if self.mlp_bias else 0)
+        norms = 1 if self.parallel_residual and not self.separate_mlp_norm else (4 if self.sandwich_norms else 2)
+        norm_params = norms * h * (2 if self.norm == "layer" else 1)
+        layer = attn + norm_params + (2 * self.head_dim if self.qk_norm else 0)
+        experts = self.num_experts if experts_read is None else experts_read
+        moe = (self.num_experts * h + experts * 3 * h * self.moe_intermediate_size  # router + experts
+               + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
+        mlps = sum(moe if self.is_moe_layer(n) else dense for n in range(self.num_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + h
+        return round(self.num_layers * layer + mlps + embed + h * (2 if self.norm == "layer" else 1))
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward reads: attention, the router, its top-k experts, the shared expert.
+        Equal to num_params for a dense model."""
+        return self.num_params(experts_read=self.num_experts_per_tok)
 
 
 def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
@@ -103,12 +150,26 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
                          f"{num_kv_heads} key/value heads")
 
 
+def check_tp_experts(arch: ModelArch, tp_size: int) -> None:
+    """Tensor parallelism splits every expert's (and the shared expert's) intermediate dimension evenly."""
+    for what, size in (("experts'", arch.moe_intermediate_size),
+                       ("shared expert's", arch.shared_expert_intermediate_size)):
+        if size % tp_size:
+            raise ValueError(f"--tensor-parallel-size {tp_size} must divide the model's {what} intermediate size "
+                             f"{size}")
+
+
 def arch_from_hf_config(hf_config) -> ModelArch:
     """Build a ModelArch from a `transformers.PretrainedConfig` (or anything with the same attributes)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
+        named = ", ".join(getattr(hf_config, "architectures", None) or []) or "no architectures entry"
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; headrace serves {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"model architecture {named} (model_type {model_type!r}) is not supported; headrace serves "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_rotary(hf_config)
+    if model_type == "falcon":
+        return _falcon_arch(hf_config)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     window = getattr(hf_config, "sliding_window", None)
@@ -126,12 +187,15 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         # Qwen2 always carries q/k/v biases; Llama-style configs say so with attention_bias.
-        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        or (model_type == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True))),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         # Qwen2 configs carry a window they only use with use_sliding_window.
         sliding_window=window,
         window_layers=_window_layers(hf_config),
+        longrope_original_max=_longrope_original_max(hf_config),
+        **_moe_fields(hf_config, model_type),
         **(_gemma_fields(hf_config) if model_type in _GEMMA_TYPES else {}),
     )
 
@@ -156,3 +220,92 @@ def _gemma_fields(hf_config) -> dict:
         final_logit_softcap=getattr(hf_config, "final_logit_softcapping", None),
         local_rope=hf_config.model_type == "gemma3_text",
     )
+
+
+def _moe_fields(hf_config, model_type: str) -> dict:
+    """ModelArch's mixture-of-experts fields: Mixtral names its experts `num_local_experts` and sizes them
+    with `intermediate_size`; Qwen2/3-MoE use `num_experts` and `moe_intermediate_size` (transformers 5 maps
+    Qwen3-MoE's to `num_local_experts` too). Mixtral always renormalises its top-k weights."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    num_experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    mixtral = model_type == "mixtral"
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        moe_intermediate_size=hf_config.intermediate_size if mixtral else hf_config.moe_intermediate_size,
+        norm_topk_prob=True if mixtral else bool(getattr(hf_config, "norm_topk_prob", False)),
+        shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
+        decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1) or 1,
+        mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
+    )
+
+
+def _falcon_arch(hf_config) -> ModelArch:
+    """Falcon's two layouts: the original (7B: multi-query, attention and MLP in parallel off one LayerNorm)
+    and `new_decoder_architecture` (40B/180B: grouped KV, a LayerNorm each for attention and MLP)."""
+    if getattr(hf_config, "alibi", False):
+        raise UnsupportedModelError("Falcon with ALiBi position biases (config.json \"alibi\": true) is not "
+                                    "supported; headrace serves the rotary Falcon models")
+    new_arch = bool(hf_config.new_decoder_architecture)
+    parallel = new_arch or bool(hf_config.parallel_attn)
+    # transformers' FalconDecoderLayer: the new layout has two norms unless num_ln_in_parallel_attn says 1.
+    two_norms = new_arch and (getattr(hf_config, "num_ln_in_parallel_attn", None) or 2) == 2
+    num_heads = hf_config.num_attention_heads
+    if new_arch or not hf_config.multi_query:
+        num_kv_heads = hf_config.num_kv_heads or num_heads
+    else:
+        num_kv_heads = 1
+    bias = bool(hf_config.bias)
+    return ModelArch(
+        model_type="falcon",
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.ffn_hidden_size or 4 * hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hf_config.hidden_size // num_heads,
+        vocab_size=hf_config.vocab_size,
+        rms_norm_eps=hf_config.layer_norm_epsilon,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        qk_norm=False,
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
+        norm="layer",
+        gated_mlp=False,
+        mlp_activation=_falcon_activation(getattr(hf_config, "activation", "gelu")),
+        parallel_residual=parallel,
+        separate_mlp_norm=parallel and two_norms,
+        attn_out_bias=bias,
+        mlp_bias=bias,
+    )
+
+
+def _falcon_activation(name: str) -> str:
+    if name != "gelu":
+        raise UnsupportedModelError(f"Falcon activation {name!r} is not supported (headrace runs \"gelu\")")
+    return name
+
+
+def _rope_parameters(hf_config) -> dict:
+    return getattr(hf_config, "rope_parameters", None) or {}
+
+
+def _check_rotary(hf_config) -> None:
+    """The attention kernels rotate the whole head: a partial rotary factor is refused by name."""
+    factor = _rope_parameters(hf_config).get("partial_rotary_factor",
+                                             getattr(hf_config, "partial_rotary_factor", 1.0))
+    if factor not in (None, 1.0):
+        raise UnsupportedModelError(f"partial_rotary_factor {factor} is not supported (rotary over the whole "
+                                    "head only)")
+
+
+def _longrope_original_max(hf_config) -> int | None:
+    """Where LongRoPE switches from the short to the long factors (None: the model has no LongRoPE).
+    transformers reads "su" and "yarn" in old Phi-3 configs as longrope; its config says which."""
+    params = _rope_parameters(hf_config)
+    if params.get("rope_type") != "longrope":
+        return None
+    return int(params.get("original_max_position_embeddings")
+               or getattr(hf_config, "original_max_position_embeddings", None) or hf_config.max_position_embeddings)

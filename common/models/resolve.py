@@ -17,7 +17,7 @@ from headrace.common.config import (
     ResolvedModel,
     resolve_device,
 )
-from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_heads
+from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_experts, check_tp_heads
 from headrace.common.models.quant import QuantizationError, QuantSpec, quant_spec
 from headrace.common.models.source import ModelSource, eos_token_ids, resolve_model
 
@@ -44,10 +44,15 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     requested = config.model.max_model_len
     if requested is not None and requested > limit:
         raise ConfigError(f"--max-model-len {requested} exceeds the model's context length {limit}")
+    _check_long_rope_prefix_caching(arch, requested or limit, config.cache.enable_prefix_caching)
     try:
         quantization = _quantization(source, hf_config, config.model.quantization, arch)
     except QuantizationError as e:
         raise ConfigError(str(e)) from None
+    check_tp_experts(arch, config.parallel.tensor_parallel_size)
+    if quantization is not None and arch.num_experts:
+        raise ConfigError(f"quantized mixture-of-experts models ({arch.model_type}) are not supported yet; "
+                          "serve the 16-bit checkpoint without --quantization")
     return ResolvedModel(
         kind=source.kind,
         name=config.model.served_model_name or source.name,
@@ -62,6 +67,16 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     )
 
 
+def _check_long_rope_prefix_caching(arch: ModelArch, max_model_len: int, prefix_caching: bool) -> None:
+    """LongRoPE rotates a prompt's keys with the short or the long factors by the prompt's length, so cached
+    blocks of one request are not another's: past the switch point, prefix caching would change outputs."""
+    switch = arch.longrope_original_max
+    if prefix_caching and switch is not None and max_model_len > switch:
+        raise ConfigError(f"--enable-prefix-caching is not supported with LongRoPE past its {switch} tokens "
+                          f"(cached keys depend on each prompt's length); pass --max-model-len {switch} or "
+                          "leave prefix caching off")
+
+
 def _quantization(source: ModelSource, hf_config, requested: str | None, arch: ModelArch) -> QuantSpec | None:
     """A random-weight preset is quantized as asked, so GPU benchmarks need no quantized checkpoint: the
     integer methods give 4-bit weights in groups of 128 (the common W4A16 checkpoint; 32 for the tiny test
@@ -70,4 +85,11 @@ def _quantization(source: ModelSource, hf_config, requested: str | None, arch: M
         inputs = (arch.hidden_size, arch.intermediate_size, arch.q_size)
         group = 128 if all(n % 128 == 0 for n in inputs) else 32
         return QuantSpec(kind="int", checkpoint_format="random", bits=4, group_size=group)
-    return quant_spec(hf_config, requested)
+    spec = quant_spec(hf_config, requested)
+    fused_family = arch.model_type in ("phi3", "falcon")
+    if spec is not None and spec.checkpoint_format not in ("online", "random") and fused_family:
+        # Their checkpoints fuse q|k|v (and Phi-3 gate|up) into one linear, whose packed quantized tensors the
+        # loader does not split; a 16-bit checkpoint quantized at load is fine.
+        raise QuantizationError(f"quantized {arch.model_type} checkpoints are not supported (their fused "
+                                "projections); serve the 16-bit checkpoint, with --quantization fp8 if wanted")
+    return spec

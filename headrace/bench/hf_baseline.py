@@ -24,19 +24,38 @@ def load_hf_twin(config: EngineConfig, log=print):
     model = resolve_engine_config(config, log=log).require_resolved()
     dtype = resolve_dtype(config.model.dtype, device)
     ours = load_model(model, device, dtype, seed=config.model.seed)
+    # Built on the meta device and given our tensors (assign=True): one copy of the weights, not two, so a
+    # model over half the GPU (Mixtral-8x7B, 94 GB) has its baseline in the same run.
     # Soft-capped attention (Gemma 2) has no SDPA form in transformers: eager there.
     attn = "eager" if getattr(ours.hf_config, "attn_logit_softcapping", None) else "sdpa"
-    with torch.device(device):
+    with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation=attn)
-    missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False)
+    missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False, assign=True)
     # A tied LM head is the embedding itself; nothing else may be left at its random init.
     missing = [m for m in missing if not (m == "lm_head.weight" and ours.arch.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"HF twin does not match our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if ours.arch.tie_word_embeddings:
+        hf.tie_weights()
+    _rebuild_computed_buffers(hf, device)
     del ours
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return hf.eval()
+
+
+def _rebuild_computed_buffers(hf, device: torch.device) -> None:
+    """Modules whose buffers are computed, not loaded (the rotary embedding's inv_freq), are still on the meta
+    device after an assigning load: build them again on the device from the config."""
+    for parent in list(hf.modules()):
+        for name, child in parent.named_children():
+            if not any(b.is_meta for b in child.buffers(recurse=False)):
+                continue
+            if hasattr(child, "scalar_embed_scale"):  # Gemma's scaled embedding: weights loaded, scale computed
+                child.embed_scale = torch.tensor(child.scalar_embed_scale, device=device)
+                continue
+            with torch.device(device):
+                setattr(parent, name, type(child)(config=hf.config))
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

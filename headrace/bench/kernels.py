@@ -16,10 +16,15 @@
   weights, group size 128, at M rows (`--w4a16-batch`), ours next to bf16 torch.nn.functional.linear (cuBLAS);
   bytes/s of the quantized weight streamed (packed nibbles + scales + zeros), fraction of copy bandwidth, speed
   over bf16 and max relative error against the fp32 reference. Weights cycled as for --gemv.
+- fused MoE (`--moe`, CUDA only): one MoE layer of `--moe-model` (Mixtral-8x7B's 8 experts of 4096 x 14336, top 2,
+  by default) at B tokens (`--moe-batch`) with a random routing; bytes/s over the weights of the experts the
+  routing touches (each read once: gate|up and down), fraction of copy bandwidth, next to the torch loop over
+  experts (the CPU path); with --sweep, a grid of block sizes per batch.
 Each kernel's output is also checked against a reference (relative error, or token agreement, reported).
 
     python -m headrace.bench.kernels --decode-batch 1 64 --decode-context 2048 --prefill-tokens 4096 \
         --sampling-batch 1 256 --gemv --gemv-batch 1 4 --w4a16 --w4a16-batch 1 16 64 256 --output-json kernels.json
+    python -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch --moe --moe-batch 1 64
 
 Shapes default to Llama-3-8B's attention: 32 query heads, 8 KV heads, head_dim 128, block size 16, bf16.
 Run it as a module (`-m`): run as a file, its own name would shadow the top-level `kernels` package.
@@ -39,6 +44,9 @@ from headrace.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
+from headrace.kernels.fused_moe import MoeConfig, fused_moe
+from headrace.kernels.fused_moe import default_config as moe_default_config
+from headrace.kernels.fused_moe_ref import fused_moe_reference
 from headrace.kernels.gemv import default_config as gemv_default_config
 from headrace.kernels.gemv import gemv, gemv_ref
 from headrace.kernels.prefill_attention import paged_prefill_attention
@@ -398,6 +406,72 @@ def sweep_w4a16(batch: int, name: str, n: int, k: int, group: int, dtype: torch.
             "best": ok[:3], "tried": len(rows)}
 
 
+def moe_arch(preset: str):
+    from headrace.common.models.arch import arch_from_hf_config
+    from headrace.common.models.source import resolve_model
+
+    return arch_from_hf_config(resolve_model(f"random:{preset}").hf_config())
+
+
+def moe_inputs(preset: str, batch: int, dtype: torch.dtype, device: torch.device):
+    """One MoE layer of a preset's shape: x [B, H], w13 [E, 2I, H], w2 [E, H, I], and the top-k of random
+    router logits (softmax weights renormalised), as the model's router gives them."""
+    arch = moe_arch(preset)
+    e, h, i, k = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size, arch.num_experts_per_tok
+    x = torch.randn(batch, h, device=device, dtype=dtype)
+    w13 = torch.randn(e, 2 * i, h, device=device, dtype=dtype) / h ** 0.5
+    w2 = torch.randn(e, h, i, device=device, dtype=dtype) / i ** 0.5
+    weights, ids = torch.randn(batch, e, device=device).softmax(dim=-1).topk(k, dim=-1)
+    return x, w13, w2, weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def moe_bytes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor) -> int:
+    """Weights of the experts the routing touches (each read once), plus x read and the output written."""
+    touched = ids.unique().numel()
+    return touched * (w13[0].numel() + w2[0].numel()) * w13.element_size() + 2 * x.numel() * x.element_size()
+
+
+def bench_moe(preset: str, batch: int, dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float,
+              reps: int, cfg: MoeConfig | None = None, inputs: tuple | None = None) -> dict:
+    """The default config (or `cfg`) next to the torch loop; with `inputs` given (a sweep), ours alone."""
+    x, w13, w2, weights, ids = inputs or moe_inputs(preset, batch, dtype, device)
+    cfg = cfg or moe_default_config(batch, ids.shape[1], w13.shape[0])
+    want = fused_moe_reference(x, w13, w2, weights, ids)
+    err = rel_err(fused_moe(x, w13, w2, weights, ids, cfg), want)
+    seconds = roofline.time_median(lambda: fused_moe(x, w13, w2, weights, ids, cfg), device, reps)
+    nbytes = moe_bytes(x, w13, w2, ids)
+    row = {"kernel": "fused_moe", "model": preset, "batch": batch, "experts_touched": ids.unique().numel(),
+           "config": list(cfg.__dict__.values()), "time_us": seconds * 1e6, "bytes": nbytes,
+           "gb_per_s": nbytes / seconds / 1e9, "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s,
+           "rel_err": err}
+    if inputs is None:
+        torch_seconds = roofline.time_median(lambda: fused_moe_reference(x, w13, w2, weights, ids), device, reps)
+        row.update(torch_loop_time_us=torch_seconds * 1e6, ours_over_torch_loop=torch_seconds / seconds)
+    return row
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the MoE sweep.
+MOE_SWEEP = [MoeConfig(bm, bn, bk, 4, st) for bm in (16, 32, 64) for bn in (32, 64, 128) for bk in (64, 128)
+             for st in (3, 4)]
+
+
+def sweep_moe(preset: str, batch: int, dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float,
+              reps: int) -> dict:
+    """Every MoE block configuration of a small grid at one batch, fastest first (failures skipped)."""
+    inputs = moe_inputs(preset, batch, dtype, device)
+    rows = []
+    for cfg in MOE_SWEEP:
+        try:
+            rows.append(bench_moe(preset, batch, dtype, device, copy_bytes_per_s, reps, cfg, inputs))
+        except Exception as e:  # a config that does not fit shared memory
+            rows.append({"config": list(cfg.__dict__.values()), "error": str(e)[:200]})
+    ok = sorted((r for r in rows if "time_us" in r), key=lambda r: r["time_us"])
+    arch = moe_arch(preset)
+    default = moe_default_config(batch, arch.num_experts_per_tok, arch.num_experts)
+    return {"kernel": "fused_moe_sweep", "model": preset, "batch": batch, "best": ok[:5], "tried": len(rows),
+            "default_config": list(default.__dict__.values())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
@@ -422,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the W4A16 matmul (4-bit weights, group 128) on Llama-3-8B's four linear layers "
                         "against bf16 torch.nn.functional.linear (CUDA only)")
     p.add_argument("--w4a16-batch", type=int, nargs="*", default=[1, 16, 64, 256], help="rows M for --w4a16")
+    p.add_argument("--moe", action="store_true",
+                   help="also time the fused MoE kernel on one layer of --moe-model against the torch loop (CUDA only)")
+    p.add_argument("--moe-batch", type=int, nargs="*", default=[1, 64], help="tokens for --moe")
+    p.add_argument("--moe-model", default="mixtral-8x7b", help="a random: preset with experts (qwen3-30b-a3b, ...)")
     p.add_argument("--sweep", action="store_true",
                    help="also time a grid of launch configurations per decode/prefill shape (CUDA only); "
                         "prefill: both variants, paged and new K/V contiguous; with --gemv or --w4a16, per shape too")
@@ -456,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
             results += [sweep_w4a16(b, name, n, k, W4A16_GROUP, dtype, device, rates.copy_bytes_per_s,
                                     max(10, args.reps // 5))
                         for b in args.w4a16_batch for name, n, k in W4A16_SHAPES]
+    if args.moe and device.type == "cuda":  # the interpreter says nothing of bandwidth
+        results += [bench_moe(args.moe_model, b, dtype, device, rates.copy_bytes_per_s, args.reps)
+                    for b in args.moe_batch]
+        if args.sweep:
+            results += [sweep_moe(args.moe_model, b, dtype, device, rates.copy_bytes_per_s, max(10, args.reps // 5))
+                        for b in args.moe_batch]
     summary = {"device": rates.device, "dtype": str(dtype).removeprefix("torch."), "rates": rates.to_dict(),
                "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                "block_size": args.block_size, "sampling_vocab": args.sampling_vocab, "results": results}
@@ -478,6 +562,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['time_us']:8.1f} us {r['gb_per_s']:7,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy; "
                   f"bf16 {r['bf16_time_us']:8.1f} us = {r['bf16_fraction_of_copy_bandwidth']:6.1%} "
                   f"({r['ours_over_bf16']:.2f}x, max rel err {r['max_rel_err']:.1e})")
+        elif r["kernel"] == "fused_moe":
+            print(f"  moe     B={r['batch']:<4} {r['model']} experts={r['experts_touched']:<3} cfg={tuple(r['config'])} "
+                  f"{r['time_us']:8.1f} us {r['gb_per_s']:7,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy; "
+                  f"torch loop {r['torch_loop_time_us']:8.1f} us ({r['ours_over_torch_loop']:.2f}x, "
+                  f"rel err {r['rel_err']:.1e})")
+        elif r["kernel"] == "fused_moe_sweep":
+            for b in r["best"]:
+                print(f"  sweep   moe B={r['batch']} config={tuple(b['config'])}: {b['time_us']:8.1f} us "
+                      f"{b['gb_per_s']:7,.0f} GB/s = {b['fraction_of_copy_bandwidth']:6.1%} "
+                      f"(default {tuple(r['default_config'])})")
         elif r["kernel"] in ("gemv_sweep", "w4a16_sweep"):
             for b in r["best"]:
                 print(f"  sweep   {r['kernel'][:-6]} M={r['batch']} {r['name']} config={tuple(b['config'])}: "

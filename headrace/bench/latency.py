@@ -142,7 +142,8 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates) -> tup
         timed = sets[args.num_iters_warmup:]
         runs = [run_batch(engine, prompts, args.output_len, f"b{batch}-{i}") for i, prompts in enumerate(timed)]
         ours = decode_stats(batch, args.output_len, [e for _, e in runs], [f for f, _ in runs])
-        bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context, weight_bytes)
+        bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context,
+                                                      roofline.step_weight_bytes(runner.model, batch))
         ours["memory_roofline_decode_tokens_per_s"] = bound
         ours["fraction_of_memory_roofline"] = ours["decode_tokens_per_s"] / bound
         results.append({"batch_size": batch, "ours": ours})

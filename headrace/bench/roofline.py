@@ -113,23 +113,39 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def step_weight_params(arch: ModelArch) -> int:
-    """Parameters a forward step reads in full: all but the input-embedding table, of which a step reads
-    only its tokens' rows (a tied table is still read in full, as the LM head). These are also the
-    parameters of the step's matmuls."""
-    params = arch.num_params()
+def expected_experts_read(arch: ModelArch, batch: int) -> float:
+    """Distinct experts per MoE layer that `batch` tokens route to, on average, if routing is uniform:
+    E (1 - (1 - k/E)^batch). k for one token, all E for a large batch; 0 for a dense model."""
+    if not arch.num_experts:
+        return 0.0
+    return arch.num_experts * (1 - (1 - arch.num_experts_per_tok / arch.num_experts) ** batch)
+
+
+def step_weight_params(arch: ModelArch, batch: int = 1) -> int:
+    """Parameters a forward step of `batch` tokens reads in full: all but the input-embedding table, of which
+    a step reads only its tokens' rows (a tied table is still read in full, as the LM head), and of an MoE
+    layer's experts only those its tokens route to (`expected_experts_read`). At batch 1 these are also the
+    parameters of one token's matmuls (attention, router, top-k experts, shared expert): the compute roofline's."""
+    params = arch.num_params(experts_read=expected_experts_read(arch, batch)) if arch.num_experts else arch.num_params()
     if not arch.tie_word_embeddings:
         params -= arch.vocab_size * arch.hidden_size
     return params
 
 
-def step_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a forward step reads in full, counted from the loaded model, so quantized layers
-    count their packed weights, scales and zero points: every parameter but the input-embedding table
-    (a step reads only its tokens' rows of it, unless it is tied to the LM head)."""
+def step_weight_bytes(model: torch.nn.Module, batch: int = 1) -> int:
+    """Bytes of weights a forward step of `batch` tokens reads in full, counted from the loaded model, so
+    quantized layers count their packed weights, scales and zero points: every parameter but the
+    input-embedding table (a step reads only its tokens' rows of it, unless it is tied to the LM head), with
+    each MoE layer's expert stacks counted for the experts the batch reads (`expected_experts_read`)."""
     embed = model.embed_tokens.weight
     tied = model.lm_head.weight is embed
-    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+    arch = getattr(model, "arch", None)
+    experts_read = expected_experts_read(arch, batch) / arch.num_experts if arch and arch.num_experts else 1.0
+    total = 0.0
+    for p in model.parameters():
+        if tied or p is not embed:
+            total += p.numel() * p.element_size() * (experts_read if getattr(p, "expert_stack", False) else 1)
+    return int(total)
 
 
 def kv_bytes_per_token(arch: ModelArch, nbytes: int) -> int:
@@ -139,9 +155,9 @@ def kv_bytes_per_token(arch: ModelArch, nbytes: int) -> int:
 
 def decode_step_bytes(arch: ModelArch, nbytes: int, batch: int, mean_context: float,
                       weight_bytes: int | None = None) -> float:
-    """Bytes one decode step must read: the weights once (`weight_bytes` where they are quantized),
-    plus each sequence's live KV."""
-    weights = step_weight_params(arch) * nbytes if weight_bytes is None else weight_bytes
+    """Bytes one decode step must read: the weights once (`weight_bytes`, counted for this batch, where they
+    are quantized), plus each sequence's live KV."""
+    weights = step_weight_params(arch, batch) * nbytes if weight_bytes is None else weight_bytes
     return weights + batch * mean_context * kv_bytes_per_token(arch, nbytes)
 
 

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = min(len(requests), config.scheduler.max_num_seqs)
     mean_context = statistics.fmean(r.prompt_len + r.output_len / 2 for r in requests)
     compute_bound = roofline.compute_roofline_tokens_per_s(rates, arch)
-    weight_bytes = roofline.step_weight_bytes(runner.model)
+    weight_bytes = roofline.step_weight_bytes(runner.model, batch)
     decode_bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context, weight_bytes)
     ours = {
         "elapsed_s": elapsed, "requests_per_s": len(requests) / elapsed,

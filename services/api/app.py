@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI routes, /tokenize, /detokenize, /health, /version, /metrics.
+"""The FastAPI app: OpenAI routes, /tokenize, /detokenize, /health, /version, /metrics, and the chat page at /.
 
 Bodies are parsed here (not by FastAPI) so a body without a JSON content type still parses, and every
 failure is one of our 400s. The EngineClient starts and stops with the app's lifespan. Routes find the
@@ -23,6 +23,7 @@ from headrace.common.config import EngineConfig
 from headrace.common.messages import DetokenizeRequest, TokenizeRequest
 from headrace.common.version import VERSION
 from headrace.services.api import errors, openapi, protocol
+from headrace.services.api.chat_page import chat_page_routes
 from headrace.services.api.engine_client import EngineClient
 from headrace.services.api.errors import ApiError
 from headrace.services.api.metrics import Metrics
@@ -56,6 +57,7 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     app.add_middleware(RequestIdMiddleware)  # outermost: its header and 500 cover everything inside
     app.include_router(openai_routes, dependencies=[Depends(api_key_check(config.server.api_key))])
     app.include_router(operator_routes)
+    app.include_router(chat_page_routes)
     openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeBody, DetokenizeBody])
     return app
 

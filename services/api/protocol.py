@@ -6,8 +6,8 @@ other integer as a msgpack int64.
 
 A top-level field is one of three kinds (`unexpected_field`): a field of the model below (OpenAI's, or one
 of the vendor extensions vLLM users send: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
-min_tokens, skip_special_tokens, include_stop_str_in_output, add_generation_prompt, continue_final_message,
-chat_template_kwargs); an OpenAI field that cannot change the output (metadata, store, service_tier, ...),
+min_tokens, skip_special_tokens, include_stop_str_in_output, prompt_logprobs, add_generation_prompt,
+continue_final_message, chat_template_kwargs); an OpenAI field that cannot change the output (metadata, store, service_tier, ...),
 accepted and ignored; or anything else, a 400 naming it, so a request never silently gets an answer to a
 different question (a `response_format` or `tools` that is ignored, a misspelt `max_token`). OpenAI
 fields this server does not implement pass when they carry their neutral value (null, {}, [], best_of 1).
@@ -124,6 +124,7 @@ class CompletionRequest(SamplingBody):
     max_tokens: Int32 | None = 16
     logprobs: Int32 | None = None
     echo: bool = False
+    prompt_logprobs: Int32 | None = None  # vLLM's: top logprobs of every prompt token (scoring)
 
 
 class ChatCompletionRequest(SamplingBody):

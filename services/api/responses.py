@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.common.messages import TextDelta, TokenLogprobs
+from headrace.common.messages import PromptLogprobsText, TextDelta, TokenLogprobs
 
 # JSON has no -inf; a token the model ruled out reports this instead (vLLM does the same).
 _MIN_LOGPROB = -9999.0
@@ -35,6 +36,7 @@ class ChoiceState:
     # completions' logprobs.text_offset.
     echo_chars: int = 0
     text_offset: int = 0
+    prompt_logprobs: PromptLogprobsText | None = None  # scoring requests: from the first delta
 
     def add(self, delta: TextDelta) -> str:
         """Fold one delta in; return the text it adds (the echoed prompt first, on its first delta)."""
@@ -46,6 +48,8 @@ class ChoiceState:
             self.text.append(text)
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_output_tokens = max(self.num_output_tokens, delta.num_output_tokens)
         if delta.finished:
@@ -72,6 +76,10 @@ class Shape:
         self.request_id, self.created, self.model = request_id, created, model
         self.want_logprobs = logprobs
         self.include_usage = include_usage
+
+    def view(self, delta: TextDelta) -> TextDelta:
+        """The delta as this response shows it (a scoring-only request drops its one generated token)."""
+        return delta
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
@@ -114,12 +122,36 @@ class Shape:
 
 
 class CompletionShape(Shape):
+    """`echo` with `logprobs` puts the prompt's tokens first in the logprobs block (OpenAI's legacy shape:
+    the first prompt token has no logprob); `prompt_logprobs` adds vLLM's per-choice list; `score_only`
+    (max_tokens 0) answers with the prompt alone, dropping the one token the engine generates."""
+
     object = chunk_object = "text_completion"
 
+    def __init__(self, request_id: str, created: int, model: str, *, logprobs: int | None, include_usage: bool,
+                 echo: bool = False, prompt_logprobs: int | None = None, score_only: bool = False):
+        super().__init__(request_id, created, model, logprobs=logprobs is not None, include_usage=include_usage)
+        self.num_logprobs = logprobs or 0
+        self.echo_logprobs = echo and logprobs is not None
+        self.num_prompt_logprobs = prompt_logprobs
+        self.score_only = score_only
+
+    def view(self, delta: TextDelta) -> TextDelta:
+        if not self.score_only:
+            return delta
+        return dataclasses.replace(delta, text="", token_ids=[], logprobs=None, num_output_tokens=0,
+                                   finish_reason="length" if delta.finished and delta.error is None
+                                   else delta.finish_reason, stop_reason=None)
+
     def _choice(self, state: ChoiceState) -> dict[str, Any]:
-        logprobs = _completion_logprobs(state.logprobs, state.echo_chars) if self.want_logprobs else None
-        return {"index": state.index, "text": state.full_text, "logprobs": logprobs,
-                "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = _completion_logprobs(state.logprobs, state.echo_chars)
+            if self.echo_logprobs and state.prompt_logprobs is not None:
+                logprobs = _joined(_echoed_prompt_logprobs(state.prompt_logprobs, self.num_logprobs), logprobs)
+        choice = {"index": state.index, "text": state.full_text, "logprobs": logprobs,
+                  "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+        return self._with_prompt_logprobs(choice, state.prompt_logprobs)
 
     def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
                       delta: TextDelta) -> dict[str, Any]:
@@ -127,9 +159,17 @@ class CompletionShape(Shape):
         if self.want_logprobs:
             block = _completion_logprobs(logprobs or [], state.text_offset)
             state.text_offset += sum(len(lp.token) for lp in logprobs or [])
-        return {"index": state.index, "text": text, "logprobs": block,
-                "finish_reason": delta.finish_reason if delta.finished else None,
-                "stop_reason": delta.stop_reason if delta.finished else None}
+            if self.echo_logprobs and delta.prompt_logprobs is not None:
+                block = _joined(_echoed_prompt_logprobs(delta.prompt_logprobs, self.num_logprobs), block)
+        choice = {"index": state.index, "text": text, "logprobs": block,
+                  "finish_reason": delta.finish_reason if delta.finished else None,
+                  "stop_reason": delta.stop_reason if delta.finished else None}
+        return self._with_prompt_logprobs(choice, delta.prompt_logprobs)
+
+    def _with_prompt_logprobs(self, choice: dict[str, Any], prompt: PromptLogprobsText | None) -> dict[str, Any]:
+        if self.num_prompt_logprobs is not None and prompt is not None:
+            choice["prompt_logprobs"] = _vllm_prompt_logprobs(prompt, self.num_prompt_logprobs)
+        return choice
 
 
 class ChatShape(Shape):
@@ -177,3 +217,45 @@ def _chat_logprobs(logprobs: list[TokenLogprobs]) -> dict[str, Any]:
          "top_logprobs": [{"token": t, "logprob": _logprob(v), "bytes": list(t.encode("utf-8"))}
                           for t, v in zip(lp.top_tokens, lp.top_logprobs)]}
         for lp in logprobs]}
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + second[key] for key in first}
+
+
+def _top_of(prompt: PromptLogprobsText, i: int, n: int) -> list[tuple[int, str, float]]:
+    """(token id, text, logprob) of the top n at prompt position i (which scores prompt token i + 1)."""
+    scores, k = prompt.logprobs, prompt.logprobs.num_top
+    lo = i * k
+    return list(zip(scores.top_token_ids[lo:lo + n], prompt.top_tokens[lo:lo + n], scores.top_logprobs[lo:lo + n]))
+
+
+def _echoed_prompt_logprobs(prompt: PromptLogprobsText, n: int) -> dict[str, Any]:
+    """The prompt's part of an echo + logprobs block: every prompt token, the first without a logprob; each
+    top_logprobs map holds the top n and the prompt token itself (as vLLM's do)."""
+    scores = prompt.logprobs
+    offsets, offset = [], 0
+    for token in prompt.tokens:
+        offsets.append(offset)
+        offset += len(token)
+    tops: list[dict[str, float] | None] = [None]
+    for i, (token, lp) in enumerate(zip(prompt.tokens[1:], scores.token_logprobs)):
+        top = {text: _logprob(v) for _, text, v in _top_of(prompt, i, n)}
+        top.setdefault(token, _logprob(lp))
+        tops.append(top)
+    return {"tokens": list(prompt.tokens), "token_logprobs": [None] + [_logprob(v) for v in scores.token_logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def _vllm_prompt_logprobs(prompt: PromptLogprobsText, n: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: None for the first token, then per token a map from token id to its logprob,
+    rank and text, holding the top n and the prompt token itself."""
+    scores = prompt.logprobs
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for i, (tid, text, lp, rank) in enumerate(zip(prompt.token_ids[1:], prompt.tokens[1:], scores.token_logprobs,
+                                                  scores.token_ranks)):
+        entry = {str(t): {"logprob": _logprob(v), "rank": r + 1, "decoded_token": s}
+                 for r, (t, s, v) in enumerate(_top_of(prompt, i, n))}
+        entry.setdefault(str(tid), {"logprob": _logprob(lp), "rank": rank, "decoded_token": text})
+        out.append(entry)
+    return out

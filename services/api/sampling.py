@@ -24,10 +24,20 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def completion_params(req: CompletionRequest, max_n: int) -> SamplingParams:
-    if req.echo and req.logprobs is not None:
-        # Echoed logprobs need the prompt's own logprobs, which the engine does not compute.
-        raise ApiError(400, "echo together with logprobs is not supported.", param="echo")
-    return _params(req, max_n, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    """Echo with logprobs and vLLM's prompt_logprobs both ask the engine for the prompt's logprobs (the more
+    of the two top-N). max_tokens 0 scores the prompt alone: the engine generates one token, which the
+    response drops (CompletionShape.score_only)."""
+    asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    max_tokens = req.max_tokens
+    if max_tokens == 0:
+        if not req.echo and req.prompt_logprobs is None:
+            raise ApiError(400, "max_tokens 0 needs echo or prompt_logprobs (it scores the prompt only).",
+                           param="max_tokens")
+        if req.min_tokens > 0:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens (0).", param="min_tokens")
+        max_tokens = 1
+    return _params(req, max_n, max_tokens=max_tokens, logprobs=req.logprobs,
+                   prompt_logprobs=max(asked) if asked else None)
 
 
 def chat_params(req: ChatCompletionRequest, max_n: int) -> SamplingParams:
@@ -38,12 +48,13 @@ def chat_params(req: ChatCompletionRequest, max_n: int) -> SamplingParams:
     return _params(req, max_n, max_tokens=max_tokens, logprobs=logprobs)
 
 
-def _params(req: SamplingBody, max_n: int, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(req: SamplingBody, max_n: int, *, max_tokens: int | None, logprobs: int | None,
+            prompt_logprobs: int | None = None) -> SamplingParams:
     if req.n > max_n:
         raise ApiError(400, f"n must be at most {max_n}, got {req.n}.", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     values: dict[str, Any] = dict(
-        n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed,
+        n=req.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, seed=req.seed,
         stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,

@@ -72,8 +72,9 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
                         prompt_token_ids=prompt if isinstance(prompt, list) else None,
                         echo=body.echo, arrival_time=now)
         for p, prompt in enumerate(prompts) for k in range(params.n)]
-    shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs is not None,
-                            include_usage=body.include_usage)
+    shape = CompletionShape(request_id, int(now), ctx.model_name, logprobs=params.logprobs,
+                            include_usage=body.include_usage, echo=body.echo, prompt_logprobs=body.prompt_logprobs,
+                            score_only=body.max_tokens == 0)
     return await _generate(ctx, engine_requests, shape, http, bool(body.stream), request)
 
 
@@ -110,7 +111,7 @@ async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest],
             response = SSEResponse(_events(gen, shape, states, n, first, deadline), on_close=gen.abort)
             streaming = True  # from here on the response aborts whatever is left when it closes
             return response
-        await unless_disconnected(before(deadline, _collect(gen, states)), request)
+        await unless_disconnected(before(deadline, _collect(gen, shape, states)), request)
         return JSONResponse(shape.response(states, n))
     except ClientDisconnected:
         log.info("client left before %s finished; aborted", shape.request_id)
@@ -154,11 +155,11 @@ def _admit(ctx: ServingContext, count: int) -> None:
                             f"start (at most {limit}). Retry later.", headers={"Retry-After": "1"})
 
 
-async def _collect(gen: Generation, states: list[ChoiceState]) -> None:
+async def _collect(gen: Generation, shape: Shape, states: list[ChoiceState]) -> None:
     async for index, delta in gen:
         if delta.error is not None:
             raise ApiError.from_info(delta.error)
-        states[index].add(delta)
+        states[index].add(shape.view(delta))
 
 
 def _raise_first_error(batch: list[tuple[int, TextDelta]]) -> None:
@@ -176,6 +177,7 @@ async def _events(gen: Generation, shape: Shape, states: list[ChoiceState], n: i
                 gen.abort()
                 yield "".join(out) + sse_error(ApiError.from_info(delta.error)) + DONE
                 return
+            delta = shape.view(delta)
             text = states[index].add(delta)
             out.extend(sse(chunk) for chunk in shape.delta_chunks(states[index], text, delta))
         if out:

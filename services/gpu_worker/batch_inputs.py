@@ -20,18 +20,21 @@ import torch
 
 from headrace.services.gpu_worker.attention.base import AttentionMetadata
 from headrace.services.gpu_worker.inflight import InflightStep
+from headrace.services.gpu_worker.model.rope import LongRopeRows
+from headrace.services.gpu_worker.prompt_logprobs import PromptSpan, prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 
 
 @dataclass
 class PreparedBatch:
     input_ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor  # each token's row in the cos/sin cache (its position but for LongRoPE, see HostArrays)
     attn: AttentionMetadata
     req_order: list[str]  # batch order (decodes first)
     sample_req_ids: list[str]
     logits_indices: torch.Tensor  # flat-batch index of the last token of each sampling request
     sample_states: list[RequestState] = field(default_factory=list)  # parallel to sample_req_ids
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # rows that score prompt tokens
 
 
 @dataclass
@@ -58,7 +61,7 @@ class HostArrays:
     """A step's inputs on the host. The int64 fields travel in one upload, the int32 fields in another."""
 
     token_ids: np.ndarray  # [T]; 0 where fill_positions points: read from the pending step on the device
-    positions: np.ndarray  # [T]
+    positions: np.ndarray  # [T]: each token's position, its row in the cos/sin cache (LongRoPE: see _rope_rows)
     slots: np.ndarray  # [T]: where each token's K/V is written (block * block_size + offset)
     logits_indices: np.ndarray  # [R]: flat index of the last token of each sampling sequence
     fill_positions: np.ndarray  # [F]: token_ids entries the pending step is sampling
@@ -73,12 +76,17 @@ class HostArrays:
 
 
 def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], block_size: int,
-                  device: torch.device, pending: InflightStep | None = None) -> PreparedBatch:
+                  device: torch.device, pending: InflightStep | None = None,
+                  long_rope: LongRopeRows | None = None) -> PreparedBatch:
     """The batch of `scheduled` (request id -> tokens this step) on `device`. `pending` is the step still
-    running on the device, whose sampled tokens some decodes of this step take as input."""
+    running on the device, whose sampled tokens some decodes of this step take as input. `long_rope`: the
+    model's cos/sin cache holds LongRoPE's long-factor table too."""
     pending_rows = pending.row_of_state if pending is not None else {}
-    layout = batch_layout(requests, scheduled, pending_rows)
-    host = host_arrays(layout, block_size, pending_rows)
+    restarts = long_rope_restarts(requests, scheduled, long_rope) if long_rope is not None else set()
+    if restarts:  # recomputed from their first token: all their known tokens this step
+        scheduled = {rid: len(requests[rid].token_ids) if rid in restarts else n for rid, n in scheduled.items()}
+    layout = batch_layout(requests, scheduled, pending_rows, restarts)
+    host = host_arrays(layout, block_size, pending_rows, long_rope)
     dev = upload_host_arrays(host, device)
     if host.fill_positions.size:
         assert pending is not None and pending.sampled is not None
@@ -92,17 +100,20 @@ def prepare_batch(requests: dict[str, RequestState], scheduled: dict[str, int], 
         sample_req_ids=[rid for rid, yes in zip(layout.order, samples) if yes],
         logits_indices=dev["logits_indices"],
         sample_states=[st for st, yes in zip(layout.states, samples) if yes],
+        prompt_spans=prompt_spans(layout.states, layout.starts, layout.ends, host.query_start_loc[:-1]),
     )
 
 
 def batch_layout(requests: dict[str, RequestState], scheduled: dict[str, int],
-                 pending_rows: dict[int, int]) -> BatchLayout:
-    """Decodes first, then prefills, each in plan order; raises if a request is scheduled past its tokens."""
+                 pending_rows: dict[int, int], restarts: set[str] = frozenset()) -> BatchLayout:
+    """Decodes first, then prefills, each in plan order; raises if a request is scheduled past its tokens.
+    `restarts` are computed from their first token whatever they computed before."""
     decodes = [rid for rid, n in scheduled.items() if n == 1]
     order = decodes + [rid for rid, n in scheduled.items() if n != 1]
     states = [requests[rid] for rid in order]
     num_seqs = len(order)
-    starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, num_seqs)
+    starts = np.fromiter((0 if rid in restarts else st.num_computed_tokens for rid, st in zip(order, states)),
+                         np.int64, num_seqs)
     counts = np.fromiter((scheduled[rid] for rid in order), np.int64, num_seqs)
     known = np.fromiter((len(st.token_ids) for st in states), np.int64, num_seqs)
     if pending_rows:
@@ -114,7 +125,8 @@ def batch_layout(requests: dict[str, RequestState], scheduled: dict[str, int],
     return BatchLayout(order, states, len(decodes), starts, counts, ends, known)
 
 
-def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, int]) -> HostArrays:
+def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, int],
+                long_rope: LongRopeRows | None = None) -> HostArrays:
     token_ids, fill_positions, fill_rows = _token_ids(layout, pending_rows)
     positions = _positions(layout)
     table = _block_table(layout.states)
@@ -122,7 +134,7 @@ def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, in
     np.cumsum(layout.counts, out=query_start_loc[1:])
     return HostArrays(
         token_ids=token_ids,
-        positions=positions,
+        positions=positions if long_rope is None else _rope_rows(layout, positions, long_rope),
         slots=_slots(table, layout.counts, positions, block_size),
         logits_indices=query_start_loc[1:][layout.samples].astype(np.int64) - 1,
         fill_positions=fill_positions,
@@ -159,6 +171,30 @@ def _positions(layout: BatchLayout) -> np.ndarray:
     if len(layout.order) > nd:
         return np.concatenate([starts[:nd]] + [np.arange(a, b) for a, b in zip(starts[nd:], ends[nd:])])
     return starts
+
+
+def long_rope_restarts(requests: dict[str, RequestState], scheduled: dict[str, int],
+                       long_rope: LongRopeRows) -> set[str]:
+    """Requests whose cached keys must be recomputed with LongRoPE's long factors this step.
+
+    transformers rotates all of a sequence's tokens with the short factors while it is at most
+    `original_max` tokens long and with the long ones after: `generate` drops its cache and recomputes the
+    whole sequence on the step that crosses (Phi3ForCausalLM.prepare_inputs_for_generation). A request
+    crosses at the decode of position `original_max` when its prompt was short; that step recomputes it
+    from its first token (its blocks are already allocated). The scheduler counted one token for it. A
+    request recomputed after a preemption with more tokens than that was long from its first chunk."""
+    switch = long_rope.original_max
+    return {rid for rid, n in scheduled.items()
+            if n == 1 and requests[rid].num_computed_tokens == switch and requests[rid].num_prompt_tokens <= switch
+            and len(requests[rid].token_ids) <= switch + 1}  # the newest token may still be on the device
+
+
+def _rope_rows(layout: BatchLayout, positions: np.ndarray, long_rope: LongRopeRows) -> np.ndarray:
+    """Each token's row in a LongRoPE cos/sin cache: in the long table when its sequence is longer than
+    the switch point (every known token counted, so a prompt split into chunks, or recomputed after a
+    preemption, is rotated as transformers rotates it in one pass)."""
+    long_seqs = layout.known > long_rope.original_max
+    return positions + long_rope.long_offset * np.repeat(long_seqs, layout.counts)
 
 
 def _block_table(states: list[RequestState]) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
-from headrace.services.gpu_worker.batch_inputs import PreparedBatch, prepare_batch
+from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
@@ -27,10 +27,11 @@ from headrace.services.gpu_worker.kv_sizing import (
     profile_gpu_num_blocks,
 )
 from headrace.services.gpu_worker.loader.model_loader import load_model, resolve_dtype
-from headrace.services.gpu_worker.model.rope import rope_cos_sin_cache
+from headrace.services.gpu_worker.model.rope import long_rope_rows, rope_cos_sin_cache
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
+from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
 
@@ -59,7 +60,9 @@ class ModelRunner:
         self.eos_token_ids = resolved.eos_token_ids
         self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
-        self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device)
+        self.long_rope = long_rope_rows(self.arch, self.max_model_len)  # LongRoPE's second table, where used
+        self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
+                                                self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
         self.kv_layout = KVCacheLayout(self.arch.num_layers, self.block_size,
                                        self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim, self.dtype)
@@ -89,6 +92,7 @@ class ModelRunner:
         if cuda:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap)
+            self.model.warm_up_experts(sched.token_budget)
         decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
                                              self.cos_sin_cache, self.device, tp_size, self.max_model_len,
                                              self.block_size, log=self.log)
@@ -165,7 +169,7 @@ class ModelRunner:
         if plan.is_empty:
             step.resolved = True
         else:
-            if pending is not None and self._needs_host_tokens(plan, pending):
+            if pending is not None and (self._needs_host_tokens(plan, pending) or self._restarts_long_rope(plan)):
                 pending.resolve()
                 pending = None
             self._run(step, pending)
@@ -173,8 +177,11 @@ class ModelRunner:
 
     def _run(self, step: InflightStep, pending: InflightStep | None) -> None:
         """Prepare, forward and sample the step's batch on the device."""
-        batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending)
+        batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
+                              long_rope=self.long_rope)
         hidden = self._forward(batch)
+        if batch.prompt_spans:
+            score_prompt_spans(batch.prompt_spans, hidden, self.model.compute_logits)
         if not batch.sample_req_ids:
             step.resolved = True
             return
@@ -184,6 +191,10 @@ class ModelRunner:
                             1 if id(s) in pending_rows else 0) for s in batch.sample_states]
         out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
         step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device)
+        for state in batch.sample_states:
+            if state.prompt_scores is not None:  # the prompt is done: its scores go with the first token
+                step.result.prompt_logprobs[state.req_id] = state.prompt_scores.take()
+                state.prompt_scores = None
 
     def _forward(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states of the batch's tokens: from the first graph runner that accepts it, else eager."""
@@ -192,6 +203,12 @@ class ModelRunner:
                 return graphs.run(batch)
         ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
         return self.model(batch.input_ids, batch.positions, ctx)
+
+    def _restarts_long_rope(self, plan: StepPlan) -> bool:
+        """Whether a request of this plan is recomputed for LongRoPE's long factors: its whole sequence,
+        the token the pending step is sampling included, is then read on the host."""
+        return self.long_rope is not None and bool(
+            long_rope_restarts(self.requests, plan.num_scheduled_tokens, self.long_rope))
 
     def _needs_host_tokens(self, plan: StepPlan, pending: InflightStep) -> bool:
         """Whether a request of this plan with a token in flight samples with penalties, which read every

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from headrace.common.sampling_params import SamplingParams
+from headrace.services.gpu_worker.prompt_logprobs import PromptScores
 
 
 class RequestState:
@@ -12,7 +13,7 @@ class RequestState:
     numpy row so a step's batch table is assembled with array copies, not Python loops over block ids."""
 
     __slots__ = ("req_id", "token_ids", "num_prompt_tokens", "block_table", "num_blocks", "num_computed_tokens",
-                 "params", "seed")
+                 "params", "seed", "prompt_scores")
 
     def __init__(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
                  num_computed_tokens: int, params: SamplingParams, seed: int):
@@ -24,6 +25,10 @@ class RequestState:
         self.num_computed_tokens = num_computed_tokens
         self.params = params
         self.seed = seed
+        # Prompt logprobs still to deliver: asked for, and no output yet (a request resumed after preemption
+        # with outputs delivered them before it was preempted).
+        self.prompt_scores = (PromptScores(params.prompt_logprobs)
+                              if params.prompt_logprobs is not None and len(token_ids) == num_prompt_tokens else None)
         self.add_blocks(block_ids)
 
     def add_blocks(self, block_ids: list[int]) -> None:

@@ -72,8 +72,11 @@ class BlockManager:
         """Leading blocks of req's tokens already in the cache, and how many tokens they cover.
 
         Stops one token short of the end: the last token must run through the model to get its logits.
+        A request asking for prompt logprobs reads nothing from the cache: every prompt position must run
+        through the model for its logits, and cached blocks hold only K and V (its blocks still enter the
+        cache for later requests).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
             return [], 0
         bs = self.block_size
         tokens = req.all_token_ids

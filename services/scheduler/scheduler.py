@@ -259,6 +259,9 @@ class Scheduler:
                     continue
             outputs.append(RequestOutput(req_id, [token_id], new_logprobs, False, None, None,
                                          len(req.prompt_token_ids), req.num_cached_tokens))
+        if result.prompt_logprobs:  # scoring requests: the prompt's logprobs ride with the first token
+            for out in outputs:
+                out.prompt_logprobs = result.prompt_logprobs.get(out.req_id)
         if any_finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         return outputs

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from headrace.common.messages import RequestOutput, TokenLogprobs, TopLogprobs
+from headrace.common.messages import PromptLogprobs, PromptLogprobsText, RequestOutput, TokenLogprobs, TopLogprobs
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.tokenizer.chat import ChatTemplate, validate_messages
 from headrace.services.tokenizer.detokenizer import IncrementalDetokenizer, TokenTexts
@@ -101,6 +101,11 @@ class TextCodec:
         return self.tokenizer.convert_ids_to_tokens(list(ids))
 
     # ------------------------------------------------------------------ text out
+
+    def prompt_logprobs_text(self, prompt_token_ids: list[int], scores: PromptLogprobs) -> PromptLogprobsText:
+        """A prompt's logprobs with the text of its tokens and of each position's top tokens."""
+        return PromptLogprobsText(prompt_token_ids, self.token_texts(prompt_token_ids), scores,
+                                  self.token_texts(scores.top_token_ids))
 
     def output_text(self, params: SamplingParams, prompt_token_ids: Sequence[int]) -> OutputText:
         """The output state of one request (one choice) generated from `prompt_token_ids`."""

@@ -70,6 +70,7 @@ class _Request:
     output: OutputText
     num_prompt_tokens: int
     prompt_text: str | None  # sent once, on the first delta (echo)
+    prompt_token_ids: list[int] | None = None  # kept only to name the tokens of prompt logprobs
     num_output_tokens: int = 0
     # The scheduler's prefill time and when its first-token output arrived here (time.time()): a request
     # this tokenizer ends on a stop string never gets the scheduler's finish, so its decode is timed here.
@@ -184,7 +185,8 @@ class TokenizerService:
             return
         params = req.sampling_params
         prompt_text = (text if text is not None else codec.decode(ids)) if req.echo else None
-        self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text)
+        self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text,
+                                             ids if params.prompt_logprobs is not None else None)
         transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time))
 
     def on_abort(self, msg: AbortRequest, api: int) -> None:
@@ -236,12 +238,15 @@ class TokenizerService:
             error = ErrorInfo(out.error, error_type(code), None, code)
             finished, finish_reason = True, finish_reason or "error"
         prompt_text, state.prompt_text = state.prompt_text, None
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None and state.prompt_token_ids is not None:
+            prompt_logprobs = self.codec.prompt_logprobs_text(state.prompt_token_ids, out.prompt_logprobs)
         return TextDelta(
             req_id=out.req_id, text=text, token_ids=out.new_token_ids, logprobs=logprobs,
             finished=finished, finish_reason=finish_reason, stop_reason=stop_reason,
             num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens,
             num_cached_tokens=out.num_cached_tokens, prompt_text=prompt_text, error=error,
-            timings=timings, num_preemptions=out.num_preemptions)
+            timings=timings, num_preemptions=out.num_preemptions, prompt_logprobs=prompt_logprobs)
 
     # ------------------------------------------------------------------ /tokenize, /detokenize
 

@@ -23,6 +23,8 @@ from headrace.common.messages import (
     GenerateRequest,
     Heartbeat,
     NewRequestData,
+    PromptLogprobs,
+    PromptLogprobsText,
     RequestOutput,
     RequestTimings,
     Shutdown,
@@ -41,16 +43,20 @@ from headrace.common.messages import (
 from headrace.common.sampling_params import SamplingParams
 
 SP = SamplingParams(temperature=0.5, top_k=5, seed=7, max_tokens=32, stop=("###", "END"), stop_token_ids=(2,),
-                    logprobs=3, extra={"k": [1, "v"]})
+                    logprobs=3, prompt_logprobs=2, extra={"k": [1, "v"]})
 LP = TopLogprobs(token_logprob=-0.25, top_token_ids=[5, 9], top_logprobs=[-0.25, -1.5])
+PLP = PromptLogprobs(token_logprobs=[-1.0, -2.5], token_ranks=[1, 7], top_token_ids=[3, 4, 8, 1],
+                     top_logprobs=[-1.0, -1.5, -0.5, -0.75], num_top=2)
 OUT = RequestOutput(req_id="r1", new_token_ids=[11, 12], new_logprobs=[LP, LP], finished=True,
                     finish_reason="stop", stop_reason=2, num_prompt_tokens=4, num_cached_tokens=2,
-                    timings=RequestTimings(queue=0.5, ingest=0.25, decode=1.5, inference=2.0), num_preemptions=1)
+                    timings=RequestTimings(queue=0.5, ingest=0.25, decode=1.5, inference=2.0), num_preemptions=1,
+                    prompt_logprobs=PLP)
 DELTA = TextDelta(req_id="r1", text="héllo 世界 🎉", token_ids=[1, 2],
                   logprobs=[TokenLogprobs("hé", -0.5, [1, 3], ["hé", "x"], [-0.5, -2.0])] * 2,
                   finished=True, finish_reason="stop", stop_reason="###", num_prompt_tokens=3,
                   num_output_tokens=2, num_cached_tokens=1, prompt_text="p",
-                  timings=RequestTimings(queue=0.5, ingest=0.25, prefill=0.125), num_preemptions=1)
+                  timings=RequestTimings(queue=0.5, ingest=0.25, prefill=0.125), num_preemptions=1,
+                  prompt_logprobs=PromptLogprobsText([2, 3, 4], ["a", "é", "世"], PLP, ["x", "y", "z", "w"]))
 
 # One or more instances per message kind; test_every_message_kind_has_a_sample keeps this list complete.
 SAMPLES = [
@@ -59,7 +65,8 @@ SAMPLES = [
              cached_requests=[CachedRequestData("r0", [7], 17)],
              num_scheduled_tokens={"r1": 3, "r0": 1}, finished_req_ids=["r9"], preempted_req_ids=["r8"]),
     StepPlan(step_id=0),
-    StepResult(step_id=1, req_ids=["r1", "r0"], sampled_token_ids=[5, 6], logprobs=[LP, None], execute_time=0.01),
+    StepResult(step_id=1, req_ids=["r1", "r0"], sampled_token_ids=[5, 6], logprobs=[LP, None], execute_time=0.01,
+               prompt_logprobs={"r1": PLP, "r0": PromptLogprobs()}),
     GenerateRequest("r1", SP, prompt="hi", echo=True, arrival_time=1.5),
     GenerateRequest("r2", SamplingParams(), prompt_token_ids=[1, 2, 3], add_special_tokens=False),
     GenerateRequest("r3", SamplingParams(), messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}],

@@ -79,6 +79,7 @@ def test_bad_requests_get_error_records_and_the_rest_run(llm):
         line("over-context", {"prompt": "Hi", "max_tokens": 1000}),
         line("too-many-n", {"prompt": "Hi", "n": 99}),
         line("stream", {"prompt": "Hi", "stream": True}),
+        line("scoring", {"prompt": "Hi", "echo": True, "logprobs": 1}),  # served by `headrace serve` only
         line("good", ok_body),
         line("good", ok_body),  # duplicate custom_id
         line("embeddings", {"input": "Hi"}, "/v1/embeddings"),
@@ -88,10 +89,11 @@ def test_bad_requests_get_error_records_and_the_rest_run(llm):
         "",  # blank lines are skipped, not errors
     ]
     records = run(llm, lines)
-    assert len(records) == 15
+    assert len(records) == 16
     for custom_id, param in [("neg-temp", "temperature"), ("str-temp", "temperature"), ("top-p", "top_p"),
                              ("no-prompt", "prompt"), ("bad-role", "messages.[0].role"), ("too-long", "prompt"),
-                             ("over-context", "max_tokens"), ("too-many-n", "n"), ("stream", "stream")]:
+                             ("over-context", "max_tokens"), ("too-many-n", "n"), ("stream", "stream"),
+                             ("scoring", "echo")]:
         r = by_id(records)[custom_id]
         assert r["response"]["status_code"] == 400, custom_id
         error = r["response"]["body"]["error"]

@@ -16,7 +16,8 @@ from headrace.kernels.prefill_attention import paged_prefill_attention, paged_pr
 MakeKV = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 CPU_CASES = [(8, 2, 64, 16), (6, 2, 32, 16), (2, 2, 128, 8)]  # (Hq, Hkv, head_dim, block_size)
-GPU_CASES = [(32, 8, 128, 16), (32, 4, 64, 16), (28, 4, 128, 16), (16, 16, 128, 16)]
+# The last GPU case: Falcon-7B's 71 query heads on one KV head.
+GPU_CASES = [(32, 8, 128, 16), (32, 4, 64, 16), (28, 4, 128, 16), (16, 16, 128, 16), (71, 1, 64, 16)]
 
 
 def _ctx_and_query_lens(device: torch.device) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ import torch
 from headrace.common.models.arch import ModelArch, arch_from_hf_config
 from headrace.common.models.quant import QuantSpec
 from headrace.common.models.source import WeightsLocation, load_hf_config
+from headrace.services.gpu_worker.loader.family_layouts import from_llama_names, to_llama_names
 from headrace.services.gpu_worker.model.llama import LlamaForCausalLM
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 
@@ -46,30 +47,60 @@ def safetensors_weights(folder: str) -> Iterator[tuple[str, Any]]:
 
 
 def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor of an HF checkpoint of this shape, with its full (unsharded) shape."""
+    """Every tensor of an HF checkpoint of this shape (under Llama's names), with its full (unsharded) shape."""
     h, i, q, kv, d = arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size, arch.head_dim
     yield "model.embed_tokens.weight", (arch.vocab_size, h)
     for n in range(arch.num_layers):
         p = f"model.layers.{n}."
-        yield p + "input_layernorm.weight", (h,)
-        yield p + "post_attention_layernorm.weight", (h,)
-        if arch.sandwich_norms:
-            yield p + "pre_feedforward_layernorm.weight", (h,)
-            yield p + "post_feedforward_layernorm.weight", (h,)
+        norms = ["input_layernorm"] + ([] if arch.parallel_residual else ["post_attention_layernorm"])
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if arch.sandwich_norms else []
+        yield from _norm_shapes(arch, [p + norm for norm in norms])
         for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             yield p + f"self_attn.{name}.weight", (rows, h)
             if arch.qkv_bias:
                 yield p + f"self_attn.{name}.bias", (rows,)
         yield p + "self_attn.o_proj.weight", (h, q)
+        if arch.attn_out_bias:
+            yield p + "self_attn.o_proj.bias", (h,)
         if arch.qk_norm:
             yield p + "self_attn.q_norm.weight", (d,)
             yield p + "self_attn.k_norm.weight", (d,)
-        yield p + "mlp.gate_proj.weight", (i, h)
-        yield p + "mlp.up_proj.weight", (i, h)
-        yield p + "mlp.down_proj.weight", (h, i)
-    yield "model.norm.weight", (h,)
+        if arch.separate_mlp_norm:
+            yield from _norm_shapes(arch, [p + "mlp_layernorm"])
+        if arch.is_moe_layer(n):
+            yield from _moe_shapes(arch, p + "mlp.")
+        else:
+            yield from _mlp_shapes(arch, p + "mlp.", h, i)
+    yield from _norm_shapes(arch, ["model.norm"])
     if not arch.tie_word_embeddings:
         yield "lm_head.weight", (arch.vocab_size, h)
+
+
+def _norm_shapes(arch: ModelArch, norms: list[str]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    for norm in norms:
+        yield norm + ".weight", (arch.hidden_size,)
+        if arch.norm == "layer":
+            yield norm + ".bias", (arch.hidden_size,)
+
+
+def _mlp_shapes(arch: ModelArch, prefix: str, h: int, i: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """A dense MLP's tensors: gate (when gated), up and down, with biases where the model has them."""
+    for name, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+        if name != "gate_proj" or arch.gated_mlp:
+            yield prefix + f"{name}.weight", shape
+            if arch.mlp_bias:
+                yield prefix + f"{name}.bias", shape[:1]
+
+
+def _moe_shapes(arch: ModelArch, prefix: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """An MoE block's tensors, the experts stacked as transformers 5 holds them (one tensor per layer)."""
+    h, i, e = arch.hidden_size, arch.moe_intermediate_size, arch.num_experts
+    yield prefix + "gate.weight", (e, h)
+    yield prefix + "experts.gate_up_proj", (e, 2 * i, h)
+    yield prefix + "experts.down_proj", (e, h, i)
+    if arch.shared_expert_intermediate_size:
+        yield from _mlp_shapes(arch, prefix + "shared_expert.", h, arch.shared_expert_intermediate_size)
+        yield prefix + "shared_expert_gate.weight", (1, h)
 
 
 def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype
@@ -92,7 +123,7 @@ def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype
     arch = arch_from_hf_config(hf_config)
     model = LlamaForCausalLM(arch, tp, dtype, device, quant)
     weights = random_weights(arch, seed, device, dtype) if source.kind == "random" else \
-        safetensors_weights(source.weights_dir)
+        to_llama_names(arch, safetensors_weights(source.weights_dir))
     missing = model.expected_parameter_names() - model.load_weights(weights)
     if missing:
         raise ValueError(f"checkpoint {source.weights_dir or source.preset} lacks {len(missing)} tensors, e.g. "
@@ -105,8 +136,9 @@ def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype
 
 
 def export_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    """Our (TP=1) weights under transformers' names, merged projections split back and quantized linears
-    dequantized (the HF oracle runs the same weights in float)."""
+    """Our (TP=1) weights under transformers' names for the model's family, merged projections split back
+    (or fused as the family's checkpoints fuse them) and quantized linears dequantized (the HF oracle runs
+    the same weights in float)."""
     arch = model.arch
     tensors = {name: p for name, p in model.named_parameters()}
     for name, module in model.named_modules():
@@ -117,17 +149,17 @@ def export_hf_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     split = {
         "qkv_proj": (("q_proj", "k_proj", "v_proj"), [arch.q_size, arch.kv_size, arch.kv_size]),
-        "gate_up_proj": (("gate_proj", "up_proj"), [arch.intermediate_size] * 2),
+        "gate_up_proj": (("gate_proj", "up_proj"), None),  # halves (a shared expert has its own size)
     }
     for name, p in tensors.items():
         hf = name if name.startswith("lm_head") else f"model.{name}"
         for merged, (parts, sizes) in split.items():
             if f".{merged}." in hf:
-                for part, tensor in zip(parts, p.split(sizes, dim=0)):
+                for part, tensor in zip(parts, p.split(sizes or p.shape[0] // 2, dim=0)):
                     out[hf.replace(merged, part)] = tensor
                 break
         else:
             out[hf] = p
     if arch.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    return out
+    return from_llama_names(arch, out)

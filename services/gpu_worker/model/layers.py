@@ -76,6 +76,31 @@ class RMSNorm(nn.Module):
         return out.view(x.shape), new_residual.view(x.shape)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (Falcon), with RMSNorm's calling convention: an optional residual is added
+    first and returned as the new residual."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+        self.bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        # F.layer_norm is what transformers' nn.LayerNorm runs, so float32 results match bit for bit.
+        out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return out if residual is None else (out, residual)
+
+
+# Activations of ungated MLPs, by the name ModelArch.mlp_activation holds.
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU gate: silu(x[..., :I]) * x[..., I:]; one Triton kernel on CUDA, exact torch math elsewhere."""
     if x.is_cuda and x.dim() == 2 and _triton_kernels() is not None:
@@ -133,7 +158,8 @@ class ColumnParallelLinear(nn.Module):
             plan.append((rows, self.tp.rank * rows))
         return plan
 
-    def bias_loader(self, param: nn.Parameter, loaded: Any, shard: int = 0) -> None:
+    def bias_loader(self, param: nn.Parameter, loaded: Any, shard: int | None = None) -> None:
+        shard = shard or 0  # an unmerged linear's bias comes without a part index
         rows, src_start = self.shards[shard]
         _copy_into(param.data.narrow(0, self.shape.out_offset(shard), rows), loaded[src_start : src_start + rows])
 
@@ -167,11 +193,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once."""
+    """y = x W^T + b with W's input columns split across ranks; partial sums are all-reduced, bias added once.
+    With reduce_results=False the caller gets this rank's partial sum and reduces it together with others
+    (an MoE block adds its shared expert's partial to the experts' and all-reduces once)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup,
-                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None):
+                 dtype: torch.dtype, device: torch.device, quant_method: LinearMethod | None = None,
+                 reduce_results: bool = True):
         super().__init__()
+        if bias and not reduce_results:
+            raise ValueError("a partial sum cannot carry the bias: every rank would add it")
+        self.reduce_results = reduce_results
         if in_features % tp.size:
             raise ValueError(f"input size {in_features} is not divisible by tensor-parallel size {tp.size}")
         self.tp = tp
@@ -186,7 +218,8 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
+        y = self.quant_method.apply(self, x, None)
+        y = self.tp.all_reduce(y) if self.reduce_results else y
         return y if self.bias is None else y + self.bias
 
 

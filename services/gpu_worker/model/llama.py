@@ -1,9 +1,12 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2/3) over the paged KV cache.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Falcon, Gemma 2/3) over
+the paged KV cache.
 
-Written once: QKV bias, QK-norm, per-layer sliding windows and Gemma's differences (norms with offset
-around attention and MLP, GeGLU, soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch
-flags. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs for attention arrives in an explicit
-`ForwardContext`; no module keeps per-step state.
+Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP, Falcon's parallel attention + MLP, the
+mixture-of-experts block (model/moe.py) that replaces the MLP in Mixtral's and Qwen-MoE's MoE layers,
+per-layer sliding windows and Gemma's differences (norms with offset around attention and MLP, GeGLU,
+soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
+loader/family_layouts. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs
+for attention arrives in an explicit `ForwardContext`; no module keeps per-step state.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from headrace.services.gpu_worker.attention.base import AttentionBackend, Attent
 from headrace.common.models.arch import ModelArch
 from headrace.common.models.quant import QuantSpec
 from headrace.services.gpu_worker.model.layers import (
+    ACTIVATIONS,
     ColumnParallelLinear,
+    LayerNorm,
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
@@ -28,9 +33,16 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
+from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name, warm_up_fused_kernel
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
+
+
+def make_norm(arch: ModelArch, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm | LayerNorm:
+    if arch.norm == "layer":
+        return LayerNorm(size, arch.rms_norm_eps, dtype, device)
+    return RMSNorm(size, arch.rms_norm_eps, dtype, device, arch.norm_offset)
 
 
 @dataclass
@@ -61,8 +73,8 @@ class LlamaAttention(nn.Module):
                                           arch.qkv_bias, tp, dtype, device,
                                           linear_method(quant, [prefix + p for p in ("q_proj", "k_proj", "v_proj")]))
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype, device,
-                                        linear_method(quant, [prefix + "o_proj"]))
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.attn_out_bias, tp,
+                                        dtype, device, linear_method(quant, [prefix + "o_proj"]))
         norm = arch.norm_offset
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
@@ -103,50 +115,72 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
                  quant: QuantSpec | None = None):
         super().__init__()
-        i = arch.intermediate_size
+        i, bias = arch.intermediate_size, arch.mlp_bias
         prefix = f"model.layers.{layer_idx}.mlp."
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], False, tp, dtype, device,
-                                                 linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
-        self.down_proj = RowParallelLinear(i, arch.hidden_size, False, tp, dtype, device,
-                                           linear_method(quant, [prefix + "down_proj"]))
+        # Gated (SwiGLU): gate|up merged into one GEMM. Ungated (Falcon): up alone, then the activation.
+        self.gate_up_proj = self.up_proj = None
+        if arch.gated_mlp:
+            self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], bias, tp, dtype, device,
+                                                     linear_method(quant, [prefix + "gate_proj", prefix + "up_proj"]))
+        else:
+            self.up_proj = ColumnParallelLinear(arch.hidden_size, [i], bias, tp, dtype, device,
+                                                linear_method(quant, [prefix + "up_proj"]))
+        self.activation = ACTIVATIONS[arch.mlp_activation]
         self.act_and_mul = gelu_tanh_and_mul if arch.mlp_activation == "gelu_tanh" else silu_and_mul
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, bias, tp, dtype, device,
+                                           linear_method(quant, [prefix + "down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        if self.gate_up_proj is not None:
+            return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.activation(self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
                  quant: QuantSpec | None = None):
         super().__init__()
-        h, eps, offset = arch.hidden_size, arch.rms_norm_eps, arch.norm_offset
-        self.input_layernorm = RMSNorm(h, eps, dtype, device, offset)
+        h = arch.hidden_size
+        self.input_layernorm = make_norm(arch, h, dtype, device)
         self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
-        # Llama: post_attention_layernorm is the MLP's input norm. Gemma ("sandwich"): it normalises the
-        # attention output before the residual add, and two more norms wrap the MLP.
-        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device, offset)
-        self.pre_feedforward_layernorm = RMSNorm(h, eps, dtype, device, offset) if arch.sandwich_norms else None
-        self.post_feedforward_layernorm = RMSNorm(h, eps, dtype, device, offset) if arch.sandwich_norms else None
-        self.mlp = LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
+        # Parallel residual (Falcon): x + attn(norm(x)) + mlp(norm'(x)), norm' being input_layernorm itself
+        # or, with separate_mlp_norm, mlp_layernorm. Sequential: the MLP reads post_attention_layernorm.
+        self.parallel_residual = arch.parallel_residual
+        self.post_attention_layernorm = None if arch.parallel_residual else make_norm(arch, h, dtype, device)
+        self.mlp_layernorm = make_norm(arch, h, dtype, device) if arch.separate_mlp_norm else None
+        # Gemma ("sandwich"): post_attention_layernorm normalises attention's output before the residual add,
+        # and two more norms wrap the MLP.
+        self.pre_feedforward_layernorm = make_norm(arch, h, dtype, device) if arch.sandwich_norms else None
+        self.post_feedforward_layernorm = make_norm(arch, h, dtype, device) if arch.sandwich_norms else None
+        self.mlp = MoEBlock(arch, tp, dtype, device) if arch.is_moe_layer(layer_idx) else \
+            LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
     # A layer in two halves around attention, so piecewise CUDA graphs can capture everything but attention.
     def before_attention(self, positions, x, residual, ctx: ForwardContext):
-        """Input norm (fused with the residual add) and project_qkv; returns q, k, v, residual."""
+        """Input norm (fused with the residual add) and project_qkv; returns q, k, v, residual. With a
+        parallel residual the MLP runs here too (it does not read attention's output) and its output is
+        folded into the returned residual."""
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, normed = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.project_qkv(positions, x, ctx)
+            normed, residual = self.input_layernorm(x, residual)
+        q, k, v = self.self_attn.project_qkv(positions, normed, ctx)
+        if self.parallel_residual:
+            mlp_in = normed if self.mlp_layernorm is None else self.mlp_layernorm(residual)
+            residual = residual + self.mlp(mlp_in)
         return q, k, v, residual
 
     def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
-        """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual)."""
-        if self.pre_feedforward_layernorm is None:
-            x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
-            return self.mlp(x), residual
-        x = self.post_attention_layernorm(self.self_attn.o_proj(attn_out))
-        x, residual = self.pre_feedforward_layernorm(x, residual)
-        return self.post_feedforward_layernorm(self.mlp(x)), residual
+        """Output projection, post-attention norm (fused add) and the MLP; returns (x, residual). With a
+        parallel residual the MLP already ran: attention's output is this layer's x."""
+        out = self.self_attn.o_proj(attn_out)
+        if self.parallel_residual:
+            return out, residual
+        if self.pre_feedforward_layernorm is not None:
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(out), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
+        x, residual = self.post_attention_layernorm(out, residual)
+        return self.mlp(x), residual
 
     def forward(self, positions, x, residual, ctx: ForwardContext):
         q, k, v, residual = self.before_attention(positions, x, residual, ctx)
@@ -171,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
                                     for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device, arch.norm_offset)
+        self.norm = make_norm(arch, arch.hidden_size, dtype, device)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -187,6 +221,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
+
+    def warm_up_experts(self, max_tokens: int) -> int:
+        """Compile the fused MoE kernel's variants for steps of up to max_tokens tokens (CUDA; a dense model
+        has none). Returns how many were run."""
+        blocks = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+        return warm_up_fused_kernel(blocks[0].experts, max_tokens) if blocks else 0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The first layer's input (piecewise graphs call it too)."""
@@ -220,11 +260,15 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
-            shard: int | None = None
-            for hf_part, (ours, idx) in _MERGED.items():
-                if f".{hf_part}." in name:
-                    name, shard = name.replace(hf_part, ours), idx
-                    break
+            shard: Any = None
+            moe = moe_checkpoint_name(name)
+            if moe is not None:  # an MoE block's expert (into its layer's stack) or router
+                name, shard = moe
+            else:
+                for hf_part, (ours, idx) in _MERGED.items():
+                    if f".{hf_part}." in name and name not in params:  # an ungated MLP's up_proj is its own
+                        name, shard = name.replace(hf_part, ours), idx
+                        break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[name]

@@ -51,5 +51,5 @@ def test_an_unsupported_activation_or_model_type_names_what_is_supported():
         arch_of("tiny-gemma2", hidden_activation="relu")
     cfg = load_hf_config(ModelSource("random", "tiny-llama", None, None, preset="tiny-llama"))
     cfg.model_type = "gpt2"
-    with pytest.raises(UnsupportedModelError, match="gemma2, gemma3_text"):
+    with pytest.raises(UnsupportedModelError, match="Gemma2ForCausalLM, Gemma3ForCausalLM"):
         arch_from_hf_config(cfg)

@@ -66,7 +66,8 @@ def test_wrong_types_are_400_naming_the_field(http, path, body, param):
     (COMPLETIONS, {"prompt": "x", "n": 0}, "n"),
     (COMPLETIONS, {"prompt": "x", "n": 5}, "n"),  # over max_n
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, "logprobs"),
-    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     (COMPLETIONS, {"prompt": []}, "prompt"),
     (COMPLETIONS, {"prompt": [[1], []]}, "prompt.[1]"),
     (COMPLETIONS, {"prompt": "x", "stop": [""]}, "stop"),

@@ -43,6 +43,15 @@ def test_every_field_reaches_sampling_params():
     assert completion_params(completion(stop=["a", "b"]), 16).stop == ("a", "b")
 
 
+def test_scoring_asks_the_engine_for_prompt_logprobs():
+    assert completion_params(completion(echo=True, logprobs=2), 16).prompt_logprobs == 2
+    assert completion_params(completion(logprobs=2), 16).prompt_logprobs is None  # no echo: output logprobs only
+    assert completion_params(completion(echo=True, logprobs=1, prompt_logprobs=5), 16).prompt_logprobs == 5
+    scoring_only = completion_params(completion(echo=True, logprobs=0, max_tokens=0), 16)
+    assert scoring_only.max_tokens == 1 and scoring_only.prompt_logprobs == 0  # the one token is dropped
+    assert completion_params(completion(prompt_logprobs=0, max_tokens=0), 16).max_tokens == 1
+
+
 def test_chat_token_limits_and_logprobs():
     assert chat_params(chat(max_tokens=9), 16).max_tokens == 9
     assert chat_params(chat(max_tokens=9, max_completion_tokens=4), 16).max_tokens == 4
@@ -53,7 +62,9 @@ def test_chat_token_limits_and_logprobs():
 
 @pytest.mark.parametrize("body, param", [
     (completion(n=17), "n"), (completion(temperature=3.0), "temperature"), (completion(min_p=1.5), "min_p"),
-    (completion(max_tokens=2, min_tokens=3), "min_tokens"), (completion(echo=True, logprobs=0), "echo"),
+    (completion(max_tokens=2, min_tokens=3), "min_tokens"), (completion(max_tokens=0), "max_tokens"),
+    (completion(max_tokens=0, echo=True, min_tokens=1), "min_tokens"),
+    (completion(echo=True, logprobs=21), "logprobs"), (completion(prompt_logprobs=-1), "prompt_logprobs"),
     (completion(stop=[""]), "stop"),
 ])
 def test_completion_rejections_name_the_field(body, param):

@@ -18,6 +18,7 @@ class PlanDriver:
         self.chunk_size = chunk_size
         self.next_block = 0
         self.step = 0
+        self.prompt_logprobs: dict = {}  # request id -> PromptLogprobs, for requests that asked
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int,
                  seeds: list[int] | None = None) -> list[list[int]]:
@@ -49,6 +50,7 @@ class PlanDriver:
                 plan.num_scheduled_tokens[rid] = n
                 r["n"] = n
             result = self.runner.execute(plan)
+            self.prompt_logprobs.update(result.prompt_logprobs)
             for rid in plan.num_scheduled_tokens:
                 reqs[rid]["computed"] += reqs[rid]["n"]
             for rid, tok in zip(result.req_ids, result.sampled_token_ids):

@@ -94,9 +94,9 @@ def test_overlapped_decode_reads_the_pending_token_on_the_device(runner, monkeyp
     seen = []
     original = model_runner.prepare_batch
 
-    def spy(requests, scheduled, block_size, device, pending=None):
+    def spy(requests, scheduled, block_size, device, pending=None, **kwargs):
         seen.append(pending is not None and not pending.resolved)
-        return original(requests, scheduled, block_size, device, pending)
+        return original(requests, scheduled, block_size, device, pending, **kwargs)
 
     monkeypatch.setattr(model_runner, "prepare_batch", spy)
     run(runner, SamplingParams(temperature=0.0, max_tokens=64), overlap=True)

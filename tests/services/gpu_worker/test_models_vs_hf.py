@@ -45,7 +45,8 @@ def logits_for_all_positions(runner: ModelRunner, prompt: list[int], chunk: int)
             plan.cached_requests.append(CachedRequestData("r", [], start))
         plan.num_scheduled_tokens["r"] = n
         runner._apply_plan(plan)
-        batch = prepare_batch(runner.requests, plan.num_scheduled_tokens, runner.block_size, runner.device)
+        batch = prepare_batch(runner.requests, plan.num_scheduled_tokens, runner.block_size, runner.device,
+                              long_rope=runner.long_rope)
         from headrace.services.gpu_worker.model.llama import ForwardContext
 
         ctx = ForwardContext(batch.attn, runner.kv_caches, runner.backend, runner.cos_sin_cache)

@@ -90,6 +90,27 @@ def test_runner_steps_through_pieces_give_the_eager_tokens(model):
     assert pieced.piecewise_graphs.num_replays >= 3  # the chunked prefill steps (decode-only steps run eagerly here)
 
 
+def assert_same_prompt_logprobs(got: dict, want: dict, tol: float) -> None:
+    assert got.keys() == want.keys() and want
+    for rid, scores in want.items():
+        torch.testing.assert_close(torch.tensor(got[rid].token_logprobs), torch.tensor(scores.token_logprobs),
+                                   atol=tol, rtol=tol)
+        assert len(got[rid].top_token_ids) == len(scores.top_token_ids) == 2 * len(scores.token_logprobs)
+
+
+def test_prompt_logprobs_through_pieces_equal_the_eager_runners():
+    """Scoring requests' prompt rows come out of the pieces' hidden states as they do eagerly, chunked."""
+    eager, pieced = make_runner(enforce_eager=True), make_runner(enforce_eager=True)
+    pieced.piecewise_graphs = make_pieces(pieced, [8, 16, 32])
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9)]
+    params = SamplingParams(temperature=0.0, prompt_logprobs=2)
+    want, got = PlanDriver(eager, chunk_size=7), PlanDriver(pieced, chunk_size=7)
+    assert got.generate(prompts, params, 2) == want.generate(prompts, params, 2)
+    assert_same_prompt_logprobs(got.prompt_logprobs, want.prompt_logprobs, 1e-5)
+    assert sorted(len(s.token_logprobs) for s in want.prompt_logprobs.values()) == [3, 8, 16]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma2", "tiny-gemma3"])
 def test_captured_pieces_match_eager(model):
@@ -102,9 +123,11 @@ def test_captured_pieces_match_eager(model):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9, 30, 2, 11)]
-    params = SamplingParams(temperature=0.0)
+    params = SamplingParams(temperature=0.0, prompt_logprobs=2)
     replays = graphed.piecewise_graphs.num_replays
     for chunk in (None, 7):
-        want = PlanDriver(eager, chunk_size=chunk).generate(prompts, params, 6)
-        assert PlanDriver(graphed, chunk_size=chunk).generate(prompts, params, 6) == want
+        eager_driver, graphed_driver = PlanDriver(eager, chunk_size=chunk), PlanDriver(graphed, chunk_size=chunk)
+        want = eager_driver.generate(prompts, params, 6)
+        assert graphed_driver.generate(prompts, params, 6) == want
+        assert_same_prompt_logprobs(graphed_driver.prompt_logprobs, eager_driver.prompt_logprobs, 1e-3)
     assert graphed.piecewise_graphs.num_replays > replays + 5

@@ -32,8 +32,11 @@ def _rank_main(config_dict, rank, queue):
     config = EngineConfig.from_dict(config_dict)
     tp = init_tensor_parallel(config, rank, torch.device("cpu"))
     runner = ModelRunner(resolved(config), tp=tp, device="cpu", log=lambda *_: None)
-    out = PlanDriver(runner).generate(PROMPTS, SamplingParams(temperature=0.0), NEW_TOKENS)
-    queue.put((rank, out, runner.kv_layout.num_kv_heads))
+    # Prompt logprobs too: every rank gathers the prompt rows' logits (a collective) as it does the sampled ones.
+    driver = PlanDriver(runner)
+    out = driver.generate(PROMPTS, SamplingParams(temperature=0.0, prompt_logprobs=1), NEW_TOKENS)
+    scores = [driver.prompt_logprobs[rid].token_logprobs for rid in sorted(driver.prompt_logprobs)]
+    queue.put((rank, out, runner.kv_layout.num_kv_heads, scores))
 
 
 def run_tp(model: str, tp_size: int) -> list:
@@ -45,7 +48,8 @@ def run_tp(model: str, tp_size: int) -> list:
     procs = [ctx.Process(target=_rank_main, args=(config.to_dict(), r, queue)) for r in range(tp_size)]
     for p in procs:
         p.start()
-    results = dict((rank, (out, heads)) for rank, out, heads in (queue.get(timeout=600) for _ in procs))
+    results = dict((rank, (out, heads, scores)) for rank, out, heads, scores in (queue.get(timeout=600)
+                                                                                for _ in procs))
     for p in procs:
         p.join(60)
     assert all(results[r][0] == results[0][0] for r in results), "ranks disagree"
@@ -54,10 +58,13 @@ def run_tp(model: str, tp_size: int) -> list:
 
 @pytest.mark.parametrize("model,tp_size", [("random:tiny-llama", 2), ("", 3)])
 def test_tp_matches_single_rank(model, tp_size):
-    single = run_tp(model, 1)[0][0]
+    single, single_scores = run_tp(model, 1)[0][0::2]
     sharded = run_tp(model, tp_size)
     assert sharded[0][0] == single
     assert all(len(o) == NEW_TOKENS for o in single)
+    assert [len(s) for s in single_scores] == [len(p) - 1 for p in PROMPTS]
+    for ours, theirs in zip(sharded[0][2], single_scores):
+        assert ours == pytest.approx(theirs, abs=1e-4)
 
 
 def test_tp2_on_embedded_model_fails_naming_head_counts():

@@ -6,8 +6,9 @@ quantized as soon as its parts have landed, so the 16-bit weights are never all 
 After loading, every layer holds `weight` fp8 [out, in], `weight_scale` float32 [out] (per-tensor scales
 are spread over their part's rows) or [out / 128, in / 128] for blocks, and `input_scale` (a float32
 scalar, static activations only). On a GPU per-channel layers run `kernels/fp8_gemv.py` for one row (the
-weight streamed, x left unquantized) and `torch._scaled_mm` (rowwise scales) for more; blocks and CPUs run
-the reference: the weight dequantized for the product.
+weight streamed, x left unquantized) and `torch._scaled_mm` (rowwise scales) for more, block-scaled layers
+`kernels/fp8_block_matmul.py` (x quantized per token and 128-column group); CPUs run the reference: the
+weight dequantized for the product.
 """
 
 from __future__ import annotations
@@ -106,9 +107,15 @@ class Fp8Linear(LinearMethod):
         return dequantize(layer.weight, layer.weight_scale, layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not x.is_cuda or layer.weight_scale.dim() == 2:
+        if not x.is_cuda:
             return F.linear(x, dequantize(layer.weight, layer.weight_scale, x.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
+        if layer.weight_scale.dim() == 2:  # 128x128 blocks: x quantized per token and 128-column group
+            from headrace.kernels.fp8_block_matmul import fp8_block_matmul, per_token_group_quant
+
+            x_fp8, x_scale = per_token_group_quant(x2 if x2.stride(-1) == 1 else x2.contiguous())
+            y = fp8_block_matmul(x_fp8, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if x2.shape[0] == 1 and x2.stride(-1) == 1:  # batch-1 decode: stream the fp8 weight, x unquantized
             from headrace.kernels.fp8_gemv import fp8_gemv
 
@@ -116,8 +123,10 @@ class Fp8Linear(LinearMethod):
         if layer.input_scale is not None:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_fp8 = to_fp8(x2, x_scale)
-        else:
-            x_fp8, x_scale = quantize_rows(x2)
+        else:  # one kernel instead of torch's four (and two fp32 copies of x)
+            from headrace.kernels.fp8_quant import per_token_quant
+
+            x_fp8, x_scale = per_token_quant(x2 if x2.stride(-1) == 1 else x2.contiguous())
         y = torch._scaled_mm(x_fp8, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale[None, :],
                              out_dtype=x.dtype)
         if bias is not None:
