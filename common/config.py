@@ -169,6 +169,9 @@ class ResolvedModel:
     eos_token_ids: tuple[int, ...]  # config.json and generation_config.json together
     vocab_size: int
     quantization: QuantSpec | None = None  # how the checkpoint's linears are quantized (None: not at all)
+    # A model windowed in every layer: the scheduler frees a request's KV blocks once they fall wholly
+    # before this window (None: every block is kept while the request runs).
+    kv_window: int | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ Stage 2, grid (B, Hq): merges the splits with lse weights. Empty splits store ls
 seq_len 0 rows come out as zeros (CUDA-graph padding), never NaN.
 With one split (large batches: enough programs without splitting) stage 1 writes the final output
 itself: no scratch round trip and no second launch.
+A sliding window (the layer's constant) moves each sequence's first key to seq_len - window: the splits
+cover only the window, and nothing before it is read. Soft-capping (Gemma 2) bends the logits with
+cap * tanh(logits / cap) before the softmax.
 """
 
 from __future__ import annotations
@@ -22,15 +25,38 @@ from . import _utils
 
 _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the extra parallelism
+# The window the kernels are given for a global layer: larger than any context, so every key is inside it
+# (one code path, and the window stays a plain integer argument rather than a compile-time variant).
+NO_WINDOW = 1 << 30
+
+
+def kernel_window(window: int | None) -> int:
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be >= 1 token, got {window}")
+    return window or NO_WINDOW
+
+
+def log2_softcap(softcap: float | None) -> float:
+    """The cap in the kernels' base-2 logit domain: cap * tanh(x / cap) scales with the logits."""
+    return (softcap or 0.0) * _LOG2E
+
+
+@triton.jit
+def soft_cap(s, cap):
+    """cap * tanh(s / cap), with tanh from exp2 (the interpreter has no libdevice): overflow gives +-1."""
+    e = tl.exp2(s * (2.0 * 1.4426950408889634 / cap))
+    return cap * (1.0 - 2.0 / (e + 1.0))
 
 
 # Integer arguments that vary from step to step (table width, split count) are not specialised on: Triton
 # would otherwise compile a new variant the first time one is 1 or a multiple of 16, mid-serving. Nor are
 # the metadata pointers, whose alignment depends on where a step's batch places them.
-@triton.jit(do_not_specialize=["stride_bt", "num_splits", "block_tables_ptr", "seq_lens_ptr"])
+@triton.jit(do_not_specialize=["stride_bt", "num_splits", "block_tables_ptr", "seq_lens_ptr", "window"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    window,  # keys seq_len - window .. seq_len - 1 are attended (NO_WINDOW: all)
+    softcap,  # the logit cap in base 2 (read when SOFTCAP)
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -38,15 +64,17 @@ def _decode_stage1_kernel(
     num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, DIRECT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
+    first = tl.maximum(seq_len - window, 0)  # the first key inside the window
     # Split length rounded up to BLOCK_N so only the last tile of a split is ragged.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -71,6 +99,8 @@ def _decode_stage1_kernel(
         k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + tok[None, :] * stride_ks
                     + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_H, BLOCK_N]
+        if SOFTCAP:
+            s = soft_cap(s, softcap)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Every tile holds >= 1 valid key, so m_new is finite and exp2 never sees inf - inf.
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -162,10 +192,13 @@ def paged_decode_attention(
     scale: float,
     num_kv_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (keys per sequence, 0 allowed). Returns out [B, Hq, D] in q.dtype.
-    `config` overrides stage 1's (BLOCK_N, num_warps, num_stages) (tuning sweeps)."""
+    `config` overrides stage 1's (BLOCK_N, num_warps, num_stages) (tuning sweeps). `window`: attend to the
+    last `window` keys only (None: all); `softcap`: logits -> softcap * tanh(logits / softcap)."""
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -193,7 +226,7 @@ def paged_decode_attention(
     BLOCK_N, warps, stages = config or _config(D, B * Hkv * num_kv_splits, q.device)
     _decode_stage1_kernel[(B, Hkv, num_kv_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out,
-        scale * _LOG2E,
+        scale * _LOG2E, kernel_window(window), log2_softcap(softcap),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -202,7 +235,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         num_kv_splits,
         GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        IDX64=_utils.needs_int64(k_cache, v_cache), DIRECT=direct,
+        IDX64=_utils.needs_int64(k_cache, v_cache), DIRECT=direct, SOFTCAP=bool(softcap),
         num_warps=warps, num_stages=stages,
     )
     if direct:
@@ -218,10 +251,10 @@ def paged_decode_attention(
     return out
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
-    """First n tokens of one sequence from the paged cache -> [n, Hkv, D]."""
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int, first: int = 0) -> torch.Tensor:
+    """Tokens first .. n - 1 of one sequence from the paged cache -> [n - first, Hkv, D]."""
     bs = cache.shape[1]
-    pos = torch.arange(n, device=cache.device)
+    pos = torch.arange(first, n, device=cache.device)
     blocks = block_table[pos // bs].long()
     return cache[blocks, pos % bs]
 
@@ -234,6 +267,8 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     num_kv_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     group = Hq // k_cache.shape[2]
@@ -242,8 +277,11 @@ def paged_decode_attention_ref(
         n = int(seq_lens[b])
         if n == 0:
             continue
-        k = _gather_kv(k_cache, block_tables[b], n).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[b], n).float().repeat_interleave(group, dim=1)
+        first = max(0, n - window) if window else 0
+        k = _gather_kv(k_cache, block_tables[b], n, first).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, block_tables[b], n, first).float().repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(dim=-1), v).to(q.dtype)
     return out

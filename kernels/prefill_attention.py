@@ -11,6 +11,11 @@ prefix (positions < context_lens[s]) goes through the block table; this step's o
 from k_new / v_new as plain strided tiles (one scalar base pointer advanced by BLOCK_N rows per
 tile, the tile's offsets hoisted out of the loop, no block-table load, no mask on the tiles below
 the diagonal). A pure prefill (context 0) never touches the block table.
+
+Sliding window (a layer constant; NO_WINDOW for global layers): query p sees keys p - window + 1 .. p. A
+program starts at the tile holding the first key any of its rows sees (loads before that key are masked
+off, so blocks wholly outside the window are never read); tiles that some row's window only partly covers
+are masked, tiles inside every row's window are not. Soft-capping as in the decode kernel.
 """
 
 from __future__ import annotations
@@ -20,22 +25,22 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .paged_decode_attention import _gather_kv
+from .paged_decode_attention import _gather_kv, kernel_window, log2_softcap, soft_cap
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(
-    acc, m, l, q, n0, row_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+    acc, m, l, q, n0, row_pos, kv_start, kv_end, window, softcap, bt_row, k_cache_ptr, v_cache_ptr, kvh,
     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    IDX64: tl.constexpr,
+    IDX64: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if MASKED:
-        mask_n = offs_n < kv_end
+        mask_n = (offs_n >= kv_start) & (offs_n < kv_end)
         blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
     else:
         blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
@@ -49,8 +54,11 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs)
     s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    if SOFTCAP:
+        s = soft_cap(s, softcap)
     if MASKED:
-        s = tl.where((offs_n[None, :] <= row_pos[:, None]) & mask_n[None, :], s, float("-inf"))
+        visible = (offs_n[None, :] <= row_pos[:, None]) & (offs_n[None, :] > row_pos[:, None] - window)
+        s = tl.where(visible & mask_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     # A row with no visible key so far keeps m = -inf; use 0 as its shift so exp2 sees
     # -inf - 0 (-> 0) instead of -inf - -inf (-> NaN).
@@ -68,20 +76,32 @@ def _attend_tile(
 
 @triton.jit
 def _attend_new_tile(
-    acc, m, l, q, k_ptrs, v_ptrs, offs_n, q_idx, new_len, qk_scale, MASKED: tl.constexpr,
+    acc, m, l, q, k_ptrs, v_ptrs, offs_n, q_idx, new_start, new_len, window, softcap, qk_scale,
+    MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """One tile of this step's keys, read from k_new / v_new; offs_n, q_idx and new_len count tokens
-    from the sequence's first new token (key j is visible to query row q_idx iff j <= q_idx)."""
-    if MASKED:  # the diagonal band: causal mask and the sequence's end
-        mask_n = offs_n < new_len
+    """One tile of this step's keys, read from k_new / v_new; offs_n, q_idx, new_start and new_len count
+    tokens from the sequence's first new token (key j is visible to query row q_idx iff
+    q_idx - window < j <= q_idx; keys before new_start are not loaded)."""
+    if MASKED:  # the diagonal band or the window's edge: causal and window mask, the sequence's end
+        mask_n = (offs_n >= new_start) & (offs_n < new_len)
         k = tl.load(k_ptrs, mask=mask_n[None, :], other=0.0)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
-        s = tl.where((offs_n[None, :] <= q_idx[:, None]) & mask_n[None, :], s, float("-inf"))
+        if SOFTCAP:
+            s = soft_cap(s, softcap)
+        visible = (offs_n[None, :] <= q_idx[:, None]) & (offs_n[None, :] > q_idx[:, None] - window)
+        s = tl.where(visible & mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m - m_shift)
         v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    elif SOFTCAP:  # below every row's diagonal, inside every row's window: no mask
+        k = tl.load(k_ptrs)
+        s = soft_cap(tl.dot(q, k) * qk_scale, softcap)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        v = tl.load(v_ptrs)
     else:  # below every row's diagonal: no mask, and every row's max is finite after this tile
         k = tl.load(k_ptrs)
         s = tl.dot(q, k)
@@ -99,18 +119,19 @@ def _attend_new_tile(
 # them sliced past the decode rows, at offsets whose alignment varies per step) are not specialised on:
 # each new alignment class would compile a new variant mid-serving.
 @triton.jit(do_not_specialize=["stride_bt", "block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr",
-                               "context_lens_ptr"])
+                               "context_lens_ptr", "window"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, context_lens_ptr,
     k_new_ptr, v_new_ptr,
-    qk_scale,
+    qk_scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, HAS_NEW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # Reverse order: the last query blocks see the most keys, so start them first (tail balance).
     qblk = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -124,13 +145,14 @@ def _prefill_kernel(
         return  # grid is sized for max_query_len; shorter sequences have idle programs
     ctx = tl.load(context_lens_ptr + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
+    q_last = tl.minimum(q_first + BLOCK_Q, q_len) - 1
 
     # Row r <-> (query token q_first + r // GROUP, head kvh * GROUP + r % GROUP).
     offs_m = tl.arange(0, BLOCK_M)
     q_idx = q_first + offs_m // GROUP
     head = kvh * GROUP + offs_m % GROUP
     row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
-    row_pos = ctx + q_idx  # absolute position: attends to keys 0..row_pos
+    row_pos = ctx + q_idx  # absolute position: attends to keys row_pos - window + 1 .. row_pos
     offs_d = tl.arange(0, HEAD_DIM)
     tok_row = (q_start + q_idx).to(tl.int64)
     q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
@@ -140,54 +162,87 @@ def _prefill_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
+    # The window's edge, in absolute key positions: key_lo is the first key any row sees, and from
+    # win_full (a tile boundary) on every key is inside every row's window. Global layers: 0 and 0.
+    key_lo = tl.maximum(ctx + q_first - window + 1, 0)
+    win_full = tl.cdiv(tl.maximum(ctx + q_last - window + 1, 0), BLOCK_N) * BLOCK_N
 
     if HAS_NEW:
-        # Cached prefix (positions < ctx) through the block table: every row sees all of it, so only
-        # the last, partial tile is masked (against the prefix end). Context 0: no iteration at all.
+        # Cached prefix (positions < ctx) through the block table: every row is past all of it, so only
+        # the window's edge and the last, partial tile are masked. Context 0: no iteration at all.
         ctx_end = tl.minimum(ctx, seq_len)
         ctx_full = ctx_end // BLOCK_N * BLOCK_N
-        for n0 in range(0, ctx_full, BLOCK_N):
-            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, ctx_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64)
-        for n0 in range(ctx_full, ctx_end, BLOCK_N):
-            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, ctx_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64)
+        t0 = tl.minimum(key_lo // BLOCK_N * BLOCK_N, ctx_full)
+        t1 = tl.maximum(t0, tl.minimum(win_full, ctx_full))
+        for n0 in range(t0, t1, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     SOFTCAP)
+        for n0 in range(t1, ctx_full, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64,
+                                     SOFTCAP)
+        for n0 in range(tl.maximum(ctx_full, key_lo // BLOCK_N * BLOCK_N), ctx_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     SOFTCAP)
         # This step's keys, counted from the sequence's first new token (row q_start of k_new / v_new).
         # The scalar base is 64-bit and advances BLOCK_N rows per tile; the per-element offsets stay
         # within one tile (int32, loop-invariant, hoisted), so no offset can overflow on huge batches.
         new_len = tl.maximum(tl.minimum(q_len, seq_len - ctx), 0)  # keys present (seq_lens may clip)
         new_full = tl.minimum(q_first, new_len) // BLOCK_N * BLOCK_N  # tiles below every row's diagonal
         new_end = tl.minimum(new_len, q_first + BLOCK_Q)  # last key any row of this program sees, + 1
-        k_tile = k_new_ptr + q_start.to(tl.int64) * stride_knt + kvh * stride_knh
-        v_tile = v_new_ptr + q_start.to(tl.int64) * stride_vnt + kvh * stride_vnh
+        # The window's edge counted from the first new token: tiles [j0, j1) masked, [j1, j2) not, then
+        # the diagonal band; j0 <= j1 <= j2 are tile boundaries, so one pointer walks all three loops.
+        new_lo = tl.maximum(q_first - window + 1, 0)
+        new_win_full = tl.cdiv(tl.maximum(q_last - window + 1, 0), BLOCK_N) * BLOCK_N
+        j0 = tl.minimum(new_lo // BLOCK_N * BLOCK_N, new_full)
+        j1 = tl.maximum(j0, tl.minimum(new_win_full, new_full))
+        k_tile = k_new_ptr + (q_start + j0).to(tl.int64) * stride_knt + kvh * stride_knh
+        v_tile = v_new_ptr + (q_start + j0).to(tl.int64) * stride_vnt + kvh * stride_vnh
         offs_n = tl.arange(0, BLOCK_N)
         k_offs = offs_n[None, :] * stride_knt + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K^T tile
         v_offs = offs_n[:, None] * stride_vnt + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
-        for n0 in range(0, new_full, BLOCK_N):
-            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx, new_len,
-                                         qk_scale, False)
+        for n0 in range(j0, j1, BLOCK_N):
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
+                                         new_lo, new_len, window, softcap, qk_scale, True, SOFTCAP)
+            k_tile += BLOCK_N * stride_knt
+            v_tile += BLOCK_N * stride_vnt
+        for n0 in range(j1, new_full, BLOCK_N):
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx, new_lo,
+                                         new_len, window, softcap, qk_scale, False, SOFTCAP)
             k_tile += BLOCK_N * stride_knt
             v_tile += BLOCK_N * stride_vnt
         for n0 in range(new_full, new_end, BLOCK_N):
             acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
-                                         new_len, qk_scale, True)
+                                         new_lo, new_len, window, softcap, qk_scale, True, SOFTCAP)
             k_tile += BLOCK_N * stride_knt
             v_tile += BLOCK_N * stride_vnt
     else:
-        # Phase 1: whole tiles below every row's causal limit -> no masking at all.
+        # Phase 1: whole tiles below every row's causal limit: masked only at the window's edge.
         full_end = (ctx + q_first) // BLOCK_N * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):
-            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, seq_len, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64)
-        # Phase 2: the diagonal band, masked causally and against the sequence end.
+        t0 = key_lo // BLOCK_N * BLOCK_N
+        t1 = tl.maximum(t0, tl.minimum(win_full, full_end))
+        for n0 in range(t0, t1, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     SOFTCAP)
+        for n0 in range(t1, full_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64,
+                                     SOFTCAP)
+        # Phase 2: the diagonal band, masked causally, to the window and against the sequence end.
         kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_first + BLOCK_Q, q_len))
-        for n0 in range(full_end, kv_end, BLOCK_N):
-            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kvh,
-                                     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64)
+        for n0 in range(tl.maximum(full_end, t0), kv_end, BLOCK_N):
+            acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, kv_end, window, softcap, bt_row,
+                                     k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     SOFTCAP)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None]  # fully-masked rows -> 0, not NaN
     tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -224,6 +279,8 @@ def paged_prefill_attention(
     config: tuple[int, int, int, int] | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's tokens, sequences packed by query_start_loc [S+1]);
     caches [num_blocks, block_size, Hkv, D] already holding all seq_lens[s] tokens;
@@ -233,7 +290,9 @@ def paged_prefill_attention(
     k_new, v_new [T, Hkv, D] (optional, both or neither): this step's keys (after RoPE) and values,
     rows laid out like q. Given, keys at positions >= context_lens[s] are read from them (position p
     of sequence s is row query_start_loc[s] + p - context_lens[s]) and the caches only for the
-    cached prefix; the result is the same, the loads contiguous (faster)."""
+    cached prefix; the result is the same, the loads contiguous (faster).
+    `window`: query position p attends to keys p - window + 1 .. p only (None: 0 .. p); `softcap`: logits
+    -> softcap * tanh(logits / softcap) before the softmax."""
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -263,7 +322,7 @@ def paged_prefill_attention(
         q, k_cache, v_cache, out,
         block_tables, query_start_loc, seq_lens, context_lens,
         k_new, v_new,
-        scale * _LOG2E,
+        scale * _LOG2E, kernel_window(window), log2_softcap(softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -271,7 +330,7 @@ def paged_prefill_attention(
         block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, IDX64=_utils.needs_int64(k_cache, v_cache),
-        HAS_NEW=has_new, num_warps=warps, num_stages=stages,
+        HAS_NEW=has_new, SOFTCAP=bool(softcap), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -286,6 +345,8 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     group = q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -294,11 +355,17 @@ def paged_prefill_attention_ref(
         n, ctx = int(seq_lens[s]), int(context_lens[s])
         if b == a:
             continue
-        k = _gather_kv(k_cache, block_tables[s], n).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[s], n).float().repeat_interleave(group, dim=1)
+        first = max(0, ctx - window + 1) if window else 0  # the first key any of its queries sees
+        k = _gather_kv(k_cache, block_tables[s], n, first).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, block_tables[s], n, first).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,nhd->htn", q[a:b].float(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = ctx + torch.arange(b - a, device=q.device)
-        visible = torch.arange(n, device=q.device)[None, :] <= pos[:, None]
+        keys = torch.arange(first, n, device=q.device)[None, :]
+        visible = keys <= pos[:, None]
+        if window:
+            visible &= keys > pos[:, None] - window
         scores = scores.masked_fill(~visible, float("-inf"))
         out[a:b] = torch.einsum("htn,nhd->thd", scores.softmax(dim=-1), v).to(q.dtype)
     return out

@@ -3,7 +3,7 @@
 One dataclass covers Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (QK-norm), Phi-3 (fused checkpoint
 tensors, LongRoPE), Falcon (LayerNorm, GELU MLP, attention and MLP in parallel) and the mixture-of-experts
 families Mixtral, Qwen2-MoE and Qwen3-MoE (`num_experts` > 0: a routed MoE block replaces the MLP in the
-layers `is_moe_layer` names); the model code branches only on the flags here, never on the model type.
+layers `is_moe_layer` names), and Gemma 2/3 (the Gemma flags below); the model code branches only on the flags here, never on the model type.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "falcon", *MOE_MODEL_TYPES)
+_GEMMA_TYPES = ("gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "falcon", *MOE_MODEL_TYPES, *_GEMMA_TYPES)
 # The `architectures` entry of config.json for each model type above (what users see on a model card).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM", "FalconForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3MoeForCausalLM")
+                           "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 class UnsupportedModelError(ValueError):
@@ -38,14 +39,16 @@ class ModelArch:
     qkv_bias: bool
     qk_norm: bool
     bos_token_id: int | None
-    # Tokens of full attention the model supports (None: every position); see `context_limit`.
+    # Keys a windowed layer attends to, its own included (None: no layer is windowed); see `layer_window`.
     sliding_window: int | None = None
+    # Which layers are windowed (None: every layer), from `layer_types`; none is without sliding_window.
+    window_layers: tuple[bool, ...] | None = None
     # Falcon's decoder: LayerNorm with bias instead of RMSNorm, a plain (ungated) GELU MLP, attention and MLP
     # both reading the layer's input (parallel_residual; with separate_mlp_norm the MLP has its own norm of it),
     # and biases on the output and MLP projections.
     norm: str = "rms"  # "rms" or "layer"
     gated_mlp: bool = True  # down(silu(gate) * up) when True, else down(act(up))
-    mlp_activation: str = "silu"  # "silu" or "gelu" (exact erf GELU)
+    mlp_activation: str = "silu"  # "silu", "gelu" (exact erf GELU) or "gelu_tanh" (Gemma's GeGLU gate)
     parallel_residual: bool = False
     separate_mlp_norm: bool = False
     attn_out_bias: bool = False
@@ -63,6 +66,17 @@ class ModelArch:
     # Which layers are MoE (Qwen2/3-MoE): every `decoder_sparse_step`-th one, except `mlp_only_layers`.
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Gemma 2/3. RMSNorm scales by (1 + w); norms around attention output and MLP (pre/post feed-forward);
+    # GeGLU (mlp_activation "gelu_tanh"); embeddings times sqrt(hidden); softmax scale
+    # query_pre_attn_scalar ** -0.5; tanh soft-capping of attention and final logits (None: none).
+    norm_offset: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Gemma 3: windowed layers rotate with their own RoPE base (rope_parameters["sliding_attention"]).
+    local_rope: bool = False
 
     @property
     def q_size(self) -> int:
@@ -74,11 +88,28 @@ class ModelArch:
 
     @property
     def context_limit(self) -> int:
-        """The longest sequence served exactly: the attention kernels have no window yet, so a windowed
-        model is capped at its window (full attention inside it is what the model computes there)."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """The longest sequence served: the attention kernels honour each layer's window, so a windowed
+        model serves its whole position range."""
         return self.max_position_embeddings
+
+    def is_sliding_layer(self, layer_idx: int) -> bool:
+        """Whether the config makes this layer a windowed ("local") one, window set or not."""
+        return self.window_layers is None or self.window_layers[layer_idx]
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The attention window of one layer (None: global attention)."""
+        return self.sliding_window if self.sliding_window and self.is_sliding_layer(layer_idx) else None
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window when every layer has it (Mistral v0.1): no layer then reads a key before it, so its KV
+        blocks can be freed as a sequence grows. None where any layer is global."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return self.sliding_window if windows == {self.sliding_window} and self.sliding_window else None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def is_moe_layer(self, layer: int) -> bool:
         return (self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
@@ -94,7 +125,7 @@ class ModelArch:
             attn += self.q_size + 2 * self.kv_size
         attn += h if self.attn_out_bias else 0
         dense = (3 if self.gated_mlp else 2) * h * i + ((i * (2 if self.gated_mlp else 1) + h) if self.mlp_bias else 0)
-        norms = 1 if self.parallel_residual and not self.separate_mlp_norm else 2
+        norms = 1 if self.parallel_residual and not self.separate_mlp_norm else (4 if self.sandwich_norms else 2)
         norm_params = norms * h * (2 if self.norm == "layer" else 1)
         layer = attn + norm_params + (2 * self.head_dim if self.qk_norm else 0)
         experts = self.num_experts if experts_read is None else experts_read
@@ -142,6 +173,7 @@ def arch_from_hf_config(hf_config) -> ModelArch:
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     window = getattr(hf_config, "sliding_window", None)
+    window = window if window and getattr(hf_config, "use_sliding_window", True) else None
     return ModelArch(
         model_type=model_type,
         hidden_size=hf_config.hidden_size,
@@ -157,12 +189,36 @@ def arch_from_hf_config(hf_config) -> ModelArch:
         # Qwen2 always carries q/k/v biases; Llama-style configs say so with attention_bias.
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         or (model_type == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True))),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         # Qwen2 configs carry a window they only use with use_sliding_window.
-        sliding_window=window if window and getattr(hf_config, "use_sliding_window", True) else None,
+        sliding_window=window,
+        window_layers=_window_layers(hf_config),
         longrope_original_max=_longrope_original_max(hf_config),
         **_moe_fields(hf_config, model_type),
+        **(_gemma_fields(hf_config) if model_type in _GEMMA_TYPES else {}),
+    )
+
+
+def _window_layers(hf_config) -> tuple[bool, ...] | None:
+    """Per layer, whether it attends within the window: `layer_types` says so where a config has it
+    (Gemma 2/3, Qwen2 past max_window_layers); without it every layer is windowed (Mistral v0.1)."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        return None
+    return tuple(t == "sliding_attention" for t in layer_types)
+
+
+def _gemma_fields(hf_config) -> dict:
+    activation = getattr(hf_config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedModelError(f"hidden_activation {activation!r} is not supported (gelu_pytorch_tanh is)")
+    return dict(
+        norm_offset=True, sandwich_norms=True, mlp_activation="gelu_tanh", scale_embeddings=True,
+        query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
+        attn_logit_softcap=getattr(hf_config, "attn_logit_softcapping", None),
+        final_logit_softcap=getattr(hf_config, "final_logit_softcapping", None),
+        local_rope=hf_config.model_type == "gemma3_text",
     )
 
 

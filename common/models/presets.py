@@ -34,6 +34,16 @@ _QWEN3_30B_A3B: dict[str, Any] = {
     "attention_bias": False,
 }
 
+_GEMMA3_12B: dict[str, Any] = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+    "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
+    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 262208,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 1024, "sliding_window_pattern": 6,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "max_position_embeddings": 131072, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106],
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": _LLAMA3_8B,
     "llama-3.1-8b": {
@@ -78,8 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048, "rope_theta": 10000.0,
         "tie_word_embeddings": True, "bos_token_id": 11, "eos_token_id": 11,
     },
-    # Phi-3-mini-4k-instruct (fused qkv_proj / gate_up_proj checkpoints; its 2,047-token window caps the context
-    # until the attention kernels take a window).
+    # Phi-3-mini-4k-instruct (fused qkv_proj / gate_up_proj checkpoints; a 2,047-token window in every layer).
     "phi-3-mini": {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
         "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -107,6 +116,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one GPU beside their fp32 twin): 4 and 12 real-shaped layers.
     "mixtral-8x7b-4l": {**_MIXTRAL_8X7B, "num_hidden_layers": 4},
     "qwen3-30b-a3b-12l": {**_QWEN3_30B_A3B, "num_hidden_layers": 12},
+    "gemma-2-9b": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "max_position_embeddings": 8192,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "bos_token_id": 2,
+        "eos_token_id": [1, 107],
+    },
+    "gemma-3-12b": _GEMMA3_12B,
+    # The same model with every layer global: the baseline of the sliding-window benchmark (the bytes the
+    # windowed layers do not read are the difference). Not a model anyone trained.
+    "gemma-3-12b-no-window": {**_GEMMA3_12B, "sliding_window": None},
     # Tiny configs for tests: every family's code path at a size a CPU runs in milliseconds.
     "tiny-llama": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -128,6 +150,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 1024, "sliding_window": 256, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Windows shorter than the tests' prompts and not a multiple of the block size (16), so prefill chunks
+    # and decode steps cross the window's edge inside a block.
+    "tiny-mistral-sw": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 1024, "sliding_window": 11, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Gemma 2: window / global alternating, both soft-caps small enough to bend these weights' logits.
+    "tiny-gemma2": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "query_pre_attn_scalar": 24, "sliding_window": 13, "attn_logit_softcapping": 0.5,
+        "final_logit_softcapping": 1.0, "max_position_embeddings": 1024, "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+    },
+    # Gemma 3: two windowed layers per global one, local and (linearly scaled) global RoPE bases, QK-norm.
+    "tiny-gemma3": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512, "rms_norm_eps": 1e-6,
+        "query_pre_attn_scalar": 24, "sliding_window": 10,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "max_position_embeddings": 1024, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "bos_token_id": 2, "eos_token_id": 1,
     },
     "tiny-qwen2": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",

@@ -63,6 +63,7 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
         eos_token_ids=eos_token_ids(hf_config, source.weights_dir),
         vocab_size=arch.vocab_size,
         quantization=quantization,
+        kv_window=arch.kv_window,
     )
 
 

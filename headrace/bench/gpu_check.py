@@ -69,8 +69,10 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     result = {"preset": preset, "backend": runner.backend.name, "prompt_len": prompt_len,
               "decode_steps": decode_steps}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        # Soft-capped attention (Gemma 2) has no SDPA form in transformers: its eager attention is the oracle.
+        attn = "eager" if getattr(hf_cfg, "attn_logit_softcapping", None) else "sdpa"
         with torch.device("cuda"):
-            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
         hf.load_state_dict(state, strict=False)
         hf.eval()
         logits = hf(torch.tensor([full], device="cuda")).logits[0, positions].float().cpu()
@@ -100,7 +102,7 @@ def run_pytest(paths: list[str]) -> dict:
 
 
 SECTIONS = {
-    "logits": lambda a: [check_logits(a.preset, b, a.tokenizer) for b in a.backends],
+    "logits": lambda a: [check_logits(a.preset, b, a.tokenizer, a.prompt_len) for b in a.backends],
     "kernels": lambda a: run_pytest(["tests/kernels"]),
 }
 
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--backends", nargs="+", default=["torch"])
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for random-weight presets")
+    ap.add_argument("--prompt-len", type=int, default=512,
+                    help="longer than a sliding window (<= 2040) to check windowed layers past their window")
     args = ap.parse_args()
     results: dict = {"device": device_info()}
     print(json.dumps(results["device"]))

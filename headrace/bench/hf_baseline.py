@@ -26,8 +26,10 @@ def load_hf_twin(config: EngineConfig, log=print):
     ours = load_model(model, device, dtype, seed=config.model.seed)
     # Built on the meta device and given our tensors (assign=True): one copy of the weights, not two, so a
     # model over half the GPU (Mixtral-8x7B, 94 GB) has its baseline in the same run.
+    # Soft-capped attention (Gemma 2) has no SDPA form in transformers: eager there.
+    attn = "eager" if getattr(ours.hf_config, "attn_logit_softcapping", None) else "sdpa"
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation=attn)
     missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False, assign=True)
     # A tied LM head is the embedding itself; nothing else may be left at its random init.
     missing = [m for m in missing if not (m == "lm_head.weight" and ours.arch.tie_word_embeddings)]
@@ -47,9 +49,13 @@ def _rebuild_computed_buffers(hf, device: torch.device) -> None:
     device after an assigning load: build them again on the device from the config."""
     for parent in list(hf.modules()):
         for name, child in parent.named_children():
-            if any(b.is_meta for b in child.buffers(recurse=False)):
-                with torch.device(device):
-                    setattr(parent, name, type(child)(config=hf.config))
+            if not any(b.is_meta for b in child.buffers(recurse=False)):
+                continue
+            if hasattr(child, "scalar_embed_scale"):  # Gemma's scaled embedding: weights loaded, scale computed
+                child.embed_scale = torch.tensor(child.scalar_embed_scale, device=device)
+                continue
+            with torch.device(device):
+                setattr(parent, name, type(child)(config=hf.config))
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

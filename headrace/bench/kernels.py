@@ -117,17 +117,23 @@ def prefill_flops(tokens: int, heads: int, head_dim: int) -> float:
 
 
 def bench_decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int) -> dict:
+                 dtype: torch.dtype, device: torch.device, copy_bytes_per_s: float, reps: int,
+                 window: int | None = None) -> dict:
+    """`window`: a sliding-window layer's decode (bytes counted over the keys inside the window), with the
+    split count the backend picks for it."""
     q, k_cache, v_cache, tables, seq_lens = decode_inputs(batch, context, heads, kv_heads, head_dim, block_size,
                                                           dtype, device)
     scale = head_dim ** -0.5
-    splits = default_num_kv_splits(batch, kv_heads, head_dim, tables.shape[1] * block_size, device)
-    err = rel_err(paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits),
-                  paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, scale))
+    splits = default_num_kv_splits(batch, kv_heads, head_dim, min(tables.shape[1] * block_size, window or context),
+                                   device)
+    err = rel_err(paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits, window=window),
+                  paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, scale, window=window))
     seconds = roofline.time_median(
-        lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits), device, reps)
-    nbytes = decode_bytes(q, k_cache, context)
-    return {"kernel": "paged_decode_attention", "batch": batch, "context": context, "num_kv_splits": splits,
+        lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, splits, window=window),
+        device, reps)
+    nbytes = decode_bytes(q, k_cache, min(context, window or context))
+    return {"kernel": "paged_decode_attention", "batch": batch, "context": context, "window": window,
+            "num_kv_splits": splits,
             "time_us": seconds * 1e6, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9,
             "fraction_of_copy_bandwidth": nbytes / seconds / copy_bytes_per_s, "rel_err": err}
 
@@ -470,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headrace.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 64])
     p.add_argument("--decode-context", type=int, default=2048)
+    p.add_argument("--decode-window", type=int, default=None,
+                   help="also time each decode batch as a sliding-window layer of this window")
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=[4096])
     p.add_argument("--sampling-batch", type=int, nargs="*", default=[256],
                    help="rows for the sampling kernel (CUDA only; skipped on a CPU)")
@@ -502,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rates = roofline.measure(device, dtype)
     shape = (args.num_heads, args.num_kv_heads, args.head_dim, args.block_size, dtype, device)
-    results = [bench_decode(b, args.decode_context, *shape, rates.copy_bytes_per_s, args.reps)
-               for b in args.decode_batch]
+    results = [bench_decode(b, args.decode_context, *shape, rates.copy_bytes_per_s, args.reps, window)
+               for b in args.decode_batch for window in dict.fromkeys([None, args.decode_window])]
     results += [bench_prefill(t, *shape, rates.matmul_flops_per_s, args.reps) for t in args.prefill_tokens]
     if device.type == "cuda":  # the interpreter would take minutes at a real vocabulary, and says nothing of speed
         results += [bench_sampling(b, args.sampling_vocab, device, rates.copy_bytes_per_s, args.reps)
@@ -539,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
           f"matmul {rates.matmul_flops_per_s / 1e12:,.1f} TFLOP/s")
     for r in results:
         if r["kernel"] == "paged_decode_attention":
-            print(f"  decode  B={r['batch']:<4} ctx={r['context']:<6} splits={r['num_kv_splits']:<3} "
+            print(f"  decode  B={r['batch']:<4} ctx={r['context']:<6} window={r['window'] or '-':<6} "
+                  f"splits={r['num_kv_splits']:<3} "
                   f"{r['time_us']:9.1f} us  {r['gb_per_s']:8,.0f} GB/s = {r['fraction_of_copy_bandwidth']:6.1%} of copy"
                   f"  (rel err {r['rel_err']:.1e})")
         elif r["kernel"] == "gemv":

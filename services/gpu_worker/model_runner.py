@@ -93,7 +93,7 @@ class ModelRunner:
         sched, cuda, tp_size = self.config.scheduler, self.device.type == "cuda", self.tp.size
         if cuda:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
-                                 min(sched.token_budget, self.max_model_len))
+                                 min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap)
             self.model.warm_up_experts(sched.token_budget)
         decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
                                              self.cos_sin_cache, self.device, tp_size, self.max_model_len,

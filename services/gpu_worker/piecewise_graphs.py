@@ -102,7 +102,7 @@ class PiecewiseGraphs(GraphRunner):
 
         def piece() -> None:
             if index == 0:
-                x = self.model.embed_tokens(self.input_ids[:size])
+                x = self.model.embed(self.input_ids[:size])
                 stash(*layers[0].before_attention(positions, x, None, ctx))
                 return
             x, residual = layers[index - 1].after_attention(self.attn_out[:size], self.residual[:size])

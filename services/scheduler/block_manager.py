@@ -167,12 +167,31 @@ class BlockManager:
     def free(self, req: Request) -> None:
         """Release all of req's blocks at once; blocks shared through the prefix cache just lose a ref."""
         # Tail first, so a prompt's last blocks are evicted before its first ones (prefixes outlive suffixes).
-        for block_id in reversed(req.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.block_hash is None:
-                    self._free.move_to_end(block_id, last=False)  # nothing cached: reuse it first
+        for block_id in reversed(req.block_ids[req.num_released_blocks:]):
+            self._unref(block_id)
         req.block_ids = []
         req.num_committed_blocks = 0
+        req.num_released_blocks = 0
+
+    def release_out_of_window(self, req: Request, window: int) -> int:
+        """Give back req's leading blocks that no query from its next token on can see (every key in them
+        is at or before num_computed_tokens - window), for a model windowed in every layer; their ids stay
+        in req.block_ids. With prefix caching only committed blocks go (a later commit must not register
+        a block already handed to someone else). Returns the number released."""
+        last_needed = req.num_computed_tokens - window + 1  # the first key the next query sees
+        limit = max(0, last_needed) // self.block_size
+        if self.enable_prefix_caching:
+            limit = min(limit, req.num_committed_blocks)
+        start = req.num_released_blocks
+        for block_id in req.block_ids[start:limit]:
+            self._unref(block_id)
+        req.num_released_blocks = max(start, limit)
+        return max(0, limit - start)
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.block_hash is None:
+                self._free.move_to_end(block_id, last=False)  # nothing cached: reuse it first

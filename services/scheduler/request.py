@@ -37,7 +37,7 @@ class Request:
         "_max_model_len", "_max_tokens", "output_token_ids", "output_logprobs", "status", "stop_reason",
         "block_ids", "block_hashes", "num_committed_blocks", "num_computed_tokens", "num_cached_tokens",
         "first_scheduled_time", "num_preemptions", "ending_token_ids", "_all_token_ids", "queued_time",
-        "num_pending_tokens", "first_token_time", "grammar",
+        "num_pending_tokens", "first_token_time", "grammar", "num_released_blocks",
     )
 
     def __init__(
@@ -79,6 +79,9 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0  # leading blocks registered in the prefix cache
+        # Leading blocks given back because they fell out of an all-windowed model's window: their ids stay
+        # in block_ids (logical block k is still block_ids[k]) but the request no longer holds them.
+        self.num_released_blocks = 0
         # Tokens whose KV is (or is being, this step) written; advanced when the scheduler schedules them.
         self.num_computed_tokens = 0
         # Tokens being sampled by steps already planned but not yet returned (asynchronous scheduling plans

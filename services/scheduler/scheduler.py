@@ -43,13 +43,15 @@ RUNNING = RequestStatus.RUNNING
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, kv_window: int | None = None) -> None:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.token_budget
         threshold = scheduler_config.long_prefill_token_threshold
         # None (or not positive): a prefill chunk is bounded by the step's token budget alone.
         self.long_prefill_token_threshold = threshold if threshold and threshold > 0 else self.max_num_batched_tokens
         self.max_model_len = max_model_len
+        # A model windowed in every layer: blocks that fall out of the window are freed as requests grow.
+        self.kv_window = kv_window
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
 
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -155,7 +157,9 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
         """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
-        None when req itself had to go."""
+        None when req itself had to go. Blocks out of an all-windowed model's window are given back first."""
+        if self.kv_window:
+            self.block_manager.release_out_of_window(req, self.kv_window)
         while (new_block_ids := self.block_manager.allocate_slots(req, num_new)) is None:
             victim = self.running.pop()  # only requests behind req: none of them is in this plan yet
             self._preempt(victim)

@@ -256,7 +256,7 @@ class SchedulerService:
         if len(self.ready) == self.tp_size and self.scheduler is None:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
-                                       self.model.max_model_len)
+                                       self.model.max_model_len, self.model.kv_window)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
     def _worker_failed(self, reason: str) -> None:

@@ -197,20 +197,20 @@ def test_tokenizer_killed_mid_load(server):
             assert c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4).choices[0].text is not None
 
 
-def test_a_sliding_window_model_starts_without_max_model_len():
-    """The context limit is resolved once, in the launcher, from the model's sliding window: the worker
-    must not re-derive it and refuse to start."""
+def test_a_sliding_window_model_serves_past_its_window():
+    """The context limit is resolved once, in the launcher: a windowed model (window 256) serves its whole
+    position range (1,024), a prompt longer than the window included."""
     srv = ServerProcess("--model", "random:tiny-mistral-v0.1", "--num-tokenizers", "1")
     try:
         srv.wait_ready()
         card = srv.get("/v1/models").json()["data"][0]
-        assert card["max_model_len"] == 256
-        reply = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1, 2, 3], "max_tokens": 4,
+        assert card["max_model_len"] == 1024
+        reply = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1, 2, 3] * 100, "max_tokens": 4,
                                                   "temperature": 0, "ignore_eos": True})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 4
-        too_long = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1] * 300, "max_tokens": 1})
-        assert too_long.status_code == 400 and "256" in too_long.json()["error"]["message"]
+        too_long = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1] * 1100, "max_tokens": 1})
+        assert too_long.status_code == 400 and "1024" in too_long.json()["error"]["message"]
     finally:
         left = srv.stop()
         assert not left, f"processes left behind: {left}"

@@ -83,16 +83,19 @@ class AttentionBackend(ABC):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,  # the layer's sliding window: a query at p sees keys p - window + 1 .. p
+        softcap: float | None = None,  # logits -> softcap * tanh(logits / softcap) before the softmax
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 
     def forward(self, q, k, v, positions, cos_sin_cache, kv_cache: KVCache, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """A one-layer step: prepare, RoPE + cache write, then attention over the cache."""
         self.prepare(meta)
         q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
-        return self.attend(q, k, v, kv_cache, meta, scale)
+        return self.attend(q, k, v, kv_cache, meta, scale, window, softcap)
 
-    def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
+    def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int,
+                softcap: float | None = None) -> None:
         """Compile whatever this backend compiles lazily (Triton kernel variants) before serving, so no
         request pays for it. The cache's contents are scratch at this point. Default: nothing to do."""

@@ -5,7 +5,9 @@ Decode sequences (one query token each) are computed together, gathering their b
 batch; prefill chunks are computed one sequence at a time (a step holds few of them). The attention itself
 is torch's scaled_dot_product_attention (fused on CPU, GQA without repeating K/V), the fastest exact
 form on CPU; blocks are gathered with index_select (a row copy per block), which beats advanced
-indexing at decode sizes (timings: docs/benchmarks.md).
+indexing at decode sizes (timings: docs/benchmarks.md). A windowed layer gathers from each row's first
+block inside its window and masks the rest of the window's edge; soft-capped logits (Gemma 2) are written
+out, as SDPA cannot cap them.
 """
 
 from __future__ import annotations
@@ -66,43 +68,84 @@ def gather_kv(kv_cache: KVCache, g: _Gather) -> tuple[torch.Tensor, torch.Tensor
     return k, v
 
 
-def _blocks(block_tables: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
-    return block_tables[:, : -(-num_tokens // block_size)].reshape(-1).long()
+def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int, window: int | None) -> _Gather:
+    """The decode rows as one padded batch. With a window each row starts at its first block inside the
+    window (blocks wholly before it are not read); columns past a row's end, or before its window, are
+    masked."""
+    nd = meta.num_decodes
+    tables = meta.block_tables[:nd]
+    lens = seq_lens[:nd]
+    if not window:  # every row from its first block: the table's leading columns, no index arithmetic
+        max_len = max(lens)
+        n = meta.seq_lens[:nd].to(tables.device)
+        visible = torch.arange(max_len, device=tables.device)[None, :] < n[:, None]
+        return _Gather(tables[:, : -(-max_len // block_size)].reshape(-1).long(), nd, max_len, visible[:, None, :])
+    first = [max(0, n - window) // block_size for n in lens]
+    width = max(-(-n // block_size) - f for n, f in zip(lens, first))
+    cols = torch.tensor(first, device=tables.device)[:, None] + torch.arange(width, device=tables.device)[None, :]
+    blocks = tables.gather(1, cols.clamp(max=tables.shape[1] - 1)).reshape(-1).long()
+    key_pos = cols.repeat_interleave(block_size, dim=1) * block_size + \
+        torch.arange(block_size, device=tables.device).repeat(width)[None, :]
+    n = torch.tensor(lens, device=tables.device)[:, None]
+    visible = (key_pos < n) & (key_pos >= n - window)
+    return _Gather(blocks, nd, width * block_size, visible[:, None, :])
 
 
-def plan_step(meta: AttentionMetadata, block_size: int) -> tuple[_Gather | None, list[tuple[int, int, _Gather]]]:
-    """What every layer of a step gathers, built once per step: the decode rows as one padded batch, and
-    (first token, query tokens, gather) per prefill chunk."""
+def _prefill_gather(table: torch.Tensor, total: int, n: int, block_size: int, window: int | None) -> _Gather:
+    """One prefill chunk's keys: from the first block any of its queries sees (all of them without a
+    window) to its end, masked causally and to each query's window."""
+    first = max(0, total - n - window + 1) // block_size if window else 0
+    blocks = table[first : -(-total // block_size)].long()
+    key_pos = torch.arange(first * block_size, total, device=table.device)
+    q_pos = torch.arange(total - n, total, device=table.device)
+    visible = key_pos[None, :] <= q_pos[:, None]
+    if window:
+        visible &= key_pos[None, :] > q_pos[:, None] - window
+    return _Gather(blocks, 1, total - first * block_size, visible[None])
+
+
+def plan_step(meta: AttentionMetadata, block_size: int, window: int | None = None
+              ) -> tuple[_Gather | None, list[tuple[int, int, _Gather]]]:
+    """What every layer of a step with this window (None: global) gathers, built once per step and window:
+    the decode rows as one padded batch, and (first token, query tokens, gather) per prefill chunk."""
     nd = meta.num_decodes
     seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
     query_lens = meta.query_lens_host if meta.query_lens_host is not None else \
         (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist()
-    decode = None
-    if nd:
-        max_len = max(seq_lens[:nd])
-        lens = meta.seq_lens[:nd].to(meta.block_tables.device)
-        mask = (torch.arange(max_len, device=lens.device)[None, :] < lens[:, None])[:, None, :]
-        decode = _Gather(_blocks(meta.block_tables[:nd], max_len, block_size), nd, max_len, mask)
+    decode = _decode_gather(meta, seq_lens, block_size, window) if nd else None
     prefills = []
     start = meta.num_decode_tokens
     for i in range(nd, meta.num_seqs):
         n, total = query_lens[i], seq_lens[i]
-        qpos = torch.arange(total - n, total, device=meta.block_tables.device)
-        mask = torch.arange(total, device=qpos.device)[None, :] <= qpos[:, None]
-        prefills.append((start, n, _Gather(_blocks(meta.block_tables[i : i + 1], total, block_size), 1, total,
-                                           mask[None])))
+        prefills.append((start, n, _prefill_gather(meta.block_tables[i], total, n, block_size, window)))
         start += n
     return decode, prefills
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           softcap: float | None = None) -> torch.Tensor:
     """q [S, Q, H, D], k/v [S, L, Hkv, D], mask [S, Q, L] (True = attend) -> [S, Q, H, D]; GQA by grouping.
     A query row with no visible key comes out as zeros. Computed in float32 whatever the cache dtype (as the
     reference; the fused kernels keep reduced-precision probabilities in bf16/fp16)."""
+    if softcap:
+        return _attend_softcapped(q, k, v, mask, scale, softcap)
     out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
                                          v.float().transpose(1, 2), attn_mask=mask[:, None], scale=scale,
                                          enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2).nan_to_num(0.0).to(q.dtype)
+
+
+def _attend_softcapped(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """`attend` with tanh soft-capped logits (Gemma 2), which SDPA cannot express: written out in the
+    order transformers' eager attention uses (scale, / cap, tanh, * cap, mask, softmax)."""
+    group = q.shape[2] // k.shape[2]
+    qf = q.float().transpose(1, 2)  # [S, H, Q, D]
+    kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = torch.tanh(qf @ kf.transpose(-1, -2) * scale / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = scores.softmax(dim=-1).nan_to_num(0.0) @ vf
+    return out.transpose(1, 2).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -111,27 +154,30 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size  # of the KV caches it attends over
-        # The step's gathers and masks, the same for every layer: built once per step by `prepare`.
+        # The step's gathers and masks, the same for every layer of one window: built once per step and
+        # window (a model has one or two windows: None and its sliding window).
         self._meta: AttentionMetadata | None = None
-        self._plan: tuple[_Gather | None, list[tuple[int, int, _Gather]]] | None = None
+        self._plans: dict[int | None, tuple[_Gather | None, list[tuple[int, int, _Gather]]]] = {}
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        self._meta, self._plan = meta, plan_step(meta, self.block_size)
+        self._meta, self._plans = meta, {}
 
     def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
         q, k = apply_rope_qk(q, k, positions, cos_sin_cache)
         write_kv(k, v, kv_cache, slot_mapping)
         return q, k
 
-    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None):
         assert self._meta is meta, "prepare(meta) comes once per step, before the first layer"
         assert kv_cache[0].shape[1] == self.block_size, "a KV cache of another block size"
-        decode, prefills = self._plan
+        if window not in self._plans:
+            self._plans[window] = plan_step(meta, self.block_size, window)
+        decode, prefills = self._plans[window]
         out = torch.empty_like(q)
         if decode is not None:
             kd, vd = gather_kv(kv_cache, decode)
-            out[: decode.rows] = attend(q[: decode.rows, None], kd, vd, decode.mask, scale)[:, 0]
+            out[: decode.rows] = attend(q[: decode.rows, None], kd, vd, decode.mask, scale, softcap)[:, 0]
         for start, n, g in prefills:
             ks, vs = gather_kv(kv_cache, g)
-            out[start : start + n] = attend(q[None, start : start + n], ks, vs, g.mask, scale)[0]
+            out[start : start + n] = attend(q[None, start : start + n], ks, vs, g.mask, scale, softcap)[0]
         return out

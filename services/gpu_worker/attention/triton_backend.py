@@ -29,16 +29,21 @@ class TritonAttentionBackend(AttentionBackend):
                                "use --attention-backend torch")
         return rope_and_cache(q, k, v, positions, cos_sin_cache, kv_cache[0], kv_cache[1], slot_mapping)
 
-    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None):
+        # window and softcap are the layer's constants (a captured graph bakes them in, as it does the scale).
         k_cache, v_cache = kv_cache
         nd, ns = meta.num_decodes, meta.num_seqs
         decode_out = None
         if nd:
             tables = meta.block_tables[:nd]
-            # From shapes only (the table width is static in a captured graph), never from seq_lens values.
-            splits = default_num_kv_splits(nd, k_cache.shape[2], k_cache.shape[3],
-                                           tables.shape[1] * k_cache.shape[1], q.device)
-            decode_out = paged_decode_attention(q[:nd], k_cache, v_cache, tables, meta.seq_lens[:nd], scale, splits)
+            # From shapes only (the table width is static in a captured graph), never from seq_lens values; a
+            # windowed layer reads at most `window` keys, so it splits those, not the table's width.
+            max_context = tables.shape[1] * k_cache.shape[1]
+            if window:
+                max_context = min(max_context, window)
+            splits = default_num_kv_splits(nd, k_cache.shape[2], k_cache.shape[3], max_context, q.device)
+            decode_out = paged_decode_attention(q[:nd], k_cache, v_cache, tables, meta.seq_lens[:nd], scale, splits,
+                                                window=window, softcap=softcap)
             if nd == ns:
                 return decode_out
         # Prefill rows keep their absolute offsets into the flat batch: the kernel writes only the rows that
@@ -46,16 +51,18 @@ class TritonAttentionBackend(AttentionBackend):
         # This step's keys/values are read from k and v (contiguous rows), the cached prefix from the cache.
         out = paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:],
                                       meta.seq_lens[nd:], meta.context_lens[nd:], meta.max_query_len, scale,
-                                      k_new=k, v_new=v)
+                                      k_new=k, v_new=v, window=window, softcap=softcap)
         if decode_out is not None:
             out[: meta.num_decode_tokens].copy_(decode_out)
         return out
 
-    def warm_up(self, kv_cache, num_heads: int, max_num_seqs: int, max_query_len: int) -> None:
+    def warm_up(self, kv_cache, num_heads: int, max_num_seqs: int, max_query_len: int,
+                softcap: float | None = None) -> None:
         """Compile every launch configuration serving can pick: the decode kernel's two tile sizes (few vs
         many programs), each with one split (stage 1 writes the output) and with several, and the prefill
-        kernel's short- and long-prompt tiles. The kernels do not specialise on the integers that vary per
-        step, so these are all the variants there are for this model."""
+        kernel's short- and long-prompt tiles, all with the model's soft-cap (a compile-time switch; the
+        window is a plain argument). The kernels do not specialise on the integers that vary per step, so
+        these are all the variants there are for this model."""
         k_cache, v_cache = kv_cache
         _, block_size, _, head_dim = k_cache.shape
         dev, dtype = k_cache.device, k_cache.dtype
@@ -65,7 +72,7 @@ class TritonAttentionBackend(AttentionBackend):
             tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev)
             lens = torch.ones(batch, dtype=torch.int32, device=dev)
             for splits in (1, 2):
-                paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0, splits)
+                paged_decode_attention(q, k_cache, v_cache, tables, lens, 1.0, splits, softcap=softcap)
         for tokens in sorted({min(16, max_query_len), min(2048, max_query_len)}):
             q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=dev)
             tables = torch.zeros(1, -(-tokens // block_size), dtype=torch.int32, device=dev)
@@ -73,6 +80,7 @@ class TritonAttentionBackend(AttentionBackend):
             lens = torch.tensor([tokens], dtype=torch.int32, device=dev)
             ctx = torch.zeros(1, dtype=torch.int32, device=dev)
             kv = torch.zeros(tokens, k_cache.shape[2], head_dim, dtype=dtype, device=dev)
-            paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, 1.0, k_new=kv, v_new=kv)
+            paged_prefill_attention(q, k_cache, v_cache, tables, qsl, lens, ctx, tokens, 1.0, k_new=kv, v_new=kv,
+                                    softcap=softcap)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -53,6 +53,7 @@ def checkpoint_shapes(arch: ModelArch) -> Iterator[tuple[str, tuple[int, ...]]]:
     for n in range(arch.num_layers):
         p = f"model.layers.{n}."
         norms = ["input_layernorm"] + ([] if arch.parallel_residual else ["post_attention_layernorm"])
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if arch.sandwich_norms else []
         yield from _norm_shapes(arch, [p + norm for norm in norms])
         for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             yield p + f"self_attn.{name}.weight", (rows, h)

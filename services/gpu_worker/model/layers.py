@@ -34,9 +34,12 @@ def default_weight_loader(param: nn.Parameter, loaded: Any, shard: Any = None) -
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    """`offset`: Gemma's form, which scales by (1 + w) in float32 and rounds once (checkpoints store w - 1)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device, offset: bool = False):
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
@@ -47,11 +50,19 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        # Same operation order as transformers' LlamaRMSNorm, so float32 results match bit for bit.
+        # Same operation order as transformers' LlamaRMSNorm (Gemma's RMSNorm with offset), so float32
+        # results match bit for bit.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
+        if self.offset:
+            out = (xf * (1.0 + self.weight.float())).to(x.dtype)
+        else:
+            out = self.weight * xf.to(x.dtype)
         return out if residual is None else (out, residual)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        """What the kernel multiplies by: w, or (1 + w) in float32 (the kernel loads any float dtype)."""
+        return 1.0 + self.weight.float() if self.offset else self.weight
 
     def _forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None):
         """One fused kernel (add + norm) in fp32 with a single rounding at the store: bf16 results differ
@@ -59,8 +70,9 @@ class RMSNorm(nn.Module):
         rmsnorm = _triton_kernels()[0]
         x2 = x.reshape(-1, x.shape[-1])  # QK-norm sees [T, heads, head_dim]
         if residual is None:
-            return rmsnorm.rms_norm(x2, self.weight, self.eps).view(x.shape)
-        out, new_residual = rmsnorm.fused_add_rms_norm(x2, residual.reshape(x2.shape), self.weight, self.eps)
+            return rmsnorm.rms_norm(x2, self._kernel_weight(), self.eps).view(x.shape)
+        out, new_residual = rmsnorm.fused_add_rms_norm(x2, residual.reshape(x2.shape), self._kernel_weight(),
+                                                       self.eps)
         return out.view(x.shape), new_residual.view(x.shape)
 
 
@@ -86,7 +98,7 @@ class LayerNorm(nn.Module):
 
 
 # Activations of ungated MLPs, by the name ModelArch.mlp_activation holds.
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +107,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return _triton_kernels()[1].silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU gate (Gemma): gelu_tanh(x[..., :I]) * x[..., I:], as transformers' gelu_pytorch_tanh."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 @functools.cache

@@ -1,9 +1,10 @@
-"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Falcon) over the paged
-KV cache.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Falcon, Gemma 2/3) over
+the paged KV cache.
 
-Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP, Falcon's parallel attention + MLP and the
-mixture-of-experts block (model/moe.py) that replaces the MLP in Mixtral's and Qwen-MoE's MoE layers are
-switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
+Written once: QKV bias, QK-norm, LayerNorm, an ungated MLP, Falcon's parallel attention + MLP, the
+mixture-of-experts block (model/moe.py) that replaces the MLP in Mixtral's and Qwen-MoE's MoE layers,
+per-layer sliding windows and Gemma's differences (norms with offset around attention and MLP, GeGLU,
+soft-capping, scaled embeddings, local RoPE) are switched on by ModelArch flags; other families' checkpoint names are mapped onto these modules by
 loader/family_layouts. Q/K/V and gate/up are merged into single GEMMs at load. Everything a forward needs
 for attention arrives in an explicit `ForwardContext`; no module keeps per-step state.
 """
@@ -28,6 +29,7 @@ from headrace.services.gpu_worker.model.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gelu_tanh_and_mul,
     silu_and_mul,
     store_k_major,
 )
@@ -38,7 +40,9 @@ from headrace.services.gpu_worker.parallel import TPGroup
 
 
 def make_norm(arch: ModelArch, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm | LayerNorm:
-    return (LayerNorm if arch.norm == "layer" else RMSNorm)(size, arch.rms_norm_eps, dtype, device)
+    if arch.norm == "layer":
+        return LayerNorm(size, arch.rms_norm_eps, dtype, device)
+    return RMSNorm(size, arch.rms_norm_eps, dtype, device, arch.norm_offset)
 
 
 @dataclass
@@ -46,7 +50,16 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[KVCache]
     backend: AttentionBackend
+    # [max_pos, head_dim]; for a model with a local RoPE base (Gemma 3) [2, max_pos, head_dim]: the global
+    # table, then the one windowed layers use (rope.rope_cos_sin_cache builds both).
     cos_sin_cache: torch.Tensor
+
+
+def layer_rope_table(cos_sin_cache: torch.Tensor, local: bool) -> torch.Tensor:
+    """The [max_pos, head_dim] table one layer rotates with."""
+    if cos_sin_cache.dim() == 2:
+        return cos_sin_cache
+    return cos_sin_cache[1 if local else 0]
 
 
 class LlamaAttention(nn.Module):
@@ -62,9 +75,14 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.attn_out_bias, tp,
                                         dtype, device, linear_method(quant, [prefix + "o_proj"]))
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        self.scale = arch.head_dim ** -0.5
+        norm = arch.norm_offset
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype, device, norm) if arch.qk_norm else None
+        self.scale = arch.attn_scale
+        # Per-layer constants (CUDA graphs capture them): the window (None: global) and logit soft-cap.
+        self.window = arch.layer_window(layer_idx)
+        self.softcap = arch.attn_logit_softcap
+        self.local_rope = arch.local_rope and arch.is_sliding_layer(layer_idx)
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
         """QKV projection, QK-norm, RoPE and the KV-cache write: everything before attention, all of it
@@ -78,13 +96,14 @@ class LlamaAttention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ctx.backend.write_cache(q, k, v, positions, ctx.cos_sin_cache, ctx.kv_caches[self.layer_idx],
-                                       ctx.attn.slot_mapping)
+        q, k = ctx.backend.write_cache(q, k, v, positions, layer_rope_table(ctx.cos_sin_cache, self.local_rope),
+                                       ctx.kv_caches[self.layer_idx], ctx.attn.slot_mapping)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attention over the paged cache; [T, heads * head_dim]."""
-        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale)
+        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale,
+                                 window=self.window, softcap=self.softcap)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -107,12 +126,13 @@ class LlamaMLP(nn.Module):
             self.up_proj = ColumnParallelLinear(arch.hidden_size, [i], bias, tp, dtype, device,
                                                 linear_method(quant, [prefix + "up_proj"]))
         self.activation = ACTIVATIONS[arch.mlp_activation]
+        self.act_and_mul = gelu_tanh_and_mul if arch.mlp_activation == "gelu_tanh" else silu_and_mul
         self.down_proj = RowParallelLinear(i, arch.hidden_size, bias, tp, dtype, device,
                                            linear_method(quant, [prefix + "down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
         return self.down_proj(self.activation(self.up_proj(x)))
 
 
@@ -128,6 +148,10 @@ class LlamaDecoderLayer(nn.Module):
         self.parallel_residual = arch.parallel_residual
         self.post_attention_layernorm = None if arch.parallel_residual else make_norm(arch, h, dtype, device)
         self.mlp_layernorm = make_norm(arch, h, dtype, device) if arch.separate_mlp_norm else None
+        # Gemma ("sandwich"): post_attention_layernorm normalises attention's output before the residual add,
+        # and two more norms wrap the MLP.
+        self.pre_feedforward_layernorm = make_norm(arch, h, dtype, device) if arch.sandwich_norms else None
+        self.post_feedforward_layernorm = make_norm(arch, h, dtype, device) if arch.sandwich_norms else None
         self.mlp = MoEBlock(arch, tp, dtype, device) if arch.is_moe_layer(layer_idx) else \
             LlamaMLP(arch, layer_idx, tp, dtype, device, quant)
 
@@ -152,6 +176,9 @@ class LlamaDecoderLayer(nn.Module):
         out = self.self_attn.o_proj(attn_out)
         if self.parallel_residual:
             return out, residual
+        if self.pre_feedforward_layernorm is not None:
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(out), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(out, residual)
         return self.mlp(x), residual
 
@@ -182,10 +209,13 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Gemma scales embeddings by sqrt(hidden), that factor first rounded to the weights' dtype (as HF).
+        self.embed_scale = float(torch.tensor(arch.hidden_size ** 0.5, dtype=dtype)) if arch.scale_embeddings \
+            else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         ctx.backend.prepare(ctx.attn)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
@@ -198,8 +228,15 @@ class LlamaForCausalLM(nn.Module):
         blocks = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
         return warm_up_fused_kernel(blocks[0].experts, max_tokens) if blocks else 0
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The first layer's input (piecewise graphs call it too)."""
+        x = self.embed_tokens(input_ids)
+        return x if self.embed_scale is None else x * self.embed_scale
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
+        logits = self.lm_head.compute_logits(hidden)
+        cap = self.arch.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def use_cpu_weight_layout(self) -> int:
         """After loading, on a CPU: the attention projections (q|k|v, o) and the LM head K-major

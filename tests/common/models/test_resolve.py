@@ -48,10 +48,12 @@ def test_max_model_len_defaults_to_the_model_and_may_only_shrink_it():
         resolve(model="random:tiny-llama", max_model_len=2000)
 
 
-def test_a_sliding_window_model_is_served_up_to_its_window_without_any_flag():
-    assert resolve(model="random:tiny-mistral-v0.1").resolved.max_model_len == 256
-    with pytest.raises(ConfigError, match="context length 256"):
-        resolve(model="random:tiny-mistral-v0.1", max_model_len=512)
+def test_a_sliding_window_model_is_served_past_its_window():
+    """The kernels honour the window, so the context is the model's whole position range, not the window."""
+    assert resolve(model="random:tiny-mistral-v0.1").resolved.max_model_len == 1024
+    assert resolve(model="random:tiny-mistral-v0.1", max_model_len=512).resolved.max_model_len == 512
+    with pytest.raises(ConfigError, match="context length 1024"):
+        resolve(model="random:tiny-mistral-v0.1", max_model_len=2000)
 
 
 def test_tensor_parallel_size_must_split_the_heads():

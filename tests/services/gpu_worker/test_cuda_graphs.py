@@ -52,11 +52,11 @@ def test_disabled_reasons():
     assert disabled_reason(on, cuda, triton, 2) is None  # NCCL all-reduces are captured with the layers
 
 
-def make_runner(enforce_eager: bool, max_num_seqs: int = 8) -> ModelRunner:
+def make_runner(enforce_eager: bool, max_num_seqs: int = 8, model: str = "tiny-llama") -> ModelRunner:
     pytest.importorskip("triton")
     # float32: graph and eager runs may pick different GEMM algorithms (padded M), and bf16 rounding of
     # that could flip a near-tie greedy token of a random model.
-    cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", dtype="float32", max_model_len=128, seed=5),
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{model}", dtype="float32", max_model_len=128, seed=5),
                        cache=CacheConfig(num_blocks=64, block_size=8),
                        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs), attention_backend="triton",
                        device="cuda" if HAS_CUDA else "cpu", enforce_eager=enforce_eager)
@@ -133,9 +133,11 @@ def test_padded_static_forward_equals_eager():
         torch.testing.assert_close(now[written], before[written], atol=1e-5, rtol=1e-5)
 
 
+# Gemma 2 / 3: each layer's window and soft-cap are constants the captured graphs bake in.
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_graph_replay_matches_eager():
-    graphed, eager = make_runner(enforce_eager=False), make_runner(enforce_eager=True)
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma2", "tiny-gemma3"])
+def test_graph_replay_matches_eager(model):
+    graphed, eager = make_runner(enforce_eager=False, model=model), make_runner(enforce_eager=True, model=model)
     assert graphed.decode_graphs is not None and eager.decode_graphs is None
     assert sorted(graphed.decode_graphs.graphs) == [1, 2, 4, 8]
     # The same decode batch (3 rows, replayed at 4) both ways.

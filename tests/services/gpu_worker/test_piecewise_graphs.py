@@ -76,10 +76,11 @@ def test_pieces_with_eager_attention_equal_the_eager_forward():
         torch.testing.assert_close(now[written], before[written], atol=1e-5, rtol=1e-5)
 
 
-def test_runner_steps_through_pieces_give_the_eager_tokens():
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])  # Gemma 3: scaled embeddings, windows
+def test_runner_steps_through_pieces_give_the_eager_tokens(model):
     """Chunked prefills (7 tokens a step) beside decodes, through the runner: every non-decode step goes
     through the pieces and the greedy tokens equal the eager runner's."""
-    eager, pieced = make_runner(enforce_eager=True), make_runner(enforce_eager=True)
+    eager, pieced = make_runner(enforce_eager=True, model=model), make_runner(enforce_eager=True, model=model)
     pieced.piecewise_graphs = make_pieces(pieced, [8, 16, 32])
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 17, 9)]
@@ -111,8 +112,9 @@ def test_prompt_logprobs_through_pieces_equal_the_eager_runners():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_captured_pieces_match_eager():
-    graphed, eager = make_runner(enforce_eager=False), make_runner(enforce_eager=True)
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma2", "tiny-gemma3"])
+def test_captured_pieces_match_eager(model):
+    graphed, eager = make_runner(enforce_eager=False, model=model), make_runner(enforce_eager=True, model=model)
     assert graphed.piecewise_graphs is not None and eager.piecewise_graphs is None
     batch = mixed_batch(graphed)
     ctx = ForwardContext(batch.attn, graphed.kv_caches, graphed.backend, graphed.cos_sin_cache)

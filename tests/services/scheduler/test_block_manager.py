@@ -166,3 +166,34 @@ def test_disabled_prefix_caching_never_hits():
     admit(bm, make_req(list(range(9)), "a"))
     assert bm.num_cached_blocks == 0
     assert bm.get_computed_blocks(make_req(list(range(9)), "b")) == ([], 0)
+
+
+def test_blocks_out_of_the_window_are_released_once_and_free_skips_them():
+    """Window 6, blocks of 4: after 14 tokens the next query (position 14) sees keys 9..14, so blocks 0
+    and 1 (keys 0..7) go back; block 2 (keys 8..11) is still partly visible."""
+    bm = BlockManager(num_blocks=8, block_size=BS, watermark=0.0)
+    req = make_req(list(range(14)))
+    compute(bm, req, 14)
+    held = list(req.block_ids)
+    assert bm.release_out_of_window(req, window=6) == 2
+    assert bm.num_free_blocks == 8 - 2 and [bm.blocks[b].ref_count for b in held] == [0, 0, 1, 1]
+    assert req.block_ids == held  # logical block k is still block_ids[k]
+    assert bm.release_out_of_window(req, window=6) == 0  # nothing twice
+    compute(bm, req, 3)  # 17 tokens: a fifth logical block, and block 2 (keys 8..11) falls out too
+    assert bm.release_out_of_window(req, window=6) == 1 and bm.num_free_blocks == 8 - 2
+    bm.free(req)
+    assert all_free(bm)
+
+
+def test_with_prefix_caching_only_committed_blocks_are_released():
+    """A block whose KV is not yet registered (its step has not returned) stays held: registering it later
+    must not touch a block already handed to another request."""
+    bm = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=True, watermark=0.0)
+    req = make_req(list(range(14)))
+    assert bm.allocate_slots(req, 14) is not None
+    req.num_computed_tokens = 14  # scheduled, not committed
+    assert bm.release_out_of_window(req, window=6) == 0
+    bm.commit_blocks(req)
+    assert bm.release_out_of_window(req, window=6) == 2
+    bm.free(req)
+    assert all_free(bm)

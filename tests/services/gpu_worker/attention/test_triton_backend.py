@@ -71,7 +71,7 @@ def to_device(x):
     return x
 
 
-def run_both(batch, scale: float):
+def run_both(batch, scale: float, window: int | None = None, softcap: float | None = None):
     """(torch output, torch caches, triton output, triton caches) on private copies of the batch."""
     q, k, v, pos, cos_sin, (kc, vc), meta = batch
     cos_sin = cos_sin.to(DEVICE)  # float32, as the runner keeps it
@@ -85,7 +85,7 @@ def run_both(batch, scale: float):
         caches = (to_device(kc.clone()), to_device(vc.clone()))
         m = AttentionMetadata(**{f: to_device(getattr(meta, f)) for f in meta.__dataclass_fields__})
         out = backend.forward(q2.view(-1, hq, d), k2.view(-1, hk, d), v2.view(-1, hk, d), pos.to(DEVICE),
-                              cos_sin, caches, m, scale)
+                              cos_sin, caches, m, scale, window, softcap)
         results += [out.float().cpu(), tuple(c.float().cpu() for c in caches)]
     return results
 
@@ -121,9 +121,20 @@ def test_batch_kinds(kind):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
 
 
-def make_runner(backend: str) -> ModelRunner:
+@pytest.mark.parametrize("window,softcap", [(1, None), (7, None), (20, 1.5), (None, 1.5)])
+def test_window_and_softcap_match_torch(window, softcap):
+    """Decodes and chunked prefills (cached prefixes longer than the window) through a windowed or
+    soft-capped layer."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(40, 1), (3, 1), (30, 1), (0, 27), (25, 9), (50, 3)]
+    batch = make_batch(shapes, 3, 8, 2, 32, 8, g)
+    ref_out, _, out, _ = run_both(batch, 0.2, window, softcap)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=ATOL)
+
+
+def make_runner(backend: str, model: str = "tiny-llama") -> ModelRunner:
     # float32 on a GPU too: the comparison below is about attention, not bf16 rounding.
-    cfg = EngineConfig(model=ModelConfig(model="random:tiny-llama", dtype="float32", max_model_len=256, seed=3),
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{model}", dtype="float32", max_model_len=256, seed=3),
                        cache=CacheConfig(num_blocks=64, block_size=8), attention_backend=backend,
                        device=DEVICE.type, enforce_eager=True)
     return ModelRunner(resolved(cfg), log=lambda *_: None)
@@ -170,6 +181,17 @@ def test_tiny_model_greedy_tokens_match_torch_backend():
     lockstep = Lockstep(make_runner("torch"), triton_runner)
     outs = PlanDriver(lockstep, chunk_size=5).generate(prompts, SamplingParams(temperature=0.0), 6)
     assert [len(o) for o in outs] == [6, 6, 6] and lockstep.compared == 18
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma2", "tiny-gemma3"])
+def test_windowed_models_greedy_tokens_match_torch_backend(model):
+    """Windowed and global layers, soft-caps and Gemma 3's local RoPE through the triton backend: prompts
+    longer than the window, chunks of 5, then decode steps past the window."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (8, 19)]
+    lockstep = Lockstep(make_runner("torch", model), make_runner("triton", model))
+    outs = PlanDriver(lockstep, chunk_size=6).generate(prompts, SamplingParams(temperature=0.0), 4)
+    assert [len(o) for o in outs] == [4, 4] and lockstep.compared == 8
 
 
 def _compiled_variants(kernel) -> int | None:
