@@ -123,6 +123,11 @@ class ServerConfig:
     # Engine requests waiting for a first step beyond which the api answers 429 without touching the engine
     # (None: no bound, as vLLM). The scheduler's own queue is unbounded, so this is what keeps it short.
     max_num_queued_reqs: int | None = None
+    # Prompt tokens waiting for a first step beyond which the api answers 429 the same way (None: no bound).
+    max_queued_tokens: int | None = None
+    # Engine requests one HTTP request may start (prompts x n): past it a 400, so one body cannot queue
+    # thousands of sequences ahead of every other client.
+    max_seqs_per_request: int = 256
     # Seconds a request may run before it is aborted (its KV freed) and answered 408; a request may ask for
     # less with an X-Request-Timeout header. None: no server default.
     request_timeout: float | None = None
@@ -130,6 +135,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(self.max_num_queued_reqs is None or self.max_num_queued_reqs > 0,
                  "--max-num-queued-reqs must be positive")
+        _require(self.max_queued_tokens is None or self.max_queued_tokens > 0, "--max-queued-tokens must be positive")
+        _require(self.max_seqs_per_request >= 1, "--max-seqs-per-request must be >= 1")
         _require(self.request_timeout is None or self.request_timeout > 0, "--request-timeout must be positive")
         _require(0 < self.port < 65536, "--port must be in 1..65535")
         _require(self.num_tokenizers >= 1, "--num-tokenizers must be >= 1")

@@ -359,6 +359,7 @@ class EngineStats:
     # False while the engine cannot run requests (workers loading or restarting after a failure): the apis
     # answer /health with 503 from this message at once, rather than after EngineStats stops for a while.
     serving: bool = True
+    num_waiting_tokens: int = 0  # prompt tokens of the waiting requests (--max-queued-tokens)
 
 
 # --------------------------------------------------------------------------- control

@@ -43,7 +43,9 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     ctx = ServingContext(client=client, model_name=model.name, max_n=config.server.max_n,
                          max_model_len=model.max_model_len, model_root=config.model.model or model.name,
                          started=int(time.time()), max_num_queued_reqs=config.server.max_num_queued_reqs,
-                         request_timeout=config.server.request_timeout)
+                         request_timeout=config.server.request_timeout,
+                         max_queued_tokens=config.server.max_queued_tokens,
+                         max_seqs_per_request=config.server.max_seqs_per_request)
     metrics = Metrics(ctx.model_name, model.max_model_len)
     client.on_generation_finished = lambda gen: metrics.observe(gen.records, gen.http)
     client.on_stats = metrics.on_stats

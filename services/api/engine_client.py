@@ -128,6 +128,7 @@ class EngineClient:
 
         self.stats: EngineStats | None = None
         self._sent_since_stats = 0  # engine requests this api sent after the last EngineStats was taken
+        self._tokens_since_stats = 0  # and their prompt tokens, estimated (see estimated_tokens)
         self._stats_seen = 0.0
         self._engine_alive = False
         self._peers: dict[bytes, _Peer] = {}
@@ -180,6 +181,12 @@ class EngineClient:
         return (self.stats.num_waiting if self.stats is not None else 0) + self._sent_since_stats
 
     @property
+    def queued_tokens_estimate(self) -> int:
+        """Prompt tokens waiting to start, the same way: the scheduler's last count plus an estimate of what
+        this api sent since (it has not been tokenized yet)."""
+        return (self.stats.num_waiting_tokens if self.stats is not None else 0) + self._tokens_since_stats
+
+    @property
     def engine_alive(self) -> bool:
         """EngineStats keeps arriving (the scheduler is up and its engine loaded)."""
         return self._engine_alive
@@ -209,6 +216,7 @@ class EngineClient:
                 for data in payloads:
                     self._send_bytes(peer, data)
                 self._sent_since_stats += len(requests)
+                self._tokens_since_stats += sum(estimated_tokens(req) for req in requests)
                 return gen
             except _PeerGone:
                 self._unregister(gen)  # it never started: retry the whole request on the next live tokenizer
@@ -353,7 +361,7 @@ class EngineClient:
                 continue
             if isinstance(msg, EngineStats):
                 self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), msg.serving
-                self._sent_since_stats = 0
+                self._sent_since_stats = self._tokens_since_stats = 0
                 try:
                     self.on_stats(msg)
                 except Exception:  # a metrics failure must not stop the engine's heartbeat
@@ -450,6 +458,15 @@ class EngineClient:
             gen.tokenizer = peer
             return True
         return False
+
+
+def estimated_tokens(req: GenerateRequest) -> int:
+    """A request's prompt tokens before the tokenizer has seen it: exact for token ids, else about one token
+    per four bytes of text (what BPE vocabularies average on English)."""
+    if req.prompt_token_ids is not None:
+        return len(req.prompt_token_ids)
+    text = req.prompt if req.prompt is not None else repr(req.messages)
+    return max(1, len(text.encode("utf-8", "replace")) // 4)
 
 
 def _encode(msg: Any) -> bytes:

@@ -110,6 +110,11 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens the waiting requests still have to prefill (the apis' --max-queued-tokens bound)."""
+        return sum(req.num_tokens for req in self.waiting.values())
+
+    @property
     def kv_usage(self) -> float:
         return self.block_manager.usage
 

@@ -238,7 +238,8 @@ class SchedulerService:
             stats = EngineStats(num_waiting=len(self.held), serving=False)
         else:
             stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
-                                prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
+                                prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+                                num_waiting_tokens=s.num_waiting_tokens)
         for identity in self.apis:
             transport.router_send(self.frontend, identity, stats)
 
