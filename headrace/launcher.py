@@ -36,7 +36,8 @@ log = logging.getLogger("headrace.launcher")
 # MAX_CRASHES-th ends the server.
 BACKOFF_S = 1.0
 MAX_CRASHES = 4
-DRAIN_TIMEOUT_S = 30.0
+# How long past --shutdown-timeout the apis get to close their last responses and exit.
+DRAIN_MARGIN_S = 5.0
 STOP_TIMEOUT_S = 10.0
 
 
@@ -276,7 +277,7 @@ class Launcher:
         apis = [c.process for c in self.children if c.kind == "api" and c.process.is_alive()]
         for p in apis:
             p.terminate()  # uvicorn's graceful shutdown: stop accepting, finish open responses
-        deadline = time.monotonic() + (DRAIN_TIMEOUT_S if drain else 2.0)
+        deadline = time.monotonic() + (self.config.server.shutdown_timeout + DRAIN_MARGIN_S if drain else 2.0)
         for p in apis:
             p.join(max(0.0, deadline - time.monotonic()))
         try:

@@ -172,6 +172,14 @@ class EngineClient:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
+    def end_all(self, message: str) -> int:
+        """Fail every request in flight with a 503 saying `message` (the end of a drain); how many there were."""
+        error = ErrorInfo(message, "ServiceUnavailableError", None, 503)
+        generations = list(self._generations)
+        for gen in generations:
+            self._fail(gen, error)
+        return len(generations)
+
     # ------------------------------------------------------------------ state the routes read
 
     @property
