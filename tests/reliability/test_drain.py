@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.headrace.server_process import ServerProcess
-from tests.reliability.harness import gauges, stream
+from tests.reliability.harness import stream
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,13 @@ def test_sigterm_ends_every_stream_cleanly_by_the_deadline():
 
         async def run():
             async with httpx.AsyncClient(timeout=120) as client:
+                started: list = []
                 tasks = [asyncio.create_task(stream(client, srv.base_url, f"Tell a long story {i}", 900,
-                                                    ignore_eos=True)) for i in range(STREAMS)]
+                                                    ignore_eos=True, started=started)) for i in range(STREAMS)]
                 deadline = time.monotonic() + 120
-                while (await asyncio.to_thread(gauges, srv.base_url)).get("running", 0) < STREAMS:
-                    assert time.monotonic() < deadline, "the streams never ran"
-                    await asyncio.sleep(0.2)
+                while len(started) < STREAMS:  # every stream is streaming
+                    assert time.monotonic() < deadline, "the streams never started"
+                    await asyncio.sleep(0.05)
                 srv.proc.send_signal(signal.SIGTERM)
                 return time.monotonic(), await asyncio.gather(*tasks)
 
