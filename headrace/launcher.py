@@ -36,6 +36,9 @@ log = logging.getLogger("headrace.launcher")
 # MAX_CRASHES-th ends the server.
 BACKOFF_S = 1.0
 MAX_CRASHES = 4
+# The server counts as healthy again only with every restart done and this long behind it, so that a process
+# that dies shortly after each start is caught even while its siblings keep /health at 200.
+STABLE_S = 5.0
 # How long past --shutdown-timeout the apis get to close their last responses and exit.
 DRAIN_MARGIN_S = 5.0
 STOP_TIMEOUT_S = 10.0
@@ -150,6 +153,7 @@ class Launcher:
         self.announced = False
         self.down_since: float | None = None  # a process died and /health has not been 200 since
         self.down_what = ""
+        self.last_spawn = 0.0  # when the last process started (monotonic)
 
     # ------------------------------------------------------------------ processes
 
@@ -158,6 +162,7 @@ class Launcher:
         proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index, env),
                                 name=f"headrace-{kind}-{index}")
         proc.start()
+        self.last_spawn = time.monotonic()
         log.info("started %s-%d (pid %d)", kind, index, proc.pid)
         return proc
 
@@ -244,9 +249,15 @@ class Launcher:
                     break
                 if not self._on_exit(child):
                     return 1
-            if (not self.announced or self.down_since is not None) and self._healthy():
+            if not self.announced and self._healthy():
+                self._on_healthy()
+            elif self.down_since is not None and self._recovered():
                 self._on_healthy()
         return 0
+
+    def _recovered(self) -> bool:
+        settled = time.monotonic() - self.last_spawn >= STABLE_S
+        return settled and all(c.due is None for c in self.children) and self._healthy()
 
     def _on_healthy(self) -> None:
         for child in self.children:
