@@ -1,8 +1,8 @@
 """Load on a real `headrace serve` (CPU, the embedded model): many concurrent streams lose nothing and
 answer as the same requests alone; streams dropped mid-flight leave nothing running, waiting or holding KV.
 
-Counts, for CI's two cores: 1,000 concurrent streams of 4 tokens (the issue's count), and 500 dropped
-streams (the issue asks 2,000; each needs its prefill on CPU, so 500 keeps the test near a minute).
+Counts, for CI's two cores: 1,000 concurrent streams of 4 tokens (the issue's count), and 300 dropped
+streams (the issue asks 2,000; each needs its prefill on CPU, so 300 keeps the test short).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.reliability.harness import complete, stream, wait_idle
 pytestmark = pytest.mark.slow
 
 CONCURRENT = 1000
-DROPPED = 500
+DROPPED = 300
 PROMPTS = [f"Q{i}: name a color." for i in range(40)]
 SAMPLE = PROMPTS[:5]
 
