@@ -127,6 +127,14 @@ class ServerConfig:
     # Engine requests waiting for a first step beyond which the api answers 429 without touching the engine
     # (None: no bound, as vLLM). The scheduler's own queue is unbounded, so this is what keeps it short.
     max_num_queued_reqs: int | None = None
+    # Prompt tokens waiting for a first step beyond which the api answers 429 the same way (None: no bound).
+    max_queued_tokens: int | None = None
+    # Engine requests one HTTP request may start (prompts x n): past it a 400, so one body cannot queue
+    # thousands of sequences ahead of every other client.
+    max_seqs_per_request: int = 256
+    # Seconds the apis keep serving open requests after SIGTERM/SIGINT; at the end, each one still running
+    # ends cleanly (a 503, or a stream's error event and [DONE]) before the processes stop.
+    shutdown_timeout: float = 10.0
     # Seconds a request may run before it is aborted (its KV freed) and answered 408; a request may ask for
     # less with an X-Request-Timeout header. None: no server default.
     request_timeout: float | None = None
@@ -145,6 +153,9 @@ class ServerConfig:
                  f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}")
         _require(self.max_num_queued_reqs is None or self.max_num_queued_reqs > 0,
                  "--max-num-queued-reqs must be positive")
+        _require(self.max_queued_tokens is None or self.max_queued_tokens > 0, "--max-queued-tokens must be positive")
+        _require(self.max_seqs_per_request >= 1, "--max-seqs-per-request must be >= 1")
+        _require(self.shutdown_timeout >= 0, "--shutdown-timeout must not be negative")
         _require(self.request_timeout is None or self.request_timeout > 0, "--request-timeout must be positive")
         _require(0 < self.port < 65536, "--port must be in 1..65535")
         _require(self.num_tokenizers >= 1, "--num-tokenizers must be >= 1")

@@ -408,6 +408,10 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     prefix_cache_queries: int = 0  # cumulative prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative prompt tokens found there
+    # False while the engine cannot run requests (workers loading or restarting after a failure): the apis
+    # answer /health with 503 from this message at once, rather than after EngineStats stops for a while.
+    serving: bool = True
+    num_waiting_tokens: int = 0  # prompt tokens of the waiting requests (--max-queued-tokens)
 
 
 # --------------------------------------------------------------------------- control

@@ -267,3 +267,35 @@ async def router_recv_async(sock: zmq.asyncio.Socket) -> tuple[Identity, Any]:
 
 dealer_send_async = send_async
 dealer_recv_async = recv_async
+
+
+# --------------------------------------------------------------------------- connection monitors
+
+# A peer process that dies (kill -9 included) closes its connections; the kernel tells the other end at once,
+# and ZeroMQ reports it as EVENT_DISCONNECTED on a monitor socket. Heartbeats still catch a peer that hangs;
+# monitors make a crash visible in milliseconds instead of PEER_TIMEOUT_S.
+MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+
+def monitor_socket(sock: zmq.Socket) -> zmq.Socket:
+    """A PAIR socket that receives `sock`'s connect/accept/disconnect events (read with `monitor_events`).
+    It follows sock's context, so an asyncio socket gets an asyncio monitor."""
+    return sock.get_monitor_socket(MONITOR_EVENTS)
+
+
+def monitor_events(frames: list[bytes]) -> int:
+    """The event of one monitor message (zmq.EVENT_*), from its two frames."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    return int(parse_monitor_message(frames)["event"])
+
+
+def drain_monitor(mon: zmq.Socket) -> list[int]:
+    """Every event waiting on a (synchronous) monitor socket, oldest first."""
+    events = []
+    while True:
+        try:
+            frames = mon.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return events
+        events.append(monitor_events(frames))

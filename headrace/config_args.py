@@ -105,6 +105,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--max-request-bytes", ServerConfig, type=int)
     _flag(g, "--max-num-queued-reqs", ServerConfig, type=int,
           help="engine requests waiting to start beyond which new requests get 429 with Retry-After")
+    _flag(g, "--max-queued-tokens", ServerConfig, type=int,
+          help="prompt tokens waiting to start beyond which new requests get 429 with Retry-After")
+    _flag(g, "--max-seqs-per-request", ServerConfig, type=int,
+          help="sequences (prompts x n) one request may start; past it the request is a 400")
+    _flag(g, "--shutdown-timeout", ServerConfig, type=float,
+          help="seconds open requests may run on after SIGTERM; then each ends with a 503 / an SSE error event")
     _flag(g, "--request-timeout", ServerConfig, type=float,
           help="seconds a request may run before it is aborted and answered 408 (X-Request-Timeout may ask less)")
     _flag(g, "--enable-auto-tool-choice", ServerConfig, action="store_true",

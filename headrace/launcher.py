@@ -3,8 +3,10 @@
 The launcher resolves the model once (converting a GGUF into the cache before anyone needs it), fixes
 every address, starts scheduler, worker ranks, tokenizers and api servers as separate processes, and
 then only watches them: a dead tokenizer or api is restarted, a dead worker is reported to the
-scheduler (which fails its in-flight requests) and the ranks are restarted, a dead scheduler ends the
-server. SIGINT/SIGTERM drain the api servers first, then stop everything; no process is left behind.
+scheduler (which fails its in-flight requests) and the ranks are restarted, a dead scheduler is restarted
+with its replica's ranks. A process that dies again before the server is healthy again is restarted after a
+growing pause; one that keeps doing so ends the server with exit code 1 and a log line naming it.
+SIGINT/SIGTERM drain the api servers first, then stop everything; no process is left behind.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ from headrace.common.messages import Shutdown, WorkerFailed
 
 log = logging.getLogger("headrace.launcher")
 
-RESTART_WINDOW_S = 60.0
-MAX_RESTARTS_IN_WINDOW = 5
-DRAIN_TIMEOUT_S = 30.0
+# A process that dies before the server has been healthy since its last start is crash-looping: its k-th
+# such death in a row waits BACKOFF_S * 2**(k-2) before the restart (the first restarts at once), and the
+# MAX_CRASHES-th ends the server.
+BACKOFF_S = 1.0
+MAX_CRASHES = 4
+# The server counts as healthy again only with every restart done and this long behind it, so that a process
+# that dies shortly after each start is caught even while its siblings keep /health at 200.
+STABLE_S = 5.0
+# How long past --shutdown-timeout the apis get to close their last responses and exit.
+DRAIN_MARGIN_S = 5.0
 STOP_TIMEOUT_S = 10.0
 
 
@@ -52,7 +61,9 @@ class Child:
     kind: str
     index: int
     process: mp.Process
-    restarts: list[float] = field(default_factory=list)
+    crashes: int = 0  # deaths in a row before the server was healthy again (see BACKOFF_S)
+    due: float | None = None  # when a restart pending its backoff starts (monotonic)
+    reason: str = ""  # why it last died
 
     @property
     def name(self) -> str:
@@ -140,6 +151,9 @@ class Launcher:
         self.metrics_dir: str | None = None
         self.stopping = False
         self.announced = False
+        self.down_since: float | None = None  # a process died and /health has not been 200 since
+        self.down_what = ""
+        self.last_spawn = 0.0  # when the last process started (monotonic)
 
     # ------------------------------------------------------------------ processes
 
@@ -148,6 +162,7 @@ class Launcher:
         proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index, env),
                                 name=f"headrace-{kind}-{index}")
         proc.start()
+        self.last_spawn = time.monotonic()
         log.info("started %s-%d (pid %d)", kind, index, proc.pid)
         return proc
 
@@ -172,52 +187,90 @@ class Launcher:
         transport.dealer_send(sock, msg)
         sock.close()
 
-    def _restart(self, child: Child, reason: str) -> bool:
+    def _restart(self, child: Child, reason: str, died: bool = True) -> bool:
+        """Restart child now, or after its backoff when it is crash-looping; False when it has crashed
+        MAX_CRASHES times in a row (the server cannot become healthy). `died`: False for a process stopped
+        here to restart with its replica, which is no crash of its own."""
         now = time.monotonic()
-        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
-        if len(child.restarts) > MAX_RESTARTS_IN_WINDOW:
-            log.error("%s died %d times in %.0fs; giving up", child.name, len(child.restarts), RESTART_WINDOW_S)
+        if died and (not self.announced or self.down_since is not None):  # dead before healthy again
+            child.crashes += 1
+        if self.down_since is None:
+            self.down_since, self.down_what = now, child.name
+        child.reason = reason
+        if child.crashes >= MAX_CRASHES:
+            log.error("giving up: %s crash-looped, dying %d times in a row before the server became healthy "
+                      "(last: %s); stopping the server", child.name, child.crashes, reason)
             return False
-        log.warning("%s %s; restarting it", child.name, reason)
-        child.process = self._spawn(child.kind, child.index)
+        delay = 0.0 if child.crashes <= 1 else BACKOFF_S * 2 ** (child.crashes - 2)  # 0, 0, 1, 2, ...
+        log.warning("%s %s; restarting it%s", child.name, reason, f" in {delay:.0f}s" if delay else "")
+        child.due = now + delay
         return True
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.due is not None and child.due <= now and not self.stopping:
+                child.due = None
+                child.process = self._spawn(child.kind, child.index)
 
     def _on_exit(self, child: Child) -> bool:
         """Handle one child's exit; False means the server cannot go on."""
         reason = f"exited with code {child.process.exitcode}"
         if child.kind == "scheduler":
-            log.error("the scheduler %s; shutting down", reason)
-            return False
+            # The ranks' per-request state and in-flight steps belong to the dead scheduler's plans, and their KV
+            # blocks to its block table: a new scheduler can rebuild neither, so the replica restarts together
+            # (its requests were failed by the tokenizers, which saw the scheduler's connection close).
+            return self._restart(child, reason) and self._restart_workers(None, "restarted with its scheduler")
         if child.kind == "worker":
             self._notify_scheduler(WorkerFailed(child.index, reason))
             # A lost rank leaves the others stuck in collectives: restart every rank of the replica.
-            ok = True
-            for other in self.children:
-                if other.kind == "worker" and other is not child and other.process.is_alive():
-                    other.process.kill()
-                    other.process.join(5)
-                    ok = self._restart(other, "restarted with its replica") and ok
-            return self._restart(child, reason) and ok
+            return self._restart(child, reason) and self._restart_workers(child, "restarted with its replica")
         return self._restart(child, reason)
+
+    def _restart_workers(self, dead: Child | None, reason: str) -> bool:
+        ok = True
+        for other in self.children:
+            if other.kind == "worker" and other is not dead and other.due is None:
+                other.process.kill()
+                other.process.join(5)
+                ok = self._restart(other, reason, died=False) and ok
+        return ok
 
     # ------------------------------------------------------------------ supervision
 
     def supervise(self) -> int:
         while not self.stopping:
-            sentinels = {c.process.sentinel: c for c in self.children}
+            self._start_due()
+            sentinels = {c.process.sentinel: c for c in self.children if c.due is None}
             for sentinel in wait(list(sentinels), timeout=0.5):
                 child = sentinels[sentinel]
                 child.process.join(0)
-                if self.stopping:
+                if self.stopping or child.due is not None:  # stopping, or killed by a replica restart above
                     break
                 if not self._on_exit(child):
                     return 1
             if not self.announced and self._healthy():
-                self.announced = True
-                s = self.config.server
-                print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.require_resolved().name})",
-                      flush=True)
+                self._on_healthy()
+            elif self.down_since is not None and self._recovered():
+                self._on_healthy()
         return 0
+
+    def _recovered(self) -> bool:
+        settled = time.monotonic() - self.last_spawn >= STABLE_S
+        return settled and all(c.due is None for c in self.children) and self._healthy()
+
+    def _on_healthy(self) -> None:
+        for child in self.children:
+            child.crashes = 0
+        if self.down_since is not None:
+            log.info("recovered: healthy again %.1fs after %s died", time.monotonic() - self.down_since,
+                     self.down_what)
+            self.down_since = None
+        if not self.announced:
+            self.announced = True
+            s = self.config.server
+            print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.require_resolved().name})",
+                  flush=True)
 
     def _healthy(self) -> bool:
         import httpx
@@ -235,7 +288,7 @@ class Launcher:
         apis = [c.process for c in self.children if c.kind == "api" and c.process.is_alive()]
         for p in apis:
             p.terminate()  # uvicorn's graceful shutdown: stop accepting, finish open responses
-        deadline = time.monotonic() + (DRAIN_TIMEOUT_S if drain else 2.0)
+        deadline = time.monotonic() + (self.config.server.shutdown_timeout + DRAIN_MARGIN_S if drain else 2.0)
         for p in apis:
             p.join(max(0.0, deadline - time.monotonic()))
         try:
@@ -275,6 +328,7 @@ class Launcher:
 
 def serve(config: EngineConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per /health poll
     files = RuntimeFiles()
     try:
         config = prepare_config(config, log_fn=log.info, files=files)

@@ -73,6 +73,8 @@ class Generation:
         self._queue: asyncio.Queue[tuple[int, TextDelta]] = asyncio.Queue()
         self._unfinished = set(range(len(requests)))  # not yet finished as delivered by the engine
         self._unread = len(requests)  # finished deltas the consumer has not taken yet
+        self.payloads: list[bytes] = []  # the encoded requests, to move them if their tokenizer dies unheard
+        self.answered = False  # a delta arrived: the client may have seen output, so it can no longer move
 
     @property
     def finished(self) -> bool:
@@ -99,6 +101,7 @@ class Generation:
     def _deliver(self, index: int, delta: TextDelta, now: float) -> None:
         if index not in self._unfinished:
             return
+        self.answered = True
         self.records[index].on_delta(delta, now)
         if delta.finished:
             self._unfinished.discard(index)
@@ -125,6 +128,7 @@ class EngineClient:
 
         self.stats: EngineStats | None = None
         self._sent_since_stats = 0  # engine requests this api sent after the last EngineStats was taken
+        self._tokens_since_stats = 0  # and their prompt tokens, estimated (see estimated_tokens)
         self._stats_seen = 0.0
         self._engine_alive = False
         self._peers: dict[bytes, _Peer] = {}
@@ -151,7 +155,8 @@ class EngineClient:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._dealer = transport.dealer_socket(self._ctx, self._scheduler_address, prefix=f"api{self.api_index}")
         self._tasks = [asyncio.create_task(coro) for coro in
-                       (self._recv_tokenizers(), self._recv_scheduler(), self._say_hello(), self._watch_peers())]
+                       (self._recv_tokenizers(), self._recv_scheduler(), self._say_hello(), self._watch_peers(),
+                        self._watch_connections())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -167,6 +172,14 @@ class EngineClient:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
+    def end_all(self, message: str) -> int:
+        """Fail every request in flight with a 503 saying `message` (the end of a drain); how many there were."""
+        error = ErrorInfo(message, "ServiceUnavailableError", None, 503)
+        generations = list(self._generations)
+        for gen in generations:
+            self._fail(gen, error)
+        return len(generations)
+
     # ------------------------------------------------------------------ state the routes read
 
     @property
@@ -174,6 +187,12 @@ class EngineClient:
         """Engine requests waiting to start, as far as this api knows without asking: the scheduler's last
         count plus what this api sent since (other apis' recent requests show up with the next count)."""
         return (self.stats.num_waiting if self.stats is not None else 0) + self._sent_since_stats
+
+    @property
+    def queued_tokens_estimate(self) -> int:
+        """Prompt tokens waiting to start, the same way: the scheduler's last count plus an estimate of what
+        this api sent since (it has not been tokenized yet)."""
+        return (self.stats.num_waiting_tokens if self.stats is not None else 0) + self._tokens_since_stats
 
     @property
     def engine_alive(self) -> bool:
@@ -197,6 +216,7 @@ class EngineClient:
         while True:
             peer = self._pick()
             gen = Generation(self, peer, requests, time.monotonic(), http)
+            gen.payloads = payloads
             for k, req in enumerate(requests):
                 self._requests[req.req_id] = (gen, k)
             self._generations.add(gen)
@@ -204,6 +224,7 @@ class EngineClient:
                 for data in payloads:
                     self._send_bytes(peer, data)
                 self._sent_since_stats += len(requests)
+                self._tokens_since_stats += sum(estimated_tokens(req) for req in requests)
                 return gen
             except _PeerGone:
                 self._unregister(gen)  # it never started: retry the whole request on the next live tokenizer
@@ -347,8 +368,8 @@ class EngineClient:
                 log.warning("api %d: dropped a malformed message from the scheduler: %s", self.api_index, e)
                 continue
             if isinstance(msg, EngineStats):
-                self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), True
-                self._sent_since_stats = 0
+                self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), msg.serving
+                self._sent_since_stats = self._tokens_since_stats = 0
                 try:
                     self.on_stats(msg)
                 except Exception:  # a metrics failure must not stop the engine's heartbeat
@@ -380,6 +401,38 @@ class EngineClient:
             for peer in [p for p in self._peers.values() if now - p.last_seen > self.peer_timeout_s]:
                 self._forget(peer, f"it sent nothing for {now - peer.last_seen:.1f} s")
 
+    async def _watch_connections(self) -> None:
+        """A peer process that dies closes its connection at once (see common.transport's monitors): the
+        scheduler's makes /health 503 now; a tokenizer's makes us find which one is gone now (a send to it
+        fails) rather than after PEER_TIMEOUT_S of silence."""
+        assert self._router is not None and self._dealer is not None
+        engine = transport.monitor_socket(self._dealer)
+        tokenizers = transport.monitor_socket(self._router)
+        poller = zmq.asyncio.Poller()
+        poller.register(engine, zmq.POLLIN)
+        poller.register(tokenizers, zmq.POLLIN)
+        while True:
+            for sock, _ in await poller.poll():
+                event = transport.monitor_events(await sock.recv_multipart())
+                if event != zmq.EVENT_DISCONNECTED:
+                    continue
+                if sock is engine and self._engine_alive:
+                    log.error("api %d: the scheduler's connection closed; reporting unhealthy", self.api_index)
+                    self._engine_alive = False
+                elif sock is tokenizers:
+                    await self._find_gone_tokenizers()
+
+    async def _find_gone_tokenizers(self) -> None:
+        """A tokenizer connection closed: the ROUTER drops that peer's identity once its own thread has seen the
+        close, so a probe (a Heartbeat, which tokenizers ignore) to each peer fails for the gone one."""
+        for delay in (0.0, 0.05, 0.25):
+            await asyncio.sleep(delay)
+            for peer in list(self._peers.values()):
+                try:
+                    self._send(peer, Heartbeat("api", self.api_index, time.time()))
+                except _PeerGone:
+                    self._forget(peer, "its connection closed")
+
     def _forget(self, peer: _Peer, why: str) -> None:
         """Stop routing to a tokenizer and fail every request it holds."""
         self._peers.pop(peer.identity, None)
@@ -387,10 +440,41 @@ class EngineClient:
         error = ErrorInfo(f"The tokenizer serving this request ({peer.name}) stopped responding ({why}); "
                           "the request was lost. Retry it.", "ServiceUnavailableError", None, 503)
         for gen in [g for g in self._generations if g.tokenizer.identity == peer.identity]:
-            self._fail(gen, error)
+            if not self._move(gen):
+                self._fail(gen, error)
         for req_id, (identity, future) in list(self._calls.items()):
             if identity == peer.identity and not future.done():
                 future.set_exception(ApiError.from_info(error))
+
+
+    def _move(self, gen: Generation) -> bool:
+        """Send a request whose tokenizer died before answering anything to a live one, ids unchanged (the
+        scheduler drops the dead tokenizer's copy when the id comes back from another). False when it had
+        answered already, or no tokenizer is left."""
+        if gen.answered:
+            return False
+        while self._peers:
+            peer = self._pick()
+            try:
+                for data in gen.payloads:
+                    self._send_bytes(peer, data)
+            except _PeerGone:
+                self._forget(peer, "it disconnected")
+                continue
+            log.warning("api %d: moved %d requests from %s to %s", self.api_index, len(gen.req_ids),
+                        gen.tokenizer.name, peer.name)
+            gen.tokenizer = peer
+            return True
+        return False
+
+
+def estimated_tokens(req: GenerateRequest) -> int:
+    """A request's prompt tokens before the tokenizer has seen it: exact for token ids, else about one token
+    per four bytes of text (what BPE vocabularies average on English)."""
+    if req.prompt_token_ids is not None:
+        return len(req.prompt_token_ids)
+    text = req.prompt if req.prompt is not None else repr(req.messages)
+    return max(1, len(text.encode("utf-8", "replace")) // 4)
 
 
 def _encode(msg: Any) -> bytes:

@@ -2,8 +2,8 @@
 
 We bind the HTTP socket ourselves with SO_REUSEPORT, so every api instance listens on the same port and the
 kernel spreads connections across them. SIGTERM/SIGINT shut uvicorn down gracefully (in-flight requests get
-`GRACEFUL_SHUTDOWN_S` to finish, then are cancelled, which aborts them); the process also leaves when its
-parent (the launcher) dies.
+`--shutdown-timeout` to finish; then each one still running ends cleanly, a stream with an error event and
+`[DONE]`, before uvicorn would cancel it); the process also leaves when its parent (the launcher) dies.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from headrace.common.config import EngineConfig
 from headrace.common.process import event_loop_factory, freeze_startup_heap
 from headrace.services.api.app import create_app
+from headrace.services.api.engine_client import EngineClient
 from headrace.services.api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
-GRACEFUL_SHUTDOWN_S = 10.0
+# uvicorn's own limit, past the drain deadline: by then every response has ended (see _end_at_deadline).
+GRACEFUL_MARGIN_S = 5.0
 _PARENT_POLL_S = 1.0
 
 
@@ -77,20 +79,37 @@ def _bad_request_bytes(detail: str) -> bytes:
 HTTP_PROTOCOL = openai_400_protocol(AutoHTTPProtocol)
 
 
-def build_server(app: FastAPI, http: type[asyncio.Protocol] = HTTP_PROTOCOL) -> uvicorn.Server:
+def build_server(app: FastAPI, http: type[asyncio.Protocol] = HTTP_PROTOCOL,
+                 shutdown_timeout: float = 10.0) -> uvicorn.Server:
     """The api's uvicorn server; `http` is its HTTP/1.1 protocol class (tests pass the h11 one too)."""
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none",
-                                         http=http, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                         http=http, timeout_graceful_shutdown=shutdown_timeout + GRACEFUL_MARGIN_S))
 
 
-async def serve(server: uvicorn.Server, sock: socket.socket, parent_pid: int | None = None) -> None:
-    """Run uvicorn on `sock` until a signal, a failed startup, or (with `parent_pid`) the parent's death."""
-    watcher = asyncio.create_task(_watch_parent(server, parent_pid)) if parent_pid is not None else None
+async def serve(server: uvicorn.Server, sock: socket.socket, parent_pid: int | None = None,
+                drain: tuple[EngineClient, float] | None = None) -> None:
+    """Run uvicorn on `sock` until a signal, a failed startup, or (with `parent_pid`) the parent's death.
+    `drain`: the engine client and --shutdown-timeout, to end what still runs at the drain's deadline."""
+    watchers = [asyncio.create_task(_watch_parent(server, parent_pid))] if parent_pid is not None else []
+    if drain is not None:
+        watchers.append(asyncio.create_task(_end_at_deadline(server, *drain)))
     try:
         await server.serve(sockets=[sock])
     finally:
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
+
+
+async def _end_at_deadline(server: uvicorn.Server, client: EngineClient, shutdown_timeout: float) -> None:
+    """Once shutdown starts, give open requests `shutdown_timeout` seconds; then end each one that still runs
+    with a 503 (a stream: an error event, then [DONE]), so that every response closes by itself and uvicorn
+    never has to cancel one (which would cut a stream with neither and log a traceback)."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(shutdown_timeout)
+    ended = client.end_all("The server is shutting down; this request was stopped before it finished.")
+    if ended:
+        log.warning("shutdown deadline (%.0fs) reached: ended %d requests still running", shutdown_timeout, ended)
 
 
 async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:
@@ -112,6 +131,7 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     log.info("api %d listening on http://%s:%d", index, config.server.host, config.server.port)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(build_server(app), sock, parent_pid))
+            server = build_server(app, shutdown_timeout=config.server.shutdown_timeout)
+            runner.run(serve(server, sock, parent_pid, (app.state.serving.client, config.server.shutdown_timeout)))
     finally:
         sock.close()

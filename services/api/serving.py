@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from headrace.common.messages import GenerateRequest, GrammarSpec, TextDelta
-from headrace.services.api.engine_client import EngineClient, Generation
+from headrace.services.api.engine_client import EngineClient, Generation, estimated_tokens
 from headrace.services.api.errors import ApiError
 from headrace.services.api.protocol import ChatCompletionRequest, CompletionRequest
 from headrace.services.api.records import HttpRequest
@@ -54,6 +54,8 @@ class ServingContext:
     model_root: str  # /v1/models' `root`: the --model the server was started with
     started: int  # unix seconds, /v1/models' `created`
     max_num_queued_reqs: int | None = None  # --max-num-queued-reqs: beyond it, 429
+    max_queued_tokens: int | None = None  # --max-queued-tokens: beyond it, 429
+    max_seqs_per_request: int = 256  # --max-seqs-per-request: beyond it, 400
     request_timeout: float | None = None  # --request-timeout, seconds
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
     tool_call_parser: str | None = None  # --tool-call-parser
@@ -122,7 +124,7 @@ async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest],
                     stream: bool, request: Request) -> Response:
     n = http.n
     deadline = request_deadline(ctx.request_timeout, request)
-    _admit(ctx, len(engine_requests))
+    _admit(ctx, engine_requests)
     gen = ctx.client.submit(engine_requests, http)
     states = [ChoiceState(k) for k in range(len(engine_requests))]
     streaming = False
@@ -169,12 +171,22 @@ async def before(deadline: float | None, work: Awaitable[T]) -> T:
         raise ApiError(408, "The request did not finish within its time limit and was aborted.") from None
 
 
-def _admit(ctx: ServingContext, count: int) -> None:
-    """Overload control: refuse at once, before any engine work, when the queue is past its bound."""
+def _admit(ctx: ServingContext, engine_requests: list[GenerateRequest]) -> None:
+    """Overload control: refuse at once, before any engine work, a request that would start more sequences
+    than one request may (400), or when the queue is past its bound in requests or tokens (429)."""
+    count = len(engine_requests)
+    if count > ctx.max_seqs_per_request:
+        raise ApiError(400, f"This request would start {count} sequences (prompts x n); at most "
+                            f"{ctx.max_seqs_per_request} are allowed per request. Split it.", param="n")
     limit = ctx.max_num_queued_reqs
     if limit is not None and ctx.client.queued_estimate + count > limit:
         raise ApiError(429, f"The server is busy: about {ctx.client.queued_estimate} requests are waiting to "
                             f"start (at most {limit}). Retry later.", headers={"Retry-After": "1"})
+    limit = ctx.max_queued_tokens
+    queued = ctx.client.queued_tokens_estimate
+    if limit is not None and queued > 0 and queued + sum(map(estimated_tokens, engine_requests)) > limit:
+        raise ApiError(429, f"The server is busy: about {queued} prompt tokens are waiting to start (at most "
+                            f"{limit}). Retry later.", headers={"Retry-After": "1"})
 
 
 async def _collect(gen: Generation, shape: Shape, states: list[ChoiceState]) -> None:

@@ -11,10 +11,13 @@ One step, in order:
      request behind it. When the KV pool runs dry, the most recently admitted running request is
      preempted (blocks freed, progress dropped, put back at the FRONT of the queue) until the allocation
      fits; if the request in hand is the last one left, it is preempted itself.
-  2. WAITING requests, first come first served, while the token budget, max_num_seqs and the KV pool
-     (minus a small watermark) allow. Skipped in a step that preempted anything. A running request whose
-     last token (by max_tokens) is in flight is not scheduled again and holds no seat: with async
-     scheduling the next plan admits its successor instead of waiting a step for it to leave.
+  2. WAITING requests while the token budget, max_num_seqs and the KV pool (minus a small watermark)
+     allow: preempted ones first, then new ones taking turns across client requests (round robin over
+     groups, first come first served within one), so one body of many prompts x n cannot queue ahead of
+     every other client. A group is the engine request id up to its last '-' (the api names the engine
+     requests of one HTTP request `<id>-<k>`). Skipped in a step that preempted anything. A running
+     request whose last token (by max_tokens) is in flight is not scheduled again and holds no seat: with
+     async scheduling the next plan admits its successor instead of waiting a step for it to leave.
 
 Conventions the worker relies on:
   - `num_computed_tokens` advances when a request is scheduled (here, not in update_from_output), so a
@@ -56,6 +59,8 @@ class Scheduler:
 
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.waiting: OrderedDict[str, Request] = OrderedDict()  # FCFS; preempted ones re-enter at the front
+        # The never-admitted waiting requests again, by group, groups in turn order (see step 2 above).
+        self.groups: OrderedDict[str, OrderedDict[str, Request]] = OrderedDict()
         self.running: list[Request] = []  # admission order: the last is the first to be preempted
         self._finished_req_ids: list[str] = []  # finished or aborted since the last plan, held by the worker
         self._next_step_id = 0
@@ -84,6 +89,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.requests[req.req_id] = req
         self.waiting[req.req_id] = req
+        self.groups.setdefault(group_of(req.req_id), OrderedDict())[req.req_id] = req
 
     def abort_requests(self, req_ids: Iterable[str]) -> list[RequestOutput]:
         """Finish requests now, wherever they are; their blocks are freed at once. Unknown ids are ignored."""
@@ -94,6 +100,7 @@ class Scheduler:
                 continue
             if req.status != RUNNING:
                 del self.waiting[req_id]
+                self._ungroup(req)
             self._finish(req, RequestStatus.FINISHED_ABORTED)
             outputs.append(self._output(req, []))
         if outputs:
@@ -110,6 +117,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens the waiting requests still have to prefill (the apis' --max-queued-tokens bound)."""
+        return sum(req.num_tokens for req in self.waiting.values())
 
     @property
     def kv_usage(self) -> float:
@@ -175,7 +187,7 @@ class Scheduler:
         waiting, running = self.waiting, self.running
         # max_num_seqs bounds the requests in a step; one leaving with the step in flight takes no seat.
         while waiting and draft.budget > 0 and len(running) - draft.finishing < self.max_num_seqs:
-            req = next(iter(waiting.values()))
+            req = self._next_waiting()
             hits, num_hits = bm.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, draft.budget)
             # Keep the watermark free for running requests to grow into; a lone request needs no headroom.
@@ -183,7 +195,8 @@ class Scheduler:
                 return
             if bm.allocate_slots(req, num_new, hits) is None:
                 return
-            waiting.popitem(last=False)
+            del waiting[req.req_id]
+            self._ungroup(req, took_turn=True)
             running.append(req)
             self._start_running(req, num_hits, now)
             draft.new_reqs.append(NewRequestData(
@@ -194,6 +207,25 @@ class Scheduler:
             if req.num_computed_tokens == req.num_tokens:
                 req.num_pending_tokens = 1
             draft.budget -= num_new
+
+    def _next_waiting(self) -> Request:
+        """The waiting request to admit next: a preempted one (they queue at the front), else the oldest of the
+        group whose turn it is."""
+        head = next(iter(self.waiting.values()))
+        if head.status == RequestStatus.PREEMPTED or not self.groups:
+            return head
+        return next(iter(next(iter(self.groups.values())).values()))
+
+    def _ungroup(self, req: Request, took_turn: bool = False) -> None:
+        """Drop a never-admitted request from its group; a group that `took_turn` goes to the back of the line."""
+        key = group_of(req.req_id)
+        members = self.groups.get(key)
+        if members is None or members.pop(req.req_id, None) is None:
+            return
+        if not members:
+            del self.groups[key]
+        elif took_turn:
+            self.groups.move_to_end(key)
 
     def _start_running(self, req: Request, num_hits: int, now: float) -> None:
         """An admitted request: its cached prefix counts as computed; its first admission is recorded."""
@@ -298,6 +330,11 @@ class Scheduler:
             req.req_id, new_token_ids, new_logprobs, finished,
             FINISH_REASONS[req.status] if finished else None, req.stop_reason,
             req.num_prompt_tokens, max(req.num_cached_tokens, 0))
+
+
+def group_of(req_id: str) -> str:
+    """The client request an engine request belongs to: its id up to the last '-' (the whole id if none)."""
+    return req_id.rpartition("-")[0] or req_id
 
 
 class _PlanDraft:

@@ -43,6 +43,10 @@ from headrace.services.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("headrace.scheduler")
 
+# A request accepted while the engine cannot run (workers loading or restarting) waits this long for it.
+HOLD_TIMEOUT_S = 120.0
+# What every request that was running when a worker died is told, after the reason.
+KV_LOST = "; the request's KV cache state was lost with it. Retry the request."
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SchedulerService:
         self.tokenizers: dict[bytes, PeerState] = {}
         self.apis: dict[bytes, float] = {}
         self.owner: dict[str, tuple[bytes, Request]] = {}  # req_id -> (tokenizer identity, request)
+        # Requests accepted while there is no engine to run them (loading, or ranks restarting after a failure),
+        # with when each arrived (monotonic): queued in order once every rank is ready, so a restart loses none.
+        self.held: dict[str, float] = {}
         # Plans sent and not yet answered, oldest first: with async scheduling step t+1 is planned and sent
         # while step t runs, so the worker starts it without waiting for a round trip through here.
         self.inflight: deque[StepPlan] = deque()
@@ -150,9 +157,6 @@ class SchedulerService:
             log.warning("unexpected %s on the scheduler socket", type(msg).__name__)
 
     def _add_request(self, identity: bytes, msg: TokenizedRequest) -> None:
-        if self.scheduler is None:
-            self._reply_error(identity, msg.req_id, "the engine is still loading; retry shortly", 503)
-            return
         vocab_size = self.model.vocab_size
         bad = next((t for t in msg.prompt_token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:  # an id past the embedding table would fail the whole step on the worker
@@ -163,23 +167,53 @@ class SchedulerService:
         seed = params.seed if params.seed is not None else self.seeds.getrandbits(63)
         req = Request(msg.req_id, msg.prompt_token_ids, params, seed, self.model.eos_token_ids,
                       arrival_time=msg.arrival_time or None, grammar=msg.grammar)
-        try:
-            self.scheduler.add_request(req)
-        except ValueError as e:  # the request cannot run here (too long, duplicate id): the client's fault
-            self._reply_error(identity, msg.req_id, str(e), 400)
-            return
+        previous = self.owner.get(msg.req_id)
+        if previous is not None:
+            if previous[0] == identity:
+                self._reply_error(identity, msg.req_id, f"request id {msg.req_id!r} is already in use", 400)
+                return
+            # The same id from another tokenizer: the api moved a request that had not started from a tokenizer
+            # that died to a live one. The dead one's copy goes; this one runs.
+            self._abort([msg.req_id])
         self.owner[msg.req_id] = identity, req
         self.tokenizers[identity].req_ids.add(msg.req_id)
+        if self.scheduler is None:
+            self.held[msg.req_id] = time.monotonic()
+        else:
+            self._queue(identity, req)
+
+    def _queue(self, identity: bytes, req: Request) -> None:
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:  # the request cannot run here (too long for the cache): the client's fault
+            self._forget(req.req_id)
+            self._reply_error(identity, req.req_id, str(e), 400)
+
+    def _forget(self, req_id: str) -> None:
+        identity, _ = self.owner.pop(req_id)
+        peer = self.tokenizers.get(identity)
+        if peer is not None:
+            peer.req_ids.discard(req_id)
 
     def _reply_error(self, identity: bytes, req_id: str, message: str, code: int) -> None:
         out = RequestOutput(req_id, [], finished=True, finish_reason="error", error=message, error_code=code)
         transport.router_send(self.frontend, identity, BatchRequestOutput([out]))
 
     def _abort(self, req_ids: list[str]) -> None:
-        if self.scheduler is None:
-            return
-        outputs = self.scheduler.abort_requests(req_ids)
+        outputs = [RequestOutput(req_id, [], finished=True, finish_reason="abort")
+                   for req_id in req_ids if self.held.pop(req_id, None) is not None]
+        if self.scheduler is not None:
+            outputs += self.scheduler.abort_requests(req_ids)
         self._route(outputs)
+
+    def _expire_held(self, now: float) -> None:
+        expired = [req_id for req_id, since in self.held.items() if now - since > HOLD_TIMEOUT_S]
+        for req_id in expired:
+            del self.held[req_id]
+            identity, _ = self.owner[req_id]
+            self._forget(req_id)
+            self._reply_error(identity, req_id, f"the engine did not become ready within {HOLD_TIMEOUT_S:.0f}s "
+                              "(its workers are loading or restarting); retry shortly", 503)
 
     def _check_peers(self, now: float) -> None:
         for identity, peer in list(self.tokenizers.items()):
@@ -190,6 +224,7 @@ class SchedulerService:
         for identity, seen in list(self.apis.items()):
             if now - seen > transport.PEER_TIMEOUT_S:
                 del self.apis[identity]
+        self._expire_held(now)
         if self.scheduler is not None:
             for rank, seen in self.worker_seen.items():
                 if now - seen > transport.WORKER_TIMEOUT_S:
@@ -199,10 +234,12 @@ class SchedulerService:
 
     def _send_stats(self) -> None:
         s = self.scheduler
-        if s is None:
-            return  # no stats while loading: the apis answer /health with 503
-        stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
-                            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
+        if s is None:  # loading or restarting ranks: the apis answer /health with 503
+            stats = EngineStats(num_waiting=len(self.held), serving=False)
+        else:
+            stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
+                                prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+                                num_waiting_tokens=s.num_waiting_tokens)
         for identity in self.apis:
             transport.router_send(self.frontend, identity, stats)
 
@@ -258,20 +295,34 @@ class SchedulerService:
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
                                        self.model.max_model_len, self.model.kv_window)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
+            held, self.held = list(self.held), {}
+            for req_id in held:
+                self._queue(self.owner[req_id][0], self.owner[req_id][1])
+            self._send_stats()  # /health turns 200 now, not at the next tick
 
     def _worker_failed(self, reason: str) -> None:
-        """Fail every in-flight request with a clear error, then wait for the ranks to come back."""
-        log.error("%s; failing every request in flight", reason)
+        """Fail every request a worker has seen (its KV cache is gone) with a 503 naming what died, hold the
+        ones never scheduled (they lost nothing and run once the ranks are back), then wait for the ranks."""
         if self.scheduler is not None:
-            failed = list(self.scheduler.requests)
-            outputs = self.scheduler.abort_requests(failed)
+            s = self.scheduler
+            lost = [req_id for req_id, req in s.requests.items() if req.first_scheduled_time is not None]
+            kept = [req for req in s.waiting.values() if req.first_scheduled_time is None]
+            log.error("%s; failing %d requests in flight, holding %d not yet scheduled", reason, len(lost),
+                      len(kept))
+            outputs = s.abort_requests(lost)
             for out in outputs:
-                out.finish_reason, out.error, out.error_code = "error", reason, 503
+                out.finish_reason, out.error, out.error_code = "error", reason + KV_LOST, 503
             self._route(outputs)
+            now = time.monotonic()
+            for req in kept:
+                self.held[req.req_id] = now
+        else:
+            log.error("%s", reason)
         self.scheduler = None
         self.ready.clear()
         self.worker_seen.clear()
         self.inflight.clear()
+        self._send_stats()  # /health turns 503 now, not at the next tick
 
     # ------------------------------------------------------------------ outputs
 

@@ -98,6 +98,11 @@ class TokenizerService:
         self.poller = zmq.Poller()
         for sock in self.api_of:
             self.poller.register(sock, zmq.POLLIN)
+        # Connection monitors: a peer that dies closes its connection, which we hear at once (see on_peer_lost).
+        self.monitor_of: dict[zmq.Socket, int | None] = {transport.monitor_socket(sock): api
+                                                         for sock, api in self.api_of.items()}
+        for mon in self.monitor_of:
+            self.poller.register(mon, zmq.POLLIN)
         self.running = True
         self.api_handlers: dict[type, Callable[[Any, int], None]] = {
             GenerateRequest: self.on_generate,
@@ -120,6 +125,9 @@ class TokenizerService:
                     break
             wait_ms = math.ceil(max(0.0, next_beat - time.monotonic()) * 1000)
             for sock, _ in self.poller.poll(wait_ms):
+                if sock in self.monitor_of:
+                    self._on_connection_events(sock)
+                    continue
                 self._drain(sock)
                 if not self.running:
                     break
@@ -163,6 +171,45 @@ class TokenizerService:
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
+
+    # ------------------------------------------------------------------ peers that die
+
+    def _on_connection_events(self, mon: zmq.Socket) -> None:
+        if zmq.EVENT_DISCONNECTED in transport.drain_monitor(mon):
+            api = self.monitor_of[mon]
+            if api is None:
+                self.on_scheduler_lost()
+            else:
+                self.on_api_lost(api)
+
+    def on_scheduler_lost(self) -> None:
+        """The scheduler's connection closed: it died (or stopped), and every request this tokenizer sent it
+        died with it, KV cache included (its blocks lived in the workers under that scheduler's plan). Each
+        fails now with a 503 that says so. Requests that arrive from here on wait in the socket's queue and
+        reach the restarted scheduler, which holds them until its workers are ready."""
+        if not self.requests:
+            return
+        log.error("tokenizer %d: the scheduler is gone; failing its %d requests", self.index, len(self.requests))
+        error = ErrorInfo("The scheduler serving this request died; the request's KV cache state was lost with "
+                          "it. Retry the request.", "ServiceUnavailableError", None, 503)
+        by_api: dict[int, list[TextDelta]] = {}
+        for req_id, state in self.requests.items():
+            by_api.setdefault(state.api, []).append(TextDelta(
+                req_id, finished=True, finish_reason="error", error=error,
+                num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens))
+        self.requests.clear()
+        for api, deltas in by_api.items():
+            self._reply(api, BatchTextDelta(deltas))
+
+    def on_api_lost(self, api: int) -> None:
+        """The api at socket `api` went away: no client can read its requests any more, so they stop here
+        and at the scheduler (freeing their KV blocks) instead of generating for nobody."""
+        orphans = [req_id for req_id, state in self.requests.items() if state.api == api]
+        if orphans:
+            log.warning("tokenizer %d: api %d is gone; aborting its %d requests", self.index, api, len(orphans))
+        for req_id in orphans:
+            del self.requests[req_id]
+            transport.dealer_send(self.to_scheduler, AbortRequest(req_id))
 
     def on_shutdown(self, msg: Shutdown) -> None:
         log.info("tokenizer %d: shutdown (%s)", self.index, msg.reason)

@@ -140,6 +140,8 @@ class FakeScheduler(_AsyncPeer):
         self.hellos: list[Heartbeat] = []
         self.sending = False
         self.waiting = 0  # the num_waiting gauge it reports
+        self.waiting_tokens = 0  # and num_waiting_tokens
+        self.serving = True  # and whether the engine can run requests
         self._apis: set[bytes] = set()
         self._ctx = transport.async_context()
         self._sock = transport.router_socket(self._ctx, address)
@@ -162,7 +164,8 @@ class FakeScheduler(_AsyncPeer):
             if self.sending:
                 for identity in self._apis:
                     stats = EngineStats(num_running=1, num_waiting=self.waiting, prefix_cache_queries=40,
-                                        prefix_cache_hits=16)
+                                        prefix_cache_hits=16, serving=self.serving,
+                                        num_waiting_tokens=self.waiting_tokens)
                     await transport.router_send_async(self._sock, identity, stats)
             await asyncio.sleep(self.interval_s)
 

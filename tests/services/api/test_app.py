@@ -279,6 +279,35 @@ async def test_overload_is_429_with_retry_after_before_any_engine_work(make_stac
         assert r.status_code == 200, r.text
 
 
+async def test_queued_tokens_past_the_bound_are_429_and_one_request_may_start_only_so_many_sequences(make_stack):
+    async with make_stack(max_queued_tokens=100, max_seqs_per_request=8) as stack:
+        tok = await stack.add_tokenizer(words("a"))
+        await stack.ready()
+        stack.scheduler.waiting_tokens = 90
+        await until(lambda: stack.client.queued_tokens_estimate == 90)
+        r = await stack.http.post("/v1/completions", json={"prompt": [[1] * 11], "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "prompt tokens" in r.json()["error"]["message"] and "at most 100" in r.json()["error"]["message"]
+        r = await stack.http.post("/v1/completions", json={"prompt": [[1] * 10], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        # prompts x n past the cap: a 400 naming it, before any engine work
+        r = await stack.http.post("/v1/completions", json={"prompt": ["x"] * 3, "n": 3, "max_tokens": 1})
+        assert r.status_code == 400 and "9 sequences" in r.json()["error"]["message"]
+        assert "at most 8" in r.json()["error"]["message"] and len(tok.requests) == 1
+
+
+async def test_health_is_503_as_soon_as_the_engine_says_it_cannot_serve(stack):
+    await stack.add_tokenizer(words("a"))
+    await stack.ready()
+    assert (await stack.http.get("/health")).status_code == 200
+    stack.scheduler.serving = False  # a worker died: ranks restarting
+    await until(lambda: not stack.client.engine_alive)
+    assert (await stack.http.get("/health")).status_code == 503
+    stack.scheduler.serving = True
+    await until(lambda: stack.client.engine_alive)
+    assert (await stack.http.get("/health")).status_code == 200
+
+
 def _stalls(req):
     return [[delta(req.req_id, "a", 0, 5)]]  # one token of five, then nothing: the request never finishes
 

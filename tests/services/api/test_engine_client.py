@@ -63,8 +63,10 @@ async def test_round_robin_and_a_silent_tokenizer_fails_only_its_own_requests(ri
     await until(lambda: len(a.requests) + len(b.requests) == 3)
     assert gen_1.tokenizer is not gen_2.tokenizer
     quiet, busy = (a, b) if a.requests and a.requests[0].req_id.startswith("one") else (b, a)
+    await quiet.send(BatchTextDelta([delta("one-0", "seen", 0, 2)]))  # answered: it can no longer move
+    await until(lambda: gen_1.answered)
     quiet.silent = True
-    failed = await drain(gen_1)
+    failed = [item for item in await drain(gen_1) if item[1].finished]
     assert sorted(k for k, _ in failed) == [0, 1]
     assert all(d.finished and d.error.code == 503 and "stopped responding" in d.error.message for _, d in failed)
     assert client.num_live_tokenizers == 1
@@ -73,6 +75,20 @@ async def test_round_robin_and_a_silent_tokenizer_fails_only_its_own_requests(ri
     assert (index, last.text, last.finished) == (0, "fine", True)
     assert sorted(r.req_id for r in finished) == ["one-0", "one-1", "two-0"]
     assert client.num_running == 0
+
+
+async def test_a_request_its_dead_tokenizer_never_answered_moves_to_a_live_one(rig):
+    client, tokenizer, finished, _ = rig
+    a, b = await tokenizer(), await tokenizer()
+    gen = client.submit(requests("one", 2))
+    await until(lambda: len(a.requests) + len(b.requests) == 2)
+    dead, live = (a, b) if a.requests else (b, a)
+    dead.silent = True
+    await until(lambda: len(live.requests) == 2)  # the same ids, on the live tokenizer
+    assert [r.req_id for r in live.requests] == ["one-0", "one-1"] and client.num_live_tokenizers == 1
+    await live.send(BatchTextDelta([delta("one-0", "x", 0, 1), delta("one-1", "y", 0, 1)]))
+    assert sorted((k, d.text, d.error) for k, d in await drain(gen)) == [(0, "x", None), (1, "y", None)]
+    assert sorted(r.finish_reason for r in finished) == ["length", "length"]
 
 
 async def test_abort_tells_the_tokenizer_once_and_late_deltas_are_dropped(rig):

@@ -569,3 +569,19 @@ def test_thousand_random_requests_all_finish_exactly_once(seed, block_size, num_
     assert set(run.outputs) == {r.req_id for r in reqs}
     for req in reqs:
         check_request(req, run, aborted, max_model_len)
+
+
+def test_one_client_with_many_sequences_cannot_starve_another():
+    """A body of 60 sequences arrives first, a 2-token request right after: the small one takes its turn at
+    the first free seat, not after the 60 (FCFS would make it wait for every one of them)."""
+    sched = make_scheduler(num_blocks=256, max_num_seqs=4)
+    big = [make_req(f"cmpl-big-{k}", [1, 2, 3], max_tokens=8, ignore_eos=True) for k in range(60)]
+    small = make_req("cmpl-small-0", [4, 5], max_tokens=2, ignore_eos=True)
+    run = drive(sched, {0: big + [small]})
+    first_scheduled = {req_id: next(i for i, plan in enumerate(run.plans) if req_id in plan.num_scheduled_tokens)
+                   for req_id in ("cmpl-small-0", "cmpl-big-59")}
+    assert first_scheduled["cmpl-small-0"] <= 1 < first_scheduled["cmpl-big-59"]
+    assert run.tokens("cmpl-small-0") and run.finish("cmpl-small-0").finish_reason == "length"
+    # Within one group, first come first served.
+    first = [next(i for i, p in enumerate(run.plans) if f"cmpl-big-{k}" in p.num_scheduled_tokens) for k in range(60)]
+    assert first == sorted(first)

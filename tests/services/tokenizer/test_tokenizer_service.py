@@ -373,3 +373,15 @@ def test_main_entrypoint_runs_as_a_process(tmp_path, tokenizer_dir, hf_tokenizer
         if proc.is_alive():
             proc.kill()
         p.ctx.destroy(linger=0)
+
+
+def test_a_dead_apis_requests_are_aborted_and_a_dead_schedulers_fail_with_503(peers):
+    generate(peers, "kept", prompt="hi", api=0)
+    generate(peers, "orphan", prompt="hi", api=1)
+    peers.apis[1].close(linger=0)  # api 1's process is gone: its connection closes
+    assert peers.at_scheduler() == AbortRequest("orphan")  # nobody can read it: its KV is freed
+    peers.scheduler.close(linger=0)  # the scheduler is gone: what it held is lost, and each request says so
+    (delta,) = peers.deltas()
+    assert delta.req_id == "kept" and delta.finished and delta.finish_reason == "error"
+    assert delta.error.code == 503 and "scheduler" in delta.error.message
+    assert "KV cache state was lost" in delta.error.message
