@@ -42,7 +42,7 @@ class ModelConfig:
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
                  f"--quantization {self.quantization!r} is not supported; choose one of {QUANTIZATION_METHODS} "
-                 "(GGUF files are dequantized at load: pass the .gguf path as --model)")
+                 "(a GGUF file's own quantization is read from it: pass the .gguf path as --model)")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,12 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """'auto': float32 on CPU (exact, and what CPUs run fastest), bfloat16 on GPUs."""
+def resolve_dtype(requested: str, device: torch.device, quant: QuantSpec | None = None) -> torch.dtype:
+    """'auto': float32 on CPU (exact, and what CPUs run fastest), bfloat16 on GPUs and for GGUF weights kept
+    quantized (the CPU int4 kernel's fast path takes bf16 activations)."""
     if requested == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        gguf = quant is not None and quant.kind == "gguf"
+        return torch.float32 if device.type == "cpu" and not gguf else torch.bfloat16
     return _DTYPES[requested]
 
 
