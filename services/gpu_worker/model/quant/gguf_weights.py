@@ -6,7 +6,7 @@ That kernel computes w = (q - 8) * scale + zero per group of 32 inputs, q a 4-bi
 activations' dtype. The formats fold into it:
 - 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K): one packed weight; scale = s, zero = min + 8 s.
 - 8-bit codes in groups of 32 (Q8_0): code = 16 hi + lo, two packed weights summed: hi with scale 16 s and
-  zero 128 s, lo with scale s and zero min + 8 s; both read half a byte per weight.
+  zero 0, lo with scale s and zero min + 136 s; together they read one byte per weight.
 - anything else (Q6_K's 16-weight groups, a merged layer mixing Q6_K with a 4-bit format, or an output size
   the kernel cannot tile): dequantized once at load into a dense weight of the model's dtype.
 The integers are kept exactly; scale and zero are rounded to the activations' dtype (bf16 keeps 8 bits of
@@ -86,8 +86,9 @@ def int4_parts(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
     s, m = pairs[0], pairs[2]
     if int(codes.max()) < 16:
         return [_pack(codes, s, m + 8 * s, dtype)]
+    # hi centred on zero (no large opposite parts to cancel once each product is rounded to 16 bits)
     hi, lo = codes >> 4, codes & 0x0F
-    return [_pack(hi, 16 * s, 128 * s, dtype), _pack(lo, s, m + 8 * s, dtype)]
+    return [_pack(hi, 16 * s, torch.zeros_like(s), dtype), _pack(lo, s, m + 136 * s, dtype)]
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
