@@ -47,7 +47,7 @@ class ModelRunner:
         self.log = log
         self.requests: dict[str, RequestState] = {}
         t0 = time.perf_counter()
-        dtype = resolve_dtype(config.model.dtype, self.device, resolved.quantization)
+        dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization)
         self.load_seconds = time.perf_counter() - t0
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())

@@ -27,12 +27,10 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_dtype(requested: str, device: torch.device, quant: QuantSpec | None = None) -> torch.dtype:
-    """'auto': float32 on CPU (exact, and what CPUs run fastest), bfloat16 on GPUs and for GGUF weights kept
-    quantized (the CPU int4 kernel's fast path takes bf16 activations)."""
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPU (exact, and what CPUs run fastest), bfloat16 on GPUs."""
     if requested == "auto":
-        gguf = quant is not None and quant.kind == "gguf"
-        return torch.float32 if device.type == "cpu" and not gguf else torch.bfloat16
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     return _DTYPES[requested]
 
 

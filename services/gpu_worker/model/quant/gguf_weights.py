@@ -1,6 +1,9 @@
 """GGUF weights kept quantized on CPU: the converter's affine groups (codes, scales and mins per 16 weights,
 common/models/gguf_blocks.py) repacked at load for PyTorch's CPU int4 weight-only GEMM
-(`aten._weight_int4pack_mm_for_cpu`, the operator gpt-fast and torchao use), with 16-bit activations.
+(`aten._weight_int4pack_mm_for_cpu`, the operator gpt-fast and torchao use), with bf16 activations: the one
+fast path of that operator (float32 activations take a reference loop ~40x slower, measured here). The rest
+of the model keeps its dtype (float32 by default: residual stream, norms, attention and KV cache), and each
+product casts its input to bf16 and its output back.
 
 That kernel computes w = (q - 8) * scale + zero per group of 32 inputs, q a 4-bit code, scale and zero in the
 activations' dtype. The formats fold into it:
@@ -25,11 +28,15 @@ from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorL
 
 KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
 INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
+ACT_DTYPE = torch.bfloat16
 _CODES = TensorLayout(out_dim=0, in_dim=1)
 _GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
 
 
 class GGUFLinear(LinearMethod):
+    def __init__(self, act_dtype: torch.dtype = ACT_DTYPE):
+        self.act_dtype = act_dtype  # float32 only for exactness tests: the kernel's slow reference path
+
     def create_weights(self, layer: nn.Module, shape: LinearShape, dtype: torch.dtype, device: torch.device) -> None:
         if shape.in_local % GROUP:
             raise ValueError(f"GGUF groups of {GROUP} do not divide this rank's {shape.in_local} input features")
@@ -40,7 +47,7 @@ class GGUFLinear(LinearMethod):
     def process_after_loading(self, layer: nn.Module) -> None:
         codes, scales, mins = layer.codes.data, layer.scales.data, layer.mins.data
         del layer.codes, layer.scales, layer.mins
-        layer.int4_parts = int4_parts(codes, scales, mins, layer.params_dtype)
+        layer.int4_parts = int4_parts(codes, scales, mins, self.act_dtype)
         layer.dense = None
         if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
             w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
@@ -56,18 +63,20 @@ class GGUFLinear(LinearMethod):
         if layer.dense is not None:
             return layer.dense.data
         k = layer.shape.in_local
-        eye = torch.eye(k, dtype=layer.params_dtype, device=layer.int4_parts[0][0].device)
+        eye = torch.eye(k, dtype=layer.int4_parts[0][1].dtype, device=layer.int4_parts[0][0].device)
         return int4_matmul(eye, layer.int4_parts, None).t()
 
 
 def int4_matmul(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T for W the sum of the packed parts (one for 4-bit codes, two for 8-bit)."""
+    """x @ W^T for W the sum of the packed parts (one for 4-bit codes, two for 8-bit), in x's dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    act = parts[0][1].dtype
+    x2 = x.reshape(-1, k).to(act)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, parts[0][0], KERNEL_GROUP, parts[0][1])
     for packed, scale_zero in parts[1:]:
         y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, KERNEL_GROUP, scale_zero)
+    y = y.to(x.dtype)
     if bias is not None:
         y += bias
     return y.reshape(*lead, y.shape[-1])

@@ -23,7 +23,7 @@ K = 256  # one K-quant super-block per row
 
 def gguf_layer(fmts: list[str], rows: int, dtype: torch.dtype, seed: int = 0):
     """A merged linear with one part per format; returns it and gguf's dequantized [out, K] weight."""
-    layer = ColumnParallelLinear(K, [rows] * len(fmts), False, SINGLE, dtype, CPU, GGUFLinear())
+    layer = ColumnParallelLinear(K, [rows] * len(fmts), False, SINGLE, dtype, CPU, GGUFLinear(dtype))
     params = dict(layer.named_parameters())
     refs = []
     for shard, fmt in enumerate(fmts):
