@@ -94,9 +94,11 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     # host:port where rank 0 rendezvous torch.distributed (the launcher picks a free local port).
     dist_init_addr: str | None = None
+    cpu_threads: int | None = None  # threads of a CPU worker's kernels; None: every core this process may use
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads must be >= 1")
 
 
 @dataclass(frozen=True)
