@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -183,11 +184,11 @@ class LlamaCppRuns:
 
     def __init__(self, config: EngineConfig, args: argparse.Namespace):
         self.args = args
+        self.threads = config.parallel.cpu_threads or len(os.sched_getaffinity(0))  # as many as our worker
         try:
-            self.llm = llamacpp_baseline.load(config, args.input_len + args.output_len + 8, torch.get_num_threads())
+            self.llm = llamacpp_baseline.load(config, args.input_len + args.output_len + 8, self.threads)
         except llamacpp_baseline.BaselineUnavailable as e:
             raise SystemExit(str(e)) from None
-        self.threads = torch.get_num_threads()
         llamacpp_baseline.timed_generate(self.llm, list(range(1, args.input_len + 1)), 4)  # warm-up
         self.runs: list[tuple[float, float]] = []
 

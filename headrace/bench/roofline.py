@@ -128,8 +128,9 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
     count their packed weights, scales and zero points: every parameter but the input-embedding table
     (a step reads only its tokens' rows of it, unless it is tied to the LM head)."""
     embed = model.embed_tokens.weight
-    tied = model.lm_head.weight is embed
-    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+    tied = getattr(model.lm_head, "weight", None) is embed
+    tensors = [*model.parameters(), *model.buffers()]  # GGUF layers hold their packed weights as buffers
+    return sum(p.numel() * p.element_size() for p in tensors if tied or p is not embed)
 
 
 def kv_bytes_per_token(arch: ModelArch, nbytes: int) -> int:

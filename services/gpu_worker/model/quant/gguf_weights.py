@@ -48,6 +48,9 @@ class GGUFLinear(LinearMethod):
         codes, scales, mins = layer.codes.data, layer.scales.data, layer.mins.data
         del layer.codes, layer.scales, layer.mins
         layer.int4_parts = int4_parts(codes, scales, mins, self.act_dtype)
+        for i, (packed, scale_zero) in enumerate(layer.int4_parts or ()):  # buffers: counted, moved, saved
+            layer.register_buffer(f"int4_packed_{i}", packed)
+            layer.register_buffer(f"int4_scale_zero_{i}", scale_zero)
         layer.dense = None
         if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
             w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
