@@ -32,12 +32,13 @@ def gguf_file(config: EngineConfig) -> str:
 
 
 def load(config: EngineConfig, n_ctx: int, threads: int):
+    path = gguf_file(config)
     try:
         from llama_cpp import Llama
     except ImportError:
         raise BaselineUnavailable("--baseline llamacpp needs llama-cpp-python (`pip install llama-cpp-python`, "
                                   "built from source; never a headrace dependency)") from None
-    return Llama(model_path=gguf_file(config), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                  n_batch=512, verbose=False)
 
 
