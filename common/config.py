@@ -42,7 +42,7 @@ class ModelConfig:
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
                  f"--quantization {self.quantization!r} is not supported; choose one of {QUANTIZATION_METHODS} "
-                 "(GGUF files are dequantized at load: pass the .gguf path as --model)")
+                 "(a GGUF file's own quantization is read from it: pass the .gguf path as --model)")
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,11 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     # host:port where rank 0 rendezvous torch.distributed (the launcher picks a free local port).
     dist_init_addr: str | None = None
+    cpu_threads: int | None = None  # threads of a CPU worker's kernels; None: every core this process may use
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads must be >= 1")
 
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")

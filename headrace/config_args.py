@@ -81,6 +81,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--dist-init-addr", ParallelConfig,
           help="host:port for torch.distributed rendezvous between worker ranks")
     _flag(g, "--device", EngineConfig, choices=["auto", "cpu", "cuda"])
+    _flag(g, "--cpu-threads", ParallelConfig, type=int,
+          help="threads of the CPU worker's kernels (default: every core it may use)")
     _flag(g, "--attention-backend", EngineConfig, choices=["auto", "torch", "triton"])
     _flag(g, "--enforce-eager", EngineConfig, action="store_true", help="no CUDA graphs")
 

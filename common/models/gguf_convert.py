@@ -1,7 +1,14 @@
-"""Convert a GGUF file once into an HF-style folder in the cache: config.json, dequantized float32
-safetensors, tokenizer files (with the chat template) and generation_config.json.
+"""Convert a GGUF file once into an HF-style folder in the cache: config.json, safetensors weights,
+tokenizer files (with the chat template) and generation_config.json.
 
-Dequantizing and building the tokenizer take seconds; every later start memory-maps the cached
+Two kinds of folder, cached side by side:
+- dequantized: every tensor float32 (the float path, `--dtype float32`, exact against transformers);
+- kept quantized (`keep_quantized`, the CPU default): each quantized linear stays as its integers, read into
+  gguf_blocks' affine group form (`<module>.codes/.scales/.mins`) and listed in a `quantization_config`
+  of quant_method "gguf"; the worker repacks them for its kernel at load. The embedding table is stored
+  dequantized (a lookup needs no kernel); a tied LM head gets its own quantized copy as `lm_head.*`.
+
+Reading the blocks and building the tokenizer take seconds; every later start memory-maps the cached
 safetensors instead, and every process (tokenizer, worker) reads the same folder.
 """
 
@@ -19,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 CONVERTER_VERSION = 1
+QUANT_SUFFIX = "-q"  # the kept-quantized folder's name ends with it
 
 # GGUF tensor names -> HF names (per layer names take the block index).
 _LAYER_NAMES = {
@@ -102,23 +110,68 @@ def hf_config_from_gguf(reader) -> dict:
     return config
 
 
-def _dequantized_tensors(reader, config: dict):
+def _dequantized(t, config: dict, name: str) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    permute = config["model_type"] == "llama"
+    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        arr = np.asarray(t.data).astype(np.float32)
+    else:
+        arr = dequantize(t.data, t.tensor_type)
+    arr = arr.reshape([int(d) for d in reversed(t.shape)])  # GGUF stores dims innermost-first
+    return _unpermuted(arr.astype(np.float32, copy=False), config, name)
+
+
+def _dequantized_tensors(reader, config: dict, keep=lambda t: True):
     for t in reader.tensors:
-        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-            arr = np.asarray(t.data).astype(np.float32) if t.tensor_type != GGMLQuantizationType.BF16 else \
-                dequantize(t.data, t.tensor_type)
-        else:
-            arr = dequantize(t.data, t.tensor_type)
-        arr = arr.reshape([int(d) for d in reversed(t.shape)])  # GGUF stores dims innermost-first
+        if keep(t):
+            name = hf_name(t.name)
+            yield name, _dequantized(t, config, name)
+
+
+_LINEARS = ("_proj.weight", "lm_head.weight")
+
+
+def _quantized_tensors(reader, config: dict, modules: list[str]):
+    """(name, array) of a kept-quantized folder; appends each quantized linear's module name to `modules`."""
+    from gguf import GGMLQuantizationType
+
+    from headrace.common.models.gguf_blocks import FORMATS, affine_groups
+
+    raw = {t.name: t for t in reader.tensors}
+    dense = dict(_dequantized_tensors(reader, config, keep=lambda t: not _kept(t, FORMATS)))
+    for t in reader.tensors:
+        if not _kept(t, FORMATS):
+            continue
         name = hf_name(t.name)
-        if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
-            arr = unpermute_rope_rows(arr, heads)
-        yield name, np.ascontiguousarray(arr, dtype=np.float32)
+        if name == "model.embed_tokens.weight":  # dequantized for the lookup; quantized again as the tied head
+            yield name, np.ascontiguousarray(_dequantized(t, config, name))
+            if "output.weight" in raw:
+                continue
+            name = "lm_head.weight"
+        cols, rows = (int(d) for d in t.shape)
+        parts = affine_groups(np.asarray(t.data), GGMLQuantizationType(t.tensor_type).name, rows, cols)
+        module = name.removesuffix(".weight")
+        modules.append(module)
+        for suffix, arr in zip(("codes", "scales", "mins"), parts):
+            yield f"{module}.{suffix}", _unpermuted(arr, config, name)
+    yield from dense.items()
+
+
+def _kept(t, formats) -> bool:
+    from gguf import GGMLQuantizationType
+
+    name = hf_name(t.name)
+    kept_name = name.endswith(_LINEARS) or name == "model.embed_tokens.weight"
+    return kept_name and len(t.shape) == 2 and GGMLQuantizationType(t.tensor_type).name in formats
+
+
+def _unpermuted(arr: np.ndarray, config: dict, name: str) -> np.ndarray:
+    """Q/K rows back in HF order (the same row permutation for codes, scales and mins)."""
+    if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+        arr = unpermute_rope_rows(arr, heads)
+    return np.ascontiguousarray(arr)
 
 
 def _cache_key(path: str) -> str:
@@ -137,14 +190,15 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def converted_folder(gguf_path: str, cache_root: str) -> str:
+def converted_folder(gguf_path: str, cache_root: str, keep_quantized: bool = False) -> str:
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_root, "gguf", f"{stem}-{_cache_key(gguf_path)}")
+    suffix = QUANT_SUFFIX if keep_quantized else ""
+    return os.path.join(cache_root, "gguf", f"{stem}-{_cache_key(gguf_path)}{suffix}")
 
 
-def convert_gguf(gguf_path: str, cache_root: str, log=print) -> str:
+def convert_gguf(gguf_path: str, cache_root: str, log=print, keep_quantized: bool = False) -> str:
     """Return the cached HF folder for gguf_path, converting it first if needed (safe across processes)."""
-    target = converted_folder(gguf_path, cache_root)
+    target = converted_folder(gguf_path, cache_root, keep_quantized)
     if os.path.exists(os.path.join(target, "DONE")):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -154,7 +208,7 @@ def convert_gguf(gguf_path: str, cache_root: str, log=print) -> str:
         t0 = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
         try:
-            _convert_into(gguf_path, tmp)
+            _convert_into(gguf_path, tmp, keep_quantized)
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.rename(tmp, target)
@@ -165,7 +219,7 @@ def convert_gguf(gguf_path: str, cache_root: str, log=print) -> str:
     return target
 
 
-def _convert_into(gguf_path: str, out_dir: str) -> None:
+def _convert_into(gguf_path: str, out_dir: str, keep_quantized: bool = False) -> None:
     import torch
     from gguf import GGUFReader
     from safetensors.torch import save_file
@@ -173,7 +227,12 @@ def _convert_into(gguf_path: str, out_dir: str) -> None:
 
     reader = GGUFReader(gguf_path)
     config = hf_config_from_gguf(reader)
-    tensors = {name: torch.from_numpy(arr) for name, arr in _dequantized_tensors(reader, config)}
+    modules: list[str] = []
+    arrays = _quantized_tensors(reader, config, modules) if keep_quantized else _dequantized_tensors(reader, config)
+    tensors = {name: torch.from_numpy(arr) for name, arr in arrays}
+    if keep_quantized:
+        config["quantization_config"] = {"quant_method": "gguf", "modules": modules}
+        config["tie_word_embeddings"] = False  # the head is stored on its own (lm_head.*), quantized
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

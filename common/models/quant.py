@@ -7,6 +7,9 @@ Two kinds of quantized linear layers follow from it:
 - "fp8": float8 e4m3 weights with per-tensor, per-channel or block scales; activations quantized to fp8
   per token at run time (W8A8): HF `fp8`, compressed-tensors `float-quantized`, and online `--quantization
   fp8` of a 16-bit checkpoint.
+- "gguf": a GGUF file's quantized linears kept as their integers (gguf_convert's kept-quantized folder):
+  Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, repacked at load into the CPU int4 kernel's layout; the modules quantized
+  are listed (`modules`), everything else in the file is dense.
 Anything else is refused here, at start-up, with a line that names what was found and what is supported.
 """
 
@@ -41,13 +44,16 @@ class QuantSpec:
     block_size: tuple[int, int] | None = None  # fp8 block scales: (output rows, input columns)
     activation_scale: str = "dynamic"  # fp8: "dynamic" (per token) or "static" (per tensor, from input_scale)
     ignore: tuple[str, ...] = ()  # checkpoint module names left unquantized ("re:" prefix: a regex)
+    modules: tuple[str, ...] = ()  # gguf: the module names stored quantized (every other one is dense)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("int", "fp8"):
+        if self.kind not in ("int", "fp8", "gguf"):
             raise QuantizationError(f"quantization kind {self.kind!r}; supported: {SUPPORTED}")
 
     def is_quantized(self, module_name: str) -> bool:
         """Whether the checkpoint quantized this linear (`model.layers.0.self_attn.q_proj`)."""
+        if self.kind == "gguf":
+            return module_name in self.modules
         for pattern in self.ignore:
             if pattern.startswith("re:"):
                 if re.fullmatch(pattern[3:], module_name):
@@ -63,7 +69,7 @@ class QuantSpec:
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         block = data.get("block_size")
         return cls(**{**data, "block_size": None if block is None else tuple(block),
-                      "ignore": tuple(data.get("ignore", ()))})
+                      "ignore": tuple(data.get("ignore", ())), "modules": tuple(data.get("modules", ()))})
 
 
 def quant_spec(hf_config: Any, requested: str | None) -> QuantSpec | None:
@@ -82,6 +88,9 @@ def quant_spec(hf_config: Any, requested: str | None) -> QuantSpec | None:
     method = str(qc.get("quant_method", "")).lower()
     if requested is not None and requested != method:
         raise QuantizationError(f"--quantization {requested} does not match the checkpoint's quant_method {method!r}")
+    if method == "gguf" and requested is None:
+        return QuantSpec(kind="gguf", checkpoint_format="gguf", bits=4, group_size=32,
+                         modules=tuple(qc.get("modules") or ()))
     parsers = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _hf_fp8}
     if method not in parsers:
         raise QuantizationError(f"quant_method {method!r} is not supported; supported: {SUPPORTED}")

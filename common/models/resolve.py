@@ -27,12 +27,24 @@ def resolve_engine_config(config: EngineConfig, log: Callable[[str], None] = pri
     are kept). Raises ConfigError (or ModelNotFoundError) for a model that cannot be served as asked."""
     resolved = config.resolved
     if resolved is None:
-        resolved = resolve_source(resolve_model(config.model.model, config.model.tokenizer, log=log), config)
+        source = resolve_model(config.model.model, config.model.tokenizer, log=log,
+                               keep_quantized=keeps_gguf_quantized(config))
+        resolved = resolve_source(source, config)
     scheduler = config.scheduler
     if scheduler.max_num_batched_tokens is None:
         default = DEFAULT_MAX_NUM_BATCHED_TOKENS[resolve_device(config.device).split(":")[0]]
         scheduler = dataclasses.replace(scheduler, max_num_batched_tokens=default)
     return config.replace(resolved=resolved, scheduler=scheduler)
+
+
+def keeps_gguf_quantized(config: EngineConfig) -> bool:
+    """A GGUF served on CPU with `--dtype bfloat16` keeps its weights quantized (the int4 CPU kernel, bf16
+    products). Not the default: it is not yet faster than llama.cpp here (docs/benchmarks.md), it agrees with
+    the float forward on ~98% of greedy tokens, and a row's result depends on what it is batched with, so the
+    default (`auto`) stays the dequantized float32 path, exact against transformers and batch-invariant.
+    GPUs serve GGUF dequantized for now (no kernel reads the layout there yet)."""
+    on_cpu = resolve_device(config.device).startswith("cpu")
+    return on_cpu and config.model.dtype == "bfloat16" and config.model.quantization is None
 
 
 def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:

@@ -87,7 +87,8 @@ def embedded_gguf_path() -> str:
 
 
 def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | None = None,
-                  log=print) -> ModelSource:
+                  log=print, keep_quantized: bool = False) -> ModelSource:
+    """`keep_quantized`: a GGUF is converted keeping its quantized linears as integers (gguf_convert)."""
     from headrace.common.models.gguf_convert import convert_gguf
 
     cache_root = cache_root or cache_dir()
@@ -106,11 +107,11 @@ def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | No
                 tok = ""
         return ModelSource("random", model, None, tok, preset=preset)
     if not model:
-        folder = convert_gguf(embedded_gguf_path(), cache_root, log=log)
+        folder = convert_gguf(embedded_gguf_path(), cache_root, log=log, keep_quantized=keep_quantized)
         return ModelSource("hf", EMBEDDED_NAME, folder, tokenizer or folder)
     path = os.path.expanduser(model)
     if os.path.isfile(path) and path.endswith(".gguf"):
-        folder = convert_gguf(path, cache_root, log=log)
+        folder = convert_gguf(path, cache_root, log=log, keep_quantized=keep_quantized)
         return ModelSource("hf", model, folder, tokenizer or folder)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):

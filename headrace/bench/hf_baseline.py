@@ -7,6 +7,7 @@ left-padded as `generate` expects; `min_new_tokens = max_new_tokens` keeps EOS f
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -21,6 +22,8 @@ def load_hf_twin(config: EngineConfig, log=print):
     from transformers import AutoModelForCausalLM
 
     device = torch.device(resolve_device(config.device))
+    if config.model.dtype == "auto" and device.type == "cpu":  # float32 on CPU; a GGUF dequantized, not kept
+        config = config.replace(model=dataclasses.replace(config.model, dtype="float32"), resolved=None)
     model = resolve_engine_config(config, log=log).require_resolved()
     dtype = resolve_dtype(config.model.dtype, device)
     ours = load_model(model, device, dtype, seed=config.model.seed)

@@ -1,5 +1,6 @@
 """`headrace bench latency`: decode speed of one batch at a time, engine-direct, against the memory roofline
-measured in the same run, and (`--baseline hf`) transformers' `generate` on the same weights and prompts.
+measured in the same run, and (`--baseline hf`) transformers' `generate` on the same weights and prompts, or
+(`--baseline llamacpp`, a GGUF model) llama.cpp on the same file, interleaved with our iterations.
 
 Each iteration submits --batch-size random prompts of --input-len tokens that ask for exactly --output-len
 tokens (greedy, EOS ignored) and steps the engine until they finish. Up to the step that gives every
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import time
 
@@ -27,7 +29,7 @@ import torch
 
 from headrace.common.config import EngineConfig
 from headrace.common.sampling_params import SamplingParams
-from headrace.bench import hf_baseline, roofline
+from headrace.bench import hf_baseline, llamacpp_baseline, roofline
 from headrace.config_args import add_engine_args, engine_config_from_args
 from headrace.engine import LLMEngine
 
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-iters-warmup", type=int, default=10)
     b.add_argument("--num-iters", type=int, default=30)
     b.add_argument("--output-json", default=None)
-    b.add_argument("--baseline", choices=["hf"], default=None,
-                   help="also time transformers' generate on the same weights and prompts")
+    b.add_argument("--baseline", choices=["hf", "llamacpp"], default=None,
+                   help="also time transformers' generate on the same weights and prompts, or llama.cpp "
+                        "(llama-cpp-python, when importable) on the same GGUF, one sequence, interleaved")
     b.add_argument("--hf-num-iters", type=int, default=2,
                    help="timed HF generate calls per batch size (at most --num-iters)")
     return p
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-size {max(args.batch_size)} exceeds --max-num-seqs {config.scheduler.max_num_seqs}")
     rates = roofline.measure_for_engine(config)  # before the engine claims the GPU's memory
 
-    summary, hf_prompts = measure_engine(config, args, rates)
+    llama = LlamaCppRuns(config, args) if args.baseline == "llamacpp" else None
+    summary, hf_prompts = measure_engine(config, args, rates, llama.run if llama else None)
+    if llama is not None:
+        llama.add_to(summary)
     if config.model.quantization is not None:
         # The same prompts on the same weights unquantized, in the same run: the speed-up is the point.
         dense = config.replace(model=dataclasses.replace(config.model, quantization=None), resolved=None)
@@ -124,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_engine(config: EngineConfig, args: argparse.Namespace, rates) -> tuple[dict, dict]:
+def measure_engine(config: EngineConfig, args: argparse.Namespace, rates, between=None) -> tuple[dict, dict]:
     """Our decode speed at each batch size (random prompts from --seed, so reruns see the same prompts);
-    returns the summary and, per batch size, the timed prompts for the HF baseline."""
+    returns the summary and, per batch size, the timed prompts for the HF baseline. `between(prompts)` runs
+    after each timed iteration (an interleaved baseline)."""
     engine = LLMEngine(config)
     runner = engine.runner
     arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
@@ -140,7 +147,11 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates) -> tup
         for i in range(args.num_iters_warmup):
             run_batch(engine, sets[i], args.output_len, f"warm{batch}-{i}")
         timed = sets[args.num_iters_warmup:]
-        runs = [run_batch(engine, prompts, args.output_len, f"b{batch}-{i}") for i, prompts in enumerate(timed)]
+        runs = []
+        for i, prompts in enumerate(timed):
+            runs.append(run_batch(engine, prompts, args.output_len, f"b{batch}-{i}"))
+            if between is not None:
+                between(prompts)
         ours = decode_stats(batch, args.output_len, [e for _, e in runs], [f for f, _ in runs])
         bound = roofline.decode_roofline_tokens_per_s(rates, arch, nbytes, batch, mean_context,
                                                       roofline.step_weight_bytes(runner.model, batch))
@@ -167,6 +178,34 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates) -> tup
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return summary, hf_prompts
+
+
+class LlamaCppRuns:
+    """llama.cpp's timed generations, one per timed engine iteration (its first prompt), one sequence each."""
+
+    def __init__(self, config: EngineConfig, args: argparse.Namespace):
+        self.args = args
+        self.threads = config.parallel.cpu_threads or len(os.sched_getaffinity(0))  # as many as our worker
+        try:
+            self.llm = llamacpp_baseline.load(config, args.input_len + args.output_len + 8, self.threads)
+        except llamacpp_baseline.BaselineUnavailable as e:
+            raise SystemExit(str(e)) from None
+        llamacpp_baseline.timed_generate(self.llm, list(range(1, args.input_len + 1)), 4)  # warm-up
+        self.runs: list[tuple[float, float]] = []
+
+    def run(self, prompts: list[list[int]]) -> None:
+        self.runs.append(llamacpp_baseline.timed_generate(self.llm, prompts[0], self.args.output_len))
+
+    def add_to(self, summary: dict) -> None:
+        first, e2e = [f for f, _ in self.runs], [e for _, e in self.runs]
+        stats = decode_stats(1, self.args.output_len, e2e, first)
+        stats["threads"] = self.threads
+        summary["llamacpp"] = stats
+        for res in summary["results"]:
+            res["ours_over_llamacpp_decode_tokens_per_s"] = (res["ours"]["decode_tokens_per_s"]
+                                                             / stats["decode_tokens_per_s"])
+        summary["results"][0]["ours_over_llamacpp_prefill_s"] = (summary["results"][0]["ours"]["prefill_s_median"]
+                                                                 / stats["prefill_s_median"])
 
 
 def run_hf_baseline(config: EngineConfig, args: argparse.Namespace, results: list[dict], hf_prompts: dict) -> None:
@@ -201,7 +240,16 @@ def format_table(summary: dict) -> str:
                      + (f"{hf['decode_tokens_per_s']:>10,.1f} {r['ours_over_hf_decode_tokens_per_s']:>7.2f}x"
                         if hf else f"{'-':>10} {'-':>8}")
                      + (f"   unquantized {r['unquantized']['decode_tokens_per_s']:,.1f} tok/s, "
-                        f"{r['quantized_over_unquantized_decode_tokens_per_s']:.2f}x" if "unquantized" in r else ""))
+                        f"{r['quantized_over_unquantized_decode_tokens_per_s']:.2f}x" if "unquantized" in r else "")
+                     + (f"   {r['ours_over_llamacpp_decode_tokens_per_s']:.2f}x llama.cpp's single stream"
+                        if "ours_over_llamacpp_decode_tokens_per_s" in r else ""))
+    llama = summary.get("llamacpp")
+    if llama:
+        lines.append(f"llama.cpp (same GGUF, batch 1, {llama['threads']} threads, interleaved): "
+                     f"{llama['per_output_token_latency_ms']:.2f} ms/token, {llama['decode_tokens_per_s']:,.1f} "
+                     f"decode tok/s, prefill {llama['prefill_s_median'] * 1e3:.1f} ms (ours "
+                     f"{summary['results'][0]['ours']['prefill_s_median'] * 1e3:.1f} ms at batch "
+                     f"{summary['results'][0]['batch_size']})")
     return "\n".join(lines)
 
 

@@ -138,11 +138,11 @@ def step_weight_bytes(model: torch.nn.Module, batch: int = 1) -> int:
     input-embedding table (a step reads only its tokens' rows of it, unless it is tied to the LM head), with
     each MoE layer's expert stacks counted for the experts the batch reads (`expected_experts_read`)."""
     embed = model.embed_tokens.weight
-    tied = model.lm_head.weight is embed
+    tied = getattr(model.lm_head, "weight", None) is embed
     arch = getattr(model, "arch", None)
     experts_read = expected_experts_read(arch, batch) / arch.num_experts if arch and arch.num_experts else 1.0
     total = 0.0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:  # GGUF layers hold their packed weights as buffers
         if tied or p is not embed:
             total += p.numel() * p.element_size() * (experts_read if getattr(p, "expert_stack", False) else 1)
     return int(total)

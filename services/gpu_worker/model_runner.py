@@ -9,6 +9,7 @@ for positions that sample, and samples the batch on the device. Launched steps w
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -48,6 +49,8 @@ class ModelRunner:
         self.tp = tp
         self.log = log
         self.requests: dict[str, RequestState] = {}
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.parallel.cpu_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization)

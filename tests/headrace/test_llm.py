@@ -12,7 +12,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=512, num_blocks=128, device="cpu", log=lambda *_: None)
+    # The float path: these tests compare a batch's greedy tokens with each prompt's alone (docs/cpu.md).
+    return LLM(max_model_len=512, num_blocks=128, device="cpu", dtype="float32", log=lambda *_: None)
 
 
 def engine_tokens(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> list[int]:

@@ -258,6 +258,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
 
 
+class QuantizedLMHead(ColumnParallelLinear):
+    """An LM head whose weight is quantized (GGUF keeps the output projection quantized too): a column-parallel
+    linear over the vocab with ParallelLMHead's compute_logits."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
+                 quant_method: LinearMethod):
+        self.vocab_size = vocab_size
+        super().__init__(hidden, [vocab_size], False, tp, dtype, device, quant_method)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_last_dim(self(hidden).float())[:, : self.vocab_size]
+
+
 def store_k_major(modules: Iterable[nn.Module]) -> int:
     """Lay each module's weight out K-major: the same [out, in] tensor, stored as its transpose made
     contiguous, so F.linear hands the BLAS a plain row-major [in, out] matrix (which CPU BLAS streams faster

@@ -26,6 +26,7 @@ from headrace.services.gpu_worker.model.layers import (
     LayerNorm,
     ParallelLMHead,
     QKVParallelLinear,
+    QuantizedLMHead,
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -206,7 +207,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
                                     for i in range(arch.num_layers))
         self.norm = make_norm(arch, arch.hidden_size, dtype, device)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
+        if quant is not None and quant.kind == "gguf" and quant.is_quantized("lm_head"):
+            self.lm_head = QuantizedLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device,
+                                           linear_method(quant, ["lm_head"]))
+        else:
+            self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Gemma scales embeddings by sqrt(hidden), that factor first rounded to the weights' dtype (as HF).
@@ -248,7 +253,8 @@ class LlamaForCausalLM(nn.Module):
         round differently in the last bits (another summation order)."""
         attn = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)
                 if isinstance(m.quant_method, UnquantizedLinear)]
-        return store_k_major([*attn, self.lm_head])
+        head = [self.lm_head] if isinstance(self.lm_head, ParallelLMHead) else []
+        return store_k_major([*attn, *head])
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Load HF-named weights (tensors or safetensors slices); returns the parameter names filled."""

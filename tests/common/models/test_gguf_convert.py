@@ -55,3 +55,25 @@ def test_fresh_conversion_into_a_new_cache(tmp_path):
     src = resolve_model("", cache_root=str(tmp_path))
     assert src.weights_dir.startswith(str(tmp_path))
     assert os.path.exists(os.path.join(src.weights_dir, "DONE"))
+
+
+def test_kept_quantized_folder_holds_the_integers_and_names_them(embedded_source):
+    """The CPU default: quantized linears as codes/scales/mins listed in a gguf quantization_config, the tied
+    head stored on its own, the embedding table dequantized exactly as in the float folder."""
+    from headrace.common.models.quant import quant_spec
+
+    kept = resolve_model("", keep_quantized=True)
+    assert kept.weights_dir.endswith(gguf_convert.QUANT_SUFFIX) and kept.weights_dir != embedded_source.weights_dir
+    cfg = kept.hf_config()
+    spec = quant_spec(cfg, None)
+    assert spec.kind == "gguf" and len(spec.modules) == 30 * 7 + 1 and "lm_head" in spec.modules
+    assert not cfg.tie_word_embeddings
+    with safe_open(os.path.join(kept.weights_dir, "model.safetensors"), "pt") as f, \
+            safe_open(os.path.join(embedded_source.weights_dir, "model.safetensors"), "pt") as dense:
+        q = "model.layers.0.self_attn.q_proj"
+        assert f.get_tensor(q + ".codes").dtype == torch.uint8 and f.get_tensor(q + ".codes").shape == (576, 576)
+        assert f.get_tensor("lm_head.scales").shape == (49152, 576 // 16)
+        w = f.get_tensor(q + ".codes").float() * f.get_tensor(q + ".scales").repeat_interleave(16, 1) \
+            + f.get_tensor(q + ".mins").repeat_interleave(16, 1)
+        assert torch.equal(w, dense.get_tensor(q + ".weight"))  # the Q/K un-permutation applies to all three
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), dense.get_tensor("model.embed_tokens.weight"))

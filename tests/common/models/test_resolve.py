@@ -77,3 +77,16 @@ def test_resolution_happens_once_and_survives_the_trip_to_every_process():
     assert again == config and again.require_resolved().eos_token_ids == (2,)
     with pytest.raises(ConfigError, match="not resolved"):
         EngineConfig().require_resolved()
+
+
+def test_a_gguf_on_cpu_keeps_its_weights_quantized_only_with_dtype_bfloat16():
+    from headrace.common.models.resolve import keeps_gguf_quantized
+
+    assert not keeps_gguf_quantized(EngineConfig(device="cpu"))  # the default stays the exact float path
+    assert keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cpu"))
+    assert not keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="float32"), device="cpu"))
+    assert not keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cuda"))
+    cfg = resolve_engine_config(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cpu"), log=lambda *_: None)
+    assert cfg.require_resolved().quantization.kind == "gguf"
+    cfg = resolve_engine_config(EngineConfig(device="cpu"), log=lambda *_: None)
+    assert cfg.require_resolved().quantization is None

@@ -1,5 +1,6 @@
-"""Greedy tokens of the embedded model (CPU, float32) equal transformers' `generate`, token for token:
-one request at a time, all as one mixed-length batch, and with prefill split into chunks of 7 tokens."""
+"""Greedy tokens of the embedded model on its float path (CPU, `--dtype float32`: the GGUF dequantized) equal
+transformers' `generate`, token for token: one request at a time, all as one mixed-length batch, and with
+prefill split into chunks of 7 tokens."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def runner():
-    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=256)))
+    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=2048, dtype="float32"),
+                                cache=CacheConfig(num_blocks=256)))
     return ModelRunner(cfg, log=lambda *_: None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from headrace.common.models.quant import QuantSpec
 from headrace.services.gpu_worker.model.quant.base import LinearMethod
 from headrace.services.gpu_worker.model.quant.fp8 import Fp8Linear
+from headrace.services.gpu_worker.model.quant.gguf_weights import GGUFLinear
 from headrace.services.gpu_worker.model.quant.int_weights import IntWeightLinear
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 
@@ -17,4 +18,6 @@ def linear_method(spec: QuantSpec | None, module_names: list[str]) -> LinearMeth
         raise ValueError(f"the checkpoint quantizes only some of {module_names}, which headrace merges")
     if not quantized.pop():
         return UnquantizedLinear()
+    if spec.kind == "gguf":
+        return GGUFLinear()
     return IntWeightLinear(spec) if spec.kind == "int" else Fp8Linear(spec)

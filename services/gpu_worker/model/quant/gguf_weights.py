@@ -1,0 +1,110 @@
+"""GGUF weights kept quantized on CPU: the converter's affine groups (codes, scales and mins per 16 weights,
+common/models/gguf_blocks.py) repacked at load for PyTorch's CPU int4 weight-only GEMM
+(`aten._weight_int4pack_mm_for_cpu`, the operator gpt-fast and torchao use), with bf16 activations: the one
+fast path of that operator (float32 activations take a reference loop ~40x slower, measured here). The rest
+of the model keeps its dtype (float32 by default: residual stream, norms, attention and KV cache), and each
+product casts its input to bf16 and its output back.
+
+That kernel computes w = (q - 8) * scale + zero per group of 32 inputs, q a 4-bit code, scale and zero in the
+activations' dtype. The formats fold into it:
+- 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K): one packed weight; scale = s, zero = min + 8 s.
+- 8-bit codes in groups of 32 (Q8_0): code = 16 hi + lo, two packed weights summed: hi with scale 16 s and
+  zero 0, lo with scale s and zero min + 136 s; together they read one byte per weight.
+- anything else (Q6_K's 16-weight groups, a merged layer mixing Q6_K with a 4-bit format, or an output size
+  the kernel cannot tile): dequantized once at load into a dense weight of the model's dtype.
+The integers are kept exactly; scale and zero are rounded to the activations' dtype (bf16 keeps 8 bits of
+the fp16 scales), so the products differ from a float32 forward in the last bits (docs/cpu.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headrace.common.models.gguf_blocks import GROUP
+from headrace.services.gpu_worker.model.quant.base import LinearMethod
+from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorLayout, new_param
+
+KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
+INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
+ACT_DTYPE = torch.bfloat16
+_CODES = TensorLayout(out_dim=0, in_dim=1)
+_GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
+
+
+class GGUFLinear(LinearMethod):
+    def __init__(self, act_dtype: torch.dtype = ACT_DTYPE):
+        self.act_dtype = act_dtype  # float32 only for exactness tests: the kernel's slow reference path
+
+    def create_weights(self, layer: nn.Module, shape: LinearShape, dtype: torch.dtype, device: torch.device) -> None:
+        if shape.in_local % GROUP:
+            raise ValueError(f"GGUF groups of {GROUP} do not divide this rank's {shape.in_local} input features")
+        new_param(layer, "codes", (shape.out_local, shape.in_local), torch.uint8, device, _CODES)
+        for name in ("scales", "mins"):
+            new_param(layer, name, (shape.out_local, shape.in_local // GROUP), torch.float32, device, _GROUPS)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        codes, scales, mins = layer.codes.data, layer.scales.data, layer.mins.data
+        del layer.codes, layer.scales, layer.mins
+        layer.int4_parts = int4_parts(codes, scales, mins, self.act_dtype)
+        for i, (packed, scale_zero) in enumerate(layer.int4_parts or ()):  # buffers: counted, moved, saved
+            layer.register_buffer(f"int4_packed_{i}", packed)
+            layer.register_buffer(f"int4_scale_zero_{i}", scale_zero)
+        layer.dense = None
+        if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
+            w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
+            layer.dense = nn.Parameter(w.to(layer.params_dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.dense is not None:
+            return F.linear(x, layer.dense, bias)
+        return int4_matmul(x, layer.int4_parts, bias)
+
+    def dense_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The [out, in] weight as the kernel reads it (in the activations' dtype): the product with I."""
+        if layer.dense is not None:
+            return layer.dense.data
+        k = layer.shape.in_local
+        eye = torch.eye(k, dtype=layer.int4_parts[0][1].dtype, device=layer.int4_parts[0][0].device)
+        return int4_matmul(eye, layer.int4_parts, None).t()
+
+
+def int4_matmul(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T for W the sum of the packed parts (one for 4-bit codes, two for 8-bit), in x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    act = parts[0][1].dtype
+    x2 = x.reshape(-1, k).to(act)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, parts[0][0], KERNEL_GROUP, parts[0][1])
+    for packed, scale_zero in parts[1:]:
+        y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, KERNEL_GROUP, scale_zero)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y += bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+def int4_parts(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+               dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (packed weight, scales-and-zeros) pairs whose products sum to x @ W^T, W = codes * scales + mins
+    (per 16 inputs); None where the kernel's layout cannot hold W exactly (other than in scale rounding)."""
+    out, k = codes.shape
+    pairs = (scales[:, 0::2], scales[:, 1::2], mins[:, 0::2], mins[:, 1::2])
+    if codes.device.type != "cpu" or out % 16 or k % KERNEL_GROUP:
+        return None
+    if not (torch.equal(pairs[0], pairs[1]) and torch.equal(pairs[2], pairs[3])):
+        return None  # scales that change every 16 inputs (Q6_K)
+    s, m = pairs[0], pairs[2]
+    if int(codes.max()) < 16:
+        return [_pack(codes, s, m + 8 * s, dtype)]
+    # hi centred on zero (no large opposite parts to cancel once each product is rounded to 16 bits)
+    hi, lo = codes >> 4, codes & 0x0F
+    return [_pack(hi, 16 * s, torch.zeros_like(s), dtype), _pack(lo, s, m + 136 * s, dtype)]
+
+
+def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+    """One weight in the kernel's layout: q [out, in] in 0..15, scale/zero [out, in / 32] for (q - 8) * scale + zero."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
+    scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [in / 32, out, 2]
+    return packed, scale_zero
