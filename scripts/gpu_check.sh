@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 # (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online,
-#  quant, quant_fp8, quant_fp8_throughput)
+#  quant, quant_fp8, quant_fp8_throughput, moe_*, families, window_throughput, structured, scoring)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -204,6 +204,42 @@ phase_moe_throughput() {  # Mixtral-8x7B 1,000 x 1024/128 engine-direct, total t
   step moe_throughput 560 python3 -m headrace.cli bench throughput --model "$MOE_MODEL" --tokenizer "$TOK" \
     --max-model-len 2048 $DEVICE_FLAGS --dataset-name random --input-len 1024 --output-len 128 --num-prompts "$N" \
     --disable-tqdm --output-json "$R/moe_throughput.json"
+}
+
+phase_families() {  # new families (issue 14): window/soft-cap kernels and graphs on the GPU, bf16 logits vs transformers fp32
+  step families_gpu_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_sliding_window_attention.py \
+    tests/kernels/test_paged_decode_attention.py tests/kernels/test_prefill_attention.py \
+    tests/services/gpu_worker/test_cuda_graphs.py tests/services/gpu_worker/test_piecewise_graphs.py \
+    tests/services/gpu_worker/attention/test_triton_backend.py
+  for preset in gemma-2-9b gemma-3-12b falcon-7b phi-3-mini-longrope; do
+    mkdir -p "$R/$preset"
+    step "logits_$preset" 150 python3 -m headrace.bench.gpu_check --out "$R/$preset" --sections logits \
+      --backends triton --preset "$preset" --tokenizer "$TOK" --prompt-len 1536
+  done
+}
+
+phase_window_throughput() {  # Gemma-3-12B 300 x 4096/1024, windowed layers vs the window disabled, one call
+  for m in gemma-3-12b gemma-3-12b-no-window; do
+    step "throughput_$m" 280 python3 -m headrace.cli bench throughput --model "random:$m" --tokenizer "$TOK" \
+      --max-model-len 5120 $DEVICE_FLAGS --dataset-name random --input-len 4096 --output-len 1024 --num-prompts 300 \
+      --disable-tqdm --output-json "$R/throughput_$m.json"
+  done
+}
+
+phase_structured() {  # issue 15: one schema x 64 streams vs unconstrained, 200 new schemas during unconstrained streams
+  if serve_start serve_structured 8000 $M --max-num-seqs 256; then
+    step structured 400 python3 -m headrace.cli bench structured --base-url http://127.0.0.1:8000 --tokenizer-dir "$TOK" \
+      --vocab-size 128256 --output "$R/structured.json"
+    serve_stop serve_structured
+  fi
+}
+
+phase_scoring() {  # issue 17: prompt logprobs of a chunked prefill against decode logprobs, piecewise graphs captured
+  if serve_start serve_scoring 8011 $M --max-num-batched-tokens 128; then
+    step scoring 120 python3 scripts/check_scoring.py --base-url http://127.0.0.1:8011 --tolerance 0.1
+    serve_stop serve_scoring
+  fi
+  step scoring_graphs 200 python3 -m pytest -q -x -p no:cacheprovider tests/services/gpu_worker/test_piecewise_graphs.py
 }
 
 for phase in "$@"; do "phase_$phase"; done
