@@ -46,6 +46,10 @@ from headrace.common.transport import HEARTBEAT_INTERVAL_S, PEER_TIMEOUT_S
 from headrace.services.api.errors import ApiError
 from headrace.services.api.records import HttpRequest, RequestRecord
 
+# How long a request waits for a tokenizer to connect before a 503 (a restarted api, see wait_for_tokenizer):
+# one peer timeout, the time a live tokenizer takes to be heard from at worst.
+TOKENIZER_WAIT_S = PEER_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 
 
@@ -132,6 +136,7 @@ class EngineClient:
         self._stats_seen = 0.0
         self._engine_alive = False
         self._peers: dict[bytes, _Peer] = {}
+        self._peer_joined = asyncio.Event()  # set whenever a tokenizer says hello (see wait_for_tokenizer)
         self._round_robin = 0
         self._requests: dict[str, tuple[Generation, int]] = {}
         self._generations: set[Generation] = set()
@@ -236,7 +241,20 @@ class EngineClient:
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         return await self._call(req.req_id, req)
 
+    async def wait_for_tokenizer(self, timeout_s: float = TOKENIZER_WAIT_S) -> None:
+        """Return once a tokenizer is connected, or after `timeout_s` (then `_pick` answers 503). The apis share
+        one listening port, so an api restarted after a crash takes HTTP requests as soon as it binds, before
+        any tokenizer has said hello to it; such a request waits for one instead of failing."""
+        if self._peers:
+            return
+        self._peer_joined.clear()
+        try:
+            await asyncio.wait_for(self._peer_joined.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
     async def _call(self, req_id: str, msg: Any) -> Any:
+        await self.wait_for_tokenizer()
         data = _encode(msg)
         while True:
             peer = self._pick()
@@ -338,6 +356,7 @@ class EngineClient:
             index = msg.index if isinstance(msg, Heartbeat) else "?"
             name = f"tokenizer-{index} ({identity.decode('ascii', 'replace')})"
             peer = self._peers[identity] = _Peer(identity, name, now)
+            self._peer_joined.set()
             log.info("api %d: %s connected", self.api_index, peer.name)
         peer.last_seen = now
 

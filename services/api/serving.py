@@ -125,6 +125,7 @@ async def _generate(ctx: ServingContext, engine_requests: list[GenerateRequest],
     n = http.n
     deadline = request_deadline(ctx.request_timeout, request)
     _admit(ctx, engine_requests)
+    await ctx.client.wait_for_tokenizer()
     gen = ctx.client.submit(engine_requests, http)
     states = [ChoiceState(k) for k in range(len(engine_requests))]
     streaming = False

@@ -155,3 +155,20 @@ async def test_engine_stats_mark_the_engine_alive_and_their_absence_dead(rig):
         await until(lambda: not client.engine_alive)
     finally:
         await scheduler.close()
+
+
+
+async def test_a_request_to_an_api_no_tokenizer_has_reached_yet_waits_for_one(rig):
+    """A restarted api takes HTTP requests as soon as it binds the shared port: a call made before any
+    tokenizer has said hello waits for the first one instead of failing; with none, 503 after the wait."""
+    client, tokenizer, _, _ = rig
+    await client.wait_for_tokenizer(0.2)  # nobody comes: returns, and the request is a 503
+    with pytest.raises(ApiError) as e:
+        client.submit(requests("early"))
+    assert e.value.status == 503
+    call = asyncio.ensure_future(client.tokenize(TokenizeRequest("t-early", prompt="a bc")))
+    await asyncio.sleep(0.3)
+    assert not call.done()  # waiting for a tokenizer, not failed
+    await tokenizer()
+    reply = await asyncio.wait_for(call, WAIT_S)
+    assert reply.token_ids == [1, 2]
