@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -111,3 +113,26 @@ class ServerProcess:
             except OSError:
                 pass
         return left
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A ready `headrace serve` started with `args`; stopped on exit, which must leave no process behind."""
+    srv = ServerProcess(*args, env=env)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        left = srv.stop()
+        assert not left, f"processes left behind: {left}"
+
+
+def served_greedy(prompt: list[int], *args: str, max_tokens: int = 8) -> tuple[dict, str]:
+    """(the first choice of a greedy, ignore-EOS completion of `prompt` from a server started with `args`, that
+    server's log)."""
+    with running_server(*args) as srv:
+        reply = srv.post("/v1/completions", json={"model": srv.get("/v1/models").json()["data"][0]["id"],
+                                                  "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                  "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0], srv.output

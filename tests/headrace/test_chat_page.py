@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 
 pytestmark = pytest.mark.slow
 KEY = "page-test-key"
@@ -22,13 +22,8 @@ LONG = "Write a very long story about a lighthouse keeper and the sea, with many
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--max-model-len", "1024", "--api-key", KEY)
-    try:
-        srv.wait_ready()
+    with running_server("--max-model-len", "1024", "--api-key", KEY) as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 def running(server) -> float:

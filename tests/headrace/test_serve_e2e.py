@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.headrace.server_process import ServerProcess, alive
+from tests.headrace.server_process import ServerProcess, alive, running_server, served_greedy
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -19,13 +19,8 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--num-tokenizers", "2", "--max-model-len", "2048", "--max-num-seqs", "64")
-    try:
-        srv.wait_ready()
+    with running_server("--num-tokenizers", "2", "--max-model-len", "2048", "--max-num-seqs", "64") as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +195,7 @@ def test_tokenizer_killed_mid_load(server):
 def test_a_sliding_window_model_serves_past_its_window():
     """The context limit is resolved once, in the launcher: a windowed model (window 256) serves its whole
     position range (1,024), a prompt longer than the window included."""
-    srv = ServerProcess("--model", "random:tiny-mistral-v0.1", "--num-tokenizers", "1")
-    try:
-        srv.wait_ready()
+    with running_server("--model", "random:tiny-mistral-v0.1", "--num-tokenizers", "1") as srv:
         card = srv.get("/v1/models").json()["data"][0]
         assert card["max_model_len"] == 1024
         reply = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1, 2, 3] * 100, "max_tokens": 4,
@@ -211,9 +204,6 @@ def test_a_sliding_window_model_serves_past_its_window():
         assert reply.json()["usage"]["completion_tokens"] == 4
         too_long = srv.post("/v1/completions", json={"model": card["id"], "prompt": [1] * 1100, "max_tokens": 1})
         assert too_long.status_code == 400 and "1024" in too_long.json()["error"]["message"]
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 @pytest.mark.parametrize("fixture,logged", [("gptq-w4-g32-asym-descact", "(gptq int4)"),
@@ -227,18 +217,9 @@ def test_a_quantized_checkpoint_is_served_and_answers_as_the_offline_engine(fixt
 
     folder = str(Path(__file__).parents[1] / "fixtures" / "quant" / fixture)
     prompt = [5, 17, 99, 3, 250, 42]
-    srv = ServerProcess("--model", folder, "--tokenizer", embedded_source.tokenizer_dir, "--num-tokenizers", "1")
-    try:
-        srv.wait_ready()
-        assert logged in srv.output  # the worker's start-up line: weights: N GiB on this rank (format kind+bits)
-        reply = srv.post("/v1/completions", json={"model": srv.get("/v1/models").json()["data"][0]["id"],
-                                                  "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                                  "ignore_eos": True})
-        assert reply.status_code == 200, reply.text
-        served = reply.json()["choices"][0]
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
+    served, log = served_greedy(prompt, "--model", folder, "--tokenizer", embedded_source.tokenizer_dir,
+                                "--num-tokenizers", "1")
+    assert logged in log  # the worker's start-up line: weights: N GiB on this rank (format kind+bits)
     llm = LLM(model=folder, tokenizer=embedded_source.tokenizer_dir, log=lambda *_: None)
     offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -23,13 +23,8 @@ TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--max-model-len", "512", "--max-num-batched-tokens", "64", "--enable-prefix-caching")
-    try:
-        srv.wait_ready()
+    with running_server("--max-model-len", "512", "--max-num-batched-tokens", "64", "--enable-prefix-caching") as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")

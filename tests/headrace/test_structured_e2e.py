@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 from tests.headrace.structured_corpus import schemas
 
 pytestmark = pytest.mark.slow
@@ -25,14 +25,9 @@ CHOICES = [["Paris", "London", "Berlin"], ["positive", "negative", "neutral"], [
 @pytest.fixture(scope="module")
 def server():
     # One torch thread: on a small shared CI machine a second one mostly waits for the first.
-    srv = ServerProcess("--num-tokenizers", "2", "--max-model-len", "1024", "--max-num-seqs", "64",
-                        env={"OMP_NUM_THREADS": "1"})
-    try:
-        srv.wait_ready()
+    with running_server("--num-tokenizers", "2", "--max-model-len", "1024", "--max-num-seqs", "64",
+                        env={"OMP_NUM_THREADS": "1"}) as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -36,14 +36,9 @@ QUESTIONS = ["What is the weather in Paris?", "Add 2 and 40.", "Look up items 3 
 
 @pytest.fixture(scope="module")
 def client():
-    srv = ServerProcess("--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                        env={"OMP_NUM_THREADS": "1"})
-    try:
-        srv.wait_ready()
+    with running_server("--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                        env={"OMP_NUM_THREADS": "1"}) as srv:
         yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 def ask(client, question: str, **kw):

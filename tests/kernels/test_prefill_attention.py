@@ -71,8 +71,10 @@ def test_single_sequence_long_prefix(dev: tuple[torch.device, torch.dtype], make
     assert_close(out, ref, dtype)
 
 
-def test_prefill_one_token_matches_decode(dev: tuple[torch.device, torch.dtype], make_paged_kv: MakeKV) -> None:
-    """One new token per sequence: prefill and decode kernels must agree."""
+@pytest.mark.parametrize("window,softcap", [(None, None), (12, 3.0)])
+def test_prefill_one_token_matches_decode(dev: tuple[torch.device, torch.dtype], make_paged_kv: MakeKV,
+                                          window: int | None, softcap: float | None) -> None:
+    """One new token per sequence: prefill and decode kernels must agree, also with a window and soft-capping."""
     device, dtype = dev
     Hq, Hkv, D, bs = 8, 2, 64, 16
     seq = [1, 17, 50]
@@ -80,8 +82,9 @@ def test_prefill_one_token_matches_decode(dev: tuple[torch.device, torch.dtype],
     q = torch.randn(len(seq), Hq, D, device=device).to(dtype)
     seq_lens = torch.tensor(seq, dtype=torch.int32, device=device)
     qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=device)
-    pre = paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, seq_lens - 1, 1, D**-0.5)
-    dec = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, D**-0.5, 2)
+    pre = paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, seq_lens - 1, 1, D**-0.5,
+                                  window=window, softcap=softcap)
+    dec = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, D**-0.5, 2, window=window, softcap=softcap)
     assert_close(pre, dec, dtype)
 
 

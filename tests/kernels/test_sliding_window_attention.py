@@ -98,16 +98,3 @@ def test_prefill_window_and_softcap(dev, make_paged_kv: MakeKV, window, softcap,
     assert_close(paged[rows], ref[rows], dtype)
     assert_close(contiguous[rows], ref[rows], dtype)
 
-
-def test_prefill_one_token_matches_decode_with_a_window(dev, make_paged_kv: MakeKV) -> None:
-    device, dtype = dev
-    Hq, Hkv, D, bs = 8, 2, 64, 16
-    seq = [1, 17, 50]
-    k_cache, v_cache, tables = make_paged_kv(seq, Hkv, D, bs, dtype, device)
-    q = torch.randn(len(seq), Hq, D, device=device).to(dtype)
-    seq_lens = torch.tensor(seq, dtype=torch.int32, device=device)
-    qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=device)
-    pre = paged_prefill_attention(q, k_cache, v_cache, tables, qsl, seq_lens, seq_lens - 1, 1, D**-0.5,
-                                  window=12, softcap=3.0)
-    dec = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, D**-0.5, 2, window=12, softcap=3.0)
-    assert_close(pre, dec, dtype)

@@ -20,7 +20,7 @@ from datetime import datetime
 import httpx
 import pytest
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import ServerProcess, running_server
 from tests.reliability.harness import HealthLog, complete, stream, wait_healthy, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -47,15 +47,12 @@ FIGURES: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--num-tokenizers", "2", "--api-server-count", "2", "--max-model-len", "512",
-                        "--max-num-seqs", "64")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        left = srv.stop()
-        print("\nreliability figures:", FIGURES)
-        assert not left, f"processes left behind: {left}"
+    with running_server("--num-tokenizers", "2", "--api-server-count", "2", "--max-model-len", "512",
+                        "--max-num-seqs", "64") as srv:
+        try:
+            yield srv
+        finally:
+            print("\nreliability figures:", FIGURES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 from tests.reliability.harness import complete, stream, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,8 @@ SAMPLE = PROMPTS[:5]
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--max-model-len", "512", "--max-num-seqs", "128")
-    try:
-        srv.wait_ready()
+    with running_server("--max-model-len", "512", "--max-num-seqs", "128") as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
 
 
 async def _all(base_url: str, count: int, max_tokens: int, **kw) -> list:

@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from tests.headrace.server_process import ServerProcess
+from tests.headrace.server_process import running_server
 from tests.reliability.harness import completion_body, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,10 @@ FUZZ_EXAMPLES = 25  # per operation and mode
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--max-model-len", "512", "--max-num-seqs", "2", "--max-num-queued-reqs", str(QUEUE_BOUND))
-    try:
-        srv.wait_ready()
+    with running_server("--max-model-len", "512", "--max-num-seqs", "2",
+                        "--max-num-queued-reqs", str(QUEUE_BOUND)) as srv:
         yield srv
-    finally:
-        left = srv.stop()
-        assert not left, f"processes left behind: {left}"
-        assert "Traceback" not in srv.output, srv.output[-4000:]
+    assert "Traceback" not in srv.output, srv.output[-4000:]
 
 
 def assert_openai_error(r: httpx.Response) -> None:
