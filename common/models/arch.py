@@ -159,14 +159,20 @@ def check_tp_experts(arch: ModelArch, tp_size: int) -> None:
                              f"{size}")
 
 
-def arch_from_hf_config(hf_config) -> ModelArch:
-    """Build a ModelArch from a `transformers.PretrainedConfig` (or anything with the same attributes)."""
-    model_type = getattr(hf_config, "model_type", None)
+def check_supported(model_type: str | None, architectures: list[str] | None) -> None:
+    """A config.json's model is one headrace serves, or an error naming it and listing those it serves (checked
+    on the raw file too, before transformers, which stops at a model type it does not know with its own words)."""
     if model_type not in SUPPORTED_MODEL_TYPES:
-        named = ", ".join(getattr(hf_config, "architectures", None) or []) or "no architectures entry"
+        named = ", ".join(architectures or []) or "no architectures entry"
         raise UnsupportedModelError(
             f"model architecture {named} (model_type {model_type!r}) is not supported; headrace serves "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def arch_from_hf_config(hf_config) -> ModelArch:
+    """Build a ModelArch from a `transformers.PretrainedConfig` (or anything with the same attributes)."""
+    model_type = getattr(hf_config, "model_type", None)
+    check_supported(model_type, getattr(hf_config, "architectures", None))
     _check_rotary(hf_config)
     if model_type == "falcon":
         return _falcon_arch(hf_config)

