@@ -1,6 +1,6 @@
 """GGUF files of the new families (Gemma 2/3, Phi-3, Falcon, Qwen2-MoE, Qwen3-MoE), written tiny and random
 as llama.cpp writes them: our converted folder holds exactly the weights transformers' own GGUF loader reads,
-and our logits (prefilled whole and in chunks of 5) and greedy tokens (prefilled whole and one token a step)
+and our logits (prefilled in chunks of 5) and greedy tokens (prefilled whole and one token a step)
 equal that model's on the CPU, with prompts longer than Gemma's window. Quantized files keep their linears quantized only
 where the worker's quantized path takes them; what transformers cannot read is refused by name."""
 
@@ -82,7 +82,7 @@ def test_config_matches_transformers(family):
 
 # The families' model code is checked at chunk sizes 1000, 5 and 1 on HF folders (tests/services/gpu_worker);
 # here the conversion is what is new, so fewer sizes keep the file fast.
-@pytest.mark.parametrize("chunk", [1000, 5])
+@pytest.mark.parametrize("chunk", [5])
 def test_logits_match_transformers(family, prompt, chunk):
     _, runner, hf = family
     ours, ref = ours_and_reference(runner, hf, prompt, chunk)
@@ -186,3 +186,17 @@ def _finish(writer, path: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+@pytest.mark.parametrize("arch, kind", [("gemma2", "gguf"), ("phi3", None), ("qwen3moe", None)])
+def test_dtype_bfloat16_on_cpu_serves_each_family(files, arch, kind):
+    """`--dtype bfloat16` on a CPU asks for the kept-quantized folder: Gemma runs the quantized linears, Phi-3 and
+    the MoE families start on their dequantized weights instead of being refused as quantized checkpoints."""
+    from headrace.llm import LLM
+
+    llm = LLM(files[arch], device="cpu", dtype="bfloat16", max_model_len=64, log=lambda *_: None)
+    quant = llm.config.require_resolved().quantization
+    assert (quant.kind if quant else None) == kind
+    out = llm.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 3
