@@ -3,10 +3,10 @@ config.json its metadata describes, and the HF name and layout of each of its te
 
 Only architectures that transformers' own GGUF loader also reads are here, so that loader checks every
 conversion (tests/common/models/test_gguf_families.py). What a file may carry that the loader cannot read
-(Mixtral's experts in a `llama` file, Falcon's grouped-KV layout, Phi-3's LongRoPE factors, RoPE scaling but
-Gemma 3's linear one) is refused by name rather than served unchecked. Where a fact is not in the metadata, the value is the one
-llama.cpp, which wrote the file, runs with (Gemma's softmax scale, Gemma 3's local RoPE base and window
-pattern, Qwen3-MoE's renormalised routing).
+(Mixtral's experts in a `llama` file, Falcon's grouped-KV layout, Phi-3's LongRoPE factors, any RoPE scaling
+other than Gemma 3's linear one) is refused by name rather than served unchecked. Where a fact is not in the
+metadata, the value is the one llama.cpp, which wrote the file, runs with (Gemma's softmax scale, Gemma 3's
+local RoPE base and window pattern, Qwen3-MoE's renormalised routing).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _rope_scaling(reader, arch: str) -> dict | None:
     if kind == "none":
         return None
     if arch == "gemma3" and kind == "linear":
-        return {"rope_type": "linear", "factor": float(field_value(reader, f"{arch}.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": float(_getter(reader, arch)("rope.scaling.factor", _REQUIRED))}
     raise GGUFConversionError(f"GGUF {arch} with RoPE scaling ({arch}.rope.scaling.type {kind!r}) is not "
                               "supported; serve the model's HF folder instead")
 
@@ -188,15 +188,16 @@ def _no_extra(get, names, config) -> dict:
     return {}
 
 
-def _gemma_scalar(config) -> float:
-    """llama.cpp's softmax scale for Gemma: 1/sqrt(head_dim), but hidden/heads for the 46-layer (27B) model."""
-    if config["num_hidden_layers"] == 46:
-        return config["hidden_size"] / config["num_attention_heads"]
+def _gemma_scalar(config, layers_of_27b: int) -> int:
+    """llama.cpp's softmax scale for Gemma: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models, which
+    it knows by their layer count (46 in Gemma 2, 62 in Gemma 3)."""
+    if config["num_hidden_layers"] == layers_of_27b:
+        return config["hidden_size"] // config["num_attention_heads"]  # integer division, as llama.cpp
     return config["head_dim"]
 
 
 def _gemma2(get, names, config) -> dict:
-    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _gemma_scalar(config),
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _gemma_scalar(config, 46),
             "sliding_window": int(get("attention.sliding_window", 4096)),
             "attn_logit_softcapping": get("attn_logit_softcapping", 50.0),
             "final_logit_softcapping": get("final_logit_softcapping", 30.0),
@@ -206,7 +207,7 @@ def _gemma2(get, names, config) -> dict:
 
 
 def _gemma3(get, names, config) -> dict:
-    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _gemma_scalar(config),
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _gemma_scalar(config, 62),
             "sliding_window": int(get("attention.sliding_window", 4096)),
             "final_logit_softcapping": get("final_logit_softcapping"), "attn_logit_softcapping": None,
             # llama.cpp's Gemma 3: five windowed layers, then a global one; windowed layers rotate with base 1e4.

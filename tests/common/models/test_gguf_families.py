@@ -200,3 +200,29 @@ def test_dtype_bfloat16_on_cpu_serves_each_family(files, arch, kind):
     out = llm.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize("arch, layers_of_27b", [("gemma2", 46), ("gemma3", 62)])
+def test_gemma_config_facts_llama_cpp_runs_with(tmp_path, arch, layers_of_27b):
+    """What the metadata does not say is what llama.cpp runs with: softmax scale 1/sqrt(head_dim), but
+    1/sqrt(hidden/heads) at the 27B models' layer count; Gemma 3's 5:1 window pattern and local RoPE base
+    1e4; its linear RoPE scaling (4B and up) kept for the global layers."""
+    from gguf import GGUFReader
+
+    from headrace.common.models.arch import arch_from_hf_config
+    from headrace.common.models.gguf_families import hf_config_from_gguf
+    from transformers import AutoConfig
+
+    def config(**meta):
+        path = write_tiny_gguf(str(tmp_path / f"{len(meta)}.gguf"), arch, meta_overrides=meta, quant="F32")
+        return hf_config_from_gguf(GGUFReader(path))
+
+    assert config()["query_pre_attn_scalar"] == 256  # head_dim
+    big = config(block_count=layers_of_27b, **({"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}
+                                                if arch == "gemma3" else {}))
+    assert big["query_pre_attn_scalar"] == 64 // 2  # hidden / heads
+    if arch == "gemma3":
+        assert big["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
+        assert big["rope_scaling"] == {"rope_type": "linear", "factor": 8.0} and big["rope_local_base_freq"] == 1e4
+        hf = AutoConfig.for_model(big.pop("model_type"), **big)
+        assert arch_from_hf_config(hf).local_rope
