@@ -4,7 +4,7 @@ config and tensors are in transformers' terms is gguf_families'; this module rea
 
 Two kinds of folder, cached side by side:
 - dequantized: every tensor float32 (the float path, `--dtype float32`, exact against transformers);
-- kept quantized (`keep_quantized`, the CPU default): each quantized linear stays as its integers, read into
+- kept quantized (`keep_quantized`: a CPU with `--dtype bfloat16`): each quantized linear stays as its integers, read into
   gguf_blocks' affine group form (`<module>.codes/.scales/.mins`) and listed in a `quantization_config`
   of quant_method "gguf"; the worker repacks them for its kernel at load. The embedding table is stored
   dequantized (a lookup needs no kernel); a tied LM head gets its own quantized copy as `lm_head.*`. Only
@@ -38,7 +38,7 @@ from headrace.common.models.gguf_families import (  # noqa: F401  (GGUFConversio
     merge_expert_parts,
 )
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # part of the cache key: a new version converts cached files again
 QUANT_SUFFIX = "-q"  # the kept-quantized folder's name ends with it
 
 
@@ -71,7 +71,9 @@ def _quantized_tensors(reader, family: GGUFFamily, config: dict, modules: list[s
     from headrace.common.models.gguf_blocks import FORMATS, affine_groups
 
     raw = {t.name: t for t in reader.tensors}
-    kept = lambda t: family.keeps_quantized and _kept(family.hf_name(t.name), t, FORMATS)  # noqa: E731
+    keepable = {t.name for t in reader.tensors if family.keeps_quantized and _kept(family.hf_name(t.name), t, FORMATS)}
+    kept_names = _whole_merge_groups(keepable)
+    kept = lambda t: t.name in kept_names  # noqa: E731
     dense = dict(_dequantized_tensors(reader, family, config, keep=lambda t: not kept(t)))
     for t in reader.tensors:
         if not kept(t):
@@ -89,6 +91,22 @@ def _quantized_tensors(reader, family: GGUFFamily, config: dict, modules: list[s
         for suffix, arr in zip(("codes", "scales", "mins"), parts):
             yield f"{module}.{suffix}", hf_layout(arr, config, name)
     yield from dense.items()
+
+
+_MERGE_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def _whole_merge_groups(keepable: set[str]) -> set[str]:
+    """The worker merges q|k|v and gate|up into one linear each, quantized or not as a whole: a part whose
+    partners are not all kept (a Q4_K_M file's Q5_0 q and k beside its Q8_0 v) is dequantized with them."""
+    kept = set(keepable)
+    for name in keepable:
+        parts = name.split(".")
+        for group in _MERGE_GROUPS:
+            if parts[0] == "blk" and parts[2] in group and \
+                    any(f"blk.{parts[1]}.{g}.weight" not in keepable for g in group):
+                kept.discard(name)
+    return kept
 
 
 def _kept(name: str, t, formats) -> bool:

@@ -88,9 +88,11 @@ def _moe_spec(arch: str) -> tuple[dict, dict[str, tuple[int, ...]], bool]:
 
 
 def write_tiny_gguf(path: str, arch: str, seed: int = 0, quant: str = "Q8_0", meta_overrides: dict | None = None,
-                    extra_tensors: dict[str, tuple[int, ...]] | None = None) -> str:
-    """A random model of `arch`; 2-D and 3-D weights whose rows split into 32s stored as `quant` (F32: none).
-    `meta_overrides` replace metadata values (None leaves a key out); `extra_tensors` add tensors."""
+                    extra_tensors: dict[str, tuple[int, ...]] | None = None,
+                    tensor_quant: dict[str, str] | None = None) -> str:
+    """A random model of `arch`; 2-D and 3-D weights whose rows split into 32s stored as `quant` (F32: none),
+    or as `tensor_quant` says for a layer tensor's name (`attn_q.weight`: `Q5_0`). `meta_overrides` replace
+    metadata values (None leaves a key out); `extra_tensors` add tensors."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
@@ -112,8 +114,8 @@ def write_tiny_gguf(path: str, arch: str, seed: int = 0, quant: str = "Q8_0", me
     for key, value in meta.items():
         _add(writer, f"{arch}.{key}", value)
     _add_tokenizer(writer)
-    qtype = GGMLQuantizationType[quant]
     for name, shape in tensors.items():
+        qtype = GGMLQuantizationType[(tensor_quant or {}).get(name.split(".", 2)[-1], quant)]
         if name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w); norms near 1 either way
             arr = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:

@@ -24,7 +24,7 @@ from tests.services.gpu_worker.test_embedded_vs_hf import assert_matches
 from tests.services.gpu_worker.test_models_vs_hf import ours_and_reference
 
 FAMILIES = ["gemma2", "gemma3", "phi3", "falcon", "qwen2moe", "qwen3moe"]
-NEW_TOKENS = 8
+NEW_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,11 @@ def test_kept_quantized_only_where_the_quantized_path_takes_it(files, tmp_path):
         assert torch.equal(w, d.get_tensor(q + ".weight"))
         norm = "model.layers.0.post_feedforward_layernorm.weight"
         assert torch.equal(f.get_tensor(norm), d.get_tensor(norm))  # the 1 + w offset undone in both
+    # A Q4_K_M file's fallbacks: q in Q5_0 (not kept) beside Q8_0 k and v; the merged q|k|v goes dense whole.
+    mixed = write_tiny_gguf(str(tmp_path / "mixed.gguf"), "gemma3", tensor_quant={"attn_q.weight": "Q5_0"})
+    mixed = convert_gguf(mixed, str(tmp_path), log=lambda *_: None, keep_quantized=True)
+    modules = json.load(open(os.path.join(mixed, "config.json")))["quantization_config"]["modules"]
+    assert not any("self_attn.v_proj" in m for m in modules) and "model.layers.0.mlp.up_proj" in modules
     for arch in ("phi3", "falcon", "qwen2moe"):
         folder = convert_gguf(files[arch], str(tmp_path), log=lambda *_: None, keep_quantized=True)
         assert "quantization_config" not in json.load(open(os.path.join(folder, "config.json"))), arch
