@@ -4,12 +4,13 @@ config and tensors are in transformers' terms is gguf_families'; this module rea
 
 Two kinds of folder, cached side by side:
 - dequantized: every tensor float32 (the float path, `--dtype float32`, exact against transformers);
-- kept quantized (`keep_quantized`: a CPU with `--dtype bfloat16`): each quantized linear stays as its integers, read into
-  gguf_blocks' affine group form (`<module>.codes/.scales/.mins`) and listed in a `quantization_config`
-  of quant_method "gguf"; the worker repacks them for its kernel at load. The embedding table is stored
-  dequantized (a lookup needs no kernel); a tied LM head gets its own quantized copy as `lm_head.*`. Only
-  families with separate projections keep them (Llama, Qwen2/3, Gemma 2/3); Phi-3's and Falcon's fused ones
-  and MoE experts are stored dequantized, and so is any block format gguf_blocks does not read (Q5_0, ...).
+- kept quantized (`keep_quantized`: a CPU with `--dtype bfloat16`): each quantized linear stays as its
+  integers, read into gguf_blocks' affine group form (`<module>.codes/.scales/.mins`) and listed in a
+  `quantization_config` of quant_method "gguf"; the worker repacks them for its kernel at load. The embedding
+  table is stored dequantized (a lookup needs no kernel); a tied LM head gets its own quantized copy as
+  `lm_head.*`. Only families with separate projections keep them (Llama, Qwen2/3, Gemma 2/3); Phi-3's and
+  Falcon's fused ones and MoE experts are stored dequantized, and so is any block format gguf_blocks does
+  not read (Q5_0, ...), with the parts merged beside it (q|k|v, gate|up).
 
 Reading the blocks and building the tokenizer take seconds; every later start memory-maps the cached
 safetensors instead, and every process (tokenizer, worker) reads the same folder.

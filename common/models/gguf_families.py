@@ -47,7 +47,8 @@ _LLAMA_GLOBAL = {
 _GEMMA_LAYER = {**_LLAMA_LAYER, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
                 "post_attention_norm.weight": "post_attention_layernorm.weight",
                 "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
-_PHI3_LAYER = {**_LLAMA_LAYER, "attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+_PHI3_LAYER = {**_LLAMA_LAYER, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+               "ffn_up.weight": "mlp.gate_up_proj.weight"}
 # Experts stacked per layer as transformers 5 holds them; gate and up are merged into gate_up_proj later.
 _MOE_LAYER = {**_LLAMA_LAYER, "ffn_gate_inp.weight": "mlp.gate.weight",
               "ffn_gate_exps.weight": "mlp.experts.gate_proj", "ffn_up_exps.weight": "mlp.experts.up_proj",

@@ -1,7 +1,7 @@
 """GGUF files of the new families (Gemma 2/3, Phi-3, Falcon, Qwen2-MoE, Qwen3-MoE), written tiny and random
 as llama.cpp writes them: our converted folder holds exactly the weights transformers' own GGUF loader reads,
-and our logits (prefilled in chunks of 5) and greedy tokens (prefilled whole and one token a step)
-equal that model's on the CPU, with prompts longer than Gemma's window. Quantized files keep their linears quantized only
+and our logits (prefilled in chunks of 5) and greedy tokens (prefilled whole and one token a step) equal that
+model's on the CPU, with prompts longer than Gemma's window. Quantized files keep their linears quantized only
 where the worker's quantized path takes them; what transformers cannot read is refused by name."""
 
 from __future__ import annotations
