@@ -213,6 +213,9 @@ class StepResult:
     execute_time: float = 0.0
     # Requests that asked for prompt logprobs and sampled their first token this step: every chunk's, whole.
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+    # Requests the worker could not serve for a fault of their own (a grammar that does not compile) -> why.
+    # They fail alone, as a 400; the step's other requests go on.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

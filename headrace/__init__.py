@@ -1,4 +1,5 @@
-"""headrace: an LLM serving engine. The offline API: `from headrace import LLM, SamplingParams`."""
+"""headrace: an LLM serving engine. The offline API: `from headrace import LLM, SamplingParams`
+(and `StructuredOutputs` for constrained output)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from headrace.common.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from headrace.llm import LLM
+    from headrace.structured_outputs import StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs"]
 
 
 def __getattr__(name: str):
@@ -17,4 +19,8 @@ def __getattr__(name: str):
         from headrace.llm import LLM
 
         return LLM
+    if name == "StructuredOutputs":
+        from headrace.structured_outputs import StructuredOutputs
+
+        return StructuredOutputs
     raise AttributeError(name)

@@ -42,10 +42,11 @@ class LLMEngine:
         return params.seed if params.seed is not None else self._seeds.getrandbits(63)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, grammar: str | None = None) -> None:
+        """`grammar`: a constrained request's checked EBNF (services/tokenizer/grammar.py), as served."""
         self.scheduler.add_request(Request(req_id, prompt_token_ids, params, self.draw_seed(params),
                                            self.eos_token_ids, arrival_time=arrival_time,
-                                           max_model_len=self.max_model_len))
+                                           max_model_len=self.max_model_len, grammar=grammar))
 
     def abort(self, req_ids: list[str]) -> list[RequestOutput]:
         outputs = self.scheduler.abort_requests(req_ids)

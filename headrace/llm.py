@@ -6,6 +6,8 @@
 
 Every prompt goes into one `LLMEngine` at once, so continuous batching runs them together; results come
 back in input order. `submit` + `stream_finished` are the streaming form underneath: results as they finish.
+`structured_outputs=StructuredOutputs(json=schema)` (or regex, choice, grammar, json_object) constrains the
+output as the server's `response_format` / `structured_outputs` do (headrace/structured_outputs.py).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from headrace.common.config import EngineConfig
 from headrace.common.messages import RequestOutput, TokenLogprobs
 from headrace.common.sampling_params import SamplingParams
 from headrace.engine import LLMEngine
+from headrace.structured_outputs import GrammarCache, StructuredOutputs
 from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 Prompt = str | Sequence[int]
 Conversation = list[Mapping[str, Any]]
+Constraints = StructuredOutputs | Sequence[StructuredOutputs | None] | None
 
 
 @dataclass
@@ -99,6 +103,7 @@ class LLM:
         self._jobs: dict[str, _Job] = {}
         self._choice_of: dict[str, tuple[_Job, int]] = {}  # engine request id -> (job, choice index)
         self._next_engine_id = 0
+        self._grammars = GrammarCache()
 
     @classmethod
     def from_config(cls, config: EngineConfig, log=print) -> LLM:
@@ -116,8 +121,9 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[GenerationOutput]:
-        """Complete text prompts or token-id prompts; one result per prompt, in input order."""
+                 use_tqdm: bool = True, *, structured_outputs: Constraints = None) -> list[GenerationOutput]:
+        """Complete text prompts or token-id prompts; one result per prompt, in input order.
+        `structured_outputs`: one constraint for every prompt, or one (or None) per prompt."""
         prompt_list = _prompt_list(prompts)
         encoded = []
         for p in prompt_list:
@@ -125,12 +131,14 @@ class LLM:
                 encoded.append((self.codec.encode_text(p), p))
             else:
                 encoded.append((self.codec.check_ids(p), None))
-        return self._run(encoded, _params_list(sampling_params, len(encoded)), use_tqdm)
+        return self._run(encoded, _params_list(sampling_params, len(encoded)), use_tqdm,
+                         self._grammars.per_prompt(structured_outputs, len(encoded)))
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[GenerationOutput]:
+             chat_template_kwargs: Mapping[str, Any] | None = None,
+             structured_outputs: Constraints = None) -> list[GenerationOutput]:
         """One conversation (a list of {"role", "content"} messages) or a list of them, rendered with the
         model's chat template; one result per conversation, in input order."""
         single = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)
@@ -138,15 +146,16 @@ class LLM:
         encoded = [self.codec.encode_chat(c, add_generation_prompt=add_generation_prompt,
                                           continue_final_message=continue_final_message,
                                           template_kwargs=chat_template_kwargs) for c in conversations]
-        return self._run(encoded, _params_list(sampling_params, len(encoded)), use_tqdm)
+        return self._run(encoded, _params_list(sampling_params, len(encoded)), use_tqdm,
+                         self._grammars.per_prompt(structured_outputs, len(encoded)))
 
     def _run(self, encoded: list[tuple[list[int], str | None]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[GenerationOutput]:
+             use_tqdm: bool, grammars: list[str | None]) -> list[GenerationOutput]:
         if self._jobs:
             raise RuntimeError("requests from submit() are still pending; drain stream_finished() first")
         try:
-            for i, ((ids, text), p) in enumerate(zip(encoded, params)):
-                self.submit(str(i), ids, p, prompt=text)
+            for i, ((ids, text), p, grammar) in enumerate(zip(encoded, params, grammars)):
+                self._submit(str(i), ids, p, text, grammar)
             results: list[GenerationOutput | None] = [None] * len(encoded)
             for out in self.stream_finished(use_tqdm):
                 results[int(out.request_id)] = out
@@ -158,9 +167,14 @@ class LLM:
     # ------------------------------------------------------------------ the streaming form
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None) -> None:
+               prompt: str | None = None, structured_outputs: StructuredOutputs | None = None) -> None:
         """Queue one prompt (n choices become n engine requests). Raises ValueError when the engine refuses
-        it (duplicate id, prompt longer than the context, more KV than the cache holds); nothing is queued."""
+        it (duplicate id, prompt longer than the context, more KV than the cache holds, a constraint that is
+        not valid or cannot be enforced); nothing is queued."""
+        self._submit(request_id, prompt_token_ids, params, prompt, self._grammars.ebnf(structured_outputs))
+
+    def _submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
+                grammar: str | None) -> None:
         if request_id in self._jobs:
             raise ValueError(f"request id {request_id!r} is already pending")
         job = _Job(request_id, prompt, list(prompt_token_ids), [])
@@ -170,7 +184,7 @@ class LLM:
                 child = params.replace(n=1, seed=None if params.seed is None else params.seed + j)
                 engine_id = str(self._next_engine_id)
                 self._next_engine_id += 1
-                self.engine.add_request(engine_id, job.prompt_token_ids, child)
+                self.engine.add_request(engine_id, job.prompt_token_ids, child, grammar=grammar)
                 job.engine_ids.append(engine_id)
                 job.choices.append(ChoiceText(self.codec.output_text(child, job.prompt_token_ids)))
         except ValueError:

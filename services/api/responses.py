@@ -13,7 +13,8 @@ from typing import Any
 
 from headrace.common.messages import PromptLogprobsText, TextDelta, TokenLogprobs
 from headrace.services.api.reasoning import split_reasoning
-from headrace.services.api.tools import ToolPlan
+from headrace.services.api.tool_stream import CallText
+from headrace.services.api.tools import ToolPlan, call_id
 
 # JSON has no -inf; a token the model ruled out reports this instead (vLLM does the same).
 _MIN_LOGPROB = -9999.0
@@ -39,9 +40,11 @@ class ChoiceState:
     echo_chars: int = 0
     text_offset: int = 0
     prompt_logprobs: PromptLogprobsText | None = None  # scoring requests: from the first delta
-    # Streaming with --reasoning-parser: characters of reasoning and of content already sent.
+    # Streaming with --reasoning-parser or tools: characters of reasoning and of content already sent, and
+    # per tool call whose name went out, the characters of its arguments sent.
     reasoning_sent: int = 0
     content_sent: int = 0
+    call_args_sent: list[int] = field(default_factory=list)
 
     def add(self, delta: TextDelta) -> str:
         """Fold one delta in; return the text it adds (the echoed prompt first, on its first delta)."""
@@ -218,36 +221,20 @@ class ChatShape(Shape):
                              "finish_reason": None}) for k in range(num_choices)]
 
     def delta_chunks(self, state: ChoiceState, text: str, delta: TextDelta) -> list[dict[str, Any]]:
-        if self.tools is not None:  # calls are known only once the reply is: they go out at its end
-            return self._tool_chunks(state) if delta.finished else []
-        if self.reasoning_parser:
-            return self._reasoning_chunks(state, delta)
+        if self.tools is not None or self.reasoning_parser:
+            return self._parsed_chunks(state, delta)
         return super().delta_chunks(state, text, delta)
 
-    def _tool_chunks(self, state: ChoiceState) -> list[dict[str, Any]]:
-        """The finished reply as deltas: its reasoning and content, then each call (name, then arguments),
-        then the finish. Joined, they give exactly the non-streamed message."""
-        reasoning, content, calls = self._parts(state.full_text, state.finish_reason)
-        deltas: list[dict[str, Any]] = []
-        if reasoning:
-            deltas.append({"reasoning_content": reasoning})
-        if content:
-            deltas.append({"content": content})
-        for i, call in enumerate(calls):
-            function = call["function"]
-            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                           "function": {"name": function["name"], "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
-        chunks = [self._chunk({"index": state.index, "delta": d, "logprobs": None, "finish_reason": None})
-                  for d in deltas]
-        chunks.append(self._chunk({"index": state.index, "delta": {}, "logprobs": None,
-                                   "finish_reason": _finish(state.finish_reason, calls),
-                                   "stop_reason": state.stop_reason}))
-        return chunks
-
-    def _reasoning_chunks(self, state: ChoiceState, delta: TextDelta) -> list[dict[str, Any]]:
-        """What the reply's reasoning and content gained since the last chunk."""
-        reasoning, content = split_reasoning(self.reasoning_parser or "", state.full_text, final=delta.finished)
+    def _parsed_chunks(self, state: ChoiceState, delta: TextDelta) -> list[dict[str, Any]]:
+        """What the reply's reasoning, content and tool calls gained since the last chunk: a call's name
+        (with its id) once whole, then its arguments as they are written; then the finish. Joined, the
+        chunks give exactly the non-streamed message (for calls that finish whole and well-formed)."""
+        final = delta.finished
+        reasoning, content = (split_reasoning(self.reasoning_parser, state.full_text, final)
+                              if self.reasoning_parser else ("", state.full_text))
+        calls: list[CallText] = []
+        if self.tools is not None:
+            content, calls = self._calls_so_far(state, content, final)
         out: dict[str, Any] = {}
         if len(reasoning) > state.reasoning_sent:
             out["reasoning_content"] = reasoning[state.reasoning_sent:]
@@ -255,13 +242,24 @@ class ChatShape(Shape):
         if len(content) > state.content_sent:
             out["content"] = content[state.content_sent:]
             state.content_sent = len(content)
-        if not out and not delta.finished:
-            return []
-        choice: dict[str, Any] = {"index": state.index, "delta": out, "logprobs": None,
-                                  "finish_reason": delta.finish_reason if delta.finished else None}
-        if delta.finished:
-            choice["stop_reason"] = delta.stop_reason
-        return [self._chunk(choice)]
+        deltas = ([out] if out else []) + _call_deltas(state, calls)
+        chunks = [self._chunk({"index": state.index, "delta": d, "logprobs": None, "finish_reason": None})
+                  for d in deltas]
+        if final:
+            chunks.append(self._chunk({"index": state.index, "delta": {}, "logprobs": None,
+                                       "finish_reason": _finish(delta.finish_reason, calls),
+                                       "stop_reason": delta.stop_reason}))
+        return chunks
+
+    def _calls_so_far(self, state: ChoiceState, text: str, final: bool) -> tuple[str, list[CallText]]:
+        """(content, calls) to have sent by now. At the end of a reply whose calls never started, the whole
+        message decides (its text is content when its calls do not parse); once a call went out, the scan
+        that sent it decides to the end."""
+        assert self.tools is not None
+        if not final or state.call_args_sent:
+            return self.tools.read(text, final)
+        content, calls = self.tools.extract(text)
+        return content or "", [CallText(c["function"]["name"], c["function"]["arguments"], True) for c in calls]
 
     def _delta_choice(self, state: ChoiceState, text: str, logprobs: list[TokenLogprobs] | None,
                       delta: TextDelta) -> dict[str, Any]:
@@ -275,7 +273,23 @@ class ChatShape(Shape):
         return choice
 
 
-def _finish(reason: str | None, calls: list[dict[str, Any]]) -> str | None:
+def _call_deltas(state: ChoiceState, calls: list[CallText]) -> list[dict[str, Any]]:
+    """Each call's news as OpenAI streams it: its first delta has the index, id, type and name (arguments
+    ""), the next ones pieces of its arguments."""
+    out: list[dict[str, Any]] = []
+    for i, call in enumerate(calls):
+        if i == len(state.call_args_sent):
+            out.append({"tool_calls": [{"index": i, "id": call_id(), "type": "function",
+                                        "function": {"name": call.name, "arguments": ""}}]})
+            state.call_args_sent.append(0)
+        sent = state.call_args_sent[i]
+        if len(call.arguments) > sent:
+            out.append({"tool_calls": [{"index": i, "function": {"arguments": call.arguments[sent:]}}]})
+            state.call_args_sent[i] = len(call.arguments)
+    return out
+
+
+def _finish(reason: str | None, calls: list[Any]) -> str | None:
     """OpenAI's finish for a reply that ended on its own with tool calls is "tool_calls"."""
     return "tool_calls" if calls and reason == "stop" else reason
 

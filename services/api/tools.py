@@ -2,9 +2,10 @@
 the grammar that forces a call where one is required, and the calls read back out of the model's text.
 
 - `none` (or no tools): plain text.
-- `required`: the output is constrained to a JSON array of {"name", "arguments"} objects, one per call (one
-  at most when `parallel_tool_calls` is false), each argument object under its tool's parameter schema, so
-  it always parses.
+- `required`: the output is constrained to a JSON array of {"name", "arguments"} objects, one per call, each
+  argument object under its tool's parameter schema, so it always parses. The array holds one call when
+  `parallel_tool_calls` is false and at most MAX_PARALLEL_CALLS otherwise: vLLM's array has no upper bound,
+  and a small model then repeats its call until max_tokens; a bound makes the grammar close the array.
 - a named function: the output is constrained to that tool's arguments object.
 - `auto` (needs --enable-auto-tool-choice): the model writes what it likes; --tool-call-parser reads calls in
   the format its family was trained on (`hermes`: <tool_call>{...}</tool_call>, `llama3_json`: a bare
@@ -21,10 +22,11 @@ from typing import Any
 
 from headrace.common.messages import GrammarSpec
 from headrace.services.api.errors import ApiError
+from headrace.services.api.tool_stream import MISTRAL_TAG, PYTHON_TAG, CallText, read_calls
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_MISTRAL_TAG = "[TOOL_CALLS]"
-_PYTHON_TAG = "<|python_tag|>"
+# The most calls one `required` reply may hold when parallel calls are allowed.
+MAX_PARALLEL_CALLS = 8
 
 
 @dataclass(frozen=True)
@@ -46,30 +48,53 @@ class ToolPlan:
                                                                  "arguments": _parameters(t)},
                                 "required": ["name", "arguments"], "additionalProperties": False}
                                for t in self.tools]}
-            schema = {"type": "array", "items": calls, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
+            schema = {"type": "array", "items": calls, "minItems": 1,
+                      "maxItems": MAX_PARALLEL_CALLS if self.parallel else 1}
             return GrammarSpec("json_schema", json.dumps(schema), "tools")
         return None
 
     def _tool(self, name: str | None) -> dict[str, Any]:
         return next(t for t in self.tools if t["name"] == name)
 
-    def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """(content, tool calls in OpenAI's shape) from the model's whole output."""
-        if self.mode == "named":
-            return None, [tool_call(self.name or "", text)]
-        if self.mode == "required":
-            return None, [tool_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-                          for c in json.loads(text)]
-        content, calls = parse_tool_calls(self.parser or "", text)
-        known = {t["name"] for t in self.tools}
-        if any(c["function"]["name"] not in known for c in calls):  # not a call of ours: leave the text alone
-            return text, []
+    def read(self, text: str, final: bool) -> tuple[str, list[CallText]]:
+        """(content, calls) of the reply so far, as a stream sends them (tool_stream.py)."""
+        content, calls = read_calls(self.mode, self.parser, self.name, text, final)
+        if self.mode == "auto":  # a call to a function not offered is not ours: the calls end before it
+            known = {t["name"] for t in self.tools}
+            calls = calls[:next((i for i, c in enumerate(calls) if c.name not in known), len(calls))]
         return content, calls
+
+    def extract(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls in OpenAI's shape) from the model's whole output: what `read` gives for the
+        whole text when every call in it is whole and well-formed, else the text as content (a forced call
+        cut short by max_tokens, an auto reply whose calls do not parse or name a function not offered)."""
+        content, calls = self.read(text, final=True)
+        if not self._well_formed(text, calls):
+            return text, []
+        return content or None, [tool_call(c.name, c.arguments) for c in calls]
+
+    def _well_formed(self, text: str, calls: list[CallText]) -> bool:
+        try:
+            if not calls or not all(c.done and isinstance(json.loads(c.arguments), dict) for c in calls):
+                return False
+            if self.mode == "named":
+                return True
+            if self.mode == "required":
+                return len(json.loads(text)) == len(calls)
+        except ValueError:
+            return False
+        _, parsed = parse_tool_calls(self.parser or "", text)
+        known = {t["name"] for t in self.tools}
+        return [c["function"]["name"] for c in parsed] == [c.name for c in calls] and \
+            all(c.name in known for c in calls)
 
 
 def tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +162,11 @@ def parse_tool_calls(parser: str, text: str) -> tuple[str | None, list[dict[str,
         start = text.find("<tool_call>")
         content = text[:start] if start >= 0 else text
     elif parser == "mistral":
-        start = text.find(_MISTRAL_TAG)
-        found = _json_calls(text[start + len(_MISTRAL_TAG):]) if start >= 0 else []
+        start = text.find(MISTRAL_TAG)
+        found = _json_calls(text[start + len(MISTRAL_TAG):]) if start >= 0 else []
         content = text[:start] if start >= 0 else text
     else:  # llama3_json: the whole reply is one or more {"name", "parameters"} objects
-        body = text.strip().removeprefix(_PYTHON_TAG)
+        body = text.strip().removeprefix(PYTHON_TAG)
         found = _json_calls(body) if body.startswith("{") else []
         content = ""
     if not found or any(c is None for c in found):

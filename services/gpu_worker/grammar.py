@@ -18,6 +18,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class GrammarError(Exception):
+    """A request's grammar could not be compiled here: that request fails (a 400), not the step."""
+
+
 class GrammarRuntime:
     def __init__(self, tokenizer_dir: str, vocab_size: int, stop_token_ids: tuple[int, ...], capacity: int = 256):
         """`vocab_size`: the logits' width (the model's embedding rows, which may exceed the tokenizer's);
@@ -61,14 +65,36 @@ class GrammarRuntime:
 
     def _compile(self, ebnf: str) -> Any:
         self.prepare()
+        try:
+            return self.compile(ebnf)
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError with its reason
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise GrammarError(f"the request's grammar could not be compiled against this model's vocabulary: "
+                               f"{reason}") from e
+
+    def compile(self, ebnf: str) -> Any:
+        """xgrammar's compiled grammar of `ebnf` (after `prepare`)."""
         return self._compiler.compile_grammar(ebnf)
+
+    def _forget(self, compiled: Future) -> None:
+        for ebnf, future in list(self._compiled.items()):
+            if future is compiled:
+                del self._compiled[ebnf]
 
     def matcher(self, compiled: Future, output_token_ids: list[int]) -> Any:
         """A matcher at the request's current position: tokens it already generated (a request resumed after
-        preemption brings its outputs along) are replayed into it."""
+        preemption brings its outputs along) are replayed into it. Raises GrammarError when the grammar did
+        not compile, and whatever `prepare` raised (the model has no tokenizer) as a GrammarError too."""
         import xgrammar as xgr
 
-        matcher = xgr.GrammarMatcher(compiled.result())
+        try:
+            grammar = compiled.result()
+        except Exception as e:
+            self._forget(compiled)  # a later request may try again (a failure may not be the grammar's)
+            if isinstance(e, GrammarError):
+                raise
+            raise GrammarError(f"structured output is not available: {e}") from e
+        matcher = xgr.GrammarMatcher(grammar)
         for tok in output_token_ids:
             if not matcher.accept_token(tok):
                 log.warning("a resumed request's token %d does not follow its grammar", tok)

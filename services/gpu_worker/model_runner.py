@@ -9,6 +9,7 @@ for positions that sample, and samples the batch on the device. Launched steps w
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -19,7 +20,7 @@ from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
-from headrace.services.gpu_worker.grammar import GrammarRuntime
+from headrace.services.gpu_worker.grammar import GrammarError, GrammarRuntime
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
 from headrace.services.gpu_worker.kv_cache import KVCacheLayout
@@ -36,6 +37,8 @@ from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -193,9 +196,7 @@ class ModelRunner:
             return
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         pending_rows = pending.row_of_state if pending is not None else {}
-        for s in batch.sample_states:
-            if s.grammar is not None and s.matcher is None:  # its first sampling: the grammar must be ready
-                s.matcher = self.grammars.matcher(s.grammar, s.token_ids[s.num_prompt_tokens:])
+        self._start_matchers(batch.sample_states, step.result)
         rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
                             1 if id(s) in pending_rows else 0, s.matcher) for s in batch.sample_states]
         out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
@@ -204,6 +205,19 @@ class ModelRunner:
             if state.prompt_scores is not None:  # the prompt is done: its scores go with the first token
                 step.result.prompt_logprobs[state.req_id] = state.prompt_scores.take()
                 state.prompt_scores = None
+
+    def _start_matchers(self, states: list[RequestState], result: StepResult) -> None:
+        """A constrained request's first sampling needs its grammar compiled. One that does not compile fails
+        that request alone: it is reported in `result.failed`, samples unconstrained this once (the
+        scheduler drops the token) and is left unconstrained until the scheduler's next plan drops it."""
+        for s in states:
+            if s.grammar is not None and s.matcher is None:
+                try:
+                    s.matcher = self.grammars.matcher(s.grammar, s.token_ids[s.num_prompt_tokens:])
+                except GrammarError as e:
+                    log.warning("request %s: %s", s.req_id, e)
+                    result.failed[s.req_id] = str(e)
+                    s.grammar = None
 
     def _forward(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states of the batch's tokens: from the first graph runner that accepts it, else eager."""

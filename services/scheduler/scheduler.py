@@ -271,7 +271,7 @@ class Scheduler:
                 if req is not None and req.status == RUNNING:
                     self.block_manager.commit_blocks(req, before[req_id] + count)
 
-        outputs = []
+        outputs = self._fail_requests(result.failed) if result.failed else []
         any_finished = False
         for req_id, token_id, logprobs in zip(result.req_ids, result.sampled_token_ids,
                                               result.logprobs or itertools.repeat(None)):
@@ -296,6 +296,14 @@ class Scheduler:
                 out.prompt_logprobs = result.prompt_logprobs.get(out.req_id)
         if any_finished:
             self.running = [r for r in self.running if r.status == RUNNING]
+        return outputs
+
+    def _fail_requests(self, failed: dict[str, str]) -> list[RequestOutput]:
+        """Requests the worker could not serve for a fault of their own end alone, each with a 400 saying
+        why (their token of this step, if any, is then skipped as an aborted request's)."""
+        outputs = self.abort_requests(failed)
+        for out in outputs:
+            out.finish_reason, out.error, out.error_code = "error", failed[out.req_id], 400
         return outputs
 
     @staticmethod

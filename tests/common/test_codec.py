@@ -68,7 +68,7 @@ SAMPLES = [
              num_scheduled_tokens={"r1": 3, "r0": 1}, finished_req_ids=["r9"], preempted_req_ids=["r8"]),
     StepPlan(step_id=0),
     StepResult(step_id=1, req_ids=["r1", "r0"], sampled_token_ids=[5, 6], logprobs=[LP, None], execute_time=0.01,
-               prompt_logprobs={"r1": PLP, "r0": PromptLogprobs()}),
+               prompt_logprobs={"r1": PLP, "r0": PromptLogprobs()}, failed={"r2": "bad grammar"}),
     GenerateRequest("r1", SP, prompt="hi", echo=True, arrival_time=1.5),
     GenerateRequest("r2", SamplingParams(), prompt_token_ids=[1, 2, 3], add_special_tokens=False),
     GenerateRequest("r3", SamplingParams(), messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}],

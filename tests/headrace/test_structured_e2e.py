@@ -157,3 +157,79 @@ def test_bad_constraints_are_400s_naming_the_field(client, extra, param, says):
     # ...and the server keeps serving.
     assert client.chat.completions.create(model=MODEL, max_tokens=2,
                                           messages=[{"role": "user", "content": "hi"}]).choices
+
+
+# --------------------------------------------------------------------------- offline (headrace.LLM)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from headrace import LLM
+
+    return LLM(max_model_len=1024, device="cpu", log=lambda *_: None)  # the server's defaults
+
+
+def test_offline_structured_outputs_validate_and_match(llm):
+    from headrace import SamplingParams, StructuredOutputs
+
+    corpus = schemas()[:3]
+    constraints = [StructuredOutputs(json=s) for s in corpus]
+    constraints += [StructuredOutputs(regex=REGEXES[0]), StructuredOutputs(choice=CHOICES[0])]
+    prompts = [f"Give example {i} as JSON." for i in range(len(corpus))] + ["Phone:", "Capital?"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=120), use_tqdm=False,
+                        structured_outputs=constraints)
+    for out, schema in zip(outs, corpus):
+        assert out.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    assert re.fullmatch(REGEXES[0], outs[-2].outputs[0].text)
+    assert outs[-1].outputs[0].text in CHOICES[0]
+
+
+def test_offline_equals_served_for_the_same_greedy_request(llm, client):
+    from headrace import SamplingParams, StructuredOutputs
+
+    schema = schemas()[9]
+    messages = [{"role": "user", "content": "One record as JSON, please."}]
+    served = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=100, messages=messages,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}).choices[0]
+    offline = llm.chat(messages, SamplingParams(temperature=0, max_tokens=100), use_tqdm=False,
+                       structured_outputs=StructuredOutputs(json=schema))[0].outputs[0]
+    assert offline.text == served.message.content and offline.finish_reason == served.finish_reason
+    jsonschema.validate(json.loads(offline.text), schema)
+
+
+@pytest.mark.parametrize("constraint,says", [
+    ({"json": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
+    ({"regex": "(ab"}, "invalid regex"),
+    ({"regex": "a", "choice": ["a"]}, "exactly one"),
+    ({}, "exactly one"),
+])
+def test_offline_bad_constraints_raise_before_anything_runs(llm, constraint, says):
+    from headrace import SamplingParams, StructuredOutputs
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        llm.generate(["x"], SamplingParams(max_tokens=2), use_tqdm=False,
+                     structured_outputs=StructuredOutputs(**constraint))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_offline_a_grammar_that_does_not_compile_fails_its_prompt_alone(llm, monkeypatch):
+    from headrace import SamplingParams, StructuredOutputs
+
+    grammars = llm.engine.runner.grammars
+    compile_grammar = grammars.compile
+    bad = llm._grammars.ebnf(StructuredOutputs(regex="[0-9]{7}"))
+
+    def compile_or_fail(ebnf):  # injected where xgrammar compiles: nothing the checks let through fails there
+        if ebnf == bad:
+            raise RuntimeError("too many states")
+        return compile_grammar(ebnf)
+
+    monkeypatch.setattr(grammars, "compile", compile_or_fail)
+    outs = llm.generate(["a", "b", "c"], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False,
+                        structured_outputs=[StructuredOutputs(regex="[0-9]{7}"), StructuredOutputs(regex="[a-z]{4}"),
+                                            None])
+    failed, constrained, free = (o.outputs[0] for o in outs)
+    assert failed.finish_reason == "error" and "too many states" in failed.error and not failed.token_ids
+    assert re.fullmatch("[a-z]{4}", constrained.text) and free.finish_reason == "length"

@@ -11,6 +11,7 @@ import jsonschema
 import openai
 import pytest
 
+from headrace.services.api.tools import MAX_PARALLEL_CALLS
 from tests.headrace.server_process import running_server
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,8 @@ def client():
 
 def ask(client, question: str, **kw):
     kw.setdefault("max_tokens", 80)
-    return client.chat.completions.create(model=MODEL, temperature=0, tools=TOOLS,
+    kw.setdefault("tools", TOOLS)
+    return client.chat.completions.create(model=MODEL, temperature=0,
                                           messages=[{"role": "user", "content": question}], **kw)
 
 
@@ -65,13 +67,46 @@ def test_required_always_gives_valid_calls(client, question):
     _check_calls(choice.message.tool_calls)
 
 
-def test_parallel_required_calls_parse_whenever_they_finish(client):
-    choice = ask(client, "Add 2 and 40.", tool_choice="required", max_tokens=40).choices[0]
-    if choice.finish_reason == "tool_calls":
-        _check_calls(choice.message.tool_calls)
-    else:  # cut short: the text is left as content, never a half-parsed call
-        assert choice.finish_reason == "length" and choice.message.content.startswith('[{"name": ')
-        assert not choice.message.tool_calls
+def streamed(client, question: str, **kw) -> tuple[str, str | None, list[tuple[str, str]], int]:
+    """(content, finish reason, calls as (name, arguments), chunks) of a streamed reply, its deltas joined."""
+    calls: dict[int, dict] = {}
+    content, finish, chunks = "", None, 0
+    for chunk in ask(client, question, stream=True, **kw):
+        chunks += 1
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+        for part in delta.tool_calls or []:
+            if part.index not in calls:  # a call's first delta: its index, id, type and whole name
+                assert part.index == len(calls) and part.id and part.type == "function" and part.function.name
+                calls[part.index] = {"name": part.function.name, "arguments": part.function.arguments or ""}
+            else:
+                assert part.id is None and not part.function.name
+                calls[part.index]["arguments"] += part.function.arguments or ""
+    return content, finish, [(c["name"], c["arguments"]) for c in calls.values()], chunks
+
+
+def _pairs(message) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def test_parallel_required_calls_end_within_the_bound_and_stream_call_by_call(client):
+    # Unbounded, this model repeats its call until max_tokens; the grammar closes the array at the bound.
+    # (A tool without parameters keeps the calls short.)
+    ping = [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+    kw = dict(tool_choice="required", max_tokens=200, tools=ping)
+    whole = ask(client, "Ping the server a few times.", **kw).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    assert 1 < len(whole.message.tool_calls) <= MAX_PARALLEL_CALLS
+    assert all(c.function.name == "ping" and json.loads(c.function.arguments) == {} for c in whole.message.tool_calls)
+    content, finish, calls, _ = streamed(client, "Ping the server a few times.", **kw)
+    assert (content, finish, calls) == ("", "tool_calls", _pairs(whole.message))
+
+
+def test_a_required_call_cut_short_is_left_as_text(client):
+    choice = ask(client, "Add 2 and 40.", tool_choice="required", max_tokens=12).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content.startswith('[{"name": ')
+    assert not choice.message.tool_calls
 
 
 @pytest.mark.parametrize("name", [t["function"]["name"] for t in TOOLS])
@@ -86,22 +121,11 @@ def test_a_named_function_is_always_called(client, name):
 def test_streamed_deltas_join_into_the_non_streamed_call(client, tool_choice):
     kw = {"parallel_tool_calls": False} if tool_choice == "required" else {}
     whole = ask(client, "Add 5 and 6.", tool_choice=tool_choice, **kw).choices[0]
-    calls: dict[int, dict] = {}
-    content, finish = "", None
-    for chunk in ask(client, "Add 5 and 6.", tool_choice=tool_choice, stream=True, **kw):
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        finish = chunk.choices[0].finish_reason or finish
-        for part in delta.tool_calls or []:
-            call = calls.setdefault(part.index, {"id": None, "name": "", "arguments": ""})
-            call["id"] = part.id or call["id"]
-            call["name"] += (part.function.name or "") if part.function else ""
-            call["arguments"] += (part.function.arguments or "") if part.function else ""
+    content, finish, calls, chunks = streamed(client, "Add 5 and 6.", tool_choice=tool_choice, **kw)
     assert finish == whole.finish_reason
     assert content == (whole.message.content or "")
-    expected = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
-    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == expected
-    assert all(c["id"] for c in calls.values())
+    assert calls == _pairs(whole.message)
+    assert chunks > len(calls) + 3  # the arguments came in pieces as they were written, not whole at the end
 
 
 def test_a_history_with_tool_calls_and_results_renders(client):

@@ -124,3 +124,67 @@ def test_streamed_reasoning_alone_is_incremental():
     assert (joined["reasoning_content"], joined["content"]) == ("a b c", "answer done")
     assert whole["message"]["reasoning_content"] == "a b c" and whole["message"]["content"] == "answer done"
     assert finish == "stop"
+
+
+_STREAMED = [  # (mode or parser, reply, the calls it holds)
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+               '<tool_call>{"name": "now", "arguments": {}}</tool_call>', 2),
+    ("hermes", '<tool_call>{"arguments": {"b": "x\\"}y"}, "name": "add"}</tool_call>', 1),  # name last
+    ("hermes", "Just text, and a < sign.  ", 0),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": [2, {"c": "]"}]}}; '
+                    '{"name": "now", "parameters": {}}', 2),
+    ("llama3_json", "The answer is {3}.", 0),
+    ("mistral", 'ok [TOOL_CALLS][{"name": "add", "arguments": {"a": 5, "b": 6}}, {"name": "now", '
+                '"arguments": "{\\"x\\": 1}"}]', 2),
+    ("required", '[{"name": "add", "arguments": {"a": 1, "b": -2}}, {"name": "now", "arguments": {}}]', 2),
+    ("named", '{"a": 1, "b": "caf\\u00e9"}', 1),
+]
+
+
+def _plan(kind: str):
+    if kind == "required":
+        return tool_plan(TOOLS, "required", None, False, None)
+    if kind == "named":
+        return tool_plan(TOOLS, {"type": "function", "function": {"name": "add"}}, None, False, None)
+    return tool_plan(TOOLS, "auto", None, True, kind)
+
+
+@pytest.mark.parametrize("kind,text,num_calls", _STREAMED)
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+def test_streamed_calls_join_into_exactly_the_whole_calls(kind, text, num_calls, piece):
+    shape = ChatShape("id", 0, "m", logprobs=False, include_usage=False, tools=_plan(kind))
+    joined, finish, whole = _stream_and_whole(shape, [text[i:i + piece] for i in range(0, len(text), piece)])
+    message = whole["message"]
+    assert len(message["tool_calls"]) == num_calls
+    assert joined["content"] == (message["content"] or "")
+    assert [tuple(c) for c in joined["calls"].values()] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    assert finish == whole["finish_reason"] == ("tool_calls" if num_calls else "stop")
+    for call in message["tool_calls"]:  # the model's own text, parsed only to check it
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_a_call_streams_its_name_first_then_pieces_of_its_arguments():
+    shape = ChatShape("id", 0, "m", logprobs=False, include_usage=False, tools=_plan("required"))
+    state, parts = ChoiceState(0), []
+    text = '[{"name": "add", "arguments": {"a": 12, "b": 3}}, {"name": "now", "arguments": {}}]'
+    for i in range(0, len(text), 4):
+        last = i + 4 >= len(text)
+        delta = TextDelta("r", text[i:i + 4], [i], finished=last, finish_reason="stop" if last else None)
+        state.add(delta)
+        parts += [p for c in shape.delta_chunks(state, "", delta) for p in c["choices"][0]["delta"].get(
+            "tool_calls") or []]
+    first, second = parts[0], next(p for p in parts if p["index"] == 1)
+    assert first["type"] == "function" and first["id"] and first["function"] == {"name": "add", "arguments": ""}
+    assert second["id"] != first["id"] and second["function"]["name"] == "now"
+    pieces = [p["function"]["arguments"] for p in parts if p["index"] == 0 and "id" not in p]
+    assert len(pieces) > 3 and "".join(pieces) == '{"a": 12, "b": 3}'  # written as generated, not at the end
+
+
+def test_a_forced_call_cut_short_is_text_whole_and_partial_streamed():
+    shape = ChatShape("id", 0, "m", logprobs=False, include_usage=False, tools=_plan("required"))
+    state = ChoiceState(0)
+    delta = TextDelta("r", '[{"name": "add", "arguments": {"a": 1', [1], finished=True, finish_reason="length")
+    state.add(delta)
+    assert shape._choice(state)["message"]["tool_calls"] == []
+    assert shape._choice(state)["message"]["content"].startswith('[{"name": "add"')

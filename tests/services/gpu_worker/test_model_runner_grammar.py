@@ -79,3 +79,31 @@ def test_overlap_and_preemption_keep_constrained_tokens(runner):
     tokenizer = AutoTokenizer.from_pretrained(runner.config.require_resolved().tokenizer_dir)
     assert want["g"][-1] in runner.eos_token_ids  # the grammar completed within the steps, then only EOS
     assert re.fullmatch(REGEX, tokenizer.decode(want["g"], skip_special_tokens=True))
+
+
+def test_a_grammar_that_does_not_compile_fails_its_request_alone(runner, monkeypatch):
+    good, bad = to_ebnf(GrammarSpec("regex", REGEX)), to_ebnf(GrammarSpec("regex", "[0-9]{3}"))
+    compile_grammar = runner.grammars.compile
+
+    def compile_or_fail(ebnf):  # the failure injected where xgrammar compiles
+        if ebnf == bad:
+            raise RuntimeError("[12:00:00] compiler.cc:1: out of states\nstack trace")
+        return compile_grammar(ebnf)
+
+    monkeypatch.setattr(runner.grammars, "compile", compile_or_fail)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompt = PROMPTS["g"]
+    plan = StepPlan(step_id=0, new_requests=[
+        NewRequestData("bad", prompt, [], params, [0, 1], 0, 1, bad),
+        NewRequestData("good", prompt, [], params, [2, 3], 0, 1, good),
+        NewRequestData("free", prompt, [], params, [4, 5], 0, 1, None)],
+        num_scheduled_tokens={"bad": len(prompt), "good": len(prompt), "free": len(prompt)})
+    result = runner.execute(plan)
+    assert list(result.failed) == ["bad"]
+    assert "could not be compiled" in result.failed["bad"] and "out of states" in result.failed["bad"]
+    assert "stack trace" not in result.failed["bad"]
+    assert set(result.req_ids) == {"bad", "good", "free"}  # the step went on for everyone
+    second = StepPlan(step_id=1, cached_requests=[CachedRequestData(r, [], len(prompt)) for r in ("bad", "good")],
+                      num_scheduled_tokens={"bad": 1, "good": 1})
+    assert not runner.execute(second).failed  # reported once: the scheduler has ended it by now
+    runner.execute(StepPlan(step_id=2, finished_req_ids=["bad", "good", "free"]))

@@ -585,3 +585,19 @@ def test_one_client_with_many_sequences_cannot_starve_another():
     # Within one group, first come first served.
     first = [next(i for i, p in enumerate(run.plans) if f"cmpl-big-{k}" in p.num_scheduled_tokens) for k in range(60)]
     assert first == sorted(first)
+
+
+def test_a_request_the_worker_could_not_serve_fails_alone_with_a_400():
+    sched = make_scheduler()
+    worker = FakeWorker(64, 8)
+    for rid in ("a", "b"):
+        sched.add_request(make_req(rid, [1, 2, 3], ignore_eos=True, max_tokens=4))
+    plan = sched.schedule()
+    result = worker.execute(plan)
+    result.failed = {"a": "the grammar could not be compiled"}
+    outs = {o.req_id: o for o in sched.update_from_output(plan, result)}
+    assert outs["a"].finished and outs["a"].finish_reason == "error" and outs["a"].error_code == 400
+    assert outs["a"].error == "the grammar could not be compiled" and outs["a"].new_token_ids == []
+    assert not outs["b"].finished and len(outs["b"].new_token_ids) == 1
+    plan = sched.schedule()
+    assert plan.finished_req_ids == ["a"] and list(plan.num_scheduled_tokens) == ["b"]
