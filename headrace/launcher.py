@@ -242,6 +242,11 @@ class Launcher:
     def _on_exit(self, child: Child) -> bool:
         """Handle one child's exit; False means the server cannot go on."""
         reason = f"exited with code {child.process.exitcode}"
+        if self.config.parallel.headless and child.kind == "worker" and child.process.exitcode == 0:
+            # A rank exits cleanly only on the scheduler's Shutdown: node 0 is stopping, so this node stops too.
+            log.info("%s stopped with node 0's scheduler; stopping this node", child.name)
+            self.stopping = True
+            return True
         if child.kind == "scheduler":
             # The ranks' per-request state and in-flight steps belong to the dead scheduler's plans, and their KV
             # blocks to its block table: a new scheduler can rebuild neither, so the replica restarts together
