@@ -32,8 +32,8 @@ from headrace.services.gpu_worker.loader.model_loader import load_model, resolve
 from headrace.services.gpu_worker.model.rope import long_rope_rows, rope_cos_sin_cache
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
-from headrace.services.gpu_worker.pipeline import SINGLE_STAGE, PipelineStage
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
+from headrace.services.gpu_worker.pipeline import SINGLE_STAGE, PipelineStage
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
@@ -97,13 +97,13 @@ class ModelRunner:
         """Compile the attention kernels' variants, capture both kinds of graphs, then compile the sampling
         kernel's variants: no request pays for a compile. Off CUDA, nothing compiles and graphs are off."""
         sched, cuda, tp_size = self.config.scheduler, self.device.type == "cuda", self.tp.size
-        if self.stage.size > 1:  # graphs per stage are not built yet: a stage's forward waits on its neighbours
-            cuda = False
         if cuda:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap)
             self.model.warm_up_experts(sched.token_budget)
-        if self.stage.size > 1:
+        if self.stage.size > 1:  # graphs per stage are not built yet: pipeline stages run eagerly
+            if cuda:
+                self.sampler.warm_up(self.arch.vocab_size, sched.max_num_seqs, self.device)
             return None, None
         decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
                                              self.cos_sin_cache, self.device, tp_size, self.max_model_len,

@@ -21,9 +21,10 @@ from headrace.common.models.source import load_hf_config
 from headrace.common.pipeline_layout import stage_layer_ranges
 from headrace.services.gpu_worker.parallel import TPGroup
 
-# A collective or transfer waiting longer than this raises instead of blocking forever. A peer that dies
-# closes its sockets, which gloo sees at once; this bounds the rest (a peer that hangs, a lost host).
-DIST_TIMEOUT = datetime.timedelta(seconds=120)
+# On CPU (gloo), a collective or transfer waiting longer than this raises instead of blocking forever. A peer
+# that dies closes its sockets, which gloo sees at once; this bounds the rest (a peer that hangs, a lost host).
+# It also bounds the rendezvous, so it leaves room for slow model loads. NCCL keeps torch's default.
+GLOO_TIMEOUT = datetime.timedelta(seconds=300)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def init_distributed(config: EngineConfig, rank: int, device: torch.device) -> t
                           "(`headrace serve` picks a free local port itself)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{par.dist_init_addr}", rank=rank,
-                            world_size=par.world_size, timeout=DIST_TIMEOUT)
+                            world_size=par.world_size, **({"timeout": GLOO_TIMEOUT} if backend == "gloo" else {}))
     stage_idx, tp_rank = divmod(rank, tp_size)
     group = None  # one stage: the world is the TP group, as before pipelines existed
     if pp_size > 1 and tp_size > 1:
