@@ -105,7 +105,7 @@ def check_devices(device: str, tp: int) -> None:
 
         count = torch.cuda.device_count()
         if count < tp:
-            raise ValueError(f"{tp} worker ranks on this node (tensor x pipeline parallel size / nodes) need {tp} "
+            raise ValueError(f"running {tp} worker ranks here (tensor x pipeline parallel size / nodes) needs {tp} "
                              f"GPUs; this host has {count}")
 
 

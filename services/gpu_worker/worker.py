@@ -2,8 +2,9 @@
 tensor-parallel ranks).
 
 It subscribes to the scheduler's step plans, runs each through its ModelRunner and, on tp-rank 0 of the
-last stage (rank 0 without pipelines), pushes the sampled tokens back. Every rank announces itself with WorkerReady once its weights and KV cache
-exist, and heartbeats from a side thread so the scheduler notices a rank that hangs or dies.
+last stage (rank 0 without pipelines), pushes the sampled tokens back. Every rank announces itself with
+WorkerReady once its weights and KV cache exist, and heartbeats from a side thread so the scheduler
+notices a rank that hangs or dies.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
 from headrace.common.process import freeze_startup_heap
 from headrace.services.gpu_worker.model_runner import ModelRunner
+from headrace.services.gpu_worker.parallel import TPGroup
 from headrace.services.gpu_worker.pipeline import init_distributed
 
 log = logging.getLogger("headrace.worker")
 
 POLL_MS = 500
 SLOW_STEP_S = 1.0  # a step slower than this is logged: it stalls every request in flight
+
+
+def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) -> TPGroup:
+    """The TP group of a single-stage world (tests that run TP ranks by hand)."""
+    return init_distributed(config, rank, device)[0]
 
 
 def worker_device(config: EngineConfig, rank: int) -> torch.device:
