@@ -176,6 +176,7 @@ class Launcher:
         self.down_since: float | None = None  # a process died and /health has not been 200 since
         self.down_what = ""
         self.last_spawn = 0.0  # when the last process started (monotonic)
+        self.node0 = None  # a headless node's watch on node 0's scheduler (node_watch.py)
 
     # ------------------------------------------------------------------ processes
 
@@ -194,6 +195,9 @@ class Launcher:
         par = self.config.parallel
         workers = [("worker", r) for r in par.node_ranks]  # this node's block of global ranks
         if par.headless:
+            from headrace.node_watch import SchedulerWatch
+
+            self.node0 = SchedulerWatch(s)
             plan = workers
         else:
             plan = [("scheduler", 0), *workers]
@@ -271,6 +275,9 @@ class Launcher:
 
     def supervise(self) -> int:
         while not self.stopping:
+            if self.node0 is not None and self.node0.lost():
+                log.info("node 0's scheduler went away; stopping this node (its ranks belong to that world)")
+                return 0
             self._start_due()
             sentinels = {c.process.sentinel: c for c in self.children if c.due is None}
             for sentinel in wait(list(sentinels), timeout=0.5):
@@ -344,6 +351,8 @@ class Launcher:
                 log.warning("%s did not stop; killing it", c.name)
                 c.process.kill()
                 c.process.join(5)
+        if self.node0 is not None:
+            self.node0.close()
         self._remove_runtime_files()
 
     def _remove_runtime_files(self) -> None:

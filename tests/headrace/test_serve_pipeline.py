@@ -116,6 +116,11 @@ def test_two_nodes_serve_pp2_and_a_lost_node_fails_its_requests_fast(reference, 
         assert answer["status"] == 503 and "worker rank 1" in answer["body"], answer
         assert answer["at"] - killed < 5.0
         assert node0.get("/health").status_code == 503
+
+        # Node 0 stops: the headless node notices its scheduler go and stops by itself.
+        assert not node0.stop()
+        assert node1.proc.wait(30) == 0
+        assert "node 0's scheduler went away" in node1.output
     finally:
-        left = node1.stop() + node0.stop()
+        left = node0.stop() + node1.stop()
     assert not left, f"processes left behind: {left}"
