@@ -282,7 +282,7 @@ class Launcher:
             sentinels = {c.process.sentinel: c for c in self.children if c.due is None}
             for sentinel in wait(list(sentinels), timeout=0.5):
                 child = sentinels[sentinel]
-                child.process.join(0)
+                child.process.join(1)  # dead by its sentinel; join(0) could come before the reaping (code None)
                 if self.stopping or child.due is not None:  # stopping, or killed by a replica restart above
                     break
                 if not self._on_exit(child):

@@ -45,8 +45,8 @@ def run_pipelined(depth: int, num_blocks: int, prefix_caching: bool, threshold: 
     shared = random_prompt(rng, 24)
     reqs = [make_req(f"r{i}", (shared if i % 2 else []) + random_prompt(rng, rng.randint(1, 30)),
                      ignore_eos=True, max_tokens=rng.randint(1, 24)) for i in range(12)]
-    sched = Scheduler(SchedulerConfig(8, 48, threshold), CacheConfig(block_size=8, enable_prefix_caching=prefix_caching),
-                      num_blocks, 256, disjoint_steps=True)
+    cache = CacheConfig(block_size=8, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(SchedulerConfig(8, 48, threshold), cache, num_blocks, 256, disjoint_steps=True)
     # The service keeps `depth` steps in flight: drive's lookahead is exactly that.
     run = drive(sched, {0: reqs[:6], 5: reqs[6:]}, worker=FirstStageWorker(num_blocks, 8, depth), lookahead=depth)
     for req in reqs:
