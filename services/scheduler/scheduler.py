@@ -176,6 +176,14 @@ class Scheduler:
             draft.budget -= num_new
             i += 1
 
+    def _tokens_for_stages(self, req: Request) -> list[int]:
+        """Pipeline parallelism: the request's last sampled token, for the stages that did not sample it
+        (each appends it only if it lacks it). With disjoint steps, one token at most arrived since the
+        request's previous step."""
+        if self.in_flight is None or not req.output_token_ids:
+            return []
+        return [req.output_token_ids[-1]]
+
     def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
         """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
         None when req itself had to go. Blocks out of an all-windowed model's window are given back first."""
@@ -310,14 +318,6 @@ class Scheduler:
         if any_finished:
             self.running = [r for r in self.running if r.status == RUNNING]
         return outputs
-
-    def _tokens_for_stages(self, req: Request) -> list[int]:
-        """Pipeline parallelism: the request's last sampled token, for the stages that did not sample it
-        (each appends it only if it lacks it). With disjoint steps, one token at most arrived since the
-        request's previous step."""
-        if self.in_flight is None or not req.output_token_ids:
-            return []
-        return [req.output_token_ids[-1]]
 
     @staticmethod
     def _check_stop(req: Request, token_id: int) -> RequestStatus | None:
