@@ -95,10 +95,62 @@ class ParallelConfig:
     # host:port where rank 0 rendezvous torch.distributed (the launcher picks a free local port).
     dist_init_addr: str | None = None
     cpu_threads: int | None = None  # threads of a CPU worker's kernels; None: every core this process may use
+    # Pipeline parallelism: the layers split into this many stages, each stage tensor_parallel_size ranks
+    # (global rank = stage * tensor_parallel_size + tp_rank). None partition: an even split (pipeline.py).
+    pipeline_parallel_size: int = 1
+    pp_layer_partition: str | None = None  # "a,b,c": layers per stage, first to last
+    # Multi-node: the world's ranks in contiguous, equal blocks, one per node; node 0 also runs the scheduler,
+    # tokenizers and apis unless --headless (which every other node is).
+    nnodes: int = 1
+    node_rank: int = 0
+    headless: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads must be >= 1")
+        _require(self.pipeline_parallel_size >= 1, "--pipeline-parallel-size must be >= 1")
+        if self.pp_layer_partition is not None:
+            parts = self.layer_partition_counts
+            _require(len(parts) == self.pipeline_parallel_size,
+                     f"--pp-layer-partition {self.pp_layer_partition!r} names {len(parts)} stages; "
+                     f"--pipeline-parallel-size is {self.pipeline_parallel_size}")
+        _require(self.nnodes >= 1, "--nnodes must be >= 1")
+        _require(0 <= self.node_rank < self.nnodes, f"--node-rank must be in 0..{self.nnodes - 1}")
+        _require(self.world_size % self.nnodes == 0,
+                 f"{self.world_size} worker ranks (tensor x pipeline parallel size) do not split evenly over "
+                 f"--nnodes {self.nnodes}")
+        _require(self.nnodes == 1 or bool(self.dist_init_addr),
+                 "--nnodes > 1 needs --dist-init-addr host:port (node 0's address, where the ranks meet)")
+        _require(not self.headless or self.node_rank > 0 or self.nnodes == 1,
+                 "--headless is for nodes other than node 0 (--node-rank >= 1): node 0 runs the scheduler")
+
+    @property
+    def layer_partition_counts(self) -> list[int]:
+        """The --pp-layer-partition counts (ConfigError when malformed); [] when unset."""
+        if self.pp_layer_partition is None:
+            return []
+        try:
+            counts = [int(part) for part in self.pp_layer_partition.split(",")]
+        except ValueError:
+            raise ConfigError(f"--pp-layer-partition must be comma-separated layer counts such as \"10,12,8\", "
+                              f"got {self.pp_layer_partition!r}") from None
+        _require(all(c >= 1 for c in counts), "--pp-layer-partition: every stage needs at least one layer")
+        return counts
+
+    @property
+    def world_size(self) -> int:
+        """Worker ranks of the replica: every stage's tensor-parallel ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The global ranks this node runs: its contiguous block of the world."""
+        per = self.ranks_per_node
+        return range(self.node_rank * per, (self.node_rank + 1) * per)
 
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")

@@ -149,6 +149,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: BlockIds
     num_computed_tokens: int
+    # Pipeline parallelism only: the request's last sampled token, which stages that do not sample lack
+    # (the last stage samples; stage 0 embeds). Empty otherwise: a single stage keeps its own tokens.
+    new_token_ids: TokenIds = field(default_factory=list)
 
 
 @dataclass

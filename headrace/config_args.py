@@ -80,6 +80,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--tensor-parallel-size", ParallelConfig, type=int)
     _flag(g, "--dist-init-addr", ParallelConfig,
           help="host:port for torch.distributed rendezvous between worker ranks")
+    _flag(g, "--pipeline-parallel-size", ParallelConfig, type=int,
+          help="pipeline stages; each runs --tensor-parallel-size ranks")
+    _flag(g, "--pp-layer-partition", ParallelConfig,
+          help="layers per pipeline stage, e.g. \"10,12,8\" (default: even, extra layers before the last stage)")
+    _flag(g, "--nnodes", ParallelConfig, type=int, help="nodes the worker ranks span (contiguous, equal blocks)")
+    _flag(g, "--node-rank", ParallelConfig, type=int, help="this node's index; node 0 runs the scheduler and apis")
+    _flag(g, "--headless", ParallelConfig, action="store_true",
+          help="run only this node's worker ranks (every node but node 0)")
     _flag(g, "--device", EngineConfig, choices=["auto", "cpu", "cuda"])
     _flag(g, "--cpu-threads", ParallelConfig, type=int,
           help="threads of the CPU worker's kernels (default: every core it may use)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from headrace.common.config import EngineConfig
+from headrace.common.config import ConfigError, EngineConfig
 from headrace.common.messages import RequestOutput, StepPlan
 from headrace.common.models.resolve import resolve_engine_config
 from headrace.common.sampling_params import SamplingParams
@@ -20,6 +20,9 @@ from headrace.services.scheduler.scheduler import Scheduler
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, log=print, runner: ModelRunner | None = None):
+        if config.parallel.world_size > 1:  # one process holds one rank: parallel runs need `headrace serve`
+            raise ConfigError("the in-process engine runs one worker rank; tensor or pipeline parallelism needs "
+                              "`headrace serve`")
         self.config = config = resolve_engine_config(config, log=log)
         model = config.require_resolved()
         self.runner = runner or ModelRunner(config, log=log)

@@ -76,6 +76,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_pipeline(config: EngineConfig) -> None:
+    """Fail before starting anything when the stages cannot split the model's layers, or when nodes could
+    not reach the scheduler (ipc sockets, or a CURVE key each node would make its own of)."""
+    from headrace.common.config import ConfigError
+    from headrace.common.models.arch import arch_from_hf_config
+    from headrace.common.models.source import load_hf_config
+    from headrace.common.pipeline_layout import stage_layer_ranges
+
+    par = config.parallel
+    if par.pipeline_parallel_size > 1:
+        num_layers = arch_from_hf_config(load_hf_config(config.require_resolved())).num_layers
+        stage_layer_ranges(num_layers, par.pipeline_parallel_size, par.layer_partition_counts)
+    if par.nnodes > 1:
+        if config.server.transport != "tcp":
+            raise ConfigError("--nnodes > 1 needs --transport tcp: the other nodes' workers dial the scheduler")
+        if config.server.engine_curve_key_file is None:
+            raise ConfigError("--nnodes > 1 needs --engine-curve-key-file: one key (`headrace keygen FILE`) "
+                              "copied to every node, so that the nodes' processes admit each other")
+
+
 def check_devices(device: str, tp: int) -> None:
     """Fail before starting anything when this host has fewer GPUs than ranks."""
     from headrace.common.config import resolve_device
@@ -85,7 +105,8 @@ def check_devices(device: str, tp: int) -> None:
 
         count = torch.cuda.device_count()
         if count < tp:
-            raise ValueError(f"--tensor-parallel-size {tp} needs {tp} GPUs; this host has {count}")
+            raise ValueError(f"running {tp} worker ranks here (tensor x pipeline parallel size / nodes) needs {tp} "
+                             f"GPUs; this host has {count}")
 
 
 @dataclass
@@ -104,9 +125,10 @@ def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | Non
     from headrace.common.models.resolve import resolve_engine_config
 
     config = resolve_engine_config(config, log=log_fn)
-    check_devices(config.device, config.parallel.tensor_parallel_size)
     parallel = config.parallel
-    if parallel.tensor_parallel_size > 1 and not parallel.dist_init_addr:
+    check_devices(config.device, parallel.ranks_per_node)
+    check_pipeline(config)
+    if parallel.world_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
     # Last: nothing is made on disk (a one-off key, the ipc folder) for a start that fails earlier.
     files = files if files is not None else RuntimeFiles()
@@ -154,6 +176,7 @@ class Launcher:
         self.down_since: float | None = None  # a process died and /health has not been 200 since
         self.down_what = ""
         self.last_spawn = 0.0  # when the last process started (monotonic)
+        self.node0 = None  # a headless node's watch on node 0's scheduler (node_watch.py)
 
     # ------------------------------------------------------------------ processes
 
@@ -169,10 +192,17 @@ class Launcher:
     def start(self) -> None:
         s = self.config.server
         self.metrics_dir = tempfile.mkdtemp(prefix="headrace-metrics-")
-        plan = [("scheduler", 0)]
-        plan += [("worker", r) for r in range(self.config.parallel.tensor_parallel_size)]
-        plan += [("tokenizer", j) for j in range(s.num_tokenizers)]
-        plan += [("api", i) for i in range(s.num_api_servers)]
+        par = self.config.parallel
+        workers = [("worker", r) for r in par.node_ranks]  # this node's block of global ranks
+        if par.headless:
+            from headrace.node_watch import SchedulerWatch
+
+            self.node0 = SchedulerWatch(s)
+            plan = workers
+        else:
+            plan = [("scheduler", 0), *workers]
+            plan += [("tokenizer", j) for j in range(s.num_tokenizers)]
+            plan += [("api", i) for i in range(s.num_api_servers)]
         for kind, index in plan:
             self.children.append(Child(kind, index, self._spawn(kind, index)))
 
@@ -216,6 +246,11 @@ class Launcher:
     def _on_exit(self, child: Child) -> bool:
         """Handle one child's exit; False means the server cannot go on."""
         reason = f"exited with code {child.process.exitcode}"
+        if self.config.parallel.headless and child.kind == "worker" and child.process.exitcode == 0:
+            # A rank exits cleanly only on the scheduler's Shutdown: node 0 is stopping, so this node stops too.
+            log.info("%s stopped with node 0's scheduler; stopping this node", child.name)
+            self.stopping = True
+            return True
         if child.kind == "scheduler":
             # The ranks' per-request state and in-flight steps belong to the dead scheduler's plans, and their KV
             # blocks to its block table: a new scheduler can rebuild neither, so the replica restarts together
@@ -240,11 +275,14 @@ class Launcher:
 
     def supervise(self) -> int:
         while not self.stopping:
+            if self.node0 is not None and self.node0.lost():
+                log.info("node 0's scheduler went away; stopping this node (its ranks belong to that world)")
+                return 0
             self._start_due()
             sentinels = {c.process.sentinel: c for c in self.children if c.due is None}
             for sentinel in wait(list(sentinels), timeout=0.5):
                 child = sentinels[sentinel]
-                child.process.join(0)
+                child.process.join(1)  # dead by its sentinel; join(0) could come before the reaping (code None)
                 if self.stopping or child.due is not None:  # stopping, or killed by a replica restart above
                     break
                 if not self._on_exit(child):
@@ -268,13 +306,19 @@ class Launcher:
             self.down_since = None
         if not self.announced:
             self.announced = True
-            s = self.config.server
+            s, par = self.config.server, self.config.parallel
+            if par.headless:
+                print(f"headrace node {par.node_rank} is up: worker ranks {par.node_ranks.start}.."
+                      f"{par.node_ranks.stop - 1}", flush=True)
+                return
             print(f"headrace is ready: http://{s.host}:{s.port}/v1 (model {self.config.require_resolved().name})",
                   flush=True)
 
     def _healthy(self) -> bool:
         import httpx
 
+        if self.config.parallel.headless:  # no api here: healthy while its ranks run (node 0 reports the rest)
+            return all(c.process.is_alive() for c in self.children)
         s = self.config.server
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
         try:
@@ -292,7 +336,8 @@ class Launcher:
         for p in apis:
             p.join(max(0.0, deadline - time.monotonic()))
         try:
-            self._notify_scheduler(Shutdown("launcher stopping"))
+            if not self.config.parallel.headless:  # node 0's scheduler serves on without this node's ranks
+                self._notify_scheduler(Shutdown("launcher stopping"))
         except Exception:  # noqa: BLE001 - best effort; terminate below covers it
             pass
         rest = [c.process for c in self.children if c.process.is_alive()]
@@ -306,6 +351,8 @@ class Launcher:
                 log.warning("%s did not stop; killing it", c.name)
                 c.process.kill()
                 c.process.join(5)
+        if self.node0 is not None:
+            self.node0.close()
         self._remove_runtime_files()
 
     def _remove_runtime_files(self) -> None:

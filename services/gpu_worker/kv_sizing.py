@@ -63,7 +63,8 @@ def peak_forward_bytes(model: LlamaForCausalLM, backend: AttentionBackend, cos_s
     batch = prepare_batch(requests, scheduled, layout.block_size, device)
     ctx = ForwardContext(batch.attn, caches, backend, cos_sin_cache)
     hidden = model(batch.input_ids, batch.positions, ctx)
-    model.compute_logits(hidden[-sched.max_num_seqs:])
+    if model.is_last_stage:  # a pipeline stage before the last has no LM head
+        model.compute_logits(hidden[-sched.max_num_seqs:])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - probe_blocks * layout.bytes_per_block
     del caches, hidden

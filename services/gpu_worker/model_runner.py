@@ -34,6 +34,7 @@ from headrace.services.gpu_worker.model.rope import long_rope_rows, rope_cos_sin
 from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
+from headrace.services.gpu_worker.pipeline import SINGLE_STAGE, PipelineStage
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
@@ -43,20 +44,22 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE, device: str | None = None,
-                 log=print):
+                 log=print, stage: PipelineStage = SINGLE_STAGE):
         resolved = config.require_resolved()
         self.config = config
         self.device = torch.device(device or resolve_device(config.device))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.tp = tp
+        self.stage = stage  # a pipeline stage runs its layers only and passes hidden states on (pipeline.py)
         self.log = log
         self.requests: dict[str, RequestState] = {}
         if self.device.type == "cpu":
             torch.set_num_threads(config.parallel.cpu_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
-        loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization)
+        loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization,
+                            stage=stage.layers)
         self.load_seconds = time.perf_counter() - t0
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         quant = resolved.quantization
@@ -71,7 +74,7 @@ class ModelRunner:
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
                                                 self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
-        self.kv_layout = KVCacheLayout(self.arch.num_layers, self.block_size,
+        self.kv_layout = KVCacheLayout(len(self.model.layers), self.block_size,
                                        self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim, self.dtype)
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.kv_layout.allocate(self.num_blocks, self.device)
@@ -101,6 +104,10 @@ class ModelRunner:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap)
             self.model.warm_up_experts(sched.token_budget)
+        if self.stage.size > 1:  # graphs per stage are not built yet: pipeline stages run eagerly
+            if cuda:
+                self.sampler.warm_up(self.arch.vocab_size, sched.max_num_seqs, self.device)
+            return None, None
         decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
                                              self.cos_sin_cache, self.device, tp_size, self.max_model_len,
                                              self.block_size, log=self.log)
@@ -163,6 +170,10 @@ class ModelRunner:
             if cached.new_block_ids:
                 state.add_blocks(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_token_ids:  # pipeline stages that do not sample learn the tokens from the plan
+                missing = cached.num_computed_tokens + plan.num_scheduled_tokens[cached.req_id] - len(state.token_ids)
+                if missing > 0:
+                    state.token_ids.extend(cached.new_token_ids[-missing:])
 
     @torch.no_grad()
     def launch(self, plan: StepPlan) -> None:
@@ -189,6 +200,10 @@ class ModelRunner:
         batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
                               long_rope=self.long_rope)
         hidden = self._forward(batch)
+        if not self.stage.is_last:  # the next stage has the hidden states; the last one samples
+            self.stage.send(hidden)
+            step.resolved = True
+            return
         if batch.prompt_spans:
             score_prompt_spans(batch.prompt_spans, hidden, self.model.compute_logits)
         if not batch.sample_req_ids:
@@ -225,7 +240,9 @@ class ModelRunner:
             if graphs.accepts(batch):
                 return graphs.run(batch)
         ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
-        return self.model(batch.input_ids, batch.positions, ctx)
+        intermediate = None if self.stage.is_first else \
+            self.stage.recv(batch.input_ids.shape[0], self.arch.hidden_size, self.dtype, self.device)
+        return self.model(batch.input_ids, batch.positions, ctx, intermediate)
 
     def _restarts_long_rope(self, plan: StepPlan) -> bool:
         """Whether a request of this plan is recomputed for LongRoPE's long factors: its whole sequence,

@@ -1,8 +1,10 @@
-"""The gpu_worker process (one per GPU; rank r of T tensor-parallel ranks).
+"""The gpu_worker process (one per GPU; global rank r = stage * T + tp_rank of P pipeline stages x T
+tensor-parallel ranks).
 
-It subscribes to the scheduler's step plans, runs each through its ModelRunner and, on rank 0, pushes
-the sampled tokens back. Every rank announces itself with WorkerReady once its weights and KV cache
-exist, and heartbeats from a side thread so the scheduler notices a rank that hangs or dies.
+It subscribes to the scheduler's step plans, runs each through its ModelRunner and, on tp-rank 0 of the
+last stage (rank 0 without pipelines), pushes the sampled tokens back. Every rank announces itself with
+WorkerReady once its weights and KV cache exist, and heartbeats from a side thread so the scheduler
+notices a rank that hangs or dies.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import zmq
 from headrace.common import transport
 from headrace.common.addresses import Endpoint, address_plan
 from headrace.common.codec import MessageDecodeError
-from headrace.common.config import ConfigError, EngineConfig, resolve_device
+from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
 from headrace.common.process import freeze_startup_heap
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from headrace.services.gpu_worker.parallel import TPGroup
+from headrace.services.gpu_worker.pipeline import init_distributed
 
 log = logging.getLogger("headrace.worker")
 
@@ -32,29 +35,20 @@ SLOW_STEP_S = 1.0  # a step slower than this is logged: it stalls every request 
 
 
 def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) -> TPGroup:
-    size = config.parallel.tensor_parallel_size
-    if size == 1:
-        return TPGroup(0, 1)
-    import torch.distributed as dist
-
-    addr = config.parallel.dist_init_addr
-    if not addr:  # a fixed fallback port would let two servers on one host join each other's ranks
-        raise ConfigError(f"--tensor-parallel-size {size} needs --dist-init-addr host:port for the ranks to meet "
-                          "(`headrace serve` picks a free local port itself)")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{addr}", rank=rank, world_size=size)
-    return TPGroup(rank, size)
+    """The TP group of a single-stage world (tests that run TP ranks by hand)."""
+    return init_distributed(config, rank, device)[0]
 
 
 def worker_device(config: EngineConfig, rank: int) -> torch.device:
+    """This rank's device: GPU `rank` counted within its node's block of ranks, or the CPU."""
     kind = resolve_device(config.device)
     if kind == "cuda":
-        count = torch.cuda.device_count()
-        if rank >= count:
-            raise RuntimeError(f"--tensor-parallel-size {config.parallel.tensor_parallel_size} needs "
-                               f"{config.parallel.tensor_parallel_size} GPUs; this host has {count}")
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
+        count, per_node = torch.cuda.device_count(), config.parallel.ranks_per_node
+        local = rank % per_node
+        if local >= count:
+            raise RuntimeError(f"{per_node} worker ranks on this node need {per_node} GPUs; this host has {count}")
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 
@@ -83,8 +77,11 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     parent = os.getppid()
     try:
         device = worker_device(config, rank)
-        tp = init_tensor_parallel(config, rank, device)
-        runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
+        tp, stage = init_distributed(config, rank, device)
+        runner = ModelRunner(config, tp=tp, device=str(device), log=log.info, stage=stage)
+        if stage.size > 1:
+            log.info("pipeline stage %d of %d: layers %d..%d", stage.rank, stage.size, runner.model.start_layer,
+                     runner.model.end_layer - 1)
         runner.grammars.prepare_in_background()
         ready = WorkerReady(rank, runner.num_blocks, runner.load_seconds, str(device))
         freeze_startup_heap()
@@ -96,13 +93,14 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
         transport.send(results, ready)
         announced.append(ready)
         log.info("ready: %d KV blocks, model loaded in %.1fs", runner.num_blocks, runner.load_seconds)
-        _serve(runner, plans, results, rank, ready, parent)
+        # One rank reports each step's tokens: tp-rank 0 of the last stage, which sampled them.
+        _serve(runner, plans, results, stage.is_last and tp.rank == 0, ready, parent)
     finally:
         stop.set()
         ctx.destroy(linger=0)
 
 
-def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: int, ready: WorkerReady,
+def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, reports: bool, ready: WorkerReady,
            parent: int) -> None:
     """Launch each plan as soon as it arrives, before waiting for the step already on the device: the
     scheduler sends step t+1 while step t runs (async scheduling), so the host prepares t+1 while the GPU
@@ -113,7 +111,7 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
             log.error("parent process died; exiting")
             return
         if msg is None:  # the oldest step is done: hand its result back
-            _finish_oldest(runner, results, rank, ready)
+            _finish_oldest(runner, results, reports, ready)
             continue
         if isinstance(msg, Shutdown):
             log.info("shutdown: %s", msg.reason)
@@ -123,10 +121,10 @@ def _serve(runner: ModelRunner, plans: zmq.Socket, results: zmq.Socket, rank: in
         try:
             runner.launch(msg)
         except Exception as e:  # noqa: BLE001 - report, reset, and keep serving
-            _fail(runner, msg.step_id, e, results, rank, ready)
+            _fail(runner, msg.step_id, e, results, reports, ready)
             continue
         while runner.num_in_flight > 1:  # the new step is queued behind these: wait for them now
-            if not _finish_oldest(runner, results, rank, ready):
+            if not _finish_oldest(runner, results, reports, ready):
                 break
 
 
@@ -165,14 +163,14 @@ def _recv(plans: zmq.Socket):
         return None
 
 
-def _finish_oldest(runner: ModelRunner, results: zmq.Socket, rank: int, ready: WorkerReady) -> bool:
+def _finish_oldest(runner: ModelRunner, results: zmq.Socket, reports: bool, ready: WorkerReady) -> bool:
     step_id = runner.oldest_plan.step_id  # named in the error report if finishing fails
     try:
         plan, result = runner.finish_oldest()
     except Exception as e:  # noqa: BLE001
-        _fail(runner, step_id, e, results, rank, ready)
+        _fail(runner, step_id, e, results, reports, ready)
         return False
-    if rank == 0 and not plan.is_empty:
+    if reports and not plan.is_empty:
         transport.send(results, result)
     if result.execute_time > SLOW_STEP_S:
         log.warning("step %d took %.2fs: %d tokens, %d requests", plan.step_id, result.execute_time,
@@ -180,11 +178,17 @@ def _finish_oldest(runner: ModelRunner, results: zmq.Socket, rank: int, ready: W
     return True
 
 
-def _fail(runner: ModelRunner, step_id: int, error: Exception, results: zmq.Socket, rank: int,
+def _fail(runner: ModelRunner, step_id: int, error: Exception, results: zmq.Socket, reports: bool,
           ready: WorkerReady) -> None:
     """A step failed: drop every step in flight and all request state, tell the scheduler, start over."""
     log.error("step %d failed", step_id, exc_info=error)
     runner.reset()
-    if rank == 0:
+    if runner.stage.size > 1:
+        # The stages' transfers are out of step now (or a neighbour is gone): no step can be trusted. Exit, so
+        # that the launcher restarts the replica's ranks and the scheduler fails what was in flight.
+        transport.send(results, WorkerError(step_id, f"pipeline stage {runner.stage.rank}: {type(error).__name__}: "
+                                                     f"{error}"))
+        raise SystemExit(1)
+    if reports:
         transport.send(results, WorkerError(step_id, f"{type(error).__name__}: {error}"))
     transport.send(results, ready)  # the scheduler starts over with a clean slate

@@ -46,7 +46,7 @@ RUNNING = RequestStatus.RUNNING
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 max_model_len: int, kv_window: int | None = None) -> None:
+                 max_model_len: int, kv_window: int | None = None, disjoint_steps: bool = False) -> None:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.token_budget
         threshold = scheduler_config.long_prefill_token_threshold
@@ -68,6 +68,9 @@ class Scheduler:
         # Prompt tokens looked up in the prefix cache at each request's first admission, and those found.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Pipeline parallelism: several steps in flight hold disjoint requests (micro-batches), since a stage
+        # cannot read a token the last stage has not sampled yet. The requests of steps in flight wait here.
+        self.in_flight: InFlightRequests | None = InFlightRequests() if disjoint_steps else None
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -136,6 +139,8 @@ class Scheduler:
         if not draft.preempted:  # after a preemption memory is too tight to admit anyone
             self._admit_waiting(draft)
         plan = draft.plan(self._next_step_id, self._finished_req_ids)
+        if self.in_flight is not None:
+            self.in_flight.add(plan)
         self._next_step_id += 1
         self._finished_req_ids = []
         return plan
@@ -146,6 +151,9 @@ class Scheduler:
         i = 0
         while i < len(running) and draft.budget > 0:
             req = running[i]
+            if self.in_flight is not None and req.req_id in self.in_flight:
+                i += 1  # its step is still in the pipeline
+                continue
             if req.num_output_tokens + req.num_pending_tokens >= req.max_tokens:
                 draft.finishing += 1  # its last token is already being sampled: it finishes when that step returns
                 i += 1
@@ -159,13 +167,22 @@ class Scheduler:
             new_block_ids = self._allocate_or_preempt(req, num_new, draft)
             if new_block_ids is None:
                 return  # req was the last running request and made room by preempting itself
-            draft.cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens))
+            draft.cached_reqs.append(CachedRequestData(req.req_id, new_block_ids, req.num_computed_tokens,
+                                                       self._tokens_for_stages(req)))
             draft.cached_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
             if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
                 req.num_pending_tokens += 1  # this step samples its next token
             draft.budget -= num_new
             i += 1
+
+    def _tokens_for_stages(self, req: Request) -> list[int]:
+        """Pipeline parallelism: the request's last sampled token, for the stages that did not sample it
+        (each appends it only if it lacks it). With disjoint steps, one token at most arrived since the
+        request's previous step."""
+        if self.in_flight is None or not req.output_token_ids:
+            return []
+        return [req.output_token_ids[-1]]
 
     def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
         """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
@@ -188,6 +205,8 @@ class Scheduler:
         # max_num_seqs bounds the requests in a step; one leaving with the step in flight takes no seat.
         while waiting and draft.budget > 0 and len(running) - draft.finishing < self.max_num_seqs:
             req = self._next_waiting()
+            if self.in_flight is not None and req.req_id in self.in_flight:
+                return  # preempted while its step is in the pipeline: it resumes once that step is back
             hits, num_hits = bm.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hits, self.long_prefill_token_threshold, draft.budget)
             # Keep the watermark free for running requests to grow into; a lone request needs no headroom.
@@ -260,6 +279,8 @@ class Scheduler:
         """
         if result.step_id != plan.step_id:
             raise ValueError(f"result of step {result.step_id} applied to plan {plan.step_id}")
+        if self.in_flight is not None:
+            self.in_flight.remove(plan)
         requests = self.requests
         if self.block_manager.enable_prefix_caching:
             # The step has written these tokens' KV: their full blocks may now serve other prompts. (A later
@@ -343,6 +364,29 @@ class Scheduler:
 def group_of(req_id: str) -> str:
     """The client request an engine request belongs to: its id up to the last '-' (the whole id if none)."""
     return req_id.rpartition("-")[0] or req_id
+
+
+class InFlightRequests:
+    """Requests of the steps in flight, counted per request (a preempted request may be re-planned only
+    after its step is back, so a count is at most one; counting keeps `remove` exact regardless)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._counts
+
+    def add(self, plan: StepPlan) -> None:
+        for req_id in plan.num_scheduled_tokens:
+            self._counts[req_id] = self._counts.get(req_id, 0) + 1
+
+    def remove(self, plan: StepPlan) -> None:
+        for req_id in plan.num_scheduled_tokens:
+            left = self._counts.get(req_id, 0) - 1
+            if left > 0:
+                self._counts[req_id] = left
+            else:
+                self._counts.pop(req_id, None)
 
 
 class _PlanDraft:

@@ -59,7 +59,8 @@ class SchedulerService:
     def __init__(self, config: EngineConfig, plan: AddressPlan):
         self.config = config
         self.model = config.require_resolved()
-        self.tp_size = config.parallel.tensor_parallel_size
+        self.world_size = config.parallel.world_size  # ranks that must be ready: every stage's TP ranks
+        self.pp_size = config.parallel.pipeline_parallel_size
         self.ctx = zmq.Context()
         self.frontend = transport.router_socket(self.ctx, plan.scheduler)
         self.plan_pub = transport.pub_socket(self.ctx, plan.worker_plan)
@@ -80,7 +81,8 @@ class SchedulerService:
         # Plans sent and not yet answered, oldest first: with async scheduling step t+1 is planned and sent
         # while step t runs, so the worker starts it without waiting for a round trip through here.
         self.inflight: deque[StepPlan] = deque()
-        self.max_inflight = 2 if config.scheduler.async_scheduling else 1
+        # With P pipeline stages, P steps of disjoint requests keep every stage busy (micro-batches).
+        self.max_inflight = self.pp_size if self.pp_size > 1 else 2 if config.scheduler.async_scheduling else 1
         # Set when planning found nothing to run (e.g. every running request waits on a token in flight):
         # no new plan until some message arrives, instead of spinning.
         self.stalled = False
@@ -290,10 +292,11 @@ class SchedulerService:
         self.ready[msg.rank] = msg
         log.info("worker rank %d ready on %s: %d KV blocks, loaded in %.1fs",
                  msg.rank, msg.device, msg.num_blocks, msg.load_seconds)
-        if len(self.ready) == self.tp_size and self.scheduler is None:
+        if len(self.ready) == self.world_size and self.scheduler is None:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
-                                       self.model.max_model_len, self.model.kv_window)
+                                       self.model.max_model_len, self.model.kv_window,
+                                       disjoint_steps=self.pp_size > 1)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
             held, self.held = list(self.held), {}
             for req_id in held:
@@ -376,7 +379,7 @@ def main(config_dict: dict[str, Any], index: int = 0) -> None:
     config = EngineConfig.from_dict(config_dict)
     service = SchedulerService(config, address_plan(config.server))
     freeze_startup_heap()
-    log.info("scheduler up; waiting for %d worker rank(s)", config.parallel.tensor_parallel_size)
+    log.info("scheduler up; waiting for %d worker rank(s)", config.parallel.world_size)
     try:
         service.run(parent_pid=os.getppid())
     finally:

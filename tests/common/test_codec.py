@@ -64,7 +64,7 @@ SAMPLES = [
     StepPlan(step_id=1,
              new_requests=[NewRequestData("r1", [1, 2, 3], [], SP, [0, 1], 0, 42),
                            NewRequestData("r2", [1], [4], SP, [2], 1, 43, grammar='root ::= "a" | "b"')],
-             cached_requests=[CachedRequestData("r0", [7], 17)],
+             cached_requests=[CachedRequestData("r0", [7], 17, [5])],
              num_scheduled_tokens={"r1": 3, "r0": 1}, finished_req_ids=["r9"], preempted_req_ids=["r8"]),
     StepPlan(step_id=0),
     StepResult(step_id=1, req_ids=["r1", "r0"], sampled_token_ids=[5, 6], logprobs=[LP, None], execute_time=0.01,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -16,6 +16,7 @@ from headrace.common.models.source import WeightsLocation, load_hf_config
 from headrace.services.gpu_worker.loader.family_layouts import from_llama_names, to_llama_names
 from headrace.services.gpu_worker.model.llama import LlamaForCausalLM
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
+from headrace.services.gpu_worker.pipeline import StageLayers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,12 +104,15 @@ def _moe_shapes(arch: ModelArch, prefix: str) -> Iterator[tuple[str, tuple[int, 
         yield prefix + "shared_expert_gate.weight", (1, h)
 
 
-def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype,
+                   keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors drawn on the device (no host round trip), N(0, 0.02) matrices and unit norms. Each
-    tensor's generator is seeded from (seed, its index), so every TP rank slices the same full weights."""
+    tensor's generator is seeded from (seed, its index), so every TP rank slices the same full weights (and a
+    pipeline stage, drawing only the tensors `keep` accepts, the same ones as a single stage)."""
     gen = torch.Generator(device=device)
     for index, (name, shape) in enumerate(checkpoint_shapes(arch)):
+        if keep is not None and not keep(name):
+            continue
         if name.endswith("norm.weight"):
             yield name, torch.ones(shape, dtype=dtype, device=device)
             continue
@@ -118,11 +122,13 @@ def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torc
 
 @torch.no_grad()
 def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
-               seed: int = 0, quant: QuantSpec | None = None) -> LoadedModel:
+               seed: int = 0, quant: QuantSpec | None = None, stage: StageLayers | None = None) -> LoadedModel:
+    """The model (a pipeline stage's part of it when `stage` says so: other stages' tensors are skipped)."""
     hf_config = load_hf_config(source)
     arch = arch_from_hf_config(hf_config)
-    model = LlamaForCausalLM(arch, tp, dtype, device, quant)
-    weights = random_weights(arch, seed, device, dtype) if source.kind == "random" else \
+    model = LlamaForCausalLM(arch, tp, dtype, device, quant, stage)
+    keep = lambda name: model._stage_name(name.removeprefix("model.")) is not None  # noqa: E731
+    weights = random_weights(arch, seed, device, dtype, keep) if source.kind == "random" else \
         to_llama_names(arch, safetensors_weights(source.weights_dir))
     missing = model.expected_parameter_names() - model.load_weights(weights)
     if missing:

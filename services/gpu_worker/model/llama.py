@@ -38,6 +38,7 @@ from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
+from headrace.services.gpu_worker.pipeline import StageLayers
 
 
 def make_norm(arch: ModelArch, size: int, dtype: torch.dtype, device: torch.device) -> RMSNorm | LayerNorm:
@@ -65,9 +66,11 @@ def layer_rope_table(cos_sin_cache: torch.Tensor, local: bool) -> torch.Tensor:
 
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
-                 quant: QuantSpec | None = None):
+                 quant: QuantSpec | None = None, cache_index: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        # Which of this worker's KV caches is this layer's: a pipeline stage holds caches for its layers only.
+        self.cache_index = layer_idx if cache_index is None else cache_index
         self.head_dim = arch.head_dim
         prefix = f"model.layers.{layer_idx}.self_attn."
         self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
@@ -98,12 +101,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.backend.write_cache(q, k, v, positions, layer_rope_table(ctx.cos_sin_cache, self.local_rope),
-                                       ctx.kv_caches[self.layer_idx], ctx.attn.slot_mapping)
+                                       ctx.kv_caches[self.cache_index], ctx.attn.slot_mapping)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attention over the paged cache; [T, heads * head_dim]."""
-        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, self.scale,
+        out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.cache_index], ctx.attn, self.scale,
                                  window=self.window, softcap=self.softcap)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
@@ -139,11 +142,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, tp: TPGroup, dtype: torch.dtype, device: torch.device,
-                 quant: QuantSpec | None = None):
+                 quant: QuantSpec | None = None, cache_index: int | None = None):
         super().__init__()
         h = arch.hidden_size
         self.input_layernorm = make_norm(arch, h, dtype, device)
-        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant)
+        self.self_attn = LlamaAttention(arch, layer_idx, tp, dtype, device, quant, cache_index)
         # Parallel residual (Falcon): x + attn(norm(x)) + mlp(norm'(x)), norm' being input_layernorm itself
         # or, with separate_mlp_norm, mlp_layernorm. Sequential: the MLP reads post_attention_layernorm.
         self.parallel_residual = arch.parallel_residual
@@ -200,12 +203,24 @@ _MERGED = {
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, device: torch.device,
-                 quant: QuantSpec | None = None):
+                 quant: QuantSpec | None = None, stage: StageLayers | None = None):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant)
-                                    for i in range(arch.num_layers))
+        # A pipeline stage builds its own layers only (self.layers[k] is layer start + k), the embedding on the
+        # first stage and the final norm and LM head on the last (which, with tied embeddings, also holds
+        # the embedding: it is the LM head's weight).
+        stage = stage or StageLayers()
+        self.start_layer, self.end_layer = stage.start, stage.stop(arch.num_layers)
+        self.is_first_stage, self.is_last_stage = stage.is_first, stage.is_last(arch.num_layers)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype, device) \
+            if self.is_first_stage or (self.is_last_stage and arch.tie_word_embeddings) else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, tp, dtype, device, quant, i - self.start_layer)
+                                    for i in range(self.start_layer, self.end_layer))
+        self.embed_scale = float(torch.tensor(arch.hidden_size ** 0.5, dtype=dtype)) if arch.scale_embeddings \
+            else None
+        if not self.is_last_stage:
+            self.norm = self.lm_head = None
+            return
         self.norm = make_norm(arch, arch.hidden_size, dtype, device)
         if quant is not None and quant.kind == "gguf" and quant.is_quantized("lm_head"):
             self.lm_head = QuantizedLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device,
@@ -214,16 +229,24 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype, device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Gemma scales embeddings by sqrt(hidden), that factor first rounded to the weights' dtype (as HF).
-        self.embed_scale = float(torch.tensor(arch.hidden_size ** 0.5, dtype=dtype)) if arch.scale_embeddings \
-            else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states; on a stage before the last, [2, tokens, hidden]: the last layer's output
+        and the residual stream for the next stage, which passes them back in as `intermediate` (a stage
+        after the first given none, as when profiling memory, starts from zeros)."""
         ctx.backend.prepare(ctx.attn)
-        x = self.embed(input_ids)
-        residual = None
+        if self.is_first_stage:
+            x, residual = self.embed(input_ids), None
+        else:
+            if intermediate is None:
+                intermediate = torch.zeros(2, input_ids.shape[0], self.arch.hidden_size, device=input_ids.device,
+                                           dtype=self.layers[0].input_layernorm.weight.dtype)
+            x, residual = intermediate[0], intermediate[1]
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
+        if not self.is_last_stage:
+            return torch.stack((x, residual))
         x, _ = self.norm(x, residual)
         return x
 
@@ -261,8 +284,8 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
+            name = self._stage_name(hf_name.removeprefix("model."))
+            if name is None or "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
@@ -281,6 +304,20 @@ class LlamaForCausalLM(nn.Module):
             param.weight_loader(param, tensor, shard)
             loaded.add(name)
         return loaded
+
+    def _stage_name(self, name: str) -> str | None:
+        """A checkpoint name as this pipeline stage holds it (its layers counted from its first), or None
+        for a tensor another stage holds."""
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            k = int(idx) - self.start_layer
+            return f"layers.{k}.{rest}" if 0 <= k < len(self.layers) else None
+        top = name.split(".", 1)[0]
+        if top == "embed_tokens" and self.embed_tokens is None:
+            return None
+        if top in ("norm", "lm_head") and not self.is_last_stage:
+            return None
+        return name
 
     def expected_parameter_names(self) -> set[str]:
         """Every parameter a checkpoint must fill (tensors some checkpoints of a format lack are optional)."""
