@@ -89,15 +89,25 @@ class SchedulerConfig:
         return self.max_num_batched_tokens
 
 
+DP_ROUTING_POLICIES = ("cache_aware", "round_robin", "least_load")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
     # host:port where rank 0 rendezvous torch.distributed (the launcher picks a free local port).
     dist_init_addr: str | None = None
     cpu_threads: int | None = None  # threads of a CPU worker's kernels; None: every core this process may use
+    # Engine replicas (a scheduler with its own TP ranks each) behind the one pool of apis and tokenizers; the
+    # tokenizers pick a replica per request by dp_routing (services/tokenizer/replica_router.py).
+    data_parallel_size: int = 1
+    dp_routing: str = "cache_aware"
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
+        _require(self.data_parallel_size >= 1, "--data-parallel-size must be >= 1")
+        _require(self.dp_routing in DP_ROUTING_POLICIES,
+                 f"--dp-routing must be one of {', '.join(DP_ROUTING_POLICIES)}")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads must be >= 1")
 
 

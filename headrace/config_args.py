@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from headrace.common.config import (
+    DP_ROUTING_POLICIES,
     DTYPES,
     QUANTIZATION_METHODS,
     REASONING_PARSERS,
@@ -78,6 +79,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
           action="store_false", help="plan each step only after the previous one returned")
     g = p.add_argument_group("parallel and device")
     _flag(g, "--tensor-parallel-size", ParallelConfig, type=int)
+    _flag(g, "--data-parallel-size", ParallelConfig, type=int,
+          help="engine replicas (a scheduler and its tensor-parallel ranks each, on their own GPUs)")
+    _flag(g, "--dp-routing", ParallelConfig, choices=list(DP_ROUTING_POLICIES),
+          help="how tokenizers pick a replica per request (cache_aware: prefix-cache hit minus load)")
     _flag(g, "--dist-init-addr", ParallelConfig,
           help="host:port for torch.distributed rendezvous between worker ranks")
     _flag(g, "--device", EngineConfig, choices=["auto", "cpu", "cuda"])

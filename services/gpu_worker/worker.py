@@ -17,7 +17,7 @@ import torch
 import zmq
 
 from headrace.common import transport
-from headrace.common.addresses import Endpoint, address_plan
+from headrace.common.addresses import Endpoint, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
@@ -31,13 +31,13 @@ POLL_MS = 500
 SLOW_STEP_S = 1.0  # a step slower than this is logged: it stalls every request in flight
 
 
-def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) -> TPGroup:
+def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device, replica: int = 0) -> TPGroup:
     size = config.parallel.tensor_parallel_size
     if size == 1:
         return TPGroup(0, 1)
     import torch.distributed as dist
 
-    addr = config.parallel.dist_init_addr
+    addr = replica_dist_init_addr(config.parallel.dist_init_addr, replica)
     if not addr:  # a fixed fallback port would let two servers on one host join each other's ranks
         raise ConfigError(f"--tensor-parallel-size {size} needs --dist-init-addr host:port for the ranks to meet "
                           "(`headrace serve` picks a free local port itself)")
@@ -46,7 +46,16 @@ def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) 
     return TPGroup(rank, size)
 
 
+def replica_dist_init_addr(addr: str | None, replica: int) -> str | None:
+    """Each data-parallel replica's ranks meet on their own port: the given one plus the replica index."""
+    if not addr or replica == 0:
+        return addr
+    host, port = addr.rsplit(":", 1)
+    return f"{host}:{int(port) + replica}"
+
+
 def worker_device(config: EngineConfig, rank: int) -> torch.device:
+    """rank: the worker's index over every replica (replica d's ranks take GPUs d*T .. d*T + T-1)."""
     kind = resolve_device(config.device)
     if kind == "cuda":
         count = torch.cuda.device_count()
@@ -67,10 +76,12 @@ def _heartbeat(ctx: zmq.Context, address: Endpoint, rank: int, ready: list[Worke
     sock.close()
 
 
-def main(config_dict: dict[str, Any], rank: int = 0) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{rank} %(levelname)s %(message)s")
+def main(config_dict: dict[str, Any], index: int = 0) -> None:
+    """index: d * tensor_parallel_size + rank for rank `rank` of data-parallel replica d."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
-    plan = address_plan(config.server)
+    replica, rank = divmod(index, config.parallel.tensor_parallel_size)
+    plan = plan_for(config).replica(replica)
     ctx = zmq.Context()
     # Subscribe before loading the model: by the time WorkerReady arrives, no plan can be missed.
     plans = transport.sub_socket(ctx, plan.worker_plan)
@@ -82,8 +93,8 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     beat.start()
     parent = os.getppid()
     try:
-        device = worker_device(config, rank)
-        tp = init_tensor_parallel(config, rank, device)
+        device = worker_device(config, index)
+        tp = init_tensor_parallel(config, rank, device, replica)
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info)
         runner.grammars.prepare_in_background()
         ready = WorkerReady(rank, runner.num_blocks, runner.load_seconds, str(device))

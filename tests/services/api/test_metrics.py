@@ -95,12 +95,12 @@ async def test_metrics_count_every_finished_request_and_match_usage(stack, caplo
     assert value(m, "headrace:request_prompt_tokens_bucket", le="2.0") == 0
     assert value(m, "headrace:num_preemptions_total") == engine_requests
     # The engine gauges follow EngineStats (the fake scheduler reports one running request).
-    assert value(m, "headrace:num_requests_running") == 1
-    assert value(m, "headrace:num_requests_waiting") == 0
-    assert value(m, "headrace:kv_cache_usage_perc") == 0
+    assert value(m, "headrace:num_requests_running", replica="0") == 1
+    assert value(m, "headrace:num_requests_waiting", replica="0") == 0
+    assert value(m, "headrace:kv_cache_usage_perc", replica="0") == 0
     # The prefix cache's counters are the engine's totals (the fake reports 40 tokens looked up, 16 found).
-    assert value(m, "headrace:prefix_cache_queries_total") == 40
-    assert value(m, "headrace:prefix_cache_hits_total") == 16
+    assert value(m, "headrace:prefix_cache_queries_total", replica="0") == 40
+    assert value(m, "headrace:prefix_cache_hits_total", replica="0") == 16
 
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "headrace.api.requests"]
     assert len(lines) == len(bodies)
