@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from headrace.common.addresses import address_plan
+from headrace.common.addresses import plan_for
 from headrace.common.config import EngineConfig
 from headrace.common.messages import DetokenizeRequest, TokenizeRequest
 from headrace.common.version import VERSION
@@ -40,7 +40,7 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     """The app of api instance `index`; `client` defaults to one on the config's address plan."""
     model = config.require_resolved()
     if client is None:
-        client = EngineClient.from_plan(address_plan(config.server), index)
+        client = EngineClient.from_plan(plan_for(config), index)
     ctx = ServingContext(client=client, model_name=model.name, max_n=config.server.max_n,
                          max_model_len=model.max_model_len, model_root=config.model.model or model.name,
                          started=int(time.time()), max_num_queued_reqs=config.server.max_num_queued_reqs,

@@ -5,22 +5,25 @@ The tokenizer is where a request's token ids are first known, so it routes. What
   is routable while its last stats said serving and are younger than STALE_S, and not once its scheduler's
   connection closed. When none is routable every replica is a candidate (its scheduler holds the request
   until its workers are ready, as a single engine does).
-- load, in tokens of work still queued there: the larger of what the replica last reported (its waiting
-  requests' prompt tokens + its running requests' unprefilled tokens + one per running request) and what
-  this tokenizer routed there itself and has not seen finish (fresher than the 0.5 s stats: a burst of
-  requests does not all land on the replica that looked idle half a second ago).
+- load, in tokens of work still queued there. The replica reports it (its waiting requests' prompt tokens +
+  its running requests' unprefilled tokens + one per running request) every 0.5 s; this tokenizer knows its
+  own requests there now (routed and not finished: their uncached prompt tokens until the first token comes
+  back, then one). load = ours now + max(0, reported - ours when the report came): the report stands for
+  the other tokenizers' requests, ours are counted fresh, so a burst does not all land on the replica that
+  looked idle half a second ago, nor does a finished request keep a replica looking busy.
 - its prefix cache: the block hashes its KV events (common/kv_events.py) say it holds, plus the prompt blocks
   of requests just routed there (they are being prefilled; their BlockStored is on its way), forgotten after
   PENDING_S if no event confirms them.
 
 Policies:
-- cache_aware: score(d) = hit_tokens(d) - LOAD_WEIGHT * load_tokens(d), highest wins, where hit_tokens are
-  the prompt's leading full blocks replica d holds (block manager's chained hashes, so a hit on block k
-  implies blocks 0..k-1). With LOAD_WEIGHT 1 both terms are tokens of prefill work: the score is minus the
-  work queued on d once this request joins it (load + its uncached tokens), up to a constant, so a request
-  follows its prefix unless that replica is busier by more than the prefix is worth. (vLLM's and llm-d's
-  scorers weigh a prefix-hit fraction against queue depth the same way; sglang-router switches to least load
-  past an imbalance threshold.)
+- cache_aware: score(d) = hit_tokens(d) - LOAD_WEIGHT * max(0, load_tokens(d) - step_tokens), highest wins,
+  then the smaller load. hit_tokens are the prompt's leading full blocks replica d holds (the block manager's
+  chained hashes, so a hit on block k implies blocks 0..k-1); step_tokens is --max-num-batched-tokens, the
+  work a replica takes in one step. With LOAD_WEIGHT 1 both terms are tokens of prefill work: a request
+  follows its prefix unless that replica has more than a step queued and the excess outweighs the prefix.
+  Load within one step costs no waiting (it all runs in the next step), so it only breaks ties: requests
+  without a hit go to the least loaded replica. (vLLM's and llm-d's scorers weigh a prefix-hit fraction
+  against queue depth; sglang-router follows the cache until the load imbalance passes a threshold.)
 - least_load: the smallest load_tokens.
 - round_robin: the next routable replica in turn.
 Ties go to the replica least recently chosen, so equal replicas alternate.
@@ -51,6 +54,7 @@ class ReplicaView:
     stats_seen: float = float("-inf")  # monotonic
     connected: bool = True  # False from its scheduler's connection closing until its next EngineStats
     reported_load: int = 0
+    ours_at_report: int = 0  # our requests' work when that report came
     blocks: set[bytes] = field(default_factory=set)  # from its KV events
     pending: OrderedDict[bytes, float] = field(default_factory=OrderedDict)  # routed here, not yet confirmed
     local: dict[str, int] = field(default_factory=dict)  # req_id -> tokens of work we routed here
@@ -60,7 +64,8 @@ class ReplicaView:
         return self.connected and self.serving and now - self.stats_seen <= STALE_S
 
     def load(self) -> int:
-        return max(self.reported_load, sum(self.local.values()))
+        ours = sum(self.local.values())
+        return ours + max(0, self.reported_load - self.ours_at_report)
 
     def hit_blocks(self, hashes: Sequence[bytes]) -> int:
         for k, h in enumerate(hashes):
@@ -70,9 +75,12 @@ class ReplicaView:
 
 
 class ReplicaRouter:
-    def __init__(self, num_replicas: int, policy: str = "cache_aware", block_size: int | None = None):
-        """block_size: the engine's KV block size when its prefix cache is on (else None: no hashing)."""
+    def __init__(self, num_replicas: int, policy: str = "cache_aware", block_size: int | None = None,
+                 step_tokens: int = 0):
+        """block_size: the engine's KV block size when its prefix cache is on (else None: no hashing);
+        step_tokens: --max-num-batched-tokens (see cache_aware above)."""
         self.policy = policy
+        self.step_tokens = step_tokens
         self.block_size = block_size if policy == "cache_aware" else None
         self.replicas = [ReplicaView() for _ in range(num_replicas)]
         self.where: dict[str, int] = {}  # req_id -> replica, for the requests we routed and hold
@@ -100,14 +108,15 @@ class ReplicaRouter:
         self.where[req_id] = best
         return best
 
-    def _score(self, d: int, hit_blocks: int) -> tuple[float, int]:
+    def _score(self, d: int, hit_blocks: int) -> tuple[float, int, int]:
         r = self.replicas[d]
-        recency = -r.last_chosen  # the least recently chosen wins ties
+        load, recency = r.load(), -r.last_chosen  # the least recently chosen wins ties
         if self.policy == "round_robin":
-            return (0.0, recency)
+            return (0.0, 0, recency)
         if self.policy == "least_load":
-            return (-r.load(), recency)
-        return (hit_blocks * (self.block_size or 0) - LOAD_WEIGHT * r.load(), recency)
+            return (-load, 0, recency)
+        queued = max(0, load - self.step_tokens)
+        return (hit_blocks * (self.block_size or 0) - LOAD_WEIGHT * queued, -load, recency)
 
     @staticmethod
     def _expire_pending(r: ReplicaView, now: float) -> None:
@@ -140,6 +149,7 @@ class ReplicaRouter:
         r.serving, r.connected = stats.serving, True
         r.stats_seen = time.monotonic() if now is None else now
         r.reported_load = stats.num_waiting_tokens + stats.num_running_tokens
+        r.ours_at_report = sum(r.local.values())
 
     def on_events(self, d: int, batch: KVEventBatch) -> None:
         r = self.replicas[d]

@@ -407,7 +407,8 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     GrammarBuilder.warm_up()
     parallel = config.parallel
     router = ReplicaRouter(parallel.data_parallel_size, parallel.dp_routing,
-                           config.cache.block_size if config.cache.enable_prefix_caching else None)
+                           config.cache.block_size if config.cache.enable_prefix_caching else None,
+                           config.scheduler.max_num_batched_tokens or 0)
     service = TokenizerService(index, codec, plan_for(config), router=router)
     log.info("tokenizer %d ready as %r", index, service.identity)
     freeze_startup_heap()

@@ -105,3 +105,25 @@ def test_other_policies_ignore_the_cache(policy):
     cache(r, 1, PROMPT)
     assert r.block_size is None
     assert [r.pick(f"q{k}", PROMPT, now=0.0) for k in range(2)] == [0, 1]
+
+
+def test_a_report_counts_other_tokenizers_work_and_ours_is_counted_fresh():
+    r = router("least_load")
+    r.pick("ours", list(range(101)), now=0.0)  # 101 tokens of our work on replica 0
+    r.on_stats(0, EngineStats(num_waiting_tokens=101 + 50, data_parallel_rank=0), now=0.1)  # + 50 of others'
+    assert r.replicas[0].load() == 151
+    r.finished("ours")  # finished after that report: it no longer counts, the others' 50 still do
+    assert r.replicas[0].load() == 50
+    r.on_stats(0, EngineStats(data_parallel_rank=0), now=0.6)
+    assert r.replicas[0].load() == 0
+
+
+def test_load_within_one_step_only_breaks_ties():
+    r = ReplicaRouter(2, "cache_aware", BS, step_tokens=100)
+    r.on_stats(0, EngineStats(num_waiting_tokens=90, data_parallel_rank=0), now=0.0)
+    r.on_stats(1, EngineStats(num_waiting_tokens=10, data_parallel_rank=1), now=0.0)
+    cache(r, 0, PROMPT)
+    assert r.pick("hit", PROMPT + [1], now=0.0) == 0  # 90 + 2 queued tokens all fit in replica 0's next step
+    assert r.pick("miss", [9] * 9, now=0.0) == 1  # no hit anywhere: the less loaded
+    r.on_stats(0, EngineStats(num_waiting_tokens=150, data_parallel_rank=0), now=0.1)  # 50 past one step
+    assert r.pick("hit2", PROMPT + [2], now=0.1) == 1  # 40 hit tokens - 50 queued past a step < 0 - 0
