@@ -11,7 +11,7 @@ come and go (`docker compose up --scale tokenizer=N`):
 
 With --data-parallel-size D every replica d has its own scheduler, worker_plan, worker_result and kv_events
 (named "scheduler-d", ... for d >= 1; replica 0 keeps the names above, so D = 1 is unchanged and has no
-kv_events). The apis and tokenizers are shared by all replicas and dial each one's scheduler.
+kv_events unless --kv-events asks for it). The apis and tokenizers are shared by all replicas and dial each one's scheduler.
 
 transport "ipc": `ipc://<ipc_dir>/<name>` (one host). transport "tcp": owners bind
 `tcp://<engine_bind_host>:<port>` (127.0.0.1 unless told otherwise; compose says 0.0.0.0) and peers dial
@@ -51,7 +51,7 @@ class ReplicaEndpoints:
     scheduler: Endpoint
     worker_plan: Endpoint
     worker_result: Endpoint
-    kv_events: Endpoint | None  # None with a single replica (nobody routes between replicas)
+    kv_events: Endpoint | None  # None with a single replica unless --kv-events (nobody routes between replicas)
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def address_plan(server: ServerConfig, *, base_port: int | None = None,
                                  curve_key_file=server.engine_curve_key_file)
     reps = tuple(ReplicaEndpoints(eps[_replica_name("scheduler", d)], eps[_replica_name("worker-plan", d)],
                                   eps[_replica_name("worker-result", d)],
-                                  eps[_replica_name("kv-events", d)] if replicas > 1 else None)
+                                  eps.get(_replica_name("kv-events", d)))
                  for d in range(replicas))
     return AddressPlan(
         scheduler=eps["scheduler"],
@@ -144,8 +144,9 @@ def _names(server: ServerConfig, replicas: int = 1) -> list[str]:
     # Fixed endpoints first so their ports do not move when the api count changes; a single replica's plan is
     # the same as before replicas existed.
     names = ["scheduler", "worker-plan", "worker-result"] + [f"api-{i}" for i in range(server.num_api_servers)]
-    for d in range(replicas if replicas > 1 else 0):
-        own = ["kv-events"] if d == 0 else ["scheduler", "worker-plan", "worker-result", "kv-events"]
+    events = ["kv-events"] if replicas > 1 or server.kv_events else []
+    for d in range(replicas):
+        own = events if d == 0 else ["scheduler", "worker-plan", "worker-result", *events]
         names += [_replica_name(name, d) for name in own]
     return names
 

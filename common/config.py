@@ -155,6 +155,9 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # Publish each replica's prefix-cache events (vLLM's KV-event schema, common/kv_events.py) on a `kv-events`
+    # PUB socket for an external router. Always on with --data-parallel-size > 1: our tokenizers route by them.
+    kv_events: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tool_call_parser in (None, *TOOL_CALL_PARSERS),

@@ -109,6 +109,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--engine-curve-key-file", ServerConfig,
           help="tcp: the engine's CURVE secret key (`headrace keygen FILE`); peers without it are refused "
                "(serve makes a one-off key when unset)")
+    _flag(g, "--kv-events", ServerConfig, action="store_true",
+          help="publish the prefix cache's block events (vLLM's KV-event schema) on each scheduler's kv-events "
+               "ZeroMQ PUB socket for an external router (always on with --data-parallel-size > 1)")
     _flag(g, "--max-request-bytes", ServerConfig, type=int)
     _flag(g, "--max-num-queued-reqs", ServerConfig, type=int,
           help="engine requests waiting to start beyond which new requests get 429 with Retry-After")

@@ -72,6 +72,7 @@ class SchedulerService:
         self.frontend = transport.router_socket(self.ctx, plan.scheduler)
         events = plan.replicas[replica].kv_events if plan.replicas else None
         self.kv_events = transport.pub_socket(self.ctx, events) if events is not None else None
+        self.routed = len(plan.replicas) > 1  # the tokenizers choose between replicas: they want our stats too
         self.kv_seq = 0  # sequence number of the next KV event batch (vLLM's publisher counts the same way)
         self.plan_pub = transport.pub_socket(self.ctx, plan.worker_plan)
         self.results = transport.pull_socket(self.ctx, plan.worker_result)
@@ -256,7 +257,7 @@ class SchedulerService:
                                 num_waiting_tokens=s.num_waiting_tokens, data_parallel_rank=self.replica,
                                 num_running_tokens=running_tokens)
         # The tokenizers route between replicas by them; with one replica there is nothing to choose.
-        peers = [*self.apis, *self.tokenizers] if self.kv_events is not None else self.apis
+        peers = [*self.apis, *self.tokenizers] if self.routed else self.apis
         for identity in peers:
             transport.router_send(self.frontend, identity, stats)
 
