@@ -8,6 +8,7 @@ come and go (`docker compose up --scale tokenizer=N`):
     worker_plan    PUB bound by scheduler      -> every gpu_worker rank (SUB)
     worker_result  PULL bound by scheduler     <- every gpu_worker rank (PUSH)
     kv_events      PUB bound by scheduler      -> every tokenizer (SUB), any external router (SUB)
+    kv_replay      ROUTER bound by scheduler   <- an external router that missed KV events (REQ/DEALER)
 
 With --data-parallel-size D every replica d has its own scheduler, worker_plan, worker_result and kv_events
 (named "scheduler-d", ... for d >= 1; replica 0 keeps the names above, so D = 1 is unchanged and has no
@@ -52,6 +53,7 @@ class ReplicaEndpoints:
     worker_plan: Endpoint
     worker_result: Endpoint
     kv_events: Endpoint | None  # None with a single replica unless --kv-events (nobody routes between replicas)
+    kv_replay: Endpoint | None = None  # present with kv_events
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class AddressPlan:
 
     def all(self) -> tuple[Endpoint, ...]:
         extra = tuple(ep for r in self.replicas[1:] for ep in (r.scheduler, r.worker_plan, r.worker_result))
-        events = tuple(r.kv_events for r in self.replicas if r.kv_events is not None)
+        events = tuple(ep for r in self.replicas for ep in (r.kv_events, r.kv_replay) if ep is not None)
         return (self.scheduler, *self.api_inbox, self.worker_plan, self.worker_result, *extra, *events)
 
     def replica(self, d: int) -> AddressPlan:
@@ -125,7 +127,7 @@ def address_plan(server: ServerConfig, *, base_port: int | None = None,
                                  curve_key_file=server.engine_curve_key_file)
     reps = tuple(ReplicaEndpoints(eps[_replica_name("scheduler", d)], eps[_replica_name("worker-plan", d)],
                                   eps[_replica_name("worker-result", d)],
-                                  eps.get(_replica_name("kv-events", d)))
+                                  eps.get(_replica_name("kv-events", d)), eps.get(_replica_name("kv-replay", d)))
                  for d in range(replicas))
     return AddressPlan(
         scheduler=eps["scheduler"],
@@ -144,7 +146,7 @@ def _names(server: ServerConfig, replicas: int = 1) -> list[str]:
     # Fixed endpoints first so their ports do not move when the api count changes; a single replica's plan is
     # the same as before replicas existed.
     names = ["scheduler", "worker-plan", "worker-result"] + [f"api-{i}" for i in range(server.num_api_servers)]
-    events = ["kv-events"] if replicas > 1 or server.kv_events else []
+    events = ["kv-events", "kv-replay"] if replicas > 1 or server.kv_events else []
     for d in range(replicas):
         own = events if d == 0 else ["scheduler", "worker-plan", "worker-result", *events]
         names += [_replica_name(name, d) for name in own]
@@ -154,7 +156,7 @@ def _names(server: ServerConfig, replicas: int = 1) -> list[str]:
 def _connect_host(server: ServerConfig, name: str, hosts: Mapping[str, str]) -> str:
     # The worker channels and KV events are bound by the scheduler (of the same replica), so they live on its host.
     owner = name
-    for channel in ("worker-plan", "worker-result", "kv-events"):
+    for channel in ("worker-plan", "worker-result", "kv-events", "kv-replay"):
         if name.startswith(channel):
             owner = "scheduler" + name[len(channel):]
     return hosts.get(name) or hosts.get(owner) or server.engine_connect_host or owner

@@ -25,7 +25,7 @@ from headrace.common import transport
 from headrace.common.addresses import AddressPlan, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
-from headrace.common.kv_events import AllBlocksCleared, KVCacheEvent, KVEventBatch, batch_frames
+from headrace.common.kv_events import AllBlocksCleared, KVCacheEvent
 from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
@@ -42,6 +42,7 @@ from headrace.common.messages import (
     WorkerReady,
 )
 from headrace.common.process import freeze_startup_heap
+from headrace.services.scheduler.kv_event_publisher import KVEventPublisher
 from headrace.services.scheduler.request import Request
 from headrace.services.scheduler.scheduler import Scheduler
 
@@ -70,15 +71,16 @@ class SchedulerService:
         if plan.replicas:
             plan = plan.replica(replica)
         self.frontend = transport.router_socket(self.ctx, plan.scheduler)
-        events = plan.replicas[replica].kv_events if plan.replicas else None
-        self.kv_events = transport.pub_socket(self.ctx, events) if events is not None else None
+        own = plan.replicas[replica] if plan.replicas else None
+        self.kv_events = KVEventPublisher(self.ctx, own, replica) if own and own.kv_events else None
         self.routed = len(plan.replicas) > 1  # the tokenizers choose between replicas: they want our stats too
-        self.kv_seq = 0  # sequence number of the next KV event batch (vLLM's publisher counts the same way)
         self.plan_pub = transport.pub_socket(self.ctx, plan.worker_plan)
         self.results = transport.pull_socket(self.ctx, plan.worker_result)
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.results, zmq.POLLIN)
+        if self.kv_events is not None:
+            self.poller.register(self.kv_events.replay, zmq.POLLIN)
 
         self.scheduler: Scheduler | None = None  # exists once every rank is ready
         self.ready: dict[int, WorkerReady] = {}
@@ -116,6 +118,8 @@ class SchedulerService:
             if self.results in events:
                 self._drain_results()
                 self._publish_kv_events()
+            if self.kv_events is not None and self.kv_events.replay in events:
+                self.kv_events.serve_replay()
             now = time.monotonic()
             if now - self.last_stats >= transport.ENGINE_STATS_INTERVAL_S:
                 self.last_stats = now
@@ -266,10 +270,7 @@ class SchedulerService:
         if self.kv_events is None:
             return
         events = (self.scheduler.block_manager.take_events() if self.scheduler is not None else []) + (extra or [])
-        if events:
-            batch = KVEventBatch(time.time(), events, self.replica)
-            self.kv_events.send_multipart(batch_frames(b"", self.kv_seq, batch))
-            self.kv_seq += 1
+        self.kv_events.publish(events)
 
     # ------------------------------------------------------------------ workers
 

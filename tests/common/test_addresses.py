@@ -101,9 +101,10 @@ def test_replicas_have_their_own_sockets_and_kv_events(tmp_path):
     two = address_plan(ServerConfig(transport="tcp", num_api_servers=2), base_port=7000, replicas=2)
     assert two.all()[:5] == address_plan(ServerConfig(transport="tcp", num_api_servers=2), base_port=7000).all()
     binds = [ep.bind for ep in two.all()]
-    assert len(set(binds)) == len(binds) == 5 + 3 + 2  # replica 1's three sockets and two KV-event PUBs
+    assert len(set(binds)) == len(binds) == 5 + 3 + 4  # replica 1's three sockets, each one's KV events + replay
     r1 = two.replica(1)
     assert r1.scheduler == two.replicas[1].scheduler != two.scheduler and r1.api_inbox == two.api_inbox
     assert r1.worker_plan.connect.startswith("tcp://scheduler-1:")  # bound by replica 1's scheduler
     assert two.replicas[1].kv_events.connect.startswith("tcp://scheduler-1:")
     assert two.replicas[0].kv_events.connect.startswith("tcp://scheduler:")
+    assert two.replicas[1].kv_replay.connect.startswith("tcp://scheduler-1:")

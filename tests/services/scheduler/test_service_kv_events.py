@@ -57,3 +57,35 @@ def test_the_scheduler_publishes_its_prefix_cache(tmp_path):
     finally:
         ctx.destroy(linger=0)
         svc.close()
+
+
+def test_a_subscriber_that_missed_batches_gets_them_replayed(tmp_path):
+    from headrace.common.addresses import address_plan
+    from headrace.common.kv_events import BlockRemoved, decode_batch
+    from headrace.services.scheduler.kv_event_publisher import END_OF_REPLAY, KVEventPublisher
+
+    plan = address_plan(ServerConfig(ipc_dir=str(tmp_path), kv_events=True))
+    ctx = zmq.Context()
+    try:
+        publisher = KVEventPublisher(ctx, plan.replicas[0], replica=0)
+        for k in range(3):
+            publisher.publish([BlockRemoved([bytes([k]) * 16])])
+        publisher.publish([])  # nothing to say: no batch, no sequence number spent
+        client = ctx.socket(zmq.REQ)  # vLLM's example subscriber asks with a REQ
+        client.connect(plan.replicas[0].kv_replay.connect)
+        client.send((1).to_bytes(8, "big"))
+        assert publisher.replay.poll(5000)
+        publisher.serve_replay()
+        assert client.poll(5000)
+        seq, payload = client.recv_multipart()
+        assert int.from_bytes(seq, "big") == 1 and decode_batch(payload).events == [BlockRemoved([b"\x01" * 16])]
+        dealer = ctx.socket(zmq.DEALER)  # a DEALER reads every reply
+        dealer.connect(plan.replicas[0].kv_replay.connect)
+        dealer.send((1).to_bytes(8, "big"))
+        assert publisher.replay.poll(5000)
+        publisher.serve_replay()
+        got = [dealer.recv_multipart() for _ in range(3)]
+        assert [int.from_bytes(seq, "big") for seq, _ in got[:2]] == [1, 2]
+        assert got[2] == [END_OF_REPLAY, b""]
+    finally:
+        ctx.destroy(linger=0)
