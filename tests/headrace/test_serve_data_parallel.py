@@ -106,8 +106,10 @@ def test_cache_aware_routing_keeps_the_hit_rate_of_one_replica(round_robin_serve
     baseline, rr_shares = measure(round_robin_server, convs)
     print(f"prefix-cache hit rate: one replica {bar:.3f}, cache_aware {cache_aware:.3f} (shares {shares}), "
           f"round_robin {baseline:.3f} (shares {rr_shares})")
-    assert set(shares) == {"0", "1"} and min(shares.values()) > 0.3, shares  # both replicas served
-    assert min(rr_shares.values()) > 0.3, rr_shares
+    # Both replicas served. cache_aware places each conversation by load at its first turn, so a replica that
+    # gets more of a shared CPU finishes conversations sooner and is given more of them (68/32 seen here).
+    assert set(shares) == {"0", "1"} and min(shares.values()) > 0.2, shares
+    assert min(rr_shares.values()) > 0.4, rr_shares
     assert cache_aware >= 0.9 * bar, (cache_aware, bar)
     assert baseline < 0.8 * bar and baseline < cache_aware - 0.15, (baseline, cache_aware, bar)
 
