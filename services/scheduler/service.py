@@ -3,8 +3,8 @@
 It binds the `scheduler` ROUTER (tokenizers, apis, the launcher), the `worker-plan` PUB and the
 `worker-result` PULL. Each step: take new requests and aborts, plan (services/scheduler/scheduler.py),
 publish the plan to every rank, wait for rank 0's result while still taking requests, then route the
-new tokens to the tokenizer that owns each request. Engine gauges go to every api and every tokenizer
-every 0.5 s (the tokenizers route between replicas by them). With --data-parallel-size D there is one
+new tokens to the tokenizer that owns each request. Engine gauges go to every api every 0.5 s (and, with
+several replicas, to every tokenizer, which routes between replicas by them). With --data-parallel-size D there is one
 scheduler per replica (`index` is the replica), each with its own sockets, ranks and block pool; it also binds
 a `kv-events` PUB where its block manager's prefix-cache events go out in vLLM's schema (common/kv_events.py).
 """

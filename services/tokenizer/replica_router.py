@@ -13,7 +13,9 @@ The tokenizer is where a request's token ids are first known, so it routes. What
   looked idle half a second ago, nor does a finished request keep a replica looking busy.
 - its prefix cache: the block hashes its KV events (common/kv_events.py) say it holds, plus the prompt blocks
   of requests just routed there (they are being prefilled; their BlockStored is on its way), forgotten after
-  PENDING_S if no event confirms them.
+  PENDING_S if no event confirms them. Events are hints: one missed (a subscriber joins late, or a queue
+  overflows) costs prefix hits, never a wrong answer, since the replica's own block manager decides what
+  its cache serves.
 
 Policies:
 - cache_aware: score(d) = hit_tokens(d) - LOAD_WEIGHT * max(0, load_tokens(d) - step_tokens), highest wins,

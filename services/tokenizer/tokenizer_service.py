@@ -38,8 +38,8 @@ from headrace.common import transport
 from headrace.common.addresses import AddressPlan, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
-from headrace.common.kv_events import KVEventDecodeError, decode_frames
 from headrace.common.error_types import error_type
+from headrace.common.kv_events import KVEventDecodeError, decode_frames
 from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
