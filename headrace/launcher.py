@@ -286,14 +286,18 @@ class Launcher:
                   flush=True)
 
     def _healthy(self) -> bool:
+        """/health is 200 and every replica serves (/health alone is 200 while any one does): the server is
+        announced ready, and counts as recovered from a crash, only with all of them."""
         import httpx
 
         s = self.config.server
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
         try:
-            return httpx.get(f"http://{host}:{s.port}/health", timeout=1.0).status_code == 200
+            reply = httpx.get(f"http://{host}:{s.port}/health", timeout=1.0)
         except httpx.HTTPError:
             return False
+        serving, _, total = reply.headers.get("X-Headrace-Replicas-Serving", "1/1").partition("/")
+        return reply.status_code == 200 and serving == total
 
     def stop(self, drain: bool = True) -> None:
         """Drain the api servers (they finish in-flight requests), then stop every process."""

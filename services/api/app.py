@@ -141,6 +141,7 @@ async def detokenize(request: Request) -> dict[str, Any]:
 # --------------------------------------------------------------------------- operator routes (no API key)
 
 operator_routes = APIRouter()
+REPLICAS_HEADER = "X-Headrace-Replicas-Serving"
 
 
 @operator_routes.get("/health")
@@ -150,7 +151,9 @@ async def health(request: Request) -> Response:
         return ApiError(503, "The engine is not ready (loading, or not reporting).").response()
     if client.num_live_tokenizers == 0:
         return ApiError(503, "No tokenizer is connected.").response()
-    return Response(status_code=200)
+    # 200 while any replica serves; the header says how many of them do (the launcher waits for all at start).
+    serving = f"{client.num_serving_replicas}/{client.num_replicas}"
+    return Response(status_code=200, headers={REPLICAS_HEADER: serving})
 
 
 @operator_routes.get("/version")

@@ -217,6 +217,14 @@ class EngineClient:
         return [link.stats for link in self._links]
 
     @property
+    def num_replicas(self) -> int:
+        return len(self._links)
+
+    @property
+    def num_serving_replicas(self) -> int:
+        return sum(link.alive for link in self._links)
+
+    @property
     def queued_estimate(self) -> int:
         """Engine requests waiting to start, as far as this api knows without asking: the scheduler's last
         count plus what this api sent since (other apis' recent requests show up with the next count)."""
