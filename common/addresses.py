@@ -7,6 +7,12 @@ come and go (`docker compose up --scale tokenizer=N`):
     api_inbox[i]   ROUTER bound by api i       <- one DEALER per tokenizer
     worker_plan    PUB bound by scheduler      -> every gpu_worker rank (SUB)
     worker_result  PULL bound by scheduler     <- every gpu_worker rank (PUSH)
+    kv_events      PUB bound by scheduler      -> every tokenizer (SUB), any external router (SUB)
+    kv_replay      ROUTER bound by scheduler   <- an external router that missed KV events (REQ/DEALER)
+
+With --data-parallel-size D every replica d has its own scheduler, worker_plan, worker_result and kv_events
+(named "scheduler-d", ... for d >= 1; replica 0 keeps the names above, so D = 1 is unchanged and has no
+kv_events unless --kv-events asks for it). The apis and tokenizers are shared by all replicas and dial each one's scheduler.
 
 transport "ipc": `ipc://<ipc_dir>/<name>` (one host). transport "tcp": owners bind
 `tcp://<engine_bind_host>:<port>` (127.0.0.1 unless told otherwise; compose says 0.0.0.0) and peers dial
@@ -25,7 +31,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from headrace.common.config import ConfigError, ServerConfig
+from headrace.common.config import ConfigError, EngineConfig, ServerConfig
 from headrace.common.ipc_dir import make_temp_dir, private_dir
 
 # Longest path a Unix domain socket accepts (sockaddr_un.sun_path is 108 bytes with the NUL on Linux).
@@ -40,14 +46,39 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class AddressPlan:
+class ReplicaEndpoints:
+    """The sockets one engine replica's scheduler binds."""
+
     scheduler: Endpoint
+    worker_plan: Endpoint
+    worker_result: Endpoint
+    kv_events: Endpoint | None  # None with a single replica unless --kv-events (nobody routes between replicas)
+    kv_replay: Endpoint | None = None  # present with kv_events
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    scheduler: Endpoint  # replica 0's three (see replica() for another's)
     api_inbox: tuple[Endpoint, ...]
     worker_plan: Endpoint
     worker_result: Endpoint
+    replicas: tuple[ReplicaEndpoints, ...] = ()  # every replica's, replica 0 first
 
     def all(self) -> tuple[Endpoint, ...]:
-        return (self.scheduler, *self.api_inbox, self.worker_plan, self.worker_result)
+        extra = tuple(ep for r in self.replicas[1:] for ep in (r.scheduler, r.worker_plan, r.worker_result))
+        events = tuple(ep for r in self.replicas for ep in (r.kv_events, r.kv_replay) if ep is not None)
+        return (self.scheduler, *self.api_inbox, self.worker_plan, self.worker_result, *extra, *events)
+
+    def replica(self, d: int) -> AddressPlan:
+        """This plan seen from replica d's scheduler and workers: its endpoints in the top fields."""
+        r = self.replicas[d]
+        return dataclasses.replace(self, scheduler=r.scheduler, worker_plan=r.worker_plan,
+                                   worker_result=r.worker_result)
+
+
+def plan_for(config: EngineConfig) -> AddressPlan:
+    """The address plan of a whole engine: every replica's sockets."""
+    return address_plan(config.server, replicas=config.parallel.data_parallel_size)
 
 
 def with_ipc_dir(server: ServerConfig) -> ServerConfig:
@@ -67,18 +98,18 @@ def claim_ipc_dir(server: ServerConfig) -> tuple[ServerConfig, bool]:
     return server, private_dir(server.ipc_dir)
 
 
-def ipc_socket_paths(server: ServerConfig) -> list[str]:
+def ipc_socket_paths(server: ServerConfig, replicas: int = 1) -> list[str]:
     """The socket files the engine binds under its ipc dir (none under tcp)."""
     if server.transport != "ipc":
         return []
-    return [ep.bind[len("ipc://"):] for ep in address_plan(server).all()]
+    return [ep.bind[len("ipc://"):] for ep in address_plan(server, replicas=replicas).all()]
 
 
 def address_plan(server: ServerConfig, *, base_port: int | None = None,
-                 hosts: Mapping[str, str] | None = None) -> AddressPlan:
+                 hosts: Mapping[str, str] | None = None, replicas: int = 1) -> AddressPlan:
     """Every address of the engine. `hosts` overrides a service's host name (key: "scheduler", "api-1");
-    `base_port` (tcp only) defaults to the HTTP port + 1000."""
-    names = _names(server)
+    `base_port` (tcp only) defaults to the HTTP port + 1000; `replicas`: --data-parallel-size."""
+    names = _names(server, replicas)
     if server.transport == "ipc":
         if not server.ipc_dir:
             raise ConfigError("transport 'ipc' needs ipc_dir (the launcher sets it with with_ipc_dir)")
@@ -94,22 +125,40 @@ def address_plan(server: ServerConfig, *, base_port: int | None = None,
             host = _url_host(_connect_host(server, name, hosts))
             eps[name] = Endpoint(bind=f"tcp://{bind_host}:{port + k}", connect=f"tcp://{host}:{port + k}",
                                  curve_key_file=server.engine_curve_key_file)
+    reps = tuple(ReplicaEndpoints(eps[_replica_name("scheduler", d)], eps[_replica_name("worker-plan", d)],
+                                  eps[_replica_name("worker-result", d)],
+                                  eps.get(_replica_name("kv-events", d)), eps.get(_replica_name("kv-replay", d)))
+                 for d in range(replicas))
     return AddressPlan(
         scheduler=eps["scheduler"],
         api_inbox=tuple(eps[f"api-{i}"] for i in range(server.num_api_servers)),
         worker_plan=eps["worker-plan"],
         worker_result=eps["worker-result"],
+        replicas=reps,
     )
 
 
-def _names(server: ServerConfig) -> list[str]:
-    # Fixed endpoints first so their ports do not move when the api count changes.
-    return ["scheduler", "worker-plan", "worker-result"] + [f"api-{i}" for i in range(server.num_api_servers)]
+def _replica_name(name: str, d: int) -> str:
+    return name if d == 0 else f"{name}-{d}"
+
+
+def _names(server: ServerConfig, replicas: int = 1) -> list[str]:
+    # Fixed endpoints first so their ports do not move when the api count changes; a single replica's plan is
+    # the same as before replicas existed.
+    names = ["scheduler", "worker-plan", "worker-result"] + [f"api-{i}" for i in range(server.num_api_servers)]
+    events = ["kv-events", "kv-replay"] if replicas > 1 or server.kv_events else []
+    for d in range(replicas):
+        own = events if d == 0 else ["scheduler", "worker-plan", "worker-result", *events]
+        names += [_replica_name(name, d) for name in own]
+    return names
 
 
 def _connect_host(server: ServerConfig, name: str, hosts: Mapping[str, str]) -> str:
-    # The worker channels are bound by the scheduler, so they live on its host.
-    owner = "scheduler" if name.startswith("worker-") else name
+    # The worker channels and KV events are bound by the scheduler (of the same replica), so they live on its host.
+    owner = name
+    for channel in ("worker-plan", "worker-result", "kv-events", "kv-replay"):
+        if name.startswith(channel):
+            owner = "scheduler" + name[len(channel):]
     return hosts.get(name) or hosts.get(owner) or server.engine_connect_host or owner
 
 

@@ -89,6 +89,9 @@ class SchedulerConfig:
         return self.max_num_batched_tokens
 
 
+DP_ROUTING_POLICIES = ("cache_aware", "round_robin", "least_load")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
@@ -104,9 +107,16 @@ class ParallelConfig:
     nnodes: int = 1
     node_rank: int = 0
     headless: bool = False
+    # Engine replicas (a scheduler with its own TP ranks each) behind the one pool of apis and tokenizers; the
+    # tokenizers pick a replica per request by dp_routing (services/tokenizer/replica_router.py).
+    data_parallel_size: int = 1
+    dp_routing: str = "cache_aware"
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "--tensor-parallel-size must be >= 1")
+        _require(self.data_parallel_size >= 1, "--data-parallel-size must be >= 1")
+        _require(self.dp_routing in DP_ROUTING_POLICIES,
+                 f"--dp-routing must be one of {', '.join(DP_ROUTING_POLICIES)}")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads must be >= 1")
         _require(self.pipeline_parallel_size >= 1, "--pipeline-parallel-size must be >= 1")
         if self.pp_layer_partition is not None:
@@ -123,6 +133,9 @@ class ParallelConfig:
                  "--nnodes > 1 needs --dist-init-addr host:port (node 0's address, where the ranks meet)")
         _require(not self.headless or self.node_rank > 0 or self.nnodes == 1,
                  "--headless is for nodes other than node 0 (--node-rank >= 1): node 0 runs the scheduler")
+        # Replicas spread over nodes would need a scheduler per replica on each node's share: not built.
+        _require(self.data_parallel_size == 1 or self.nnodes == 1,
+                 "--data-parallel-size > 1 runs on one node: with --nnodes > 1 use one replica per set of nodes")
 
     @property
     def layer_partition_counts(self) -> list[int]:
@@ -197,6 +210,9 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # Publish each replica's prefix-cache events (vLLM's KV-event schema, common/kv_events.py) on a `kv-events`
+    # PUB socket for an external router. Always on with --data-parallel-size > 1: our tokenizers route by them.
+    kv_events: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tool_call_parser in (None, *TOOL_CALL_PARSERS),

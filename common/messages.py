@@ -418,6 +418,10 @@ class EngineStats:
     # answer /health with 503 from this message at once, rather than after EngineStats stops for a while.
     serving: bool = True
     num_waiting_tokens: int = 0  # prompt tokens of the waiting requests (--max-queued-tokens)
+    # --data-parallel-size: which replica sent these (the api's `replica` label), and its load as the tokenizers'
+    # replica router weighs it: tokens the running requests still have to prefill, plus one per running request.
+    data_parallel_rank: int = 0
+    num_running_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- control

@@ -24,7 +24,8 @@ def _service_parser(sub, name: str, help_text: str, indexed: bool) -> argparse.A
     add_engine_args(p)
     add_server_args(p)
     if indexed:
-        p.add_argument("--index", type=int, default=0, help="this process's index (tokenizer/api instance, worker rank)")
+        p.add_argument("--index", type=int, default=0, help="this process's index (tokenizer/api instance; "
+                       "scheduler: its data-parallel replica; worker: replica * tensor-parallel size + rank)")
     return p
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _service_parser(sub, "api", "one API server process", indexed=True)
     _service_parser(sub, "tokenizer", "one tokenizer process", indexed=True)
-    scheduler = _service_parser(sub, "scheduler", "the scheduler process", indexed=False)
+    scheduler = _service_parser(sub, "scheduler", "the scheduler process (of one replica)", indexed=True)
     scheduler.add_argument("--create-curve-key", action="store_true",
                            help="first write a new key to --engine-curve-key-file if that file is missing "
                                 "(compose's scheduler does, before every other service starts)")

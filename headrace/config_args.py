@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from headrace.common.config import (
+    DP_ROUTING_POLICIES,
     DTYPES,
     QUANTIZATION_METHODS,
     REASONING_PARSERS,
@@ -78,6 +79,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
           action="store_false", help="plan each step only after the previous one returned")
     g = p.add_argument_group("parallel and device")
     _flag(g, "--tensor-parallel-size", ParallelConfig, type=int)
+    _flag(g, "--data-parallel-size", ParallelConfig, type=int,
+          help="engine replicas (a scheduler and its tensor-parallel ranks each, on their own GPUs)")
+    _flag(g, "--dp-routing", ParallelConfig, choices=list(DP_ROUTING_POLICIES),
+          help="how tokenizers pick a replica per request (cache_aware: prefix-cache hit minus load)")
     _flag(g, "--dist-init-addr", ParallelConfig,
           help="host:port for torch.distributed rendezvous between worker ranks")
     _flag(g, "--pipeline-parallel-size", ParallelConfig, type=int,
@@ -112,6 +117,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--engine-curve-key-file", ServerConfig,
           help="tcp: the engine's CURVE secret key (`headrace keygen FILE`); peers without it are refused "
                "(serve makes a one-off key when unset)")
+    _flag(g, "--kv-events", ServerConfig, action="store_true",
+          help="publish the prefix cache's block events (vLLM's KV-event schema) on each scheduler's kv-events "
+               "ZeroMQ PUB socket for an external router (always on with --data-parallel-size > 1)")
     _flag(g, "--max-request-bytes", ServerConfig, type=int)
     _flag(g, "--max-num-queued-reqs", ServerConfig, type=int,
           help="engine requests waiting to start beyond which new requests get 429 with Retry-After")

@@ -4,7 +4,8 @@ The launcher resolves the model once (converting a GGUF into the cache before an
 every address, starts scheduler, worker ranks, tokenizers and api servers as separate processes, and
 then only watches them: a dead tokenizer or api is restarted, a dead worker is reported to the
 scheduler (which fails its in-flight requests) and the ranks are restarted, a dead scheduler is restarted
-with its replica's ranks. A process that dies again before the server is healthy again is restarted after a
+with its replica's ranks. With --data-parallel-size D each replica (scheduler d, worker indices
+d*T .. d*T + T-1) is watched and restarted on its own: a crash in one leaves the others serving. A process that dies again before the server is healthy again is restarted after a
 growing pause; one that keeps doing so ends the server with exit code 1 and a log line naming it.
 SIGINT/SIGTERM drain the api servers first, then stop everything; no process is left behind.
 """
@@ -65,6 +66,8 @@ class Child:
     due: float | None = None  # when a restart pending its backoff starts (monotonic)
     reason: str = ""  # why it last died
 
+    replica: int = 0  # the data-parallel replica of a scheduler or worker
+
     @property
     def name(self) -> str:
         return f"{self.kind}-{self.index}"
@@ -96,7 +99,7 @@ def check_pipeline(config: EngineConfig) -> None:
                               "copied to every node, so that the nodes' processes admit each other")
 
 
-def check_devices(device: str, tp: int) -> None:
+def check_devices(device: str, ranks: int, dp: int = 1) -> None:
     """Fail before starting anything when this host has fewer GPUs than ranks."""
     from headrace.common.config import resolve_device
 
@@ -104,9 +107,10 @@ def check_devices(device: str, tp: int) -> None:
         import torch
 
         count = torch.cuda.device_count()
-        if count < tp:
-            raise ValueError(f"running {tp} worker ranks here (tensor x pipeline parallel size / nodes) needs {tp} "
-                             f"GPUs; this host has {count}")
+        if count < ranks * dp:
+            what = f"{ranks} worker ranks (tensor x pipeline parallel size / nodes)" + (
+                f" x --data-parallel-size {dp}" if dp > 1 else "")
+            raise ValueError(f"running {what} here needs {ranks * dp} GPUs; this host has {count}")
 
 
 @dataclass
@@ -126,20 +130,20 @@ def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | Non
 
     config = resolve_engine_config(config, log=log_fn)
     parallel = config.parallel
-    check_devices(config.device, parallel.ranks_per_node)
+    check_devices(config.device, parallel.ranks_per_node, parallel.data_parallel_size)
     check_pipeline(config)
     if parallel.world_size > 1 and not parallel.dist_init_addr:
         parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
     # Last: nothing is made on disk (a one-off key, the ipc folder) for a start that fails earlier.
     files = files if files is not None else RuntimeFiles()
-    server = tcp_on_one_host(config.server, files)
+    server = tcp_on_one_host(config.server, files, parallel.data_parallel_size)
     server, created = claim_ipc_dir(server)
     if created:
         files.ipc_dir = server.ipc_dir
     return config.replace(parallel=parallel, server=server)
 
 
-def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
+def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles, replicas: int = 1) -> ServerConfig:
     """tcp with every process on this host: peers dial the host the engine binds on (the compose service
     names do not resolve here), every host they dial must resolve now, and without a key of the user's the
     processes share a one-off CURVE key, so no other local user's process can reach the engine's ports."""
@@ -151,7 +155,7 @@ def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles) -> ServerConfig:
         return server
     if server.engine_connect_host is None:
         server = dataclasses.replace(server, engine_connect_host=loopback_peer_host(server.engine_bind_host))
-    for endpoint in address_plan(server).all():
+    for endpoint in address_plan(server, replicas=replicas).all():
         check_resolves(endpoint.connect)
     if server.engine_curve_key_file is not None:
         read_key_file(server.engine_curve_key_file)  # one line now rather than every process failing on it
@@ -180,6 +184,10 @@ class Launcher:
 
     # ------------------------------------------------------------------ processes
 
+    @property
+    def replicas(self) -> int:
+        return self.config.parallel.data_parallel_size
+
     def _spawn(self, kind: str, index: int) -> mp.Process:
         env = {"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir} if self.metrics_dir else {}
         proc = self.ctx.Process(target=_child_entry, args=(kind, self.config_dict, index, env),
@@ -193,26 +201,27 @@ class Launcher:
         s = self.config.server
         self.metrics_dir = tempfile.mkdtemp(prefix="headrace-metrics-")
         par = self.config.parallel
-        workers = [("worker", r) for r in par.node_ranks]  # this node's block of global ranks
+        plan = []
+        for d in range(self.replicas):  # replica d: scheduler d, workers d*W + this node's block of ranks
+            workers = [("worker", d * par.world_size + r, d) for r in par.node_ranks]
+            plan += workers if par.headless else [("scheduler", d, d), *workers]
         if par.headless:
             from headrace.node_watch import SchedulerWatch
 
             self.node0 = SchedulerWatch(s)
-            plan = workers
         else:
-            plan = [("scheduler", 0), *workers]
-            plan += [("tokenizer", j) for j in range(s.num_tokenizers)]
-            plan += [("api", i) for i in range(s.num_api_servers)]
-        for kind, index in plan:
-            self.children.append(Child(kind, index, self._spawn(kind, index)))
+            plan += [("tokenizer", j, 0) for j in range(s.num_tokenizers)]
+            plan += [("api", i, 0) for i in range(s.num_api_servers)]
+        for kind, index, replica in plan:
+            self.children.append(Child(kind, index, self._spawn(kind, index), replica=replica))
 
-    def _notify_scheduler(self, msg: Any) -> None:
+    def _notify_scheduler(self, msg: Any, replica: int = 0) -> None:
         import zmq
 
         from headrace.common import transport
-        from headrace.common.addresses import address_plan
+        from headrace.common.addresses import plan_for
 
-        sock = transport.dealer_socket(zmq.Context.instance(), address_plan(self.config.server).scheduler,
+        sock = transport.dealer_socket(zmq.Context.instance(), plan_for(self.config).replicas[replica].scheduler,
                                        prefix="launcher", linger_ms=1000)
         transport.dealer_send(sock, msg)
         sock.close()
@@ -255,17 +264,20 @@ class Launcher:
             # The ranks' per-request state and in-flight steps belong to the dead scheduler's plans, and their KV
             # blocks to its block table: a new scheduler can rebuild neither, so the replica restarts together
             # (its requests were failed by the tokenizers, which saw the scheduler's connection close).
-            return self._restart(child, reason) and self._restart_workers(None, "restarted with its scheduler")
+            return self._restart(child, reason) and self._restart_workers(child, "restarted with its scheduler")
         if child.kind == "worker":
-            self._notify_scheduler(WorkerFailed(child.index, reason))
+            rank = child.index % self.config.parallel.world_size
+            self._notify_scheduler(WorkerFailed(rank, reason), child.replica)
             # A lost rank leaves the others stuck in collectives: restart every rank of the replica.
             return self._restart(child, reason) and self._restart_workers(child, "restarted with its replica")
         return self._restart(child, reason)
 
-    def _restart_workers(self, dead: Child | None, reason: str) -> bool:
+    def _restart_workers(self, dead: Child, reason: str) -> bool:
+        """Restart the workers of dead's replica (all but dead itself); other replicas keep running."""
         ok = True
         for other in self.children:
-            if other.kind == "worker" and other is not dead and other.due is None:
+            if (other.kind == "worker" and other is not dead and other.replica == dead.replica
+                    and other.due is None):
                 other.process.kill()
                 other.process.join(5)
                 ok = self._restart(other, reason, died=False) and ok
@@ -315,6 +327,8 @@ class Launcher:
                   flush=True)
 
     def _healthy(self) -> bool:
+        """/health is 200 and every replica serves (/health alone is 200 while any one does): the server is
+        announced ready, and counts as recovered from a crash, only with all of them."""
         import httpx
 
         if self.config.parallel.headless:  # no api here: healthy while its ranks run (node 0 reports the rest)
@@ -322,9 +336,11 @@ class Launcher:
         s = self.config.server
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
         try:
-            return httpx.get(f"http://{host}:{s.port}/health", timeout=1.0).status_code == 200
+            reply = httpx.get(f"http://{host}:{s.port}/health", timeout=1.0)
         except httpx.HTTPError:
             return False
+        serving, _, total = reply.headers.get("X-Headrace-Replicas-Serving", "1/1").partition("/")
+        return reply.status_code == 200 and serving == total
 
     def stop(self, drain: bool = True) -> None:
         """Drain the api servers (they finish in-flight requests), then stop every process."""
@@ -335,11 +351,11 @@ class Launcher:
         deadline = time.monotonic() + (self.config.server.shutdown_timeout + DRAIN_MARGIN_S if drain else 2.0)
         for p in apis:
             p.join(max(0.0, deadline - time.monotonic()))
-        try:
-            if not self.config.parallel.headless:  # node 0's scheduler serves on without this node's ranks
-                self._notify_scheduler(Shutdown("launcher stopping"))
-        except Exception:  # noqa: BLE001 - best effort; terminate below covers it
-            pass
+        for d in range(0 if self.config.parallel.headless else self.replicas):  # node 0's schedulers serve on
+            try:
+                self._notify_scheduler(Shutdown("launcher stopping"), d)
+            except Exception:  # noqa: BLE001 - best effort; terminate below covers it
+                pass
         rest = [c.process for c in self.children if c.process.is_alive()]
         for p in rest:
             p.terminate()
@@ -361,7 +377,7 @@ class Launcher:
         from headrace.common.addresses import ipc_socket_paths
         from headrace.common.ipc_dir import remove_sockets
 
-        remove_sockets(ipc_socket_paths(self.config.server))
+        remove_sockets(ipc_socket_paths(self.config.server, self.replicas))
         if self.files.ipc_dir:
             try:
                 os.rmdir(self.files.ipc_dir)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from headrace.common.addresses import address_plan
+from headrace.common.addresses import plan_for
 from headrace.common.config import EngineConfig
 from headrace.common.messages import DetokenizeRequest, TokenizeRequest
 from headrace.common.version import VERSION
@@ -40,7 +40,7 @@ def create_app(config: EngineConfig, index: int = 0, client: EngineClient | None
     """The app of api instance `index`; `client` defaults to one on the config's address plan."""
     model = config.require_resolved()
     if client is None:
-        client = EngineClient.from_plan(address_plan(config.server), index)
+        client = EngineClient.from_plan(plan_for(config), index)
     ctx = ServingContext(client=client, model_name=model.name, max_n=config.server.max_n,
                          max_model_len=model.max_model_len, model_root=config.model.model or model.name,
                          started=int(time.time()), max_num_queued_reqs=config.server.max_num_queued_reqs,
@@ -141,6 +141,7 @@ async def detokenize(request: Request) -> dict[str, Any]:
 # --------------------------------------------------------------------------- operator routes (no API key)
 
 operator_routes = APIRouter()
+REPLICAS_HEADER = "X-Headrace-Replicas-Serving"
 
 
 @operator_routes.get("/health")
@@ -150,7 +151,9 @@ async def health(request: Request) -> Response:
         return ApiError(503, "The engine is not ready (loading, or not reporting).").response()
     if client.num_live_tokenizers == 0:
         return ApiError(503, "No tokenizer is connected.").response()
-    return Response(status_code=200)
+    # 200 while any replica serves; the header says how many of them do (the launcher waits for all at start).
+    serving = f"{client.num_serving_replicas}/{client.num_replicas}"
+    return Response(status_code=200, headers={REPLICAS_HEADER: serving})
 
 
 @operator_routes.get("/version")

@@ -5,6 +5,8 @@
                                  -> one tokenizer by identity: GenerateRequest, AbortRequest, Tokenize/Detokenize
     scheduler ROUTER (connect)   <- EngineStats (every ENGINE_STATS_INTERVAL_S)
                                  -> Heartbeat(sender="api") every HEARTBEAT_INTERVAL_S (the first is our hello)
+    (one DEALER per engine replica's scheduler with --data-parallel-size: the engine is alive while any
+    replica's stats say it serves; the gauges are per replica)
 
 A tokenizer is live while we heard from it within PEER_TIMEOUT_S; requests go round-robin to live ones and
 stay with theirs for life. When one goes silent, every request it holds fails with a 503 (no request ever
@@ -60,6 +62,18 @@ class _Peer:
     last_seen: float
 
 
+@dataclass
+class _EngineLink:
+    """One engine replica's scheduler, as this api hears it."""
+
+    replica: int
+    address: Endpoint
+    dealer: zmq.asyncio.Socket | None = None
+    stats: EngineStats | None = None
+    stats_seen: float = 0.0
+    alive: bool = False  # its last EngineStats said serving, recently, and its connection is open
+
+
 class Generation:
     """The engine requests behind one HTTP request (n choices x prompts), multiplexed onto one queue.
 
@@ -113,14 +127,15 @@ class Generation:
 
 
 class EngineClient:
-    def __init__(self, api_index: int, inbox: Endpoint, scheduler: Endpoint, *,
+    def __init__(self, api_index: int, inbox: Endpoint, scheduler: Endpoint | tuple[Endpoint, ...], *,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, peer_timeout_s: float = PEER_TIMEOUT_S,
                  on_finished: Callable[[RequestRecord], None] | None = None,
                  on_generation_finished: Callable[[Generation], None] | None = None,
                  on_stats: Callable[[EngineStats], None] | None = None):
         self.api_index = api_index
         self._inbox_address = inbox
-        self._scheduler_address = scheduler
+        schedulers = scheduler if isinstance(scheduler, tuple) else (scheduler,)
+        self._links = [_EngineLink(d, address) for d, address in enumerate(schedulers)]
         self.heartbeat_interval_s = heartbeat_interval_s
         self.peer_timeout_s = peer_timeout_s
         # Called once per engine request when it finishes, fails or is aborted (the metrics hook).
@@ -130,11 +145,8 @@ class EngineClient:
         # Called with every EngineStats the scheduler sends (the engine gauges).
         self.on_stats = on_stats or (lambda stats: None)
 
-        self.stats: EngineStats | None = None
         self._sent_since_stats = 0  # engine requests this api sent after the last EngineStats was taken
         self._tokens_since_stats = 0  # and their prompt tokens, estimated (see estimated_tokens)
-        self._stats_seen = 0.0
-        self._engine_alive = False
         self._peers: dict[bytes, _Peer] = {}
         self._peer_joined = asyncio.Event()  # set whenever a tokenizer says hello (see wait_for_tokenizer)
         self._round_robin = 0
@@ -143,14 +155,14 @@ class EngineClient:
         self._calls: dict[str, tuple[bytes, asyncio.Future[Any]]] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
-        self._dealer: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     def from_plan(cls, plan: AddressPlan, api_index: int, **kwargs: Any) -> EngineClient:
-        return cls(api_index, plan.api_inbox[api_index], plan.scheduler, **kwargs)
+        schedulers = tuple(r.scheduler for r in plan.replicas) or (plan.scheduler,)
+        return cls(api_index, plan.api_inbox[api_index], schedulers, **kwargs)
 
     async def start(self) -> None:
         self._ctx = transport.async_context()
@@ -158,10 +170,11 @@ class EngineClient:
         # Unlike the engine's other ROUTERs: a send to an identity that is gone raises (our _send handles it),
         # so a request never goes to a tokenizer that has already disconnected.
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._dealer = transport.dealer_socket(self._ctx, self._scheduler_address, prefix=f"api{self.api_index}")
+        for link in self._links:
+            link.dealer = transport.dealer_socket(self._ctx, link.address, prefix=f"api{self.api_index}")
         self._tasks = [asyncio.create_task(coro) for coro in
-                       (self._recv_tokenizers(), self._recv_scheduler(), self._say_hello(), self._watch_peers(),
-                        self._watch_connections())]
+                       (self._recv_tokenizers(), *(self._recv_scheduler(link) for link in self._links),
+                        self._say_hello(), self._watch_peers(), self._watch_connections())]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -188,6 +201,30 @@ class EngineClient:
     # ------------------------------------------------------------------ state the routes read
 
     @property
+    def stats(self) -> EngineStats | None:
+        """The engine's last EngineStats; with several replicas, the serving ones' summed (their queues add up)."""
+        got = [link.stats for link in self._links if link.stats is not None]
+        if len(self._links) == 1 or not got:
+            return got[0] if got else None
+        alive = [link.stats for link in self._links if link.alive and link.stats is not None] or got
+        return EngineStats(num_running=sum(st.num_running for st in alive),
+                           num_waiting=sum(st.num_waiting for st in alive),
+                           num_waiting_tokens=sum(st.num_waiting_tokens for st in alive),
+                           serving=any(link.alive for link in self._links))
+
+    @property
+    def replica_stats(self) -> list[EngineStats | None]:
+        return [link.stats for link in self._links]
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._links)
+
+    @property
+    def num_serving_replicas(self) -> int:
+        return sum(link.alive for link in self._links)
+
+    @property
     def queued_estimate(self) -> int:
         """Engine requests waiting to start, as far as this api knows without asking: the scheduler's last
         count plus what this api sent since (other apis' recent requests show up with the next count)."""
@@ -201,8 +238,8 @@ class EngineClient:
 
     @property
     def engine_alive(self) -> bool:
-        """EngineStats keeps arriving (the scheduler is up and its engine loaded)."""
-        return self._engine_alive
+        """EngineStats keeps arriving (the scheduler is up and its engine loaded), from at least one replica."""
+        return any(link.alive for link in self._links)
 
     @property
     def num_live_tokenizers(self) -> int:
@@ -378,16 +415,16 @@ class EngineClient:
         if entry is not None:  # else aborted or failed already; the tokenizer had it in flight
             self._deliver(entry[0], entry[1], delta, now)
 
-    async def _recv_scheduler(self) -> None:
-        assert self._dealer is not None
+    async def _recv_scheduler(self, link: _EngineLink) -> None:
+        assert link.dealer is not None
         while True:
             try:
-                msg = await transport.dealer_recv_async(self._dealer)
+                msg = await transport.dealer_recv_async(link.dealer)
             except MessageDecodeError as e:
                 log.warning("api %d: dropped a malformed message from the scheduler: %s", self.api_index, e)
                 continue
             if isinstance(msg, EngineStats):
-                self.stats, self._stats_seen, self._engine_alive = msg, time.monotonic(), msg.serving
+                link.stats, link.stats_seen, link.alive = msg, time.monotonic(), msg.serving
                 self._sent_since_stats = self._tokens_since_stats = 0
                 try:
                     self.on_stats(msg)
@@ -395,9 +432,10 @@ class EngineClient:
                     log.exception("api %d: the engine stats hook failed", self.api_index)
 
     async def _say_hello(self) -> None:
-        assert self._dealer is not None
         while True:
-            await transport.dealer_send_async(self._dealer, Heartbeat("api", self.api_index, time.time()))
+            for link in self._links:
+                assert link.dealer is not None
+                await transport.dealer_send_async(link.dealer, Heartbeat("api", self.api_index, time.time()))
             await asyncio.sleep(self.heartbeat_interval_s)
 
     # ------------------------------------------------------------------ liveness
@@ -413,10 +451,11 @@ class EngineClient:
             if stalled:
                 # Our own loop was busy: messages may be waiting unread. Judge peers on the next tick.
                 continue
-            if self._engine_alive and now - self._stats_seen > self.peer_timeout_s:
-                log.warning("api %d: no EngineStats for %.1f s; reporting unhealthy", self.api_index,
-                            now - self._stats_seen)
-                self._engine_alive = False
+            for link in self._links:
+                if link.alive and now - link.stats_seen > self.peer_timeout_s:
+                    log.warning("api %d: no EngineStats from replica %d for %.1f s; it is unhealthy", self.api_index,
+                                link.replica, now - link.stats_seen)
+                    link.alive = False
             for peer in [p for p in self._peers.values() if now - p.last_seen > self.peer_timeout_s]:
                 self._forget(peer, f"it sent nothing for {now - peer.last_seen:.1f} s")
 
@@ -424,20 +463,23 @@ class EngineClient:
         """A peer process that dies closes its connection at once (see common.transport's monitors): the
         scheduler's makes /health 503 now; a tokenizer's makes us find which one is gone now (a send to it
         fails) rather than after PEER_TIMEOUT_S of silence."""
-        assert self._router is not None and self._dealer is not None
-        engine = transport.monitor_socket(self._dealer)
+        assert self._router is not None
+        engines = {transport.monitor_socket(link.dealer): link for link in self._links}
         tokenizers = transport.monitor_socket(self._router)
         poller = zmq.asyncio.Poller()
-        poller.register(engine, zmq.POLLIN)
+        for engine in engines:
+            poller.register(engine, zmq.POLLIN)
         poller.register(tokenizers, zmq.POLLIN)
         while True:
             for sock, _ in await poller.poll():
                 event = transport.monitor_events(await sock.recv_multipart())
                 if event != zmq.EVENT_DISCONNECTED:
                     continue
-                if sock is engine and self._engine_alive:
-                    log.error("api %d: the scheduler's connection closed; reporting unhealthy", self.api_index)
-                    self._engine_alive = False
+                link = engines.get(sock)
+                if link is not None and link.alive:
+                    log.error("api %d: the scheduler's connection closed (replica %d); it is unhealthy",
+                              self.api_index, link.replica)
+                    link.alive = False
                 elif sock is tokenizers:
                     await self._find_gone_tokenizers()
 

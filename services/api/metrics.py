@@ -1,7 +1,10 @@
 """GET /metrics (Prometheus, vLLM's names under `headrace:`) and one log line per finished request.
 
 Engine gauges (running, waiting, KV usage) and the prefix cache's counters mirror the scheduler's
-EngineStats, which every api instance receives, so every instance reports the same values. Counters and
+EngineStats, which every api instance receives, so every instance reports the same values. They carry a
+`replica` label (the data-parallel rank, "0" with one replica): each replica's scheduler sends its own. The
+per-request counters and histograms carry no replica label: the api does not learn which replica served a
+request (the tokenizer chose it), and sums over replicas are what their dashboards plot. Counters and
 histograms are per request: an instance observes the requests it served, when they finish, so token
 counters add up to the usage the responses reported (the engine's own counters would also count tokens no
 response reported: a stop string's tail, one prompt prefilled once per choice).
@@ -59,22 +62,29 @@ def usage_tokens(records: list[RequestRecord], n: int) -> tuple[int, int]:
 
 
 class PrefixCacheCounters:
-    """vLLM's prefix-cache counters (prompt tokens looked up, and found) as the scheduler counts them. They
-    are the engine's cumulative totals, the same in every api instance, so they are not summed over
-    processes: the instance a scrape reaches reports the latest totals it received."""
+    """vLLM's prefix-cache counters (prompt tokens looked up, and found) as each replica's scheduler counts
+    them. They are the engine's cumulative totals, the same in every api instance, so they are not summed over
+    processes: the instance a scrape reaches reports the latest totals it received, per replica."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.stats = EngineStats()
+        self.by_replica: dict[int, EngineStats] = {0: EngineStats()}
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.by_replica[min(self.by_replica)]
+
+    @stats.setter
+    def stats(self, stats: EngineStats) -> None:
+        self.by_replica[stats.data_parallel_rank] = stats
 
     def collect(self):
-        for name, doc, value in (
-                ("headrace:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                 self.stats.prefix_cache_queries),
-                ("headrace:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                 self.stats.prefix_cache_hits)):
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], value)
+        for name, doc, field in (
+                ("headrace:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+                ("headrace:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits")):
+            family = CounterMetricFamily(name, doc, labels=["model_name", "replica"])
+            for replica, stats in sorted(self.by_replica.items()):
+                family.add_metric([self.model_name, str(replica)], getattr(stats, field))
             yield family
 
 
@@ -91,8 +101,8 @@ class Metrics:
         labels = ["model_name"]
 
         def gauge(name: str, doc: str) -> Gauge:
-            # Every instance writes the same engine value: a scrape shows the newest write.
-            return Gauge(name, doc, labels, multiprocess_mode="mostrecent", registry=self.registry).labels(model_name)
+            # Every instance writes the same engine value: a scrape shows the newest write. One series per replica.
+            return Gauge(name, doc, [*labels, "replica"], multiprocess_mode="mostrecent", registry=self.registry)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=self.registry).labels(model_name)
@@ -103,6 +113,8 @@ class Metrics:
         self.num_running = gauge("headrace:num_requests_running", "Requests in the engine's running batch.")
         self.num_waiting = gauge("headrace:num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("headrace:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
+        for g in (self.num_running, self.num_waiting, self.kv_cache_usage):
+            g.labels(model_name, "0")  # replica 0's series exist from the start, as before any replica label
         self.prefix_cache = PrefixCacheCounters(model_name)
         self.registry.register(self.prefix_cache)
 
@@ -145,9 +157,10 @@ class Metrics:
     # ------------------------------------------------------------------ EngineClient hooks
 
     def on_stats(self, stats: EngineStats) -> None:
-        self.num_running.set(stats.num_running)
-        self.num_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
+        replica = str(stats.data_parallel_rank)
+        self.num_running.labels(self.model_name, replica).set(stats.num_running)
+        self.num_waiting.labels(self.model_name, replica).set(stats.num_waiting)
+        self.kv_cache_usage.labels(self.model_name, replica).set(stats.kv_cache_usage)
         self.prefix_cache.stats = stats
 
     def observe(self, records: list[RequestRecord], http: HttpRequest) -> None:

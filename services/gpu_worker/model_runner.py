@@ -55,7 +55,9 @@ class ModelRunner:
         self.log = log
         self.requests: dict[str, RequestState] = {}
         if self.device.type == "cpu":
-            torch.set_num_threads(config.parallel.cpu_threads or len(os.sched_getaffinity(0)))
+            # Data-parallel replicas on one CPU share its cores rather than each spinning a thread on every one.
+            cores = len(os.sched_getaffinity(0)) // config.parallel.data_parallel_size
+            torch.set_num_threads(config.parallel.cpu_threads or max(1, cores))
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization,

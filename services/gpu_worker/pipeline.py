@@ -92,8 +92,18 @@ class PipelineStage:
 SINGLE_STAGE = PipelineStage()
 
 
-def init_distributed(config: EngineConfig, rank: int, device: torch.device) -> tuple[TPGroup, PipelineStage]:
-    """Join the world (when there is more than one rank) and return this rank's TP group and stage."""
+def replica_dist_init_addr(addr: str | None, replica: int) -> str | None:
+    """Each data-parallel replica's ranks meet on their own port: the given one plus the replica index."""
+    if not addr or replica == 0:
+        return addr
+    host, port = addr.rsplit(":", 1)
+    return f"{host}:{int(port) + replica}"
+
+
+def init_distributed(config: EngineConfig, rank: int, device: torch.device,
+                     replica: int = 0) -> tuple[TPGroup, PipelineStage]:
+    """Join replica `replica`'s world (when it has more than one rank) and return this rank's TP group and
+    stage."""
     par = config.parallel
     tp_size, pp_size = par.tensor_parallel_size, par.pipeline_parallel_size
     if par.world_size == 1:
@@ -104,7 +114,8 @@ def init_distributed(config: EngineConfig, rank: int, device: torch.device) -> t
         raise ConfigError(f"{par.world_size} worker ranks need --dist-init-addr host:port for the ranks to meet "
                           "(`headrace serve` picks a free local port itself)")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{par.dist_init_addr}", rank=rank,
+    addr = replica_dist_init_addr(par.dist_init_addr, replica)
+    dist.init_process_group(backend, init_method=f"tcp://{addr}", rank=rank,
                             world_size=par.world_size, **({"timeout": GLOO_TIMEOUT} if backend == "gloo" else {}))
     stage_idx, tp_rank = divmod(rank, tp_size)
     group = None  # one stage: the world is the TP group, as before pipelines existed

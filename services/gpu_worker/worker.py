@@ -19,7 +19,7 @@ import torch
 import zmq
 
 from headrace.common import transport
-from headrace.common.addresses import Endpoint, address_plan
+from headrace.common.addresses import Endpoint, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import Heartbeat, Shutdown, StepPlan, WorkerError, WorkerReady
@@ -39,14 +39,17 @@ def init_tensor_parallel(config: EngineConfig, rank: int, device: torch.device) 
     return init_distributed(config, rank, device)[0]
 
 
-def worker_device(config: EngineConfig, rank: int) -> torch.device:
-    """This rank's device: GPU `rank` counted within its node's block of ranks, or the CPU."""
+def worker_device(config: EngineConfig, index: int) -> torch.device:
+    """index: the worker's index over every replica (d * world_size + global rank). Its GPU counts within this
+    node's processes: replica d's ranks take GPUs d*W .. d*W + W-1 (one node), a node's block of a replica's
+    ranks its first GPUs (several nodes, one replica)."""
     kind = resolve_device(config.device)
     if kind == "cuda":
-        count, per_node = torch.cuda.device_count(), config.parallel.ranks_per_node
-        local = rank % per_node
+        par = config.parallel
+        count, here = torch.cuda.device_count(), par.ranks_per_node * par.data_parallel_size
+        local = index - par.node_ranks.start
         if local >= count:
-            raise RuntimeError(f"{per_node} worker ranks on this node need {per_node} GPUs; this host has {count}")
+            raise RuntimeError(f"{here} worker ranks on this node need {here} GPUs; this host has {count}")
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -61,10 +64,12 @@ def _heartbeat(ctx: zmq.Context, address: Endpoint, rank: int, ready: list[Worke
     sock.close()
 
 
-def main(config_dict: dict[str, Any], rank: int = 0) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{rank} %(levelname)s %(message)s")
+def main(config_dict: dict[str, Any], index: int = 0) -> None:
+    """index: d * world_size + rank for global rank `rank` (stage * T + tp_rank) of data-parallel replica d."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{index} %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
-    plan = address_plan(config.server)
+    replica, rank = divmod(index, config.parallel.world_size)
+    plan = plan_for(config).replica(replica)
     ctx = zmq.Context()
     # Subscribe before loading the model: by the time WorkerReady arrives, no plan can be missed.
     plans = transport.sub_socket(ctx, plan.worker_plan)
@@ -76,8 +81,8 @@ def main(config_dict: dict[str, Any], rank: int = 0) -> None:
     beat.start()
     parent = os.getppid()
     try:
-        device = worker_device(config, rank)
-        tp, stage = init_distributed(config, rank, device)
+        device = worker_device(config, index)
+        tp, stage = init_distributed(config, rank, device, replica)
         runner = ModelRunner(config, tp=tp, device=str(device), log=log.info, stage=stage)
         if stage.size > 1:
             log.info("pipeline stage %d of %d: layers %d..%d", stage.rank, stage.size, runner.model.start_layer,

@@ -11,17 +11,14 @@ until the free queue hands them out again, oldest first (an LRU of free cached b
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from headrace.common.block_hash import chain_hash
+from headrace.common.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from headrace.services.scheduler.request import Request
 
-
-def chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
-    """Content hash of a full block that also commits to every block before it (via `parent`)."""
-    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+__all__ = ["BlockManager", "KVBlock", "chain_hash"]
 
 
 class KVBlock:
@@ -48,6 +45,9 @@ class BlockManager:
         # a deque that can also drop a block from the middle in O(1), which a prefix-cache hit needs.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, KVBlock] = {}
+        # KV events (common/kv_events.py) since the last take_events(), once record_events() is called: the
+        # scheduler process publishes them; the in-process engine never turns them on, so nothing piles up.
+        self._events: list[KVCacheEvent] | None = None
 
     # ------------------------------------------------------------------ figures
 
@@ -65,6 +65,23 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         """Blocks findable in the prefix cache (held or free)."""
         return len(self._cached)
+
+    # ------------------------------------------------------------------ KV events
+
+    def record_events(self) -> None:
+        """From now on, note every block the prefix cache gains or loses, for take_events()."""
+        self._events = []
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events since the last call, oldest first (none when not recording)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def _note_stored(self, hashes: list[bytes], parent: bytes | None, token_ids: list[int]) -> None:
+        if self._events is not None and hashes:
+            self._events.append(BlockStored(hashes, parent, token_ids, self.block_size))
 
     # ------------------------------------------------------------------ prefix cache
 
@@ -102,6 +119,7 @@ class BlockManager:
             return
         tokens = req.all_token_ids
         hashes = req.block_hashes
+        run_start, run = req.num_committed_blocks, []  # the blocks registered here, as chains for BlockStored
         for k in range(req.num_committed_blocks, num_full):
             block_tokens = tokens[k * bs:(k + 1) * bs]
             if k == len(hashes):
@@ -112,6 +130,11 @@ class BlockManager:
                 block.block_hash = hashes[k]
                 block.token_ids = tuple(block_tokens)
                 self._cached[hashes[k]] = block
+                run.append(hashes[k])
+            else:
+                self._note_stored(run, hashes[run_start - 1] if run_start else None, tokens[run_start * bs:k * bs])
+                run_start, run = k + 1, []
+        self._note_stored(run, hashes[run_start - 1] if run_start else None, tokens[run_start * bs:num_full * bs])
         req.num_committed_blocks = num_full
 
     # ------------------------------------------------------------------ allocation
@@ -159,6 +182,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict lazily: a cached block is forgotten only when reused
             del self._cached[block.block_hash]
+            if self._events is not None:
+                self._events.append(BlockRemoved([block.block_hash]))
             block.block_hash = None
             block.token_ids = ()
         block.ref_count = 1

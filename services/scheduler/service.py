@@ -3,7 +3,10 @@
 It binds the `scheduler` ROUTER (tokenizers, apis, the launcher), the `worker-plan` PUB and the
 `worker-result` PULL. Each step: take new requests and aborts, plan (services/scheduler/scheduler.py),
 publish the plan to every rank, wait for rank 0's result while still taking requests, then route the
-new tokens to the tokenizer that owns each request. Engine gauges go to every api every 0.5 s.
+new tokens to the tokenizer that owns each request. Engine gauges go to every api every 0.5 s (and, with
+several replicas, to every tokenizer, which routes between replicas by them). With --data-parallel-size D there is one
+scheduler per replica (`index` is the replica), each with its own sockets, ranks and block pool; it also binds
+a `kv-events` PUB where its block manager's prefix-cache events go out in vLLM's schema (common/kv_events.py).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 import zmq
 
 from headrace.common import transport
-from headrace.common.addresses import AddressPlan, address_plan
+from headrace.common.addresses import AddressPlan, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
+from headrace.common.kv_events import AllBlocksCleared, KVCacheEvent
 from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
@@ -38,6 +42,7 @@ from headrace.common.messages import (
     WorkerReady,
 )
 from headrace.common.process import freeze_startup_heap
+from headrace.services.scheduler.kv_event_publisher import KVEventPublisher
 from headrace.services.scheduler.request import Request
 from headrace.services.scheduler.scheduler import Scheduler
 
@@ -56,18 +61,27 @@ class PeerState:
 
 
 class SchedulerService:
-    def __init__(self, config: EngineConfig, plan: AddressPlan):
+    def __init__(self, config: EngineConfig, plan: AddressPlan, replica: int = 0):
+        """plan: the whole engine's (plan_for); this scheduler binds replica `replica`'s sockets."""
         self.config = config
         self.model = config.require_resolved()
         self.world_size = config.parallel.world_size  # ranks that must be ready: every stage's TP ranks
         self.pp_size = config.parallel.pipeline_parallel_size
+        self.replica = replica
         self.ctx = zmq.Context()
+        if plan.replicas:
+            plan = plan.replica(replica)
         self.frontend = transport.router_socket(self.ctx, plan.scheduler)
+        own = plan.replicas[replica] if plan.replicas else None
+        self.kv_events = KVEventPublisher(self.ctx, own, replica) if own and own.kv_events else None
+        self.routed = len(plan.replicas) > 1  # the tokenizers choose between replicas: they want our stats too
         self.plan_pub = transport.pub_socket(self.ctx, plan.worker_plan)
         self.results = transport.pull_socket(self.ctx, plan.worker_result)
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.results, zmq.POLLIN)
+        if self.kv_events is not None:
+            self.poller.register(self.kv_events.replay, zmq.POLLIN)
 
         self.scheduler: Scheduler | None = None  # exists once every rank is ready
         self.ready: dict[int, WorkerReady] = {}
@@ -96,6 +110,7 @@ class SchedulerService:
         while self.running:
             if self._can_step():
                 self._start_step()
+                self._publish_kv_events()
             timeout = 0 if self._can_step() else 50
             events = dict(self.poller.poll(timeout))
             if events:
@@ -104,6 +119,9 @@ class SchedulerService:
                 self._drain_frontend()
             if self.results in events:
                 self._drain_results()
+                self._publish_kv_events()
+            if self.kv_events is not None and self.kv_events.replay in events:
+                self.kv_events.serve_replay()
             now = time.monotonic()
             if now - self.last_stats >= transport.ENGINE_STATS_INTERVAL_S:
                 self.last_stats = now
@@ -237,13 +255,24 @@ class SchedulerService:
     def _send_stats(self) -> None:
         s = self.scheduler
         if s is None:  # loading or restarting ranks: the apis answer /health with 503
-            stats = EngineStats(num_waiting=len(self.held), serving=False)
+            stats = EngineStats(num_waiting=len(self.held), serving=False, data_parallel_rank=self.replica)
         else:
+            running_tokens = sum(max(1, r.num_tokens - r.num_computed_tokens) for r in s.running)
             stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
                                 prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-                                num_waiting_tokens=s.num_waiting_tokens)
-        for identity in self.apis:
+                                num_waiting_tokens=s.num_waiting_tokens, data_parallel_rank=self.replica,
+                                num_running_tokens=running_tokens)
+        # The tokenizers route between replicas by them; with one replica there is nothing to choose.
+        peers = [*self.apis, *self.tokenizers] if self.routed else self.apis
+        for identity in peers:
             transport.router_send(self.frontend, identity, stats)
+
+    def _publish_kv_events(self, extra: list[KVCacheEvent] | None = None) -> None:
+        """The prefix cache's changes since the last call, as one KVEventBatch (nothing when there are none)."""
+        if self.kv_events is None:
+            return
+        events = (self.scheduler.block_manager.take_events() if self.scheduler is not None else []) + (extra or [])
+        self.kv_events.publish(events)
 
     # ------------------------------------------------------------------ workers
 
@@ -297,6 +326,9 @@ class SchedulerService:
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
                                        self.model.max_model_len, self.model.kv_window,
                                        disjoint_steps=self.pp_size > 1)
+            if self.kv_events is not None:
+                self.scheduler.block_manager.record_events()
+                self._publish_kv_events([AllBlocksCleared()])  # whatever a subscriber knew of us is gone
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
             held, self.held = list(self.held), {}
             for req_id in held:
@@ -325,6 +357,7 @@ class SchedulerService:
         self.ready.clear()
         self.worker_seen.clear()
         self.inflight.clear()
+        self._publish_kv_events([AllBlocksCleared()])  # the ranks' KV cache died with them
         self._send_stats()  # /health turns 503 now, not at the next tick
 
     # ------------------------------------------------------------------ outputs
@@ -374,10 +407,10 @@ def attach_phases(out: RequestOutput, req: Request, now: float) -> None:
 
 
 def main(config_dict: dict[str, Any], index: int = 0) -> None:
-    """Process entry: `main(config.to_dict())`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s scheduler %(levelname)s %(message)s")
+    """Process entry: `main(config.to_dict(), replica)`."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s scheduler-{index} %(levelname)s %(message)s")
     config = EngineConfig.from_dict(config_dict)
-    service = SchedulerService(config, address_plan(config.server))
+    service = SchedulerService(config, plan_for(config), index)
     freeze_startup_heap()
     log.info("scheduler up; waiting for %d worker rank(s)", config.parallel.world_size)
     try:

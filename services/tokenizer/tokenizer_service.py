@@ -1,21 +1,24 @@
 """The tokenizer process: a pure client (it binds nothing) in one single-threaded loop.
 
-Sockets: one DEALER to the scheduler's ROUTER, and one DEALER per api ROUTER, so a reply to a request goes
-back on the socket the request came in on, to the api that owns it. The DEALERs share one identity, fresh
+Sockets: one DEALER to each engine replica's scheduler ROUTER (one unless --data-parallel-size), one SUB to
+each replica's KV events (only with several replicas), and one DEALER per api ROUTER, so a reply to a request
+goes back on the socket the request came in on, to the api that owns it. The DEALERs share one identity, fresh
 for each process start: a restarted tokenizer is a new peer and the old one's requests are not confused
 with its own. Every HEARTBEAT_INTERVAL_S it sends a `Heartbeat` on every socket; the first one is its hello
 (a ROUTER learns a peer's identity from its first message).
 
 In:  api -> GenerateRequest / AbortRequest / TokenizeRequest / DetokenizeRequest
-     scheduler -> BatchRequestOutput
+     scheduler -> BatchRequestOutput, EngineStats (load and health, for the replica router)
+     kv events -> KVEventBatch (which blocks each replica's prefix cache holds)
      either -> Shutdown
 Out: scheduler <- TokenizedRequest, AbortRequest (client gone, a stop string matched, or outputs for a
                   request this process does not hold, e.g. from before a restart), Heartbeat
      api <- BatchTextDelta (one per step per api), TextDelta (errors), Tokenize/DetokenizeResponse, Heartbeat
 
 Each request's detokenizer state lives here from its GenerateRequest until it finishes, so requests stick to
-one tokenizer instance. Bad input fails that request only; the loop never dies of a message. The scheduler
-sends nothing periodic to tokenizers, so only Shutdown or the parent's death ends the loop.
+one tokenizer instance, and to the replica this tokenizer chose for it (services/tokenizer/replica_router.py):
+its aborts go there. Bad input fails that request only; the loop never dies of a message. Only Shutdown or the
+parent's death ends the loop.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ from typing import Any
 import zmq
 
 from headrace.common import transport
-from headrace.common.addresses import AddressPlan, address_plan
+from headrace.common.addresses import AddressPlan, plan_for
 from headrace.common.codec import MessageDecodeError
 from headrace.common.config import EngineConfig
 from headrace.common.error_types import error_type
+from headrace.common.kv_events import KVEventDecodeError, decode_frames
 from headrace.common.messages import (
     AbortRequest,
     BatchRequestOutput,
     BatchTextDelta,
     DetokenizeRequest,
     DetokenizeResponse,
+    EngineStats,
     ErrorInfo,
     GenerateRequest,
     Heartbeat,
@@ -56,6 +61,7 @@ from headrace.common.messages import (
 from headrace.common.process import freeze_startup_heap
 from headrace.services.tokenizer.errors import RequestError
 from headrace.services.tokenizer.grammar import GrammarBuilder
+from headrace.services.tokenizer.replica_router import ReplicaRouter
 from headrace.services.tokenizer.text_codec import OutputText, TextCodec
 
 log = logging.getLogger(__name__)
@@ -77,11 +83,12 @@ class _Request:
     # this tokenizer ends on a stop string never gets the scheduler's finish, so its decode is timed here.
     prefill_time: float | None = None
     first_token_seen: float | None = None
+    replica: int = 0  # the engine replica running it (its aborts go there)
 
 
 class TokenizerService:
     def __init__(self, index: int, codec: TextCodec, plan: AddressPlan, *, identity: bytes | None = None,
-                 heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S):
+                 heartbeat_interval_s: float = transport.HEARTBEAT_INTERVAL_S, router: ReplicaRouter | None = None):
         self.index = index  # for logs and heartbeats only: the identity is what routes
         self.codec = codec
         self.grammars = GrammarBuilder()
@@ -90,17 +97,25 @@ class TokenizerService:
 
         self.identity = identity if identity is not None else transport.new_identity("tok")
         self.ctx = zmq.Context()
-        self.to_scheduler = transport.dealer_socket(self.ctx, plan.scheduler, self.identity)
+        replicas = plan.replicas or (None,)
+        self.to_schedulers = [transport.dealer_socket(self.ctx, r.scheduler if r else plan.scheduler, self.identity)
+                              for r in replicas]
+        self.to_scheduler = self.to_schedulers[0]
+        self.router = router if router is not None else ReplicaRouter(len(self.to_schedulers))
         self.to_api = [transport.dealer_socket(self.ctx, ep, self.identity) for ep in plan.api_inbox]
-        # Which api a socket leads to (None: the scheduler).
-        self.api_of: dict[zmq.Socket, int | None] = {self.to_scheduler: None}
+        # Which api a socket leads to (None: a scheduler, whose replica is replica_of[sock]).
+        self.api_of: dict[zmq.Socket, int | None] = dict.fromkeys(self.to_schedulers)
         self.api_of.update({sock: i for i, sock in enumerate(self.to_api)})
+        self.replica_of = {sock: d for d, sock in enumerate(self.to_schedulers)}
         self.poller = zmq.Poller()
         for sock in self.api_of:
             self.poller.register(sock, zmq.POLLIN)
+        self.kv_events = {transport.sub_socket(self.ctx, r.kv_events): d
+                          for d, r in enumerate(replicas) if r and r.kv_events}
+        for sock in self.kv_events:
+            self.poller.register(sock, zmq.POLLIN)
         # Connection monitors: a peer that dies closes its connection, which we hear at once (see on_peer_lost).
-        self.monitor_of: dict[zmq.Socket, int | None] = {transport.monitor_socket(sock): api
-                                                         for sock, api in self.api_of.items()}
+        self.monitor_of: dict[zmq.Socket, zmq.Socket] = {transport.monitor_socket(sock): sock for sock in self.api_of}
         for mon in self.monitor_of:
             self.poller.register(mon, zmq.POLLIN)
         self.running = True
@@ -128,6 +143,9 @@ class TokenizerService:
                 if sock in self.monitor_of:
                     self._on_connection_events(sock)
                     continue
+                if sock in self.kv_events:
+                    self._drain_kv_events(sock)
+                    continue
                 self._drain(sock)
                 if not self.running:
                     break
@@ -136,6 +154,17 @@ class TokenizerService:
         beat = Heartbeat("tokenizer", self.index, time.time())
         for sock in self.api_of:
             transport.dealer_send(sock, beat)
+
+    def _drain_kv_events(self, sock: zmq.Socket) -> None:
+        for _ in range(_RECV_BUDGET):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.router.on_events(self.kv_events[sock], decode_frames(frames)[2])
+            except KVEventDecodeError as e:
+                log.warning("tokenizer %d: dropped a malformed KV event batch: %s", self.index, e)
 
     def _drain(self, sock: zmq.Socket) -> None:
         api = self.api_of[sock]
@@ -149,20 +178,22 @@ class TokenizerService:
             if msg is None:
                 return
             try:
-                self._dispatch(msg, api)
+                self._dispatch(msg, api, self.replica_of.get(sock, 0))
             except Exception:  # a bug on one message must not take every other request down
                 log.exception("tokenizer %d: failed on %s", self.index, type(msg).__name__)
             if not self.running:
                 return
 
-    def _dispatch(self, msg: Any, api: int | None) -> None:
+    def _dispatch(self, msg: Any, api: int | None, replica: int = 0) -> None:
         kind = type(msg)
         if kind is Shutdown:
             self.on_shutdown(msg)
         elif kind is Heartbeat:
             pass
         elif api is None and kind is BatchRequestOutput:
-            self.on_outputs(msg)
+            self.on_outputs(msg, replica)
+        elif api is None and kind is EngineStats:
+            self.router.on_stats(replica, msg)
         elif api is not None and kind in self.api_handlers:
             self.api_handlers[kind](msg, api)
         else:
@@ -176,28 +207,33 @@ class TokenizerService:
 
     def _on_connection_events(self, mon: zmq.Socket) -> None:
         if zmq.EVENT_DISCONNECTED in transport.drain_monitor(mon):
-            api = self.monitor_of[mon]
+            sock = self.monitor_of[mon]
+            api = self.api_of[sock]
             if api is None:
-                self.on_scheduler_lost()
+                self.on_scheduler_lost(self.replica_of[sock])
             else:
                 self.on_api_lost(api)
 
-    def on_scheduler_lost(self) -> None:
-        """The scheduler's connection closed: it died (or stopped), and every request this tokenizer sent it
+    def on_scheduler_lost(self, replica: int = 0) -> None:
+        """A scheduler's connection closed: it died (or stopped), and every request this tokenizer sent it
         died with it, KV cache included (its blocks lived in the workers under that scheduler's plan). Each
-        fails now with a 503 that says so. Requests that arrive from here on wait in the socket's queue and
+        fails now with a 503 that says so. The router sends no new request there until its scheduler reports
+        serving again; with a single replica, requests that arrive from here on wait in the socket's queue and
         reach the restarted scheduler, which holds them until its workers are ready."""
-        if not self.requests:
+        self.router.on_replica_lost(replica)
+        lost = [req_id for req_id, state in self.requests.items() if state.replica == replica]
+        if not lost:
             return
-        log.error("tokenizer %d: the scheduler is gone; failing its %d requests", self.index, len(self.requests))
+        log.error("tokenizer %d: the scheduler of replica %d is gone; failing its %d requests", self.index, replica,
+                  len(lost))
         error = ErrorInfo("The scheduler serving this request died; the request's KV cache state was lost with "
                           "it. Retry the request.", "ServiceUnavailableError", None, 503)
         by_api: dict[int, list[TextDelta]] = {}
-        for req_id, state in self.requests.items():
+        for req_id in lost:
+            state = self.requests.pop(req_id)
             by_api.setdefault(state.api, []).append(TextDelta(
                 req_id, finished=True, finish_reason="error", error=error,
                 num_prompt_tokens=state.num_prompt_tokens, num_output_tokens=state.num_output_tokens))
-        self.requests.clear()
         for api, deltas in by_api.items():
             self._reply(api, BatchTextDelta(deltas))
 
@@ -208,8 +244,7 @@ class TokenizerService:
         if orphans:
             log.warning("tokenizer %d: api %d is gone; aborting its %d requests", self.index, api, len(orphans))
         for req_id in orphans:
-            del self.requests[req_id]
-            transport.dealer_send(self.to_scheduler, AbortRequest(req_id))
+            self._abort_at_engine(req_id, self.requests.pop(req_id).replica)
 
     def on_shutdown(self, msg: Shutdown) -> None:
         log.info("tokenizer %d: shutdown (%s)", self.index, msg.reason)
@@ -235,17 +270,28 @@ class TokenizerService:
             return
         params = req.sampling_params
         prompt_text = (text if text is not None else codec.decode(ids)) if req.echo else None
+        replica = self.router.pick(req.req_id, ids)
         self.requests[req.req_id] = _Request(api, codec.output_text(params, ids), len(ids), prompt_text,
-                                             ids if params.prompt_logprobs is not None else None)
-        transport.dealer_send(self.to_scheduler, TokenizedRequest(req.req_id, ids, params, req.arrival_time, grammar))
+                                             ids if params.prompt_logprobs is not None else None, replica=replica)
+        transport.dealer_send(self.to_schedulers[replica],
+                              TokenizedRequest(req.req_id, ids, params, req.arrival_time, grammar))
 
     def on_abort(self, msg: AbortRequest, api: int) -> None:
-        self.requests.pop(msg.req_id, None)
-        transport.dealer_send(self.to_scheduler, msg)
+        state = self.requests.pop(msg.req_id, None)
+        self.router.finished(msg.req_id)
+        if state is not None:
+            transport.dealer_send(self.to_schedulers[state.replica], msg)
+            return
+        for sock in self.to_schedulers:  # not ours (any more): wherever it may still run
+            transport.dealer_send(sock, msg)
+
+    def _abort_at_engine(self, req_id: str, replica: int) -> None:
+        self.router.finished(req_id)
+        transport.dealer_send(self.to_schedulers[replica], AbortRequest(req_id))
 
     # ------------------------------------------------------------------ scheduler -> api
 
-    def on_outputs(self, batch: BatchRequestOutput) -> None:
+    def on_outputs(self, batch: BatchRequestOutput, replica: int = 0) -> None:
         by_api: dict[int, list[TextDelta]] = {}
         for out in batch.outputs:
             state = self.requests.get(out.req_id)
@@ -253,7 +299,7 @@ class TokenizerService:
                 # Aborted or stopped by a stop string here while the scheduler had it in flight (the abort is on
                 # its way), or held by this tokenizer's previous life: abort again so its KV blocks are freed.
                 if not out.finished:
-                    transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
+                    self._abort_at_engine(out.req_id, replica)
                 continue
             try:
                 delta = self._delta(out, state)
@@ -261,9 +307,12 @@ class TokenizerService:
                 log.exception("tokenizer %d: detokenizing %s failed", self.index, out.req_id)
                 delta = TextDelta(out.req_id, finished=True, finish_reason="error",
                                   error=ErrorInfo(f"detokenization failed: {e}", "InternalServerError", None, 500))
-                transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
+                self._abort_at_engine(out.req_id, state.replica)
             if delta.finished:
                 del self.requests[out.req_id]
+                self.router.finished(out.req_id)
+            elif out.new_token_ids:
+                self.router.started(out.req_id)
             by_api.setdefault(state.api, []).append(delta)
         for api, deltas in by_api.items():
             self._reply(api, BatchTextDelta(deltas))
@@ -277,7 +326,7 @@ class TokenizerService:
         if stop_string is not None:
             finished, finish_reason, stop_reason = True, "stop", stop_string
             if not out.finished:
-                transport.dealer_send(self.to_scheduler, AbortRequest(out.req_id))
+                self._abort_at_engine(out.req_id, state.replica)
                 timings = _timed_here(state, timings)
         state.num_output_tokens += len(out.new_token_ids)
         error = None
@@ -356,7 +405,11 @@ def main(config_dict: dict[str, Any], index: int) -> None:
     model = config.require_resolved()
     codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
     GrammarBuilder.warm_up()
-    service = TokenizerService(index, codec, address_plan(config.server))
+    parallel = config.parallel
+    router = ReplicaRouter(parallel.data_parallel_size, parallel.dp_routing,
+                           config.cache.block_size if config.cache.enable_prefix_caching else None,
+                           config.scheduler.max_num_batched_tokens or 0)
+    service = TokenizerService(index, codec, plan_for(config), router=router)
     log.info("tokenizer %d ready as %r", index, service.identity)
     freeze_startup_heap()
     try:

@@ -91,3 +91,20 @@ def test_peer_hosts_that_do_not_resolve_fail_at_once_naming_the_host():
         check_resolves("tcp://no-such-host.invalid:9000")
     assert is_loopback("tcp://127.0.0.1:1") and is_loopback("tcp://[::1]:1") and is_loopback("tcp://localhost:1")
     assert not any(is_loopback(a) for a in ("tcp://0.0.0.0:1", "tcp://*:1", "tcp://10.0.0.1:1", "tcp://scheduler:1"))
+
+
+def test_replicas_have_their_own_sockets_and_kv_events(tmp_path):
+    one = address_plan(ServerConfig(ipc_dir=str(tmp_path)))
+    assert [r.kv_events for r in one.replicas] == [None]  # one replica: the plan of old, no KV events
+    assert address_plan(ServerConfig(ipc_dir=str(tmp_path), kv_events=True)).replicas[0].kv_events.bind == \
+        f"ipc://{tmp_path}/kv-events"
+    two = address_plan(ServerConfig(transport="tcp", num_api_servers=2), base_port=7000, replicas=2)
+    assert two.all()[:5] == address_plan(ServerConfig(transport="tcp", num_api_servers=2), base_port=7000).all()
+    binds = [ep.bind for ep in two.all()]
+    assert len(set(binds)) == len(binds) == 5 + 3 + 4  # replica 1's three sockets, each one's KV events + replay
+    r1 = two.replica(1)
+    assert r1.scheduler == two.replicas[1].scheduler != two.scheduler and r1.api_inbox == two.api_inbox
+    assert r1.worker_plan.connect.startswith("tcp://scheduler-1:")  # bound by replica 1's scheduler
+    assert two.replicas[1].kv_events.connect.startswith("tcp://scheduler-1:")
+    assert two.replicas[0].kv_events.connect.startswith("tcp://scheduler:")
+    assert two.replicas[1].kv_replay.connect.startswith("tcp://scheduler-1:")

@@ -91,6 +91,7 @@ SAMPLES = [
     DetokenizeResponse("d1", "abc"),
     EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.5, prefix_cache_queries=8, prefix_cache_hits=4),
     EngineStats(num_waiting=2, serving=False, num_waiting_tokens=40),
+    EngineStats(num_running=1, num_waiting_tokens=7, data_parallel_rank=3, num_running_tokens=129),
     Heartbeat("tokenizer", 1, 99.0),
     Shutdown("test"),
     WorkerReady(1, 4096, 3.5, "cuda:1"),

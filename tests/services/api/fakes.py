@@ -135,8 +135,9 @@ class FakeTokenizer(_AsyncPeer):
 class FakeScheduler(_AsyncPeer):
     """Binds the scheduler ROUTER; while `sending`, sends EngineStats to every api that said hello."""
 
-    def __init__(self, address: str, interval_s: float = 0.1):
+    def __init__(self, address: str, interval_s: float = 0.1, replica: int = 0):
         self.address, self.interval_s = address, interval_s
+        self.replica = replica  # the data-parallel rank its stats carry
         self.hellos: list[Heartbeat] = []
         self.sending = False
         self.waiting = 0  # the num_waiting gauge it reports
@@ -165,7 +166,7 @@ class FakeScheduler(_AsyncPeer):
                 for identity in self._apis:
                     stats = EngineStats(num_running=1, num_waiting=self.waiting, prefix_cache_queries=40,
                                         prefix_cache_hits=16, serving=self.serving,
-                                        num_waiting_tokens=self.waiting_tokens)
+                                        num_waiting_tokens=self.waiting_tokens, data_parallel_rank=self.replica)
                     await transport.router_send_async(self._sock, identity, stats)
             await asyncio.sleep(self.interval_s)
 

@@ -172,3 +172,27 @@ async def test_a_request_to_an_api_no_tokenizer_has_reached_yet_waits_for_one(ri
     await tokenizer()
     reply = await asyncio.wait_for(call, WAIT_S)
     assert reply.token_ids == [1, 2]
+
+
+async def test_with_two_replicas_the_engine_is_alive_while_either_serves(tmp_path):
+    plan = address_plan(ServerConfig(ipc_dir=str(tmp_path)), replicas=2)
+    seen = []
+    client = EngineClient.from_plan(plan, 0, heartbeat_interval_s=0.1, peer_timeout_s=1.0, on_stats=seen.append)
+    await client.start()
+    schedulers = [await FakeScheduler(r.scheduler.bind, replica=d).start() for d, r in enumerate(plan.replicas)]
+    try:
+        for s in schedulers:
+            s.sending, s.waiting = True, 2
+        await until(lambda: client.engine_alive and {st.data_parallel_rank for st in seen} == {0, 1})
+        assert client.stats.num_waiting == 4  # the queues of both add up
+        schedulers[1].serving = False  # replica 1's workers died: the other still serves
+        await until(lambda: client.replica_stats[1] is not None and not client.replica_stats[1].serving)
+        assert client.engine_alive and client.stats.num_waiting == 2
+        schedulers[0].sending = False  # and replica 0 goes silent: nothing serves
+        await until(lambda: not client.engine_alive)
+        schedulers[1].serving = True
+        await until(lambda: client.engine_alive)
+    finally:
+        for s in schedulers:
+            await s.close()
+        await client.close()

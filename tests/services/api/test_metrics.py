@@ -95,12 +95,12 @@ async def test_metrics_count_every_finished_request_and_match_usage(stack, caplo
     assert value(m, "headrace:request_prompt_tokens_bucket", le="2.0") == 0
     assert value(m, "headrace:num_preemptions_total") == engine_requests
     # The engine gauges follow EngineStats (the fake scheduler reports one running request).
-    assert value(m, "headrace:num_requests_running") == 1
-    assert value(m, "headrace:num_requests_waiting") == 0
-    assert value(m, "headrace:kv_cache_usage_perc") == 0
+    assert value(m, "headrace:num_requests_running", replica="0") == 1
+    assert value(m, "headrace:num_requests_waiting", replica="0") == 0
+    assert value(m, "headrace:kv_cache_usage_perc", replica="0") == 0
     # The prefix cache's counters are the engine's totals (the fake reports 40 tokens looked up, 16 found).
-    assert value(m, "headrace:prefix_cache_queries_total") == 40
-    assert value(m, "headrace:prefix_cache_hits_total") == 16
+    assert value(m, "headrace:prefix_cache_queries_total", replica="0") == 40
+    assert value(m, "headrace:prefix_cache_hits_total", replica="0") == 16
 
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "headrace.api.requests"]
     assert len(lines) == len(bodies)
@@ -187,3 +187,17 @@ def test_several_api_processes_merge_into_one_view(tmp_path, monkeypatch):
     assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.5")] == 5
     assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.3")] == 0
     assert m[("headrace:num_requests_running", None, None)] == 4  # the newest write, not a sum
+
+
+def test_engine_gauges_and_prefix_counters_carry_the_replica():
+    metrics = Metrics(MODEL)
+    metrics.on_stats(EngineStats(num_running=2, kv_cache_usage=0.25, prefix_cache_queries=10, prefix_cache_hits=4))
+    metrics.on_stats(EngineStats(num_running=5, num_waiting=1, prefix_cache_queries=30, prefix_cache_hits=20,
+                                 data_parallel_rank=1))
+    m = samples(metrics.render().decode())
+    assert value(m, "headrace:num_requests_running", replica="0") == 2
+    assert value(m, "headrace:num_requests_running", replica="1") == 5
+    assert value(m, "headrace:num_requests_waiting", replica="1") == 1
+    assert value(m, "headrace:kv_cache_usage_perc", replica="0") == 0.25
+    assert value(m, "headrace:prefix_cache_hits_total", replica="0") == 4
+    assert value(m, "headrace:prefix_cache_queries_total", replica="1") == 30
