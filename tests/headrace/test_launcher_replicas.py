@@ -73,6 +73,6 @@ def test_replicas_times_ranks_gpus_are_needed(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    with pytest.raises(ValueError, match="--tensor-parallel-size 2 x --data-parallel-size 2 needs 4 GPUs"):
+    with pytest.raises(ValueError, match=r"2 worker ranks .* x --data-parallel-size 2 here needs 4 GPUs"):
         check_devices("cuda", 2, 2)
     check_devices("cuda", 1, 3)
