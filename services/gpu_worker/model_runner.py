@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from headrace.common.config import EngineConfig, resolve_device
+from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
@@ -34,8 +34,9 @@ from headrace.services.gpu_worker.model.llama import ForwardContext
 from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
+from headrace.services.gpu_worker.rejection_sampler import accept_drafts, verify_rows
 from headrace.services.gpu_worker.request_state import RequestState
-from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
+from headrace.services.gpu_worker.sampler import Sampler, SamplerOutput, build_sampling_inputs
 
 
 class ModelRunner:
@@ -49,6 +50,7 @@ class ModelRunner:
         self.tp = tp
         self.log = log
         self.requests: dict[str, RequestState] = {}
+        self.speculative = config.speculative
         if self.device.type == "cpu":
             torch.set_num_threads(config.parallel.cpu_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
@@ -65,6 +67,9 @@ class ModelRunner:
         self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
         self.long_rope = long_rope_rows(self.arch, self.max_model_len)  # LongRoPE's second table, where used
+        if self.long_rope is not None and config.speculative is not None:
+            raise ConfigError("--speculative-config is not supported with LongRoPE models (a verify step may cross "
+                              "the switch to the long factors, which recomputes the sequence)")
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
                                                 self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
@@ -160,6 +165,8 @@ class ModelRunner:
             if cached.new_block_ids:
                 state.add_blocks(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        for rid, drafts in plan.spec_token_ids.items():
+            self.requests[rid].draft_token_ids = list(drafts)
 
     @torch.no_grad()
     def launch(self, plan: StepPlan) -> None:
@@ -192,18 +199,38 @@ class ModelRunner:
             step.resolved = True
             return
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        pending_rows = pending.row_of_state if pending is not None else {}
-        for s in batch.sample_states:
-            if s.grammar is not None and s.matcher is None:  # its first sampling: the grammar must be ready
-                s.matcher = self.grammars.matcher(s.grammar, s.token_ids[s.num_prompt_tokens:])
-        rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
-                            1 if id(s) in pending_rows else 0, s.matcher) for s in batch.sample_states]
-        out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
-        step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device)
+        out, drafts, accepted = self._sample(logits, batch, pending)
+        step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device, drafts, accepted,
+                          self.block_size)
         for state in batch.sample_states:
             if state.prompt_scores is not None:  # the prompt is done: its scores go with the first token
                 step.result.prompt_logprobs[state.req_id] = state.prompt_scores.take()
                 state.prompt_scores = None
+
+    def _sample(self, logits: torch.Tensor, batch: PreparedBatch, pending: InflightStep | None
+                ) -> tuple[SamplerOutput, list[list[int]] | None, torch.Tensor | None]:
+        """Sample every logits row; requests verifying drafts keep the token after their accepted ones
+        (rejection_sampler). Returns the per-request output, and the drafts and accepted counts (None if none)."""
+        pending_rows = pending.row_of_state if pending is not None else {}
+        rows = []
+        for s in batch.sample_states:
+            if s.grammar is not None and s.matcher is None:  # its first sampling: the grammar must be ready
+                s.matcher = self.grammars.matcher(s.grammar, s.token_ids[s.num_prompt_tokens:])
+            rows += verify_rows(s, self.eos_token_ids, 1 if id(s) in pending_rows else 0, s.matcher)
+        out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
+        if len(rows) == len(batch.sample_states):
+            return out, None, None
+        drafts = [s.draft_token_ids for s in batch.sample_states]
+        for s in batch.sample_states:
+            s.draft_token_ids = []
+        tokens, accepted = accept_drafts(out.sampled_token_ids, drafts)
+        logprobs = None
+        if out.logprobs is not None:  # rows of requests without drafts (those with drafts ask for none)
+            firsts = [0]
+            for d in drafts[:-1]:
+                firsts.append(firsts[-1] + len(d) + 1)
+            logprobs = [out.logprobs[i] for i in firsts]
+        return SamplerOutput(tokens, logprobs), drafts, accepted
 
     def _forward(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states of the batch's tokens: from the first graph runner that accepts it, else eager."""

@@ -240,6 +240,11 @@ class SchedulerService:
             stats = EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_usage,
                                 prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                                 num_waiting_tokens=s.num_waiting_tokens)
+            if s.speculation is not None:
+                spec = s.speculation.stats
+                stats.spec_num_drafts, stats.spec_num_draft_tokens = spec.num_drafts, spec.num_draft_tokens
+                stats.spec_num_accepted_tokens, stats.spec_accepted_per_pos = (spec.num_accepted_tokens,
+                                                                               list(spec.accepted_per_pos))
         for identity in self.apis:
             transport.router_send(self.frontend, identity, stats)
 
@@ -293,7 +298,8 @@ class SchedulerService:
         if len(self.ready) == self.tp_size and self.scheduler is None:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
-                                       self.model.max_model_len, self.model.kv_window)
+                                       self.model.max_model_len, self.model.kv_window,
+                                       speculative=self.config.speculative)
             log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
             held, self.held = list(self.held), {}
             for req_id in held:
