@@ -78,6 +78,33 @@ class PrefixCacheCounters:
             yield family
 
 
+class SpecDecodeCounters:
+    """vLLM's speculative-decoding counters (spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens,
+    _num_accepted_tokens_per_pos by draft position), engine totals like PrefixCacheCounters'. The mean
+    acceptance length is 1 + accepted_tokens / drafts; the acceptance rate accepted_tokens / draft_tokens."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.stats = EngineStats()
+
+    def collect(self):
+        s = self.stats
+        for name, doc, value in (
+                ("headrace:spec_decode_num_drafts", "Verify steps of a request that carried draft tokens.",
+                 s.spec_num_drafts),
+                ("headrace:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens),
+                ("headrace:spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        family = CounterMetricFamily("headrace:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft (0 = first).",
+                                     labels=["model_name", "position"])
+        for pos, value in enumerate(s.spec_accepted_per_pos):
+            family.add_metric([self.model_name, str(pos)], value)
+        yield family
+
+
 class Metrics:
     """The series of one api instance, labelled with the served model name."""
 
@@ -105,6 +132,8 @@ class Metrics:
         self.kv_cache_usage = gauge("headrace:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
         self.prefix_cache = PrefixCacheCounters(model_name)
         self.registry.register(self.prefix_cache)
+        self.spec_decode = SpecDecodeCounters(model_name)
+        self.registry.register(self.spec_decode)
 
         self.prompt_tokens = counter("headrace:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("headrace:generation_tokens", "Generated tokens of finished requests.")
@@ -149,6 +178,7 @@ class Metrics:
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.prefix_cache.stats = stats
+        self.spec_decode.stats = stats
 
     def observe(self, records: list[RequestRecord], http: HttpRequest) -> None:
         """One finished HTTP request (its engine requests' records): observe each, count usage, log a line."""
@@ -188,6 +218,7 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiproc_dir)  # every api process's files, merged
         merged.register(self.prefix_cache)
+        merged.register(self.spec_decode)
         return generate_latest(merged)
 
 

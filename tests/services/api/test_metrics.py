@@ -187,3 +187,15 @@ def test_several_api_processes_merge_into_one_view(tmp_path, monkeypatch):
     assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.5")] == 5
     assert m[("headrace:e2e_request_latency_seconds_bucket", None, "0.3")] == 0
     assert m[("headrace:num_requests_running", None, None)] == 4  # the newest write, not a sum
+
+
+def test_spec_decode_counters_are_the_engine_totals_by_position():
+    m = Metrics(MODEL)
+    m.on_stats(EngineStats(spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=7,
+                           spec_accepted_per_pos=[4, 2, 1]))
+    parsed = samples(m.render().decode())
+    assert value(parsed, "headrace:spec_decode_num_drafts_total") == 4
+    assert value(parsed, "headrace:spec_decode_num_draft_tokens_total") == 12
+    assert value(parsed, "headrace:spec_decode_num_accepted_tokens_total") == 7
+    assert [value(parsed, "headrace:spec_decode_num_accepted_tokens_per_pos_total", position=str(p))
+            for p in range(3)] == [4, 2, 1]
