@@ -19,6 +19,11 @@ One step, in order:
      request whose last token (by max_tokens) is in flight is not scheduled again and holds no seat: with
      async scheduling the next plan admits its successor instead of waiting a step for it to leave.
 
+Speculative decoding (services/scheduler/speculation.py): in step 1 a decode may also carry draft tokens
+(StepPlan.spec_token_ids; 1 + d tokens scheduled). update_from_output appends the accepted drafts and the token
+after them, and rolls the rejected drafts' KV back. A request that may draft waits while a step of its own is
+in flight.
+
 Conventions the worker relies on:
   - `num_computed_tokens` advances when a request is scheduled (here, not in update_from_output), so a
     plan's NewRequestData/CachedRequestData carry the count *before* the step: the worker computes
