@@ -77,7 +77,6 @@ class InflightStep:
         self.resolved = True
         self.sampled = None  # free the device tensor; later steps no longer read from it
 
-
     def _accept_drafts(self) -> None:
         """Each verifying request takes its accepted drafts (before its sampled token) and rolls its block
         table back past them; the counts go back to the scheduler in the result."""

@@ -50,7 +50,6 @@ class ModelRunner:
         self.tp = tp
         self.log = log
         self.requests: dict[str, RequestState] = {}
-        self.speculative = config.speculative
         if self.device.type == "cpu":
             torch.set_num_threads(config.parallel.cpu_threads or len(os.sched_getaffinity(0)))
         t0 = time.perf_counter()
@@ -108,8 +107,10 @@ class ModelRunner:
                                              self.block_size, log=self.log)
         piecewise = maybe_capture_piecewise_graphs(self.config, self.model, self.backend, self.kv_caches,
                                                    self.cos_sin_cache, self.device, tp_size, log=self.log)
-        if cuda:
-            self.sampler.warm_up(self.arch.vocab_size, sched.max_num_seqs, self.device)
+        if cuda:  # with speculation a request samples up to 1 + k rows
+            k = self.config.speculative.num_speculative_tokens if self.config.speculative is not None else 0
+            rows = min(sched.max_num_seqs * (1 + k), max(sched.token_budget, sched.max_num_seqs))
+            self.sampler.warm_up(self.arch.vocab_size, rows, self.device)
         return decode, piecewise
 
     @property

@@ -193,7 +193,11 @@ class Scheduler:
             return None
         if req.num_computed_tokens != req.num_tokens - 1:  # still prefilling
             return []
-        return spec.drafts(req, budget)
+        drafts = spec.drafts(req, budget)
+        bm = self.block_manager
+        if drafts and -(-(req.num_tokens + len(drafts)) // bm.block_size) - len(req.block_ids) > bm.num_free_blocks:
+            return []  # drafts never preempt anyone: when blocks are short the request just decodes
+        return drafts
 
     def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
         """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
