@@ -5,7 +5,7 @@ cost with little to gain). Both engines share one loaded model and run each prom
 greedy, until EOS or --output-len; greedy outputs are the same with and without speculation, so both do
 the same work. decode tok/s = (output tokens - 1) / (seconds after the first token).
 
-    headrace bench specdec --speculative-config '{"method": "ngram", "num_speculative_tokens": 4,
+    headrace bench specdec --speculative-config '{"method": "ngram", "num_speculative_tokens": 8,
         "prompt_lookup_min": 2, "prompt_lookup_max": 4}' --output-len 128 --output-json specdec.json
 """
 
@@ -22,7 +22,7 @@ from headrace.engine import LLMEngine
 from headrace.services.scheduler.speculation import SpecDecodeStats
 from headrace.services.tokenizer.text_codec import TextCodec
 
-DEFAULT_SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=4)
+DEFAULT_SPEC = SpeculativeConfig(num_speculative_tokens=8, prompt_lookup_min=2, prompt_lookup_max=4)
 
 _CODE = ("def moving_average(values, window):\n    if window <= 0:\n        raise ValueError('window must be positive')\n"
          "    result = []\n    total = 0.0\n    for i, value in enumerate(values):\n        total += value\n"
