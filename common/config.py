@@ -236,6 +236,56 @@ class ServerConfig:
                  "--engine-connect-host must name a host")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """--speculative-config, as vLLM spells it (JSON). `ngram`: prompt lookup, the draft tokens are what
+    followed the latest earlier occurrence of the sequence's last n tokens (prompt_lookup_max >= n >=
+    prompt_lookup_min); no extra model. Steps with more running requests than disable_by_batch_size
+    propose nothing (None: never disabled)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPECULATIVE_METHODS,
+                 f"--speculative-config: method {self.method!r} is not supported; choose one of {SPECULATIVE_METHODS}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     f"--speculative-config: {name} must be an integer >= 1, got {value!r}")
+        _require(self.prompt_lookup_min <= self.prompt_lookup_max,
+                 "--speculative-config: prompt_lookup_min must not exceed prompt_lookup_max")
+        _require(self.num_speculative_tokens <= 16, "--speculative-config: num_speculative_tokens must be <= 16")
+        d = self.disable_by_batch_size
+        _require(d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 1),
+                 f"--speculative-config: disable_by_batch_size must be an integer >= 1, got {d!r}")
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SpeculativeConfig | None:
+        """The config from the flag's JSON text (None or "" -> no speculation); a ConfigError names what is wrong."""
+        if not text:
+            return None
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+        _require(isinstance(data, dict), "--speculative-config must be a JSON object")
+        if "model" in data:
+            raise ConfigError("--speculative-config: a draft model is not supported yet; use {\"method\": \"ngram\"}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"--speculative-config: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """What `--model` turned out to be, worked out once before any process starts
@@ -265,12 +315,18 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False
+    # --speculative-config (None: no speculative decoding).
+    speculative: SpeculativeConfig | None = None
     # Filled in once by resolve_engine_config; None until then.
     resolved: ResolvedModel | None = None
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ("auto", "torch", "triton"),
                  "--attention-backend must be auto, torch or triton")
+        # Under pipeline parallelism the stages that did not sample learn a request's new tokens from the plan,
+        # one per step; a verify step's several accepted tokens would need more: not built.
+        _require(self.speculative is None or self.parallel.pipeline_parallel_size == 1,
+                 "--speculative-config is not supported with --pipeline-parallel-size > 1")
 
     def require_resolved(self) -> ResolvedModel:
         """The resolved model; a ConfigError for a config that skipped resolution."""
@@ -293,6 +349,7 @@ class EngineConfig:
             device=data["device"],
             attention_backend=data["attention_backend"],
             enforce_eager=data["enforce_eager"],
+            speculative=None if data.get("speculative") is None else SpeculativeConfig(**data["speculative"]),
             resolved=None if resolved is None else _resolved_from_dict(resolved),
         )
 

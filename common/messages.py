@@ -167,6 +167,9 @@ class StepPlan:
     finished_req_ids: list[str] = field(default_factory=list)
     # Requests preempted since the last plan: the worker drops their state too (they return as new).
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Speculative decoding: draft tokens proposed for a running request. Its scheduled tokens are its newest
+    # token plus these; the worker verifies them and samples one more (StepResult.num_accepted_drafts).
+    spec_token_ids: dict[str, TokenIds] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -219,6 +222,9 @@ class StepResult:
     # Requests the worker could not serve for a fault of their own (a grammar that does not compile) -> why.
     # They fail alone, as a 400; the step's other requests go on.
     failed: dict[str, str] = field(default_factory=dict)
+    # Requests the plan gave draft tokens: how many of them were accepted. The request's new tokens are that
+    # many drafts followed by its entry in sampled_token_ids (the correction, or the bonus token if all passed).
+    num_accepted_drafts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -422,6 +428,12 @@ class EngineStats:
     # replica router weighs it: tokens the running requests still have to prefill, plus one per running request.
     data_parallel_rank: int = 0
     num_running_tokens: int = 0
+    # Speculative decoding, cumulative (vLLM's spec_decode_* counters): steps of a request that carried drafts,
+    # draft tokens proposed, of those accepted, and accepted by draft position (index 0 = first draft).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- control

@@ -2,7 +2,7 @@
 
     headrace serve [engine flags] [server flags]     every process on this host, under one supervisor
     headrace run-batch -i in.jsonl -o out.jsonl      offline OpenAI Batch API files
-    headrace bench {latency,throughput,serve,structured} ...    benchmarks (print numbers, write JSON)
+    headrace bench {latency,throughput,serve,structured,specdec} ...    benchmarks (print numbers, write JSON)
     headrace {api,tokenizer,scheduler,worker} ...    one service process (compose.yaml runs these)
     headrace keygen FILE                             a new CURVE key for the engine's tcp sockets
 """
@@ -17,6 +17,8 @@ from headrace.common.config import ConfigError
 from headrace.common.version import VERSION
 from headrace.config_args import add_engine_args, add_server_args, engine_config_from_args
 from headrace.service_entries import SERVICE_ENTRIES, run_service
+
+BENCHMARKS = ("latency", "throughput", "serve", "structured", "specdec")  # modules of headrace.bench
 
 
 def _service_parser(sub, name: str, help_text: str, indexed: bool) -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    for name in ("latency", "throughput", "serve", "structured"):
+    for name in BENCHMARKS:
         bench_sub.add_parser(name, help=f"{name} benchmark", add_help=False)
 
     _service_parser(sub, "api", "one API server process", indexed=True)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Benchmarks own their flags (spelled as vLLM's): hand them the rest of the line untouched.
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in ("latency", "throughput", "serve", "structured"):
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         return int(importlib.import_module(f"headrace.bench.{argv[1]}").main(argv[2:]) or 0)
     args = build_parser().parse_args(argv)
     if args.command == "serve":

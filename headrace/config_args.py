@@ -24,6 +24,7 @@ from headrace.common.config import (
     ParallelConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
 )
 
 
@@ -98,6 +99,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
           help="threads of the CPU worker's kernels (default: every core it may use)")
     _flag(g, "--attention-backend", EngineConfig, choices=["auto", "torch", "triton"])
     _flag(g, "--enforce-eager", EngineConfig, action="store_true", help="no CUDA graphs")
+    g.add_argument("--speculative-config", default=_env("speculative_config", None),
+                   help='speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3, '
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 8}')
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -159,4 +163,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        speculative=SpeculativeConfig.from_json(getattr(args, "speculative_config", None)),
     )

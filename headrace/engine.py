@@ -28,7 +28,8 @@ class LLMEngine:
         self.runner = runner or ModelRunner(config, log=log)
         # A config may ask for fewer blocks than the runner holds (tests that force preemption share a runner).
         num_blocks = min(config.cache.num_blocks or self.runner.num_blocks, self.runner.num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, model.max_model_len, model.kv_window)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, model.max_model_len, model.kv_window,
+                                   speculative=config.speculative)
         self.eos_token_ids = model.eos_token_ids
         self.max_model_len = model.max_model_len
         self._seeds = random.Random(config.model.seed)

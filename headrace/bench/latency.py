@@ -173,11 +173,31 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates, betwee
         "input_len": args.input_len, "output_len": args.output_len, "num_iters": args.num_iters,
         "num_iters_warmup": args.num_iters_warmup, "results": results,
     }
+    spec = engine.scheduler.speculation
+    if spec is not None:  # acceptance over every iteration, warm-ups included
+        summary["spec_decode"] = spec_decode_summary(spec.stats)
+        print(format_spec_decode(summary["spec_decode"]), flush=True)
     del engine, runner
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return summary, hf_prompts
+
+
+def spec_decode_summary(stats) -> dict:
+    """Speculative decoding's counters (SpecDecodeStats) as the benchmark reports them."""
+    n = stats.num_drafts
+    return {"num_drafts": n, "num_draft_tokens": stats.num_draft_tokens,
+            "num_accepted_tokens": stats.num_accepted_tokens,
+            "acceptance_rate": stats.num_accepted_tokens / stats.num_draft_tokens if stats.num_draft_tokens else 0.0,
+            "mean_acceptance_length": stats.mean_acceptance_length,
+            "acceptance_rate_per_pos": [k / n for k in stats.accepted_per_pos] if n else []}
+
+
+def format_spec_decode(s: dict) -> str:
+    return (f"speculative decoding: {s['num_drafts']} verify steps, mean acceptance length "
+            f"{s['mean_acceptance_length']:.2f}, {s['acceptance_rate']:.1%} of {s['num_draft_tokens']} drafts "
+            "accepted; by position " + " ".join(f"{x:.2f}" for x in s["acceptance_rate_per_pos"]))
 
 
 class LlamaCppRuns:

@@ -61,10 +61,10 @@ def usage_tokens(records: list[RequestRecord], n: int) -> tuple[int, int]:
     return prompt, sum(r.num_output_tokens for r in records)
 
 
-class PrefixCacheCounters:
-    """vLLM's prefix-cache counters (prompt tokens looked up, and found) as each replica's scheduler counts
-    them. They are the engine's cumulative totals, the same in every api instance, so they are not summed over
-    processes: the instance a scrape reaches reports the latest totals it received, per replica."""
+class ReplicaTotals:
+    """The engine's latest cumulative totals per replica, as each replica's scheduler sends them. They are the
+    same in every api instance, so they are not summed over processes: the instance a scrape reaches reports
+    the latest totals it received, per replica."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
@@ -78,14 +78,41 @@ class PrefixCacheCounters:
     def stats(self, stats: EngineStats) -> None:
         self.by_replica[stats.data_parallel_rank] = stats
 
+    def _family(self, name: str, doc: str, field: str) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["model_name", "replica"])
+        for replica, stats in sorted(self.by_replica.items()):
+            family.add_metric([self.model_name, str(replica)], getattr(stats, field))
+        return family
+
+
+class PrefixCacheCounters(ReplicaTotals):
+    """vLLM's prefix-cache counters (prompt tokens looked up, and found) as each replica's scheduler counts them."""
+
     def collect(self):
-        for name, doc, field in (
-                ("headrace:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
-                ("headrace:prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits")):
-            family = CounterMetricFamily(name, doc, labels=["model_name", "replica"])
-            for replica, stats in sorted(self.by_replica.items()):
-                family.add_metric([self.model_name, str(replica)], getattr(stats, field))
-            yield family
+        yield self._family("headrace:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                           "prefix_cache_queries")
+        yield self._family("headrace:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                           "prefix_cache_hits")
+
+
+class SpecDecodeCounters(ReplicaTotals):
+    """vLLM's speculative-decoding counters (spec_decode_num_drafts, _num_draft_tokens, _num_accepted_tokens,
+    _num_accepted_tokens_per_pos by draft position), per replica. The mean acceptance length is
+    1 + accepted_tokens / drafts; the acceptance rate accepted_tokens / draft_tokens."""
+
+    def collect(self):
+        yield self._family("headrace:spec_decode_num_drafts", "Verify steps of a request that carried draft tokens.",
+                           "spec_num_drafts")
+        yield self._family("headrace:spec_decode_num_draft_tokens", "Draft tokens proposed.", "spec_num_draft_tokens")
+        yield self._family("headrace:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                           "spec_num_accepted_tokens")
+        family = CounterMetricFamily("headrace:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft (0 = first).",
+                                     labels=["model_name", "replica", "position"])
+        for replica, stats in sorted(self.by_replica.items()):
+            for pos, value in enumerate(stats.spec_accepted_per_pos):
+                family.add_metric([self.model_name, str(replica), str(pos)], value)
+        yield family
 
 
 class Metrics:
@@ -115,8 +142,8 @@ class Metrics:
         self.kv_cache_usage = gauge("headrace:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
         for g in (self.num_running, self.num_waiting, self.kv_cache_usage):
             g.labels(model_name, "0")  # replica 0's series exist from the start, as before any replica label
-        self.prefix_cache = PrefixCacheCounters(model_name)
-        self.registry.register(self.prefix_cache)
+        self.prefix_cache, self.spec_decode = PrefixCacheCounters(model_name), SpecDecodeCounters(model_name)
+        self.registry.register(self.prefix_cache), self.registry.register(self.spec_decode)
 
         self.prompt_tokens = counter("headrace:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("headrace:generation_tokens", "Generated tokens of finished requests.")
@@ -151,8 +178,8 @@ class Metrics:
                                         REQUEST_LATENCY_BUCKETS)
         self.request_prompt_tokens = histogram("headrace:request_prompt_tokens", "Prompt tokens per request.",
                                                token_buckets)
-        self.request_generation_tokens = histogram("headrace:request_generation_tokens",
-                                                   "Generated tokens per request.", token_buckets)
+        self.request_generation_tokens = histogram("headrace:request_generation_tokens", "Generated tokens per request.",
+                                                   token_buckets)
 
     # ------------------------------------------------------------------ EngineClient hooks
 
@@ -162,6 +189,7 @@ class Metrics:
         self.num_waiting.labels(self.model_name, replica).set(stats.num_waiting)
         self.kv_cache_usage.labels(self.model_name, replica).set(stats.kv_cache_usage)
         self.prefix_cache.stats = stats
+        self.spec_decode.stats = stats
 
     def observe(self, records: list[RequestRecord], http: HttpRequest) -> None:
         """One finished HTTP request (its engine requests' records): observe each, count usage, log a line."""
@@ -201,6 +229,7 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiproc_dir)  # every api process's files, merged
         merged.register(self.prefix_cache)
+        merged.register(self.spec_decode)
         return generate_latest(merged)
 
 

@@ -115,7 +115,7 @@ def batch_layout(requests: dict[str, RequestState], scheduled: dict[str, int],
     starts = np.fromiter((0 if rid in restarts else st.num_computed_tokens for rid, st in zip(order, states)),
                          np.int64, num_seqs)
     counts = np.fromiter((scheduled[rid] for rid in order), np.int64, num_seqs)
-    known = np.fromiter((len(st.token_ids) for st in states), np.int64, num_seqs)
+    known = np.fromiter((len(st.token_ids) + len(st.draft_token_ids) for st in states), np.int64, num_seqs)
     if pending_rows:
         known += np.fromiter((id(st) in pending_rows for st in states), np.int64, num_seqs)
     ends = starts + counts
@@ -136,7 +136,7 @@ def host_arrays(layout: BatchLayout, block_size: int, pending_rows: dict[int, in
         token_ids=token_ids,
         positions=positions if long_rope is None else _rope_rows(layout, positions, long_rope),
         slots=_slots(table, layout.counts, positions, block_size),
-        logits_indices=query_start_loc[1:][layout.samples].astype(np.int64) - 1,
+        logits_indices=_logits_indices(layout, query_start_loc),
         fill_positions=fill_positions,
         fill_rows=fill_rows,
         query_start_loc=query_start_loc,
@@ -160,9 +160,22 @@ def _token_ids(layout: BatchLayout, pending_rows: dict[int, int]) -> tuple[np.nd
             fill_positions.append(i)
             fill_rows.append(pending_rows[id(st)])
     for st, a, b in zip(layout.states[nd:], layout.starts[nd:].tolist(), layout.ends[nd:].tolist()):
-        flat_ids.extend(st.token_ids[a:b])
+        flat_ids.extend((st.token_ids + st.draft_token_ids if st.draft_token_ids else st.token_ids)[a:b])
     return (np.asarray(flat_ids, dtype=np.int64), np.asarray(fill_positions, dtype=np.int64),
             np.asarray(fill_rows, dtype=np.int64))
+
+
+def _logits_indices(layout: BatchLayout, query_start_loc: np.ndarray) -> np.ndarray:
+    """Flat indices of the tokens whose logits sample: each sampling sequence's last token, and before it
+    the input token and drafts of one that verifies d drafts (its last d + 1 tokens, in order)."""
+    last = query_start_loc[1:][layout.samples].astype(np.int64) - 1
+    rows = np.fromiter((len(st.draft_token_ids) + 1 for st, yes in zip(layout.states, layout.samples) if yes),
+                       np.int64, len(last))
+    if not len(rows) or rows.max() == 1:
+        return last
+    first_of_seq = np.repeat(last - rows + 1, rows)
+    offset = np.arange(int(rows.sum())) - np.repeat(np.cumsum(rows) - rows, rows)
+    return first_of_seq + offset
 
 
 def _positions(layout: BatchLayout) -> np.ndarray:

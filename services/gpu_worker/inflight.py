@@ -29,14 +29,26 @@ class InflightStep:
     host: torch.Tensor | None = None  # [n] int64, pinned; valid once `event` has completed
     event: torch.cuda.Event | None = None
     resolved: bool = False
+    # Speculative decoding: each state's drafts verified this step ([] for none), and how many were accepted
+    # ([n] int64, on the host once `event` has completed); None when the step verified no drafts.
+    drafts: list[list[int]] | None = None
+    accepted: torch.Tensor | None = None
+    block_size: int = 0
 
     def done(self) -> bool:
         """Whether resolving it would not block."""
         return self.resolved or self.event is None or self.event.query()
 
     def hold_sampled(self, states: list[RequestState], req_ids: list[str], out: SamplerOutput,
-                     device: torch.device) -> None:
-        """Keep the sampled ids on the device for the next step's decodes and start their copy to the host."""
+                     device: torch.device, drafts: list[list[int]] | None = None,
+                     accepted: torch.Tensor | None = None, block_size: int = 0) -> None:
+        """Keep the sampled ids on the device for the next step's decodes and start their copy to the host
+        (and that of the accepted-draft counts, when the step verified drafts)."""
+        self.drafts, self.block_size = drafts, block_size
+        self.accepted = accepted
+        if accepted is not None and device.type == "cuda":
+            self.accepted = torch.empty(len(states), dtype=torch.int64, pin_memory=True)
+            self.accepted.copy_(accepted, non_blocking=True)
         self.states = states
         self.row_of_state = {id(s): i for i, s in enumerate(states)}
         self.sampled = out.sampled_token_ids
@@ -57,11 +69,22 @@ class InflightStep:
         if self.event is not None:
             self.event.synchronize()
         sampled = self.host.tolist()
+        if self.drafts is not None:
+            self._accept_drafts()
         for state, tok in zip(self.states, sampled):
             state.append_token(tok)
         self.result.sampled_token_ids = sampled
         self.resolved = True
         self.sampled = None  # free the device tensor; later steps no longer read from it
+
+    def _accept_drafts(self) -> None:
+        """Each verifying request takes its accepted drafts (before its sampled token) and rolls its block
+        table back past them; the counts go back to the scheduler in the result."""
+        assert self.drafts is not None and self.accepted is not None
+        for state, req_id, drafts, num in zip(self.states, self.result.req_ids, self.drafts, self.accepted.tolist()):
+            if drafts:
+                state.accept_drafts(drafts, num, self.block_size)
+                self.result.num_accepted_drafts[req_id] = num
 
 
 class InflightQueue:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from headrace.common.config import EngineConfig, resolve_device
+from headrace.common.config import ConfigError, EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
@@ -36,8 +36,9 @@ from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
 from headrace.services.gpu_worker.pipeline import SINGLE_STAGE, PipelineStage
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
+from headrace.services.gpu_worker.rejection_sampler import accept_drafts, verify_rows
 from headrace.services.gpu_worker.request_state import RequestState
-from headrace.services.gpu_worker.sampler import Sampler, SamplingRow, build_sampling_inputs
+from headrace.services.gpu_worker.sampler import Sampler, SamplerOutput, build_sampling_inputs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class ModelRunner:
         self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
         self.long_rope = long_rope_rows(self.arch, self.max_model_len)  # LongRoPE's second table, where used
+        if self.long_rope is not None and config.speculative is not None:
+            raise ConfigError("--speculative-config is not supported with LongRoPE models (a verify step may cross "
+                              "the switch to the long factors, which recomputes the sequence)")
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
                                                 self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
@@ -115,8 +119,10 @@ class ModelRunner:
                                              self.block_size, log=self.log)
         piecewise = maybe_capture_piecewise_graphs(self.config, self.model, self.backend, self.kv_caches,
                                                    self.cos_sin_cache, self.device, tp_size, log=self.log)
-        if cuda:
-            self.sampler.warm_up(self.arch.vocab_size, sched.max_num_seqs, self.device)
+        if cuda:  # with speculation a request samples up to 1 + k rows
+            k = self.config.speculative.num_speculative_tokens if self.config.speculative is not None else 0
+            rows = min(sched.max_num_seqs * (1 + k), max(sched.token_budget, sched.max_num_seqs))
+            self.sampler.warm_up(self.arch.vocab_size, rows, self.device)
         return decode, piecewise
 
     @property
@@ -176,6 +182,8 @@ class ModelRunner:
                 missing = cached.num_computed_tokens + plan.num_scheduled_tokens[cached.req_id] - len(state.token_ids)
                 if missing > 0:
                     state.token_ids.extend(cached.new_token_ids[-missing:])
+        for rid, drafts in plan.spec_token_ids.items():
+            self.requests[rid].draft_token_ids = list(drafts)
 
     @torch.no_grad()
     def launch(self, plan: StepPlan) -> None:
@@ -212,12 +220,9 @@ class ModelRunner:
             step.resolved = True
             return
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        pending_rows = pending.row_of_state if pending is not None else {}
-        self._start_matchers(batch.sample_states, step.result)
-        rows = [SamplingRow(s.params, s.seed, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
-                            1 if id(s) in pending_rows else 0, s.matcher) for s in batch.sample_states]
-        out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
-        step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device)
+        out, drafts, accepted = self._sample(logits, batch, pending, step.result)
+        step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device, drafts, accepted,
+                          self.block_size)
         for state in batch.sample_states:
             if state.prompt_scores is not None:  # the prompt is done: its scores go with the first token
                 step.result.prompt_logprobs[state.req_id] = state.prompt_scores.take()
@@ -235,6 +240,30 @@ class ModelRunner:
                     log.warning("request %s: %s", s.req_id, e)
                     result.failed[s.req_id] = str(e)
                     s.grammar = None
+
+    def _sample(self, logits: torch.Tensor, batch: PreparedBatch, pending: InflightStep | None, result: StepResult
+                ) -> tuple[SamplerOutput, list[list[int]] | None, torch.Tensor | None]:
+        """Sample every logits row; requests verifying drafts keep the token after their accepted ones
+        (rejection_sampler). Returns the per-request output, and the drafts and accepted counts (None if none)."""
+        pending_rows = pending.row_of_state if pending is not None else {}
+        self._start_matchers(batch.sample_states, result)
+        rows = []
+        for s in batch.sample_states:
+            rows += verify_rows(s, self.eos_token_ids, 1 if id(s) in pending_rows else 0, s.matcher)
+        out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
+        if len(rows) == len(batch.sample_states):
+            return out, None, None
+        drafts = [s.draft_token_ids for s in batch.sample_states]
+        for s in batch.sample_states:
+            s.draft_token_ids = []
+        tokens, accepted = accept_drafts(out.sampled_token_ids, drafts)
+        logprobs = None
+        if out.logprobs is not None:  # rows of requests without drafts (those with drafts ask for none)
+            firsts = [0]
+            for d in drafts[:-1]:
+                firsts.append(firsts[-1] + len(d) + 1)
+            logprobs = [out.logprobs[i] for i in firsts]
+        return SamplerOutput(tokens, logprobs), drafts, accepted
 
     def _forward(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states of the batch's tokens: from the first graph runner that accepts it, else eager."""

@@ -19,7 +19,7 @@ class RequestState:
     numpy row so a step's batch table is assembled with array copies, not Python loops over block ids."""
 
     __slots__ = ("req_id", "token_ids", "num_prompt_tokens", "block_table", "num_blocks", "num_computed_tokens",
-                 "params", "seed", "prompt_scores", "grammar", "matcher")
+                 "params", "seed", "prompt_scores", "grammar", "matcher", "draft_token_ids")
 
     def __init__(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
                  num_computed_tokens: int, params: SamplingParams, seed: int, grammar: Future | None = None):
@@ -39,6 +39,8 @@ class RequestState:
         # the matcher its tokens advance (grammar.py). Both None for an unconstrained request.
         self.grammar = grammar
         self.matcher: Any = None
+        # Draft tokens the current plan asks to verify after the newest token (speculative decoding); [] if none.
+        self.draft_token_ids: list[int] = []
         self.add_blocks(block_ids)
 
     def add_blocks(self, block_ids: list[int]) -> None:
@@ -49,6 +51,15 @@ class RequestState:
             self.block_table = grown
         self.block_table[self.num_blocks : end] = block_ids
         self.num_blocks = end
+
+    def accept_drafts(self, drafts: list[int], num_accepted: int, block_size: int) -> None:
+        """After a verify step: the accepted drafts join the request (the sampled token follows them) and the
+        block table drops blocks past the accepted KV, as the scheduler's BlockManager.trim does (the same rule:
+        ceil(tokens with valid KV / block_size) blocks kept; num_computed_tokens is still this step's start)."""
+        for token_id in drafts[:num_accepted]:
+            self.append_token(token_id)
+        keep = -(-(self.num_computed_tokens + 1 + num_accepted) // block_size)
+        self.num_blocks = min(self.num_blocks, keep)
 
     def append_token(self, token_id: int) -> None:
         """A sampled token joins the request (and advances its grammar)."""

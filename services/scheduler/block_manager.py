@@ -198,6 +198,19 @@ class BlockManager:
         req.num_committed_blocks = 0
         req.num_released_blocks = 0
 
+    def trim(self, req: Request, num_tokens: int) -> int:
+        """Give back req's blocks past those its first num_tokens tokens need (the KV of rejected speculative
+        tokens: they were written past the accepted length). Returns the number freed. The worker trims its
+        block table by the same rule (ceil(num_tokens / block_size) blocks kept). They were never registered
+        in the prefix cache: only full blocks of accepted tokens are committed."""
+        keep = max(-(-num_tokens // self.block_size), req.num_released_blocks)
+        assert req.num_committed_blocks <= keep, "a committed block would be trimmed"
+        extra = req.block_ids[keep:]
+        for block_id in reversed(extra):
+            self._unref(block_id)
+        del req.block_ids[keep:]
+        return len(extra)
+
     def release_out_of_window(self, req: Request, window: int) -> int:
         """Give back req's leading blocks that no query from its next token on can see (every key in them
         is at or before num_computed_tokens - window), for a model windowed in every layer; their ids stay

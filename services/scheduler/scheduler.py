@@ -19,6 +19,11 @@ One step, in order:
      request whose last token (by max_tokens) is in flight is not scheduled again and holds no seat: with
      async scheduling the next plan admits its successor instead of waiting a step for it to leave.
 
+Speculative decoding (services/scheduler/speculation.py): in step 1 a decode may also carry draft tokens
+(StepPlan.spec_token_ids; 1 + d tokens scheduled). update_from_output appends the accepted drafts and the token
+after them, and rolls the rejected drafts' KV back. A request that may draft waits while a step of its own is
+in flight.
+
 Conventions the worker relies on:
   - `num_computed_tokens` advances when a request is scheduled (here, not in update_from_output), so a
     plan's NewRequestData/CachedRequestData carry the count *before* the step: the worker computes
@@ -36,17 +41,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from headrace.common.config import CacheConfig, SchedulerConfig
+from headrace.common.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from headrace.common.messages import CachedRequestData, NewRequestData, RequestOutput, StepPlan, StepResult, TopLogprobs
 from headrace.services.scheduler.block_manager import BlockManager
 from headrace.services.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from headrace.services.scheduler.speculation import Speculation
 
 RUNNING = RequestStatus.RUNNING
 
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 max_model_len: int, kv_window: int | None = None, disjoint_steps: bool = False) -> None:
+                 max_model_len: int, kv_window: int | None = None, disjoint_steps: bool = False,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.token_budget
         threshold = scheduler_config.long_prefill_token_threshold
@@ -71,6 +78,8 @@ class Scheduler:
         # Pipeline parallelism: several steps in flight hold disjoint requests (micro-batches), since a stage
         # cannot read a token the last stage has not sampled yet. The requests of steps in flight wait here.
         self.in_flight: InFlightRequests | None = InFlightRequests() if disjoint_steps else None
+        # Speculative decoding (services/scheduler/speculation.py); None: off.
+        self.speculation = Speculation(speculative) if speculative is not None else None
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -148,6 +157,7 @@ class Scheduler:
     def _schedule_running(self, draft: _PlanDraft) -> None:
         """Step 1: running requests, oldest admission first, preempting from the newest when blocks run out."""
         running = self.running
+        spec = self.speculation if self.speculation is not None and self.speculation.active(len(running)) else None
         i = 0
         while i < len(running) and draft.budget > 0:
             req = running[i]
@@ -158,7 +168,11 @@ class Scheduler:
                 draft.finishing += 1  # its last token is already being sampled: it finishes when that step returns
                 i += 1
                 continue
-            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
+            drafts = self._drafts(spec, req, draft.budget - (len(running) - i))
+            if drafts is None:  # it may draft and a step of its own is in flight: it waits for that step's tokens
+                i += 1
+                continue
+            num_new = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens + len(drafts)
             if num_new > 1:  # still prefilling: a chunk that leaves one token for each request behind it
                 num_new = min(num_new, self.long_prefill_token_threshold, draft.budget - (len(running) - 1 - i))
             if num_new <= 0:
@@ -171,7 +185,10 @@ class Scheduler:
                                                        self._tokens_for_stages(req)))
             draft.cached_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
-            if req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
+            if drafts:
+                draft.spec_token_ids[req.req_id] = drafts
+                req.num_pending_tokens = 1  # this step verifies the drafts and samples one token past them
+            elif req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
                 req.num_pending_tokens += 1  # this step samples its next token
             draft.budget -= num_new
             i += 1
@@ -183,6 +200,21 @@ class Scheduler:
         if self.in_flight is None or not req.output_token_ids:
             return []
         return [req.output_token_ids[-1]]
+
+    def _drafts(self, spec: Speculation | None, req: Request, budget: int) -> list[int] | None:
+        """Draft tokens for req's decode this step ([] for none), or None when req must wait: it may draft and
+        a step of its own is still in flight (the next drafts continue from that step's tokens)."""
+        if spec is None or not spec.eligible(req):
+            return []
+        if req.num_pending_tokens:
+            return None
+        if req.num_computed_tokens != req.num_tokens - 1:  # still prefilling
+            return []
+        drafts = spec.drafts(req, budget)
+        bm = self.block_manager
+        if drafts and -(-(req.num_tokens + len(drafts)) // bm.block_size) - len(req.block_ids) > bm.num_free_blocks:
+            return []  # drafts never preempt anyone: when blocks are short the request just decodes
+        return drafts
 
     def _allocate_or_preempt(self, req: Request, num_new: int, draft: _PlanDraft) -> list[int] | None:
         """Blocks for req's next num_new tokens, preempting the newest running requests until they fit;
@@ -282,14 +314,16 @@ class Scheduler:
         if self.in_flight is not None:
             self.in_flight.remove(plan)
         requests = self.requests
+        drafted = plan.spec_token_ids
         if self.block_manager.enable_prefix_caching:
             # The step has written these tokens' KV: their full blocks may now serve other prompts. (A later
-            # step may already be planned, so what is written comes from this plan, not the request.)
+            # step may already be planned, so what is written comes from this plan, not the request.) Drafted
+            # requests commit below, once their accepted tokens are known.
             before = {r.req_id: r.num_computed_tokens for r in plan.new_requests}
             before.update((r.req_id, r.num_computed_tokens) for r in plan.cached_requests)
             for req_id, count in plan.num_scheduled_tokens.items():
                 req = requests.get(req_id)
-                if req is not None and req.status == RUNNING:
+                if req is not None and req.status == RUNNING and req_id not in drafted:
                     self.block_manager.commit_blocks(req, before[req_id] + count)
 
         outputs = self._fail_requests(result.failed) if result.failed else []
@@ -300,17 +334,20 @@ class Scheduler:
             if req is None or req.status != RUNNING or req.num_pending_tokens == 0:
                 continue  # finished, aborted or preempted since this step was planned
             req.num_pending_tokens -= 1
-            req.append_output_token(token_id, logprobs)
+            new_tokens = [token_id]
+            if req_id in drafted:
+                new_tokens = self._accept_drafts(req, drafted[req_id], result.num_accepted_drafts.get(req_id, 0),
+                                                 token_id)
             new_logprobs = None if logprobs is None else [logprobs]
-            # Cheap test first (this runs for every token); _check_stop sorts out the reason.
-            if token_id in req.ending_token_ids or len(req.output_token_ids) >= req.max_tokens:
-                status = self._check_stop(req, token_id)
-                if status is not None:
-                    self._finish(req, status)
-                    any_finished = True
-                    outputs.append(self._output(req, [token_id], new_logprobs))
-                    continue
-            outputs.append(RequestOutput(req_id, [token_id], new_logprobs, False, None, None,
+            status = self._append_outputs(req, new_tokens, logprobs)
+            if req_id in drafted:  # full blocks of accepted tokens only
+                self.block_manager.commit_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+            if status is not None:
+                self._finish(req, status)
+                any_finished = True
+                outputs.append(self._output(req, new_tokens, new_logprobs))
+                continue
+            outputs.append(RequestOutput(req_id, new_tokens, new_logprobs, False, None, None,
                                          len(req.prompt_token_ids), req.num_cached_tokens))
         if result.prompt_logprobs:  # scoring requests: the prompt's logprobs ride with the first token
             for out in outputs:
@@ -326,6 +363,27 @@ class Scheduler:
         for out in outputs:
             out.finish_reason, out.error, out.error_code = "error", failed[out.req_id], 400
         return outputs
+
+    def _append_outputs(self, req: Request, tokens: list[int], logprobs: TopLogprobs | None) -> RequestStatus | None:
+        """Append tokens to req up to the first that stops it (those after it are cut from `tokens`, in place);
+        the stop status, or None."""
+        for k, token_id in enumerate(tokens):
+            req.append_output_token(token_id, logprobs)
+            # Cheap test first (this runs for every token); _check_stop sorts out the reason.
+            if token_id in req.ending_token_ids or len(req.output_token_ids) >= req.max_tokens:
+                status = self._check_stop(req, token_id)
+                if status is not None:
+                    del tokens[k + 1:]
+                    return status
+        return None
+
+    def _accept_drafts(self, req: Request, drafts: list[int], num_accepted: int, token_id: int) -> list[int]:
+        """A verify step's new tokens: the accepted drafts, then the token sampled after them. The rejected
+        drafts' KV is rolled back: they no longer count as computed and blocks past the accepted length go."""
+        self.speculation.stats.observe(len(drafts), num_accepted)
+        req.num_computed_tokens -= len(drafts) - num_accepted
+        self.block_manager.trim(req, req.num_computed_tokens)
+        return drafts[:num_accepted] + [token_id]
 
     @staticmethod
     def _check_stop(req: Request, token_id: int) -> RequestStatus | None:
@@ -392,7 +450,8 @@ class InFlightRequests:
 class _PlanDraft:
     """The plan of one step while `Scheduler.schedule` builds it."""
 
-    __slots__ = ("budget", "finishing", "cached_reqs", "cached_counts", "new_reqs", "new_counts", "preempted")
+    __slots__ = ("budget", "finishing", "cached_reqs", "cached_counts", "new_reqs", "new_counts", "preempted",
+                 "spec_token_ids")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget  # tokens left this step
@@ -402,10 +461,11 @@ class _PlanDraft:
         self.new_reqs: list[NewRequestData] = []
         self.new_counts: dict[str, int] = {}
         self.preempted: list[str] = []
+        self.spec_token_ids: dict[str, list[int]] = {}  # drafts of the requests that verify some this step
 
     def plan(self, step_id: int, finished_req_ids: list[str]) -> StepPlan:
         counts = self.new_counts
         if counts:
             counts.update(self.cached_counts)  # batch order: new requests first, then cached
         return StepPlan(step_id, self.new_reqs, self.cached_reqs, counts or self.cached_counts, finished_req_ids,
-                        self.preempted)
+                        self.preempted, self.spec_token_ids)

@@ -262,6 +262,11 @@ class SchedulerService:
                                 prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                                 num_waiting_tokens=s.num_waiting_tokens, data_parallel_rank=self.replica,
                                 num_running_tokens=running_tokens)
+            if s.speculation is not None:
+                spec = s.speculation.stats
+                stats.spec_num_drafts, stats.spec_num_draft_tokens = spec.num_drafts, spec.num_draft_tokens
+                stats.spec_num_accepted_tokens, stats.spec_accepted_per_pos = (spec.num_accepted_tokens,
+                                                                               list(spec.accepted_per_pos))
         # The tokenizers route between replicas by them; with one replica there is nothing to choose.
         peers = [*self.apis, *self.tokenizers] if self.routed else self.apis
         for identity in peers:
@@ -325,7 +330,7 @@ class SchedulerService:
             num_blocks = min(r.num_blocks for r in self.ready.values())  # every rank must hold every block
             self.scheduler = Scheduler(self.config.scheduler, self.config.cache, num_blocks,
                                        self.model.max_model_len, self.model.kv_window,
-                                       disjoint_steps=self.pp_size > 1)
+                                       disjoint_steps=self.pp_size > 1, speculative=self.config.speculative)
             if self.kv_events is not None:
                 self.scheduler.block_manager.record_events()
                 self._publish_kv_events([AllBlocksCleared()])  # whatever a subscriber knew of us is gone

@@ -52,6 +52,10 @@ class IncrementalDetokenizer:
             return short
         return []
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stops)
+
     def update(self, token_ids: Sequence[int], *, finished: bool = False, stop_token: bool = False) -> Detokenized:
         """Feed one step's new ids. `stop_token`: the last id is the EOS / stop token that finished the request
         (not detokenized unless include_stop_str_in_output)."""

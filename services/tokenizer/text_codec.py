@@ -133,8 +133,27 @@ class OutputText:
     def update(self, out: RequestOutput) -> TextUpdate:
         # The scheduler finishes with "stop" only on a stop token (EOS or stop_token_ids); stop strings are ours.
         stop_token = out.finished and out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+        if len(out.new_token_ids) > 1 and self._detokenizer.has_stop_strings:
+            return self._update_token_by_token(out, stop_token)
         text, stop_string = self._detokenizer.update(out.new_token_ids, finished=out.finished, stop_token=stop_token)
         return TextUpdate(text, stop_string, self._logprobs(out.new_token_ids, out.new_logprobs))
+
+    def _update_token_by_token(self, out: RequestOutput, stop_token: bool) -> TextUpdate:
+        """Several tokens in one output (speculative decoding) under stop strings: the tokens after the one that
+        completes a stop string are not the request's output, so they are cut from `out` (its token ids and
+        logprobs, which the usage counts read), as they would never have been sampled one token at a time."""
+        ids, texts = out.new_token_ids, []
+        for i, token_id in enumerate(ids):
+            last = i == len(ids) - 1
+            text, stop_string = self._detokenizer.update([token_id], finished=out.finished and last,
+                                                         stop_token=stop_token and last)
+            texts.append(text)
+            if stop_string is not None:
+                del ids[i + 1:]
+                if out.new_logprobs:
+                    del out.new_logprobs[i + 1:]
+                return TextUpdate("".join(texts), stop_string, self._logprobs(ids, out.new_logprobs))
+        return TextUpdate("".join(texts), None, self._logprobs(ids, out.new_logprobs))
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TopLogprobs] | None) -> list[TokenLogprobs] | None:
         if self._token_texts is None or not logprobs:

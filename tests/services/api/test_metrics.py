@@ -201,3 +201,15 @@ def test_engine_gauges_and_prefix_counters_carry_the_replica():
     assert value(m, "headrace:kv_cache_usage_perc", replica="0") == 0.25
     assert value(m, "headrace:prefix_cache_hits_total", replica="0") == 4
     assert value(m, "headrace:prefix_cache_queries_total", replica="1") == 30
+
+
+def test_spec_decode_counters_are_the_engine_totals_by_position():
+    m = Metrics(MODEL)
+    m.on_stats(EngineStats(spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=7,
+                           spec_accepted_per_pos=[4, 2, 1]))
+    parsed = samples(m.render().decode())
+    assert value(parsed, "headrace:spec_decode_num_drafts_total", replica="0") == 4
+    assert value(parsed, "headrace:spec_decode_num_draft_tokens_total", replica="0") == 12
+    assert value(parsed, "headrace:spec_decode_num_accepted_tokens_total", replica="0") == 7
+    assert [value(parsed, "headrace:spec_decode_num_accepted_tokens_per_pos_total", replica="0", position=str(p))
+            for p in range(3)] == [4, 2, 1]

@@ -82,3 +82,21 @@ def test_random_texts_and_splits_match_a_one_shot_cut(raw_tokenizer, include):
             assert "".join(deltas) == text[: i + len(s) if include else i]
         else:
             assert matched is None and "".join(deltas) == text
+
+
+def test_tokens_after_a_stop_string_in_one_output_are_cut(raw_tokenizer):
+    """Speculative decoding sends several tokens in one output: those past the stop string's last token are
+    not the request's (they would never have been sampled one at a time), nor counted."""
+    from headrace.common.messages import RequestOutput
+    from headrace.services.tokenizer.text_codec import OutputText
+
+    ids = raw_tokenizer.encode("The answer is 42. STOP and then more text", add_special_tokens=False).ids
+    params = SamplingParams(stop=("STOP",))
+    one_by_one = run(raw_tokenizer, "The answer is 42. STOP and then more text", ("STOP",))
+    output = OutputText(IncrementalDetokenizer(raw_tokenizer, params), None)
+    first = RequestOutput("r", ids[:3])
+    rest = RequestOutput("r", ids[3:])
+    texts = [output.update(first).text]
+    update = output.update(rest)
+    assert update.stop_string == "STOP" and "".join(texts + [update.text]) == "".join(one_by_one[0])
+    assert 3 + len(rest.new_token_ids) == one_by_one[2] + 1  # the token that completed "STOP" is the last kept

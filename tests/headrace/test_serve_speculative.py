@@ -1,0 +1,68 @@
+"""Speculative decoding through the real server: 16 prompts x 128 greedy tokens served with n-gram drafts,
+at once and beside requests that run without drafts (logprobs, a grammar), answer exactly what the
+offline engine answers without speculation; /metrics counts the drafts."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.headrace.server_process import running_server
+
+pytestmark = pytest.mark.slow
+
+PASSAGES = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "Water boils at one hundred degrees Celsius at sea level and at lower temperatures on mountains.",
+    "for i in range(10):\n    total += values[i] * weights[i]\nprint(total)\n",
+]
+TASKS = ["Repeat the following text exactly:\n{p}\nText:", "Copy this passage word for word:\n{p}\nCopy:",
+         "Rewrite the following without changing anything:\n{p}\nRewritten:", "Summarise:\n{p}\nSummary:"]
+PROMPTS = [task.format(p=p) for task in TASKS for p in PASSAGES]  # 16
+MAX_TOKENS = 128
+
+
+@pytest.mark.timeout(1500)
+def test_served_with_ngram_speculation_equals_offline_without():
+    from headrace import LLM, SamplingParams
+
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+                       "prompt_lookup_max": 4})
+    with running_server("--max-model-len", "512", "--speculative-config", spec, "--num-tokenizers", "1") as srv:
+        model = srv.get("/v1/models").json()["data"][0]["id"]
+
+        def complete(body: dict) -> dict:
+            # A long timeout: 19 requests of 128 tokens on a CPU shared with other jobs.
+            reply = httpx.post(srv.base_url + "/v1/completions", timeout=900,
+                               json={"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                                     **body})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]
+
+        bodies = [{"prompt": p} for p in PROMPTS]
+        bodies += [{"prompt": PROMPTS[0], "logprobs": 1}, {"prompt": PROMPTS[1], "logprobs": 2},
+                   {"prompt": "Is water wet? Answer:", "guided_choice": ["yes", "no"], "max_tokens": 4,
+                    "ignore_eos": False}]
+        with ThreadPoolExecutor(len(bodies)) as pool:  # all at once: drafting and plain requests share steps
+            served = list(pool.map(complete, bodies))
+        time.sleep(1.0)  # the engine's counters reach the api every 0.5 s
+        metrics = srv.get("/metrics").text
+
+    llm = LLM(max_model_len=512, log=lambda *_: None)
+    offline = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                           use_tqdm=False)
+    for i, (got, want) in enumerate(zip(served, offline)):
+        assert got["text"] == want.outputs[0].text, f"prompt {i}"
+    assert served[16]["text"] == offline[0].outputs[0].text and served[16]["logprobs"] is not None
+    assert served[17]["text"] == offline[1].outputs[0].text
+    assert served[18]["text"] in ("yes", "no")
+    accepted = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("headrace:spec_decode_num_accepted_tokens_total"))
+    drafts = next(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("headrace:spec_decode_num_drafts_total"))
+    assert drafts > 0 and accepted > drafts  # more than one accepted draft token per verify step on average
