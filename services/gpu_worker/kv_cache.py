@@ -10,7 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
+from headrace.kernels.kv_fp8 import FP8_KV_DTYPE
 from headrace.services.gpu_worker.attention.base import KVCache
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element type of the cache --kv-cache-dtype names: auto = the model's, fp8 / fp8_e4m3 = e4m3fn (one
+    byte: twice the blocks in the same memory)."""
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return FP8_KV_DTYPE
+    raise ValueError(f"unknown KV-cache dtype {name!r}")
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
