@@ -52,3 +52,14 @@ class KVCacheLayout:
     def allocate(self, num_blocks: int, device: torch.device) -> list[KVCache]:
         return allocate_kv_caches(self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
                                   self.dtype, device)
+
+
+def describe_kv_cache(layout: KVCacheLayout, num_blocks: int, kv_scales: list[tuple[float, float]]) -> str:
+    """The start-up log line: blocks, tokens, bytes, element type, and for fp8 where the scales came from."""
+    line = (f"KV cache: {num_blocks} blocks of {layout.block_size} tokens ({num_blocks * layout.block_size} tokens, "
+            f"{num_blocks * layout.bytes_per_block / 2**30:.2f} GiB), {str(layout.dtype).removeprefix('torch.')}")
+    if layout.dtype == FP8_KV_DTYPE:
+        calibrated = sum(s != (1.0, 1.0) for s in kv_scales)
+        line += (f", scales from the checkpoint in {calibrated} of {len(kv_scales)} layers" if calibrated else
+                 ", every scale 1.0 (the checkpoint has none: values beyond +-448 saturate)")
+    return line

@@ -22,7 +22,7 @@ from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture
 from headrace.services.gpu_worker.grammar import GrammarRuntime
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
-from headrace.services.gpu_worker.kv_cache import KVCacheLayout, kv_cache_dtype
+from headrace.services.gpu_worker.kv_cache import KVCacheLayout, describe_kv_cache, kv_cache_dtype
 from headrace.services.gpu_worker.kv_sizing import (
     check_holds_one_sequence,
     configured_num_blocks,
@@ -73,6 +73,7 @@ class ModelRunner:
                                        kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype))
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.kv_layout.allocate(self.num_blocks, self.device)
+        log(describe_kv_cache(self.kv_layout, self.num_blocks, [lay.self_attn.kv_scale for lay in self.model.layers]))
         self.sampler = Sampler()
         self.grammars = GrammarRuntime(resolved.tokenizer_dir, self.arch.vocab_size, self.eos_token_ids)
         # Decode-only steps replay CUDA graphs; other steps up to a token ladder's top replay everything but

@@ -45,7 +45,8 @@ def test_fp8_cache_holds_twice_the_blocks_of_bf16() -> None:
     assert blocks[FP8_KV_DTYPE] == 2 * blocks[torch.bfloat16] == 4 * blocks[torch.float32]
     layout = KVCacheLayout(2, 16, 3, 64, FP8_KV_DTYPE)
     k, v = layout.allocate(5, torch.device("cpu"))[1]
-    assert k.dtype == FP8_KV_DTYPE and k.shape == (5, 16, 3, 64) and k.untyped_storage().nbytes() == 5 * 16 * 3 * 64 * 2 * 2
+    assert k.dtype == FP8_KV_DTYPE and k.shape == (5, 16, 3, 64)
+    assert k.untyped_storage().nbytes() == layout.bytes_per_block * 5 == 2 * 2 * 5 * 16 * 3 * 64  # 1 byte each
 
 
 @pytest.mark.parametrize("name,expected", [
