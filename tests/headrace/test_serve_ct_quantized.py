@@ -4,7 +4,8 @@ itself (tests/headrace/ct_checkpoints.py), served through `headrace serve`: its 
 float32 forward over the same dequantized weights (the offline engine on a dense copy of them; those weights
 rounded to bf16 equal compressed-tensors' own decompression) on >= 98% of
 8 prompts x HEADRACE_QUANT_TEST_TOKENS tokens (default 16: the CPU path dequantizes every layer per step, so
-64 tokens take minutes per scheme; the acceptance run sets 64)."""
+64 tokens take minutes per scheme; the acceptance run sets 64). Measured here (CPU, compressed-tensors 0.19.0):
+100% for both schemes at 8 x 16 and at 8 x 64 tokens."""
 
 from __future__ import annotations
 
