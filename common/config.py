@@ -14,6 +14,9 @@ from typing import Any
 from headrace.common.models.quant import QUANTIZATION_METHODS, QuantSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# KV-cache element types, spelled as vLLM spells them: auto = the model's dtype; fp8 = fp8_e4m3 = float8_e4m3fn
+# with a per-tensor scale per layer for K and for V (the checkpoint's, else 1.0).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 class ConfigError(ValueError):
@@ -53,9 +56,12 @@ class CacheConfig:
     kv_cache_memory: int | None = None
     num_blocks: int | None = None  # an explicit block count overrides both (tests, benchmarks)
     enable_prefix_caching: bool = False
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size in (8, 16, 32, 64), "--block-size must be one of 8, 16, 32, 64")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"--kv-cache-dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "--gpu-memory-utilization must be in (0, 1]")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "--kv-cache-memory must be positive")
         _require(self.num_blocks is None or self.num_blocks > 0, "num_blocks must be positive")

@@ -15,6 +15,7 @@ from typing import Any
 from headrace.common.config import (
     DP_ROUTING_POLICIES,
     DTYPES,
+    KV_CACHE_DTYPES,
     QUANTIZATION_METHODS,
     REASONING_PARSERS,
     TOOL_CALL_PARSERS,
@@ -71,6 +72,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
           help="KV cache bytes (CPU default 1 GiB; on GPU a cap on the profiled size)")
     _flag(g, "--num-gpu-blocks-override", CacheConfig, "num_blocks", dest="num_blocks", type=int)
     _flag(g, "--enable-prefix-caching", CacheConfig, action="store_true")
+    _flag(g, "--kv-cache-dtype", CacheConfig, choices=KV_CACHE_DTYPES,
+          help="fp8 (= fp8_e4m3): K and V stored as float8 e4m3 with per-layer scales, twice the blocks")
     g = p.add_argument_group("scheduler")
     _flag(g, "--max-num-seqs", SchedulerConfig, type=int)
     _flag(g, "--max-num-batched-tokens", SchedulerConfig, type=int,

@@ -11,6 +11,9 @@ itself: no scratch round trip and no second launch.
 A sliding window (the layer's constant) moves each sequence's first key to seq_len - window: the splits
 cover only the window, and nothing before it is read. Soft-capping (Gemma 2) bends the logits with
 cap * tanh(logits / cap) before the softmax.
+An fp8 cache (float8_e4m3fn, kernels/kv_fp8.py) is loaded as fp8 and widened to q's dtype (exact: every e4m3
+value is a bf16 / fp16 value); its per-tensor scales are folded into float32 scalars: k_scale into the
+softmax scale, v_scale into the final normalisation, so dequantizing costs nothing per element.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def soft_cap(s, cap):
 @triton.jit(do_not_specialize=["stride_bt", "num_splits", "block_tables_ptr", "seq_lens_ptr", "window"])
 def _decode_stage1_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
-    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache): the softmax runs in base 2
+    v_scale,  # 1.0, or an fp8 cache's v scale: the output's factor
     window,  # keys seq_len - window .. seq_len - 1 are attended (NO_WINDOW: all)
     softcap,  # the logit cap in base 2 (read when SOFTCAP)
     stride_qb, stride_qh,
@@ -97,7 +101,7 @@ def _decode_stage1_kernel(
             blk = blk.to(tl.int64)
         tok = offs_n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + tok[None, :] * stride_ks
-                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :], other=0.0)
+                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :], other=0.0).to(q.dtype)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_H, BLOCK_N]
         if SOFTCAP:
             s = soft_cap(s, softcap)
@@ -107,14 +111,14 @@ def _decode_stage1_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
 
     # Empty split (start >= end): l == 0 -> store zeros and lse = -inf so stage 2 ignores it.
     has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
+    out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
     if DIRECT:  # the only split: this is the result (a seq_len 0 row stays zeros)
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
@@ -194,11 +198,13 @@ def paged_decode_attention(
     config: tuple[int, int, int] | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (keys per sequence, 0 allowed). Returns out [B, Hq, D] in q.dtype.
     `config` overrides stage 1's (BLOCK_N, num_warps, num_stages) (tuning sweeps). `window`: attend to the
-    last `window` keys only (None: all); `softcap`: logits -> softcap * tanh(logits / softcap)."""
+    last `window` keys only (None: all); `softcap`: logits -> softcap * tanh(logits / softcap); `kv_scale`: an fp8
+    cache's (k, v) scales (stored element times scale is the value; other caches pass 1.0)."""
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -226,7 +232,7 @@ def paged_decode_attention(
     BLOCK_N, warps, stages = config or _config(D, B * Hkv * num_kv_splits, q.device)
     _decode_stage1_kernel[(B, Hkv, num_kv_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse, out,
-        scale * _LOG2E, kernel_window(window), log2_softcap(softcap),
+        scale * _LOG2E * kv_scale[0], float(kv_scale[1]), kernel_window(window), log2_softcap(softcap),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -269,6 +275,7 @@ def paged_decode_attention_ref(
     num_kv_splits: int | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     group = Hq // k_cache.shape[2]
@@ -278,8 +285,8 @@ def paged_decode_attention_ref(
         if n == 0:
             continue
         first = max(0, n - window) if window else 0
-        k = _gather_kv(k_cache, block_tables[b], n, first).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[b], n, first).float().repeat_interleave(group, dim=1)
+        k = (_gather_kv(k_cache, block_tables[b], n, first).float() * kv_scale[0]).repeat_interleave(group, dim=1)
+        v = (_gather_kv(v_cache, block_tables[b], n, first).float() * kv_scale[1]).repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
         if softcap:
             s = torch.tanh(s / softcap) * softcap

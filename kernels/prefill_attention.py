@@ -16,6 +16,10 @@ Sliding window (a layer constant; NO_WINDOW for global layers): query p sees key
 program starts at the tile holding the first key any of its rows sees (loads before that key are masked
 off, so blocks wholly outside the window are never read); tiles that some row's window only partly covers
 are masked, tiles inside every row's window are not. Soft-capping as in the decode kernel.
+
+An fp8 cache is read as the decode kernel reads it (widened to q's dtype, k_scale folded into the softmax
+scale, v_scale into the output) and only through the paged path: this step's keys are read back from the
+cache too, quantized like every other key (as the torch backend and vLLM read them), not from k_new.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from .kv_fp8 import is_fp8
 from .paged_decode_attention import _gather_kv, kernel_window, log2_softcap, soft_cap
 
 _LOG2E = 1.4426950408889634
@@ -53,6 +58,7 @@ def _attend_tile(
         k = tl.load(k_ptrs, mask=mask_n[None, :], other=0.0)
     else:
         k = tl.load(k_ptrs)
+    k = k.to(q.dtype)  # an fp8 cache widened (exact); a no-op otherwise
     s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if SOFTCAP:
         s = soft_cap(s, softcap)
@@ -69,6 +75,7 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     l = l * alpha + tl.sum(p, axis=1)
     return acc, m_new, l
@@ -124,7 +131,7 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, context_lens_ptr,
     k_new_ptr, v_new_ptr,
-    qk_scale, window, softcap,
+    qk_scale, v_scale, window, softcap,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -244,7 +251,7 @@ def _prefill_kernel(
                                      stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
                                      SOFTCAP)
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # fully-masked rows -> 0, not NaN
+    out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale  # fully-masked rows -> 0, not NaN
     tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -281,6 +288,7 @@ def paged_prefill_attention(
     v_new: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """q [T, Hq, D] (this step's tokens, sequences packed by query_start_loc [S+1]);
     caches [num_blocks, block_size, Hkv, D] already holding all seq_lens[s] tokens;
@@ -292,7 +300,8 @@ def paged_prefill_attention(
     of sequence s is row query_start_loc[s] + p - context_lens[s]) and the caches only for the
     cached prefix; the result is the same, the loads contiguous (faster).
     `window`: query position p attends to keys p - window + 1 .. p only (None: 0 .. p); `softcap`: logits
-    -> softcap * tanh(logits / softcap) before the softmax."""
+    -> softcap * tanh(logits / softcap) before the softmax. `kv_scale`: an fp8 cache's (k, v) scales (an fp8
+    cache takes no k_new / v_new: every key is read from it)."""
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -303,6 +312,8 @@ def paged_prefill_attention(
     if (k_new is None) != (v_new is None):
         raise ValueError("pass both k_new and v_new, or neither")
     has_new = k_new is not None
+    if has_new and is_fp8(k_cache.dtype):
+        raise ValueError("an fp8 KV cache is read through the block table alone: pass no k_new / v_new")
     if has_new:
         assert k_new.shape == (T, Hkv, D) and v_new.shape == (T, Hkv, D), "k_new / v_new must be [T, Hkv, D]"
         assert k_new.dtype == k_cache.dtype and v_new.dtype == v_cache.dtype
@@ -322,7 +333,7 @@ def paged_prefill_attention(
         q, k_cache, v_cache, out,
         block_tables, query_start_loc, seq_lens, context_lens,
         k_new, v_new,
-        scale * _LOG2E, kernel_window(window), log2_softcap(softcap),
+        scale * _LOG2E * kv_scale[0], float(kv_scale[1]), kernel_window(window), log2_softcap(softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -347,6 +358,7 @@ def paged_prefill_attention_ref(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     group = q.shape[1] // k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -356,8 +368,8 @@ def paged_prefill_attention_ref(
         if b == a:
             continue
         first = max(0, ctx - window + 1) if window else 0  # the first key any of its queries sees
-        k = _gather_kv(k_cache, block_tables[s], n, first).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[s], n, first).float().repeat_interleave(group, dim=1)
+        k = (_gather_kv(k_cache, block_tables[s], n, first).float() * kv_scale[0]).repeat_interleave(group, dim=1)
+        v = (_gather_kv(v_cache, block_tables[s], n, first).float() * kv_scale[1]).repeat_interleave(group, dim=1)
         scores = torch.einsum("thd,nhd->htn", q[a:b].float(), k) * scale
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check, in phases that each fit one device-tool call (10 minutes):
 # (single parts: kernels, kernel_sweep, latency, throughput_1024_128, throughput_128_1024, gpu_tests, online,
-#  quant, quant_fp8, quant_fp8_throughput, moe_*, families, window_throughput, structured, scoring)
+#  quant, quant_fp8, quant_fp8_throughput, kv_fp8, moe_*, families, window_throughput, structured, scoring)
 #   bash scripts/gpu_check.sh engine   # kernel micro-benchmarks, batch-1/N decode latency, offline throughput (+HF, rooflines)
 #   bash scripts/gpu_check.sh serve    # GPU tests, HTTP pipeline vs engine-direct, online rates, TP=2 (with 2 GPUs)
 #   bash scripts/gpu_check.sh tp       # (2 GPUs) TP=2 batch-1 latency and saturation next to TP=1 on the same host
@@ -115,6 +115,15 @@ phase_quant_fp8_throughput() {  # fp8 saturation: 1,000 x 1024/128 engine-direct
     --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_bf16.json"
   step throughput_fp8 200 python3 -m headrace.cli bench throughput $M --quantization fp8 --dataset-name random \
     --input-len 1024 --output-len 128 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_fp8.json"
+}
+
+phase_kv_fp8() {  # fp8 KV cache: its kernel tests on the GPU, then 1,000 x 128/1024 engine-direct, bf16 KV then fp8 KV
+  step kv_fp8_tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kv_fp8.py \
+    tests/services/gpu_worker/attention/test_kv_fp8_backends.py
+  step throughput_kv_bf16 220 python3 -m headrace.cli bench throughput $M --dataset-name random --input-len 128 \
+    --output-len 1024 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_kv_bf16.json"
+  step throughput_kv_fp8 220 python3 -m headrace.cli bench throughput $M --kv-cache-dtype fp8 --dataset-name random \
+    --input-len 128 --output-len 1024 --num-prompts "$N" --disable-tqdm --output-json "$R/throughput_kv_fp8.json"
 }
 
 phase_online() {  # the online rates and batch 1 through HTTP, without the saturation run

@@ -136,7 +136,8 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates, betwee
     after each timed iteration (an interleaved baseline)."""
     engine = LLMEngine(config)
     runner = engine.runner
-    arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
+    # Weights are counted as stored (step_weight_bytes), so nbytes is the KV cache's element size (fp8: 1).
+    arch, nbytes = runner.arch, roofline.dtype_bytes(runner.kv_layout.dtype)
     weight_bytes = roofline.step_weight_bytes(runner.model)
     rng = np.random.default_rng(args.seed)
     mean_context = args.input_len + args.output_len / 2
@@ -165,6 +166,7 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates, betwee
     summary = {
         "benchmark": "latency", "model": config.model.model or "embedded",
         "dtype": str(runner.dtype).removeprefix("torch."), "quantization": config.model.quantization,
+        "kv_cache_dtype": config.cache.kv_cache_dtype,
         "device": rates.device, "attention_backend": runner.backend.name,
         "cuda_graphs": runner.decode_graphs is not None,
         "graph_batch_sizes": runner.decode_graphs.sizes if runner.decode_graphs is not None else [],

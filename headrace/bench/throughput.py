@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = LLMEngine(config)
     runner = engine.runner
-    arch, nbytes = runner.arch, roofline.dtype_bytes(runner.dtype)
+    # The weights' bytes are counted as stored (step_weight_bytes below), so nbytes is the KV cache's element size.
+    arch, nbytes = runner.arch, roofline.dtype_bytes(runner.kv_layout.dtype)
     from transformers import AutoTokenizer
 
     tokenizer_dir = engine.config.require_resolved().tokenizer_dir
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": rates.device, "attention_backend": runner.backend.name, "cuda_graphs": runner.decode_graphs is not None,
         "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
         "step_weight_bytes": weight_bytes, "quantization": config.model.quantization,
+        "kv_cache_dtype": config.cache.kv_cache_dtype, "kv_cache_blocks": runner.num_blocks,
         "dataset": args.dataset_name, "num_requests": len(requests), "input_tokens": input_tokens,
         "output_tokens": output_tokens, "requested_output_tokens": sum(r.output_len for r in requests),
         "max_num_seqs": config.scheduler.max_num_seqs,

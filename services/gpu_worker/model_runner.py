@@ -23,7 +23,7 @@ from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture
 from headrace.services.gpu_worker.grammar import GrammarError, GrammarRuntime
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
-from headrace.services.gpu_worker.kv_cache import KVCacheLayout
+from headrace.services.gpu_worker.kv_cache import KVCacheLayout, describe_kv_cache, kv_cache_dtype
 from headrace.services.gpu_worker.kv_sizing import (
     check_holds_one_sequence,
     configured_num_blocks,
@@ -81,9 +81,11 @@ class ModelRunner:
                                                 self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
         self.kv_layout = KVCacheLayout(len(self.model.layers), self.block_size,
-                                       self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim, self.dtype)
+                                       self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim,
+                                       kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype))
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.kv_layout.allocate(self.num_blocks, self.device)
+        log(describe_kv_cache(self.kv_layout, self.num_blocks, [lay.self_attn.kv_scale for lay in self.model.layers]))
         self.sampler = Sampler()
         self.grammars = GrammarRuntime(resolved.tokenizer_dir, self.arch.vocab_size, self.eos_token_ids)
         # Decode-only steps replay CUDA graphs; other steps up to a token ladder's top replay everything but
@@ -108,7 +110,8 @@ class ModelRunner:
         sched, cuda, tp_size = self.config.scheduler, self.device.type == "cuda", self.tp.size
         if cuda:
             self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, sched.max_num_seqs,
-                                 min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap)
+                                 min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap,
+                                 q_dtype=self.dtype)
             self.model.warm_up_experts(sched.token_budget)
         if self.stage.size > 1:  # graphs per stage are not built yet: pipeline stages run eagerly
             if cuda:

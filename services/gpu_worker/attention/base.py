@@ -71,6 +71,7 @@ class AttentionBackend(ABC):
         cos_sin_cache: torch.Tensor,  # [max_pos, head_dim] float32: cos | sin
         kv_cache: KVCache,
         slot_mapping: torch.Tensor,  # [T] int64; -1 = padding, not written
+        kv_scale: tuple[float, float] = (1.0, 1.0),  # the layer's (k, v) scales: an fp8 cache stores x / scale
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (q, k) after RoPE (rotated in place or new tensors)
         ...
 
@@ -85,17 +86,20 @@ class AttentionBackend(ABC):
         scale: float,
         window: int | None = None,  # the layer's sliding window: a query at p sees keys p - window + 1 .. p
         softcap: float | None = None,  # logits -> softcap * tanh(logits / softcap) before the softmax
+        kv_scale: tuple[float, float] = (1.0, 1.0),  # an fp8 cache's (k, v) scales: read back as x * scale
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 
     def forward(self, q, k, v, positions, cos_sin_cache, kv_cache: KVCache, meta: AttentionMetadata,
-                scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                scale: float, window: int | None = None, softcap: float | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """A one-layer step: prepare, RoPE + cache write, then attention over the cache."""
         self.prepare(meta)
-        q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping)
-        return self.attend(q, k, v, kv_cache, meta, scale, window, softcap)
+        q, k = self.write_cache(q, k, v, positions, cos_sin_cache, kv_cache, meta.slot_mapping, kv_scale)
+        return self.attend(q, k, v, kv_cache, meta, scale, window, softcap, kv_scale)
 
     def warm_up(self, kv_cache: KVCache, num_heads: int, max_num_seqs: int, max_query_len: int,
-                softcap: float | None = None) -> None:
+                softcap: float | None = None, q_dtype: torch.dtype | None = None) -> None:
         """Compile whatever this backend compiles lazily (Triton kernel variants) before serving, so no
-        request pays for it. The cache's contents are scratch at this point. Default: nothing to do."""
+        request pays for it. The cache's contents are scratch at this point; q_dtype is the model's activations' (None:
+        the cache's, which an fp8 cache's is not). Default: nothing to do."""

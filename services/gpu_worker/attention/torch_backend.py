@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from headrace.kernels.kv_fp8 import dequantize_kv, is_fp8, quantize_kv, store_dtype_view
 from headrace.services.gpu_worker.attention.base import AttentionBackend, AttentionMetadata, KVCache
 
 
@@ -38,15 +39,20 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
     return qk[:, : q.shape[1]], qk[:, q.shape[1]:]
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V into their slots; slot -1 (padding) is skipped."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor,
+             kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """Scatter this step's K/V into their slots; slot -1 (padding) is skipped. An fp8 cache stores K / k_scale
+    and V / v_scale (kernels/kv_fp8.py)."""
     k_cache, v_cache = kv_cache
     num_blocks, block_size = k_cache.shape[:2]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if is_fp8(k_cache.dtype):
+        k, v = quantize_kv(k, kv_scale[0]), quantize_kv(v, kv_scale[1])
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        rows = store_dtype_view(cache).view(num_blocks * block_size, *cache.shape[2:])
+        rows.index_copy_(0, slot_mapping, store_dtype_view(x.to(cache.dtype)))
 
 
 @dataclass
@@ -59,12 +65,16 @@ class _Gather:
     mask: torch.Tensor
 
 
-def gather_kv(kv_cache: KVCache, g: _Gather) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, num_tokens, kv_heads, head_dim] K and V, one row copy per block (index_select)."""
+def gather_kv(kv_cache: KVCache, g: _Gather, kv_scale: tuple[float, float] = (1.0, 1.0)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, num_tokens, kv_heads, head_dim] K and V, one row copy per block (index_select); an fp8 cache's
+    dequantized to float32 (element times its scale)."""
     k_cache, v_cache = kv_cache
     width = g.blocks.shape[0] // g.rows * k_cache.shape[1]
     k = k_cache.index_select(0, g.blocks).view(g.rows, width, *k_cache.shape[2:])[:, : g.num_tokens]
     v = v_cache.index_select(0, g.blocks).view(g.rows, width, *v_cache.shape[2:])[:, : g.num_tokens]
+    if is_fp8(k_cache.dtype):
+        return dequantize_kv(k, kv_scale[0]), dequantize_kv(v, kv_scale[1])
     return k, v
 
 
@@ -162,12 +172,13 @@ class TorchAttentionBackend(AttentionBackend):
     def prepare(self, meta: AttentionMetadata) -> None:
         self._meta, self._plans = meta, {}
 
-    def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping):
+    def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping, kv_scale=(1.0, 1.0)):
         q, k = apply_rope_qk(q, k, positions, cos_sin_cache)
-        write_kv(k, v, kv_cache, slot_mapping)
+        write_kv(k, v, kv_cache, slot_mapping, kv_scale)
         return q, k
 
-    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None):
+    def attend(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window=None, softcap=None,
+               kv_scale=(1.0, 1.0)):
         assert self._meta is meta, "prepare(meta) comes once per step, before the first layer"
         assert kv_cache[0].shape[1] == self.block_size, "a KV cache of another block size"
         if window not in self._plans:
@@ -175,9 +186,9 @@ class TorchAttentionBackend(AttentionBackend):
         decode, prefills = self._plans[window]
         out = torch.empty_like(q)
         if decode is not None:
-            kd, vd = gather_kv(kv_cache, decode)
+            kd, vd = gather_kv(kv_cache, decode, kv_scale)
             out[: decode.rows] = attend(q[: decode.rows, None], kd, vd, decode.mask, scale, softcap)[:, 0]
         for start, n, g in prefills:
-            ks, vs = gather_kv(kv_cache, g)
+            ks, vs = gather_kv(kv_cache, g, kv_scale)
             out[start : start + n] = attend(q[None, start : start + n], ks, vs, g.mask, scale, softcap)[0]
         return out

@@ -34,6 +34,7 @@ from headrace.services.gpu_worker.model.layers import (
     silu_and_mul,
     store_k_major,
 )
+from headrace.services.gpu_worker.model.kv_scales import kv_scale_checkpoint_name, scale_value, set_kv_scale
 from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name, warm_up_fused_kernel
 from headrace.services.gpu_worker.model.quant import linear_method
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
@@ -87,6 +88,8 @@ class LlamaAttention(nn.Module):
         self.window = arch.layer_window(layer_idx)
         self.softcap = arch.attn_logit_softcap
         self.local_rope = arch.local_rope and arch.is_sliding_layer(layer_idx)
+        # An fp8 KV cache's (k, v) scales: the checkpoint's (model/kv_scales.py), else 1.0; another cache ignores them.
+        self.kv_scale: tuple[float, float] = (1.0, 1.0)
 
     def project_qkv(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext):
         """QKV projection, QK-norm, RoPE and the KV-cache write: everything before attention, all of it
@@ -101,13 +104,13 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.backend.write_cache(q, k, v, positions, layer_rope_table(ctx.cos_sin_cache, self.local_rope),
-                                       ctx.kv_caches[self.cache_index], ctx.attn.slot_mapping)
+                                       ctx.kv_caches[self.cache_index], ctx.attn.slot_mapping, self.kv_scale)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attention over the paged cache; [T, heads * head_dim]."""
         out = ctx.backend.attend(q, k, v, ctx.kv_caches[self.cache_index], ctx.attn, self.scale,
-                                 window=self.window, softcap=self.softcap)
+                                 window=self.window, softcap=self.softcap, kv_scale=self.kv_scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -289,6 +292,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
+            if (kv_scale := kv_scale_checkpoint_name(name)) is not None:
+                self._load_kv_scale(*kv_scale, tensor)
+                continue
             shard: Any = None
             moe = moe_checkpoint_name(name)
             if moe is not None:  # an MoE block's expert (into its layer's stack) or router
@@ -318,6 +324,13 @@ class LlamaForCausalLM(nn.Module):
         if top in ("norm", "lm_head") and not self.is_last_stage:
             return None
         return name
+
+    def _load_kv_scale(self, layer_idx: int, which: str, loaded: Any) -> None:
+        """A layer's K / V cache scale; layer_idx counts this stage's layers, as _stage_name renamed them
+        (-1: a scale this engine does not use)."""
+        if 0 <= layer_idx < len(self.layers):
+            attn = self.layers[layer_idx].self_attn
+            attn.kv_scale = set_kv_scale(attn.kv_scale, which, scale_value(loaded))
 
     def expected_parameter_names(self) -> set[str]:
         """Every parameter a checkpoint must fill (tensors some checkpoints of a format lack are optional)."""
