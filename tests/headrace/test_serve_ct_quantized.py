@@ -23,21 +23,13 @@ from headrace.common.config import EngineConfig, ModelConfig  # noqa: E402
 from tests.configs import resolved  # noqa: E402
 from tests.headrace.ct_checkpoints import build_ct_checkpoint, quantization_config, write_dense  # noqa: E402
 from tests.headrace.server_process import running_server  # noqa: E402
+from tests.prompts import CHAT_QUESTIONS, chat_prompt_ids  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two checkpoints built, two servers, two oracles
 
 NEW_TOKENS = int(os.environ.get("HEADRACE_QUANT_TEST_TOKENS", "16"))
 MIN_AGREEMENT = 0.98
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "List three prime numbers greater than 50.",
-    "Translate 'good morning' into Spanish and German.",
-    "Why is the sky blue?",
-    "Give me a recipe for pancakes.",
-    "What does a compiler do?",
-]
+QUESTIONS = CHAT_QUESTIONS
 # scheme -> (compressed-tensors preset, group size override, the format the worker's start-up line names)
 SCHEMES = {"fp8": ("FP8_DYNAMIC", None, "(compressed-tensors fp8)"),
            "w4a16": ("W4A16", 64, "(compressed-tensors int4)")}
@@ -79,12 +71,7 @@ def dequantized_by_us(folder: str, tokenizer_dir: str, reference: dict[str, torc
 
 @pytest.fixture(scope="module")
 def prompts(embedded_tokenizer) -> list[list[int]]:
-    out = []
-    for q in QUESTIONS:
-        ids = embedded_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                     tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+    return chat_prompt_ids(embedded_tokenizer, QUESTIONS)
 
 
 def served_token_texts(folder: str, tokenizer_dir: str, prompts: list[list[int]]) -> tuple[list[list[str]], str]:

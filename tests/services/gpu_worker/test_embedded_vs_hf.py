@@ -12,17 +12,11 @@ from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.services.gpu_worker.plan_driver import PlanDriver
 from tests.configs import resolved
+from tests.prompts import CHAT_QUESTIONS, chat_prompt_ids
 
 NEW_TOKENS = 64
 NEAR_TIE = 1e-4  # a divergence is accepted only where transformers' own top-2 logit gap is below this
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "List three prime numbers greater than 50.",
-    "Translate 'good morning' into Spanish and German.",
-    "Why is the sky blue?",
-]
+QUESTIONS = CHAT_QUESTIONS[:6]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +28,7 @@ def runner():
 
 @pytest.fixture(scope="module")
 def prompts(embedded_tokenizer):
-    out = []
-    for q in QUESTIONS:
-        ids = embedded_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                     tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    out = chat_prompt_ids(embedded_tokenizer, QUESTIONS)
     assert len({len(p) for p in out}) > 1, "prompts must have mixed lengths"
     return out
 

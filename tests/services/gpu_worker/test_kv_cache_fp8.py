@@ -16,6 +16,7 @@ from headrace.services.gpu_worker.model.kv_scales import kv_scale_checkpoint_nam
 from headrace.services.gpu_worker.model_runner import ModelRunner
 from tests.configs import resolved
 from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits
+from tests.prompts import CHAT_QUESTIONS, chat_prompt_ids
 
 NEW_TOKENS = 16
 # e4m3 keeps 3 mantissa bits: every cached K and V element is off by up to 1/16 of itself, in all 30 layers
@@ -24,11 +25,7 @@ NEW_TOKENS = 16
 # difference of any step is 3.15 (1.9 on two other prompts). The bounds leave room for e4m3's rounding.
 MIN_AGREEMENT = 0.90
 LOGIT_ATOL = 5.0
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain what a hash table is in two sentences.",
-    "Why is the sky blue?",
-]
+QUESTIONS = [CHAT_QUESTIONS[i] for i in (0, 2, 5)]
 
 
 def test_kv_cache_dtype_names() -> None:
@@ -85,12 +82,7 @@ def test_checkpoint_scales_reach_their_layers() -> None:
 
 @pytest.fixture(scope="module")
 def prompts(embedded_tokenizer) -> list[list[int]]:
-    out = []
-    for q in QUESTIONS:
-        ids = embedded_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                     tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+    return chat_prompt_ids(embedded_tokenizer, QUESTIONS)
 
 
 class Lockstep:
