@@ -66,9 +66,10 @@ class ReplicaTotals:
     same in every api instance, so they are not summed over processes: the instance a scrape reaches reports
     the latest totals it received, per replica."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, registry: CollectorRegistry):
         self.model_name = model_name
         self.by_replica: dict[int, EngineStats] = {0: EngineStats()}
+        registry.register(self)
 
     @property
     def stats(self) -> EngineStats:
@@ -142,8 +143,8 @@ class Metrics:
         self.kv_cache_usage = gauge("headrace:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.")
         for g in (self.num_running, self.num_waiting, self.kv_cache_usage):
             g.labels(model_name, "0")  # replica 0's series exist from the start, as before any replica label
-        self.prefix_cache, self.spec_decode = PrefixCacheCounters(model_name), SpecDecodeCounters(model_name)
-        self.registry.register(self.prefix_cache), self.registry.register(self.spec_decode)
+        self.prefix_cache = PrefixCacheCounters(model_name, self.registry)
+        self.spec_decode = SpecDecodeCounters(model_name, self.registry)
 
         self.prompt_tokens = counter("headrace:prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("headrace:generation_tokens", "Generated tokens of finished requests.")
