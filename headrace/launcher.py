@@ -5,7 +5,9 @@ every address, starts scheduler, worker ranks, tokenizers and api servers as sep
 then only watches them: a dead tokenizer or api is restarted, a dead worker is reported to the
 scheduler (which fails its in-flight requests) and the ranks are restarted, a dead scheduler is restarted
 with its replica's ranks. With --data-parallel-size D each replica (scheduler d, worker indices
-d*T .. d*T + T-1) is watched and restarted on its own: a crash in one leaves the others serving. A process that dies again before the server is healthy again is restarted after a
+d*W .. d*W + W-1 for W = tensor x pipeline parallel ranks) is watched and restarted on its own: a crash in
+one leaves the others serving. With --nnodes, a node runs its block of each replica's ranks (a --headless
+node nothing else). A process that dies again before the server is healthy again is restarted after a
 growing pause; one that keeps doing so ends the server with exit code 1 and a log line naming it.
 SIGINT/SIGTERM drain the api servers first, then stop everything; no process is left behind.
 """
