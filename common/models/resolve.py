@@ -56,7 +56,7 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     requested = config.model.max_model_len
     if requested is not None and requested > limit:
         raise ConfigError(f"--max-model-len {requested} exceeds the model's context length {limit}")
-    _check_long_rope_prefix_caching(arch, requested or limit, config.cache.enable_prefix_caching)
+    _check_long_rope(arch, requested or limit, config)
     try:
         quantization = _quantization(source, hf_config, config.model.quantization, arch)
     except QuantizationError as e:
@@ -79,14 +79,22 @@ def resolve_source(source: ModelSource, config: EngineConfig) -> ResolvedModel:
     )
 
 
-def _check_long_rope_prefix_caching(arch: ModelArch, max_model_len: int, prefix_caching: bool) -> None:
-    """LongRoPE rotates a prompt's keys with the short or the long factors by the prompt's length, so cached
-    blocks of one request are not another's: past the switch point, prefix caching would change outputs."""
+def _check_long_rope(arch: ModelArch, max_model_len: int, config: EngineConfig) -> None:
+    """Past its switch point LongRoPE rotates a sequence's keys with the short or the long factors by the
+    sequence's length, and the step that crosses it recomputes the whole sequence. So cached blocks of one
+    request are not another's (prefix caching would change outputs), and a verify step may cross the switch
+    (speculation is refused)."""
     switch = arch.longrope_original_max
-    if prefix_caching and switch is not None and max_model_len > switch:
+    if switch is None or max_model_len <= switch:
+        return
+    if config.cache.enable_prefix_caching:
         raise ConfigError(f"--enable-prefix-caching is not supported with LongRoPE past its {switch} tokens "
                           f"(cached keys depend on each prompt's length); pass --max-model-len {switch} or "
                           "leave prefix caching off")
+    if config.speculative is not None:
+        raise ConfigError("--speculative-config is not supported with LongRoPE models (a verify step may cross "
+                          f"the switch to the long factors, which recomputes the sequence); pass --max-model-len "
+                          f"{switch} or leave speculation off")
 
 
 def _quantization(source: ModelSource, hf_config, requested: str | None, arch: ModelArch) -> QuantSpec | None:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from headrace.common.config import ConfigError, EngineConfig, resolve_device
+from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
@@ -74,9 +74,6 @@ class ModelRunner:
         self.max_model_len = resolved.max_model_len
         self.block_size = config.cache.block_size
         self.long_rope = long_rope_rows(self.arch, self.max_model_len)  # LongRoPE's second table, where used
-        if self.long_rope is not None and config.speculative is not None:
-            raise ConfigError("--speculative-config is not supported with LongRoPE models (a verify step may cross "
-                              "the switch to the long factors, which recomputes the sequence)")
         self.cos_sin_cache = rope_cos_sin_cache(self.hf_config, self.arch.head_dim, self.max_model_len, self.device,
                                                 self.long_rope)
         self.backend = make_backend(config.attention_backend, self.device, self.block_size)
@@ -113,15 +110,13 @@ class ModelRunner:
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap,
                                  q_dtype=self.dtype)
             self.model.warm_up_experts(sched.token_budget)
-        if self.stage.size > 1:  # graphs per stage are not built yet: pipeline stages run eagerly
-            if cuda:
-                self.sampler.warm_up(self.arch.vocab_size, sched.max_num_seqs, self.device)
-            return None, None
-        decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
-                                             self.cos_sin_cache, self.device, tp_size, self.max_model_len,
-                                             self.block_size, log=self.log)
-        piecewise = maybe_capture_piecewise_graphs(self.config, self.model, self.backend, self.kv_caches,
-                                                   self.cos_sin_cache, self.device, tp_size, log=self.log)
+        decode = piecewise = None  # graphs per stage are not built yet: pipeline stages run eagerly
+        if self.stage.size == 1:
+            decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
+                                                 self.cos_sin_cache, self.device, tp_size, self.max_model_len,
+                                                 self.block_size, log=self.log)
+            piecewise = maybe_capture_piecewise_graphs(self.config, self.model, self.backend, self.kv_caches,
+                                                       self.cos_sin_cache, self.device, tp_size, log=self.log)
         if cuda:  # with speculation a request samples up to 1 + k rows
             k = self.config.speculative.num_speculative_tokens if self.config.speculative is not None else 0
             rows = min(sched.max_num_seqs * (1 + k), max(sched.token_budget, sched.max_num_seqs))

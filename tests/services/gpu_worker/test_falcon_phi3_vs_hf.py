@@ -15,7 +15,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from headrace.common.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig
+from headrace.common.config import (CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig,
+                                    SpeculativeConfig)
 from headrace.common.models.presets import PRESETS
 from headrace.common.sampling_params import SamplingParams
 from headrace.services.gpu_worker.model_runner import ModelRunner
@@ -183,6 +184,15 @@ def test_prefix_caching_with_long_rope_past_its_switch_is_refused():
         resolved(cfg)
     short = cfg.replace(model=ModelConfig(model="random:tiny-phi3-longrope", max_model_len=32))
     assert resolved(short).resolved.max_model_len == 32
+
+
+def test_speculation_with_long_rope_past_its_switch_is_refused_before_any_process_starts():
+    cfg = EngineConfig(model=ModelConfig(model="random:tiny-phi3-longrope"), device="cpu",
+                       speculative=SpeculativeConfig())
+    with pytest.raises(ConfigError, match="--speculative-config is not supported with LongRoPE.*--max-model-len 32"):
+        resolved(cfg)
+    short = cfg.replace(model=ModelConfig(model="random:tiny-phi3-longrope", max_model_len=32))
+    assert resolved(short).speculative is not None
 
 
 def test_long_rope_rows_and_restarts():
