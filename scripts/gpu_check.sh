@@ -184,6 +184,21 @@ phase_profile() {
     --prefill-tokens 512 4096 --sampling-batch --sweep --reps 50 --output-json "$R/kernel_sweep.json"
 }
 
+phase_all_tests() {  # every GPU test in the tree (kernels, attention backends incl. fp8 KV, graphs, MoE, quant), then the
+  # speculative engine's verify steps through the GPU kernels
+  step all_gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/services/gpu_worker \
+    tests/headrace/bench/test_kernels.py tests/headrace/bench/test_moe_kernel_bench.py
+  HEADRACE_SPEC_TEST_DEVICE=cuda step spec_gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/headrace/test_speculative_engine.py
+}
+
+phase_spec_batch64() {  # issue 19: batch 64 with n-gram speculation on but nothing accepted (random weights), vs off
+  step latency_nospec 120 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 64 \
+    --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_nospec.json"
+  step latency_spec 120 python3 -m headrace.cli bench latency $M --input-len 128 --output-len 128 --batch-size 64 \
+    --num-iters-warmup 2 --num-iters 5 --output-json "$R/latency_spec.json" --speculative-config \
+    '{"method":"ngram","num_speculative_tokens":4,"prompt_lookup_min":2,"prompt_lookup_max":4,"disable_by_batch_size":8}'
+}
+
 MOE_MODEL=${MOE_MODEL:-random:mixtral-8x7b}
 
 phase_moe_kernels() {  # the fused MoE kernel over the experts it touches vs copy bandwidth, then a block-size sweep
