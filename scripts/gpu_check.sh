@@ -242,6 +242,19 @@ phase_families() {  # new families (issue 14): window/soft-cap kernels and graph
   done
 }
 
+phase_family_logits() {  # issue 14: every new family's bf16 logits vs transformers fp32 (tests: all_tests), one call
+  for preset in gemma-2-9b gemma-3-12b falcon-7b phi-3-mini-longrope mixtral-8x7b-4l qwen3-30b-a3b-12l; do
+    mkdir -p "$R/$preset"
+    step "logits_$preset" 120 python3 -m headrace.bench.gpu_check --out "$R/$preset" --sections logits \
+      --backends triton --preset "$preset" --tokenizer "$TOK" --prompt-len 1536
+  done
+}
+
+phase_moe_kernel_b64() {  # issue 14: the fused MoE kernel at batch 1 and 64 vs copy bandwidth over the experts it touches
+  step moe_kernels 150 python3 -m headrace.bench.kernels --decode-batch --prefill-tokens --sampling-batch \
+    --moe --moe-model "${MOE_MODEL#random:}" --moe-batch 1 64 --reps 50 --output-json "$R/moe_kernels.json"
+}
+
 phase_window_throughput() {  # Gemma-3-12B 300 x 4096/1024, windowed layers vs the window disabled, one call
   for m in gemma-3-12b gemma-3-12b-no-window; do
     step "throughput_$m" 280 python3 -m headrace.cli bench throughput --model "random:$m" --tokenizer "$TOK" \
