@@ -35,9 +35,11 @@ def _rotate_heads(x_ptr, stride_h, n_heads, cos, sin,
 
 @triton.jit
 def _to_cache(x, scale, cache_ptr, KV_FP8: tl.constexpr):
-    """x (float32) as the cache stores it: divided by the layer's scale and saturated for an fp8 cache."""
+    """x (float32) as the cache stores it: divided by the layer's scale and saturated for an fp8 cache. The
+    division is IEEE (`div_rn`): Triton's `/` is the fast approximate one on the GPU, whose last-bit errors
+    move values across e4m3 rounding boundaries, so the cache would disagree with the torch form."""
     if KV_FP8:
-        x = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        x = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -70,6 +72,9 @@ def _rope_and_cache_kernel(
         mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < HALF)
         kc = (k_cache_ptr + blk * stride_kc_b + off * stride_kc_s
               + offs_h[:, None] * stride_kc_h + offs_d[None, :])
+        if KV_FP8:  # the fp8 cache holds the rotated k as attention sees it (in q's dtype), quantized once more
+            k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
+            k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
         tl.store(kc, _to_cache(k1, k_scale, k_cache_ptr, KV_FP8), mask=mask)
         tl.store(kc + HALF, _to_cache(k2, k_scale, k_cache_ptr, KV_FP8), mask=mask)
         # v is copied in two halves too, so it shares the mask and tile shapes.
