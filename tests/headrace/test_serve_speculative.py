@@ -5,6 +5,7 @@ offline engine answers without speculation; /metrics counts the drafts."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,3 +67,50 @@ def test_served_with_ngram_speculation_equals_offline_without():
     drafts = next(float(line.split()[-1]) for line in metrics.splitlines()
                   if line.startswith("headrace:spec_decode_num_drafts_total"))
     assert drafts > 0 and accepted > drafts  # more than one accepted draft token per verify step on average
+
+
+# The draft-model test's tokens per prompt: 16 in CI (the server start is the cost); the acceptance run sets 128.
+DRAFT_TEST_TOKENS = int(os.environ.get("HEADRACE_SPEC_TEST_TOKENS", "16"))
+
+
+def metric(metrics: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
+
+
+@pytest.mark.timeout(1500)
+def test_served_with_a_draft_model_equals_offline_without():
+    """The embedded model drafting for itself (its own paged KV in the worker, drafts proposed in the verify
+    step): greedy and seeded outputs are the offline engine's without speculation, beside requests that run
+    without drafts, and every draft is accepted (a near-tie decided differently by the draft's batching may
+    reject one)."""
+    from headrace import LLM, SamplingParams
+
+    spec = json.dumps({"method": "draft_model", "model": "embedded", "num_speculative_tokens": 4})
+    n = DRAFT_TEST_TOKENS
+    with running_server("--max-model-len", "512", "--speculative-config", spec, "--num-tokenizers", "1") as srv:
+        model = srv.get("/v1/models").json()["data"][0]["id"]
+
+        def complete(body: dict) -> dict:
+            reply = httpx.post(srv.base_url + "/v1/completions", timeout=900,
+                               json={"model": model, "max_tokens": n, "temperature": 0, "ignore_eos": True, **body})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]
+
+        bodies = [{"prompt": p} for p in PROMPTS]
+        bodies += [{"prompt": PROMPTS[0], "logprobs": 1}, {"prompt": PROMPTS[1], "temperature": 0.8, "seed": 7}]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            served = list(pool.map(complete, bodies))
+        time.sleep(1.0)
+        metrics = srv.get("/metrics").text
+
+    llm = LLM(max_model_len=512, log=lambda *_: None)
+    offline = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+    seeded = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.8, seed=7, max_tokens=n, ignore_eos=True),
+                          use_tqdm=False)
+    for i, (got, want) in enumerate(zip(served, offline)):
+        assert got["text"] == want.outputs[0].text, f"prompt {i}"
+    assert served[16]["text"] == offline[0].outputs[0].text and served[16]["logprobs"] is not None
+    assert served[17]["text"] == seeded[0].outputs[0].text
+    drafted = metric(metrics, "headrace:spec_decode_num_draft_tokens_total")
+    accepted = metric(metrics, "headrace:spec_decode_num_accepted_tokens_total")
+    assert drafted > 0 and accepted >= drafted - 2
