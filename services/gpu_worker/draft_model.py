@@ -105,7 +105,10 @@ class DraftModel:
         the noise the sampler would draw that output with."""
         rows = [SamplingRow(s.params, s.seed, v.token_ids, s.num_prompt_tokens, eos_token_ids)
                 for v, s in zip(views, states)]
-        q = self.sampler.probabilities(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
+        inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
+        q = self.sampler.probabilities(logits, inputs)
+        if inputs.all_greedy:  # q is one-hot: no noise to draw
+            return q, q.argmax(dim=-1).tolist()
         seeds = to_device([wrap_int64(s.seed) for s in states], torch.int64, self.device)
         steps = to_device([r.num_output_tokens for r in rows], torch.int64, self.device)
         # The next draft's input is this token: it must reach the host (a draft step is small; the sync is cheap).

@@ -275,7 +275,7 @@ class ModelRunner:
             tokens, accepted = accept_model_drafts(
                 out.sampled_token_ids, self.sampler.probabilities(logits, inputs), drafts,
                 [s.draft_probs for s in states], [s.seed for s in states],
-                [len(s.token_ids) - s.num_prompt_tokens for s in states])
+                [len(s.token_ids) - s.num_prompt_tokens for s in states], inputs.all_greedy)
             result.draft_token_ids = {s.req_id: d for s, d in zip(states, drafts) if d}
         for s in states:
             s.draft_token_ids, s.draft_probs = [], None

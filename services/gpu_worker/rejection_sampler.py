@@ -88,13 +88,14 @@ def accept_drafts(sampled: torch.Tensor, drafts: list[list[int]]) -> tuple[torch
 
 
 def accept_model_drafts(sampled: torch.Tensor, probs: torch.Tensor, drafts: list[list[int]],
-                        draft_probs: list[torch.Tensor | None], seeds: list[int], num_outputs: list[int]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        draft_probs: list[torch.Tensor | None], seeds: list[int], num_outputs: list[int],
+                        all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling of drafts sampled from a draft model. sampled: [R] the sampler's draws and probs
     [R, V] the target distributions p of the rows (1 + len(drafts[i]) per request, in order); draft_probs[i]:
     [len(drafts[i]), V] the q each draft was drawn from; num_outputs[i]: request i's output count before this
     step (row j draws output num_outputs[i] + j). Returns ([S] the token after the accepted drafts, [S] how
-    many were accepted). A request whose drafts all pass, or that has none, keeps its sampled token."""
+    many were accepted). A request whose drafts all pass, or that has none, keeps its sampled token.
+    all_greedy: every row is greedy (one-hot p and q), so the residual is one-hot too and needs no noise."""
     device, vocab = probs.device, probs.shape[1]
     num, width = len(drafts), max(map(len, drafts))
     lengths = to_device([len(d) for d in drafts], torch.int64, device)
@@ -120,6 +121,7 @@ def accept_model_drafts(sampled: torch.Tensor, probs: torch.Tensor, drafts: list
     residual = (p_a - q_a).clamp_(min=0.0)
     # p == q where a draft was rejected can only be rounding (the rejection had probability ~0): draw from p.
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_a)
-    drawn = gumbel_argmax_(residual.log(), noise_seeds(seeds, RESIDUAL_NOISE, device), base + accepted)
+    drawn = residual.argmax(dim=1) if all_greedy else \
+        gumbel_argmax_(residual.log(), noise_seeds(seeds, RESIDUAL_NOISE, device), base + accepted)
     own = sampled.index_select(0, to_device([f + len(d) for f, d in zip(firsts, drafts)], torch.int64, device))
     return torch.where(accepted == lengths, own, drawn), accepted
