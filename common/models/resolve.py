@@ -45,8 +45,12 @@ def resolve_draft(model: str, target: ResolvedModel, config: EngineConfig, log: 
     """The speculative draft model ("embedded": the embedded model), checked against the target it drafts for:
     the same vocabulary (the drafts are target token ids), and KV it can keep in the target's block tables."""
     source = resolve_model("" if model == "embedded" else model, log=log)
-    arch = arch_from_hf_config(source.hf_config())
+    hf_config = source.hf_config()
+    arch = arch_from_hf_config(hf_config)
     prefix = f"--speculative-config: the draft model {model!r}"
+    if getattr(hf_config, "quantization_config", None):
+        raise ConfigError(f"{prefix} is a quantized checkpoint; a draft model is loaded unquantized (pass its "
+                          "16-bit checkpoint, or a .gguf)")
     if arch.vocab_size != target.vocab_size:
         raise ConfigError(f"{prefix} has a vocabulary of {arch.vocab_size} tokens, the target {target.vocab_size}: "
                           "a draft model must share the target's tokenizer")
