@@ -29,10 +29,10 @@ from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import (
     Sampler,
     SamplingRow,
-    wrap_int64,
     build_sampling_inputs,
     gumbel_argmax_,
     to_device,
+    wrap_int64,
 )
 
 
@@ -76,6 +76,7 @@ class DraftModel:
     def propose(self, states: list[RequestState], counts: list[int], eos_token_ids: tuple[int, ...]) -> None:
         """Sets each state's draft_token_ids (counts[i] tokens) and draft_probs ([counts[i], V], q of each)."""
         views = {s.req_id: _DraftView(s) for s in states}
+        by_id = {s.req_id: s for s in states}
         wanted = {s.req_id: n for s, n in zip(states, counts)}
         probs: dict[str, list[torch.Tensor]] = {rid: [] for rid in views}
         scheduled = {rid: len(v.token_ids) - v.num_computed_tokens for rid, v in views.items()}
@@ -84,9 +85,8 @@ class DraftModel:
             ctx = ForwardContext(batch.attn, self.kv_caches, self.backend, self.cos_sin_cache)
             hidden = self.model(batch.input_ids, batch.positions, ctx)
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-            by_id = {s.req_id: s for s in states}
-            rows = [by_id[v.req_id] for v in batch.sample_states]
-            q, tokens = self._sample(logits, batch.sample_states, rows, eos_token_ids)
+            q, tokens = self._sample(logits, batch.sample_states, [by_id[v.req_id] for v in batch.sample_states],
+                                     eos_token_ids)
             for i, (view, token) in enumerate(zip(batch.sample_states, tokens)):
                 view.num_computed_tokens += scheduled[view.req_id]
                 view.token_ids.append(token)

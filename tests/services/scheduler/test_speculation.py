@@ -71,7 +71,7 @@ def test_speculative_config_rejects_bad_json_and_fields():
     for text in ('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 5}',
                  '{"model": "/m", "num_speculative_tokens": 5}'):
         cfg = SpeculativeConfig.from_json(text)
-        assert (cfg.method, cfg.model, cfg.num_speculative_tokens, cfg.uses_draft_model) == ("draft_model", "/m", 5, True)
+        assert (cfg.method, cfg.model, cfg.num_speculative_tokens) == ("draft_model", "/m", 5) and cfg.uses_draft_model
 
 
 # --------------------------------------------------------------------------- block rollback
@@ -153,10 +153,10 @@ def spec_scheduler(num_blocks: int, block_size: int = 8, prefix_caching: bool = 
                    k: int = 3, disable: int | None = None, budget: int = 64, draft_model: str | None = None
                    ) -> Scheduler:
     method = "draft_model" if draft_model else "ngram"
+    spec = SpeculativeConfig(method, num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3,
+                             disable_by_batch_size=disable, model=draft_model)
     return Scheduler(SchedulerConfig(max_num_seqs, budget), CacheConfig(block_size, enable_prefix_caching=prefix_caching),
-                     num_blocks, 256, speculative=SpeculativeConfig(method, num_speculative_tokens=k, prompt_lookup_min=1,
-                                                                    prompt_lookup_max=3, disable_by_batch_size=disable,
-                                                                    model=draft_model))
+                     num_blocks, 256, speculative=spec)
 
 
 def expected(prompt: list[int], max_tokens: int) -> list[int]:
