@@ -59,6 +59,7 @@ class DraftModel:
         assert draft is not None, "a draft-model config resolves its draft (resolve_engine_config)"
         loaded = load_model(draft, device, dtype, seed=config.model.seed)
         self.model, self.arch, self.device, self.block_size = loaded.model, loaded.arch, device, block_size
+        self.dtype = dtype
         self.name = draft.name
         self.cos_sin_cache = rope_cos_sin_cache(loaded.hf_config, self.arch.head_dim, draft.max_model_len, device)
         self.backend = make_backend(config.attention_backend, device, block_size)
@@ -71,6 +72,11 @@ class DraftModel:
     def allocate(self, num_blocks: int) -> None:
         """Its KV tensors: as many blocks as the target's, so that the target's block ids address them."""
         self.kv_caches = self.kv_layout.allocate(num_blocks, self.device)
+
+    def warm_up(self, max_num_seqs: int, max_tokens: int) -> None:
+        """Compile its attention kernels' variants before serving (CUDA only), as the target's are."""
+        self.backend.warm_up(self.kv_caches[0], self.model.layers[0].self_attn.num_heads, max_num_seqs, max_tokens,
+                             softcap=self.arch.attn_logit_softcap, q_dtype=self.dtype)
 
     @torch.no_grad()
     def propose(self, states: list[RequestState], counts: list[int], eos_token_ids: tuple[int, ...]) -> None:

@@ -120,6 +120,8 @@ class ModelRunner:
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap,
                                  q_dtype=self.dtype)
             self.model.warm_up_experts(sched.token_budget)
+            if self.drafter is not None:
+                self.drafter.warm_up(sched.max_num_seqs, min(sched.token_budget, self.max_model_len))
         decode = piecewise = None  # graphs per stage are not built yet: pipeline stages run eagerly
         if self.stage.size == 1:
             decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
