@@ -242,21 +242,24 @@ class ServerConfig:
                  "--engine-connect-host must name a host")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """--speculative-config, as vLLM spells it (JSON). `ngram`: prompt lookup, the draft tokens are what
     followed the latest earlier occurrence of the sequence's last n tokens (prompt_lookup_max >= n >=
-    prompt_lookup_min); no extra model. Steps with more running requests than disable_by_batch_size
-    propose nothing (None: never disabled)."""
+    prompt_lookup_min); no extra model. `draft_model`: a smaller model of the same vocabulary (`model`: a
+    folder, a .gguf, random:<preset>, or "embedded" for the embedded model) proposes the tokens, run by the
+    worker beside the target. Steps with more running requests than disable_by_batch_size propose nothing
+    (None: never disabled)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
     disable_by_batch_size: int | None = None
+    model: str | None = None  # the draft model (draft_model only)
 
     def __post_init__(self) -> None:
         _require(self.method in SPECULATIVE_METHODS,
@@ -271,10 +274,20 @@ class SpeculativeConfig:
         d = self.disable_by_batch_size
         _require(d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 1),
                  f"--speculative-config: disable_by_batch_size must be an integer >= 1, got {d!r}")
+        _require(self.method != "draft_model" or (isinstance(self.model, str) and bool(self.model)),
+                 '--speculative-config: method "draft_model" needs "model" (a folder, a .gguf, random:<preset> '
+                 'or "embedded")')
+        _require(self.method == "draft_model" or self.model is None,
+                 f'--speculative-config: "model" is for method "draft_model", not {self.method!r}')
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"
 
     @classmethod
     def from_json(cls, text: str | None) -> SpeculativeConfig | None:
-        """The config from the flag's JSON text (None or "" -> no speculation); a ConfigError names what is wrong."""
+        """The config from the flag's JSON text (None or "" -> no speculation); a ConfigError names what is wrong.
+        A "model" without a "method" is a draft model, as vLLM reads it."""
         if not text:
             return None
         import json
@@ -284,11 +297,11 @@ class SpeculativeConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
         _require(isinstance(data, dict), "--speculative-config must be a JSON object")
-        if "model" in data:
-            raise ConfigError("--speculative-config: a draft model is not supported yet; use {\"method\": \"ngram\"}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         _require(not unknown, f"--speculative-config: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "model" in data and "method" not in data:
+            data = {**data, "method": "draft_model"}
         return cls(**data)
 
 
@@ -325,6 +338,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # Filled in once by resolve_engine_config; None until then.
     resolved: ResolvedModel | None = None
+    # The speculative draft model, resolved likewise (None: no draft model).
+    resolved_draft: ResolvedModel | None = None
 
     def __post_init__(self) -> None:
         _require(self.attention_backend in ("auto", "torch", "triton"),
@@ -333,6 +348,10 @@ class EngineConfig:
         # one per step; a verify step's several accepted tokens would need more: not built.
         _require(self.speculative is None or self.parallel.pipeline_parallel_size == 1,
                  "--speculative-config is not supported with --pipeline-parallel-size > 1")
+        # Each rank would run the whole draft and must propose the very same tokens as the others: not built.
+        _require(self.speculative is None or not self.speculative.uses_draft_model
+                 or self.parallel.tensor_parallel_size == 1,
+                 '--speculative-config: method "draft_model" is not supported with --tensor-parallel-size > 1')
 
     def require_resolved(self) -> ResolvedModel:
         """The resolved model; a ConfigError for a config that skipped resolution."""
@@ -345,7 +364,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
-        resolved = data.get("resolved")
+        resolved, draft = data.get("resolved"), data.get("resolved_draft")
         return cls(
             model=ModelConfig(**data["model"]),
             cache=CacheConfig(**data["cache"]),
@@ -357,6 +376,7 @@ class EngineConfig:
             enforce_eager=data["enforce_eager"],
             speculative=None if data.get("speculative") is None else SpeculativeConfig(**data["speculative"]),
             resolved=None if resolved is None else _resolved_from_dict(resolved),
+            resolved_draft=None if draft is None else _resolved_from_dict(draft),
         )
 
     @classmethod
@@ -399,7 +419,7 @@ _SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "sched
 _FIELD_OWNER: dict[str, str] = {f.name: section for section, kind in _SECTIONS.items()
                                 for f in dataclasses.fields(kind)}
 _FIELD_OWNER.update({f.name: "" for f in dataclasses.fields(EngineConfig)
-                     if f.name not in _SECTIONS and f.name != "resolved"})
+                     if f.name not in _SECTIONS and f.name not in ("resolved", "resolved_draft")})
 
 
 def _resolved_from_dict(data: dict[str, Any]) -> ResolvedModel:

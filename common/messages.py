@@ -170,6 +170,10 @@ class StepPlan:
     # Speculative decoding: draft tokens proposed for a running request. Its scheduled tokens are its newest
     # token plus these; the worker verifies them and samples one more (StepResult.num_accepted_drafts).
     spec_token_ids: dict[str, TokenIds] = field(default_factory=dict)
+    # Speculative decoding with a draft model: how many draft tokens the worker's draft model proposes for a
+    # running request at the start of this step (its scheduled tokens are its newest token plus that many);
+    # they are verified in the same step and come back in StepResult.draft_token_ids.
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -225,6 +229,9 @@ class StepResult:
     # Requests the plan gave draft tokens: how many of them were accepted. The request's new tokens are that
     # many drafts followed by its entry in sampled_token_ids (the correction, or the bonus token if all passed).
     num_accepted_drafts: dict[str, int] = field(default_factory=dict)
+    # Requests the plan gave draft-model drafts (StepPlan.num_draft_tokens): the drafts the worker proposed
+    # and verified, of which the first num_accepted_drafts were accepted.
+    draft_token_ids: dict[str, TokenIds] = field(default_factory=dict)
 
 
 @dataclass

@@ -104,7 +104,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--enforce-eager", EngineConfig, action="store_true", help="no CUDA graphs")
     g.add_argument("--speculative-config", default=_env("speculative_config", None),
                    help='speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3, '
-                        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 8}')
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 8}, or with a '
+                        'draft model {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}')
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:

@@ -65,6 +65,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 8,
         "num_attention_heads": 64, "num_key_value_heads": 8,
     },
+    # Llama-3.2-1B: the Llama-3 vocabulary at 1B, the usual draft model for the 8B (--speculative-config).
+    "llama-3.2-1b": {
+        **_LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
     "qwen3-8b": {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,

@@ -30,11 +30,43 @@ def resolve_engine_config(config: EngineConfig, log: Callable[[str], None] = pri
         source = resolve_model(config.model.model, config.model.tokenizer, log=log,
                                keep_quantized=keeps_gguf_quantized(config))
         resolved = resolve_source(source, config)
+    draft = config.resolved_draft
+    if draft is None and config.speculative is not None and config.speculative.uses_draft_model:
+        draft = resolve_draft(config.speculative.model, resolved, config, log)
     scheduler = config.scheduler
     if scheduler.max_num_batched_tokens is None:
         default = DEFAULT_MAX_NUM_BATCHED_TOKENS[resolve_device(config.device).split(":")[0]]
         scheduler = dataclasses.replace(scheduler, max_num_batched_tokens=default)
-    return config.replace(resolved=resolved, scheduler=scheduler)
+    return config.replace(resolved=resolved, resolved_draft=draft, scheduler=scheduler)
+
+
+def resolve_draft(model: str, target: ResolvedModel, config: EngineConfig, log: Callable[[str], None]
+                  ) -> ResolvedModel:
+    """The speculative draft model ("embedded": the embedded model), checked against the target it drafts for:
+    the same vocabulary (the drafts are target token ids), and KV it can keep in the target's block tables."""
+    source = resolve_model("" if model == "embedded" else model, log=log)
+    hf_config = source.hf_config()
+    arch = arch_from_hf_config(hf_config)
+    prefix = f"--speculative-config: the draft model {model!r}"
+    if getattr(hf_config, "quantization_config", None):
+        raise ConfigError(f"{prefix} is a quantized checkpoint; a draft model is loaded unquantized (pass its "
+                          "16-bit checkpoint, or a .gguf)")
+    if arch.vocab_size != target.vocab_size:
+        raise ConfigError(f"{prefix} has a vocabulary of {arch.vocab_size} tokens, the target {target.vocab_size}: "
+                          "a draft model must share the target's tokenizer")
+    if arch.longrope_original_max is not None:
+        raise ConfigError(f"{prefix} uses LongRoPE, which a draft model does not support")
+    if arch.context_limit < target.max_model_len:
+        raise ConfigError(f"{prefix} holds {arch.context_limit} tokens, fewer than --max-model-len "
+                          f"{target.max_model_len}: pass a smaller --max-model-len")
+    # The scheduler frees a windowed target's old blocks; a draft that attends further back would read them.
+    if target.kv_window is not None and (arch.kv_window is None or arch.kv_window > target.kv_window):
+        raise ConfigError(f"{prefix} attends further back than the target's sliding window, whose old KV "
+                          "blocks are freed; a draft model is not supported with this target")
+    return ResolvedModel(kind=source.kind, name=model, weights_dir=source.weights_dir,
+                         tokenizer_dir=source.tokenizer_dir, preset=source.preset,
+                         max_model_len=target.max_model_len, eos_token_ids=target.eos_token_ids,
+                         vocab_size=arch.vocab_size, kv_window=arch.kv_window)
 
 
 def keeps_gguf_quantized(config: EngineConfig) -> bool:

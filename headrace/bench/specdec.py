@@ -7,6 +7,11 @@ the same work. decode tok/s = (output tokens - 1) / (seconds after the first tok
 
     headrace bench specdec --speculative-config '{"method": "ngram", "num_speculative_tokens": 8,
         "prompt_lookup_min": 2, "prompt_lookup_max": 4}' --output-len 128 --output-json specdec.json
+    headrace bench specdec --model random:llama-3-8b --max-model-len 2048 --speculative-config
+        '{"method": "draft_model", "model": "random:llama-3.2-1b", "num_speculative_tokens": 4}'
+
+(A draft model with random weights is accepted only where it happens to agree with the target: its speed-up
+on random weights is no measure of a trained draft's.)
 """
 
 from __future__ import annotations
@@ -117,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = engine_config_from_args(args)
     spec_config = config.speculative or DEFAULT_SPEC
-    plain = LLMEngine(config.replace(speculative=None))
-    spec = LLMEngine(plain.config.replace(speculative=spec_config), runner=plain.runner)
+    # The speculative engine loads the runner (with its draft model, for method draft_model); the plain one
+    # shares it and never drafts.
+    spec = LLMEngine(config.replace(speculative=spec_config))
+    plain = LLMEngine(spec.config.replace(speculative=None), runner=spec.runner)
     model = plain.config.require_resolved()
     codec = TextCodec.load(model.tokenizer_dir, config.model.chat_template, model.max_model_len)
     sets = {name: [codec.encode_chat([{"role": "user", "content": text}])[0] for text in texts]

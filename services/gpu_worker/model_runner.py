@@ -20,6 +20,7 @@ from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
+from headrace.services.gpu_worker.draft_model import DraftModel
 from headrace.services.gpu_worker.grammar import GrammarError, GrammarRuntime
 from headrace.services.gpu_worker.graph_runner import GraphRunner
 from headrace.services.gpu_worker.inflight import InflightQueue, InflightStep
@@ -36,7 +37,7 @@ from headrace.services.gpu_worker.parallel import SINGLE, TPGroup
 from headrace.services.gpu_worker.piecewise_graphs import PiecewiseGraphs, maybe_capture_piecewise_graphs
 from headrace.services.gpu_worker.pipeline import SINGLE_STAGE, PipelineStage
 from headrace.services.gpu_worker.prompt_logprobs import score_prompt_spans
-from headrace.services.gpu_worker.rejection_sampler import accept_drafts, verify_rows
+from headrace.services.gpu_worker.rejection_sampler import accept_drafts, accept_model_drafts, verify_rows
 from headrace.services.gpu_worker.request_state import RequestState
 from headrace.services.gpu_worker.sampler import Sampler, SamplerOutput, build_sampling_inputs
 
@@ -80,8 +81,14 @@ class ModelRunner:
         self.kv_layout = KVCacheLayout(len(self.model.layers), self.block_size,
                                        self.model.layers[0].self_attn.num_kv_heads, self.arch.head_dim,
                                        kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype))
+        # The speculative draft model, loaded before the KV cache is sized (its weights take memory too).
+        self.drafter = DraftModel(config, self.device, self.dtype, self.block_size) \
+            if config.speculative is not None and config.speculative.uses_draft_model else None
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self.kv_layout.allocate(self.num_blocks, self.device)
+        if self.drafter is not None:
+            self.drafter.allocate(self.num_blocks)
+            log(f"draft model {self.drafter.name}: its own KV cache of {self.num_blocks} blocks")
         log(describe_kv_cache(self.kv_layout, self.num_blocks, [lay.self_attn.kv_scale for lay in self.model.layers]))
         self.sampler = Sampler()
         self.grammars = GrammarRuntime(resolved.tokenizer_dir, self.arch.vocab_size, self.eos_token_ids)
@@ -99,6 +106,9 @@ class ModelRunner:
         if num_blocks is None:
             num_blocks = profile_gpu_num_blocks(self.model, self.backend, self.cos_sin_cache, self.kv_layout,
                                                 self.config, self.max_model_len, self.device, log=self.log)
+        if self.drafter is not None and self.config.cache.num_blocks is None:  # a byte budget holds both caches
+            target = self.kv_layout.bytes_per_block
+            num_blocks = num_blocks * target // (target + self.drafter.kv_layout.bytes_per_block)
         return check_holds_one_sequence(num_blocks, self.block_size, self.max_model_len)
 
     def _warm_up_and_capture(self) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None]:
@@ -110,6 +120,8 @@ class ModelRunner:
                                  min(sched.token_budget, self.max_model_len), softcap=self.arch.attn_logit_softcap,
                                  q_dtype=self.dtype)
             self.model.warm_up_experts(sched.token_budget)
+            if self.drafter is not None:
+                self.drafter.warm_up(sched.max_num_seqs, min(sched.token_budget, self.max_model_len))
         decode = piecewise = None  # graphs per stage are not built yet: pipeline stages run eagerly
         if self.stage.size == 1:
             decode = maybe_capture_decode_graphs(self.config, self.model, self.backend, self.kv_caches,
@@ -205,6 +217,11 @@ class ModelRunner:
 
     def _run(self, step: InflightStep, pending: InflightStep | None) -> None:
         """Prepare, forward and sample the step's batch on the device."""
+        if step.plan.num_draft_tokens:  # the draft model proposes what this step verifies (draft_model.py)
+            assert self.drafter is not None, "a plan with draft-model drafts for a worker without a draft model"
+            drafting = step.plan.num_draft_tokens
+            self.drafter.propose([self.requests[rid] for rid in drafting], list(drafting.values()),
+                                 self.eos_token_ids)
         batch = prepare_batch(self.requests, step.plan.num_scheduled_tokens, self.block_size, self.device, pending,
                               long_rope=self.long_rope)
         hidden = self._forward(batch)
@@ -248,13 +265,22 @@ class ModelRunner:
         rows = []
         for s in batch.sample_states:
             rows += verify_rows(s, self.eos_token_ids, 1 if id(s) in pending_rows else 0, s.matcher)
-        out = self.sampler(logits, build_sampling_inputs(rows, self.arch.vocab_size, self.device))
+        inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
+        out = self.sampler(logits, inputs)
         if len(rows) == len(batch.sample_states):
             return out, None, None
-        drafts = [s.draft_token_ids for s in batch.sample_states]
-        for s in batch.sample_states:
-            s.draft_token_ids = []
-        tokens, accepted = accept_drafts(out.sampled_token_ids, drafts)
+        states = batch.sample_states
+        drafts = [s.draft_token_ids for s in states]
+        if self.drafter is None:
+            tokens, accepted = accept_drafts(out.sampled_token_ids, drafts)
+        else:  # drafts drawn from the draft model's q: the general test, against the target's p
+            tokens, accepted = accept_model_drafts(
+                out.sampled_token_ids, self.sampler.probabilities(logits, inputs), drafts,
+                [s.draft_probs for s in states], [s.seed for s in states],
+                [len(s.token_ids) - s.num_prompt_tokens for s in states], inputs.all_greedy)
+            result.draft_token_ids = {s.req_id: d for s, d in zip(states, drafts) if d}
+        for s in states:
+            s.draft_token_ids, s.draft_probs = [], None
         logprobs = None
         if out.logprobs is not None:  # rows of requests without drafts (those with drafts ask for none)
             firsts = [0]

@@ -15,8 +15,19 @@ vector, the sampler's own. Greedy rows are the same rule with y = argmax (an exa
 
 A consequence worth having: the noise a token is drawn with depends only on (seed, output index), so a
 request's output with speculation is token-for-token the output without it, greedy or seeded, whatever
-was drafted. (A draft model that samples its drafts, q not one-hot, needs the general min(1, p/q) test with
-its own uniforms; greedy drafts from a model are one-hot again.)
+was drafted.
+
+A draft model samples its drafts from its own distribution q (draft_model.py), which is not one-hot, so its
+drafts take the general test (accept_model_drafts): x_j is accepted with probability min(1, p_j(x)/q_j(x)),
+the first rejected position draws from max(p_j - q_j, 0) renormalised, and if all pass the bonus token is the
+sampler's own draw from p_{d+1}. The draft draws x_j with the sampler's own noise for that output index (the
+Gumbel noise the target's token would be drawn with), while the test's uniforms and the residual draw have
+streams of their own; all are keyed by (seed, output index), so a seeded request stays reproducible. The
+shared noise is what makes a draft that matches the target (q == p) reproduce the output without speculation
+token for token: x_j is then the very token the sampler would have drawn, accepted with probability 1. It is
+still exact for any q: the noise of an output index decides at most that index's draft, and an index whose
+draft was rejected is emitted from the residual's stream, never drawn again. Greedy rows have one-hot p and
+q: a draft is accepted iff it is the target's argmax, and the residual is that argmax.
 """
 
 from __future__ import annotations
@@ -24,7 +35,18 @@ from __future__ import annotations
 import torch
 
 from headrace.services.gpu_worker.request_state import RequestState
-from headrace.services.gpu_worker.sampler import SamplingRow, to_device
+from headrace.services.gpu_worker.sampler import SamplingRow, wrap_int64, gumbel_argmax_, hash_uniform, to_device
+
+# Noise streams of draft-model verification, xor-ed into a request's seed: distinct from the sampler's own
+# stream (which the draft model draws with) and from each other, so the accept test and the residual draw are
+# independent of the drafts.
+ACCEPT_NOISE = wrap_int64(0x3C6EF372FE94F82B)
+RESIDUAL_NOISE = wrap_int64(0x1F83D9ABFB41BD6B)
+
+
+def noise_seeds(seeds: list[int], stream: int, device: torch.device) -> torch.Tensor:
+    """[B] int64 seeds of one noise stream."""
+    return to_device([wrap_int64(seed) ^ stream for seed in seeds], torch.int64, device)
 
 
 def verify_rows(state: RequestState, eos_token_ids: tuple[int, ...], num_pending: int,
@@ -63,3 +85,43 @@ def accept_drafts(sampled: torch.Tensor, drafts: list[list[int]]) -> tuple[torch
     match = tokens[:, :width] == to_device(padded, torch.int64, device)
     accepted = match.to(torch.int64).cumprod(dim=1).sum(dim=1)
     return tokens.gather(1, accepted[:, None]).squeeze(1), accepted
+
+
+def accept_model_drafts(sampled: torch.Tensor, probs: torch.Tensor, drafts: list[list[int]],
+                        draft_probs: list[torch.Tensor | None], seeds: list[int], num_outputs: list[int],
+                        all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling of drafts sampled from a draft model. sampled: [R] the sampler's draws and probs
+    [R, V] the target distributions p of the rows (1 + len(drafts[i]) per request, in order); draft_probs[i]:
+    [len(drafts[i]), V] the q each draft was drawn from; num_outputs[i]: request i's output count before this
+    step (row j draws output num_outputs[i] + j). Returns ([S] the token after the accepted drafts, [S] how
+    many were accepted). A request whose drafts all pass, or that has none, keeps its sampled token.
+    all_greedy: every row is greedy (one-hot p and q), so the residual is one-hot too and needs no noise."""
+    device, vocab = probs.device, probs.shape[1]
+    num, width = len(drafts), max(map(len, drafts))
+    lengths = to_device([len(d) for d in drafts], torch.int64, device)
+    firsts, gather, start = [], [], 0
+    for d in drafts:  # row j of each request, clamped to its last row past its own drafts (as accept_drafts)
+        firsts.append(start)
+        gather.append([start + min(j, len(d)) for j in range(width + 1)])
+        start += len(d) + 1
+    p = probs.index_select(0, to_device(gather, torch.int64, device).view(-1)).view(num, width + 1, vocab)
+    q = torch.zeros_like(p)  # rows past a request's drafts stay 0: the bonus row draws from p itself
+    for i, qi in enumerate(draft_probs):
+        if qi is not None:
+            q[i, : qi.shape[0]] = qi
+    tokens = to_device([d + [0] * (width - len(d)) for d in drafts], torch.int64, device)[:, :, None]
+    p_x, q_x = p[:, :width].gather(2, tokens).squeeze(2), q[:, :width].gather(2, tokens).squeeze(2)
+    base = to_device(num_outputs, torch.int64, device)
+    index = base[:, None] + torch.arange(width, device=device)
+    u = hash_uniform(noise_seeds(seeds, ACCEPT_NOISE, device).repeat_interleave(width), index.view(-1), 1)
+    ok = (u.view(num, width) * q_x <= p_x) & (torch.arange(width, device=device) < lengths[:, None])
+    accepted = ok.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(num, device=device)
+    p_a, q_a = p[rows, accepted], q[rows, accepted]
+    residual = (p_a - q_a).clamp_(min=0.0)
+    # p == q where a draft was rejected can only be rounding (the rejection had probability ~0): draw from p.
+    residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_a)
+    drawn = residual.argmax(dim=1) if all_greedy else \
+        gumbel_argmax_(residual.log(), noise_seeds(seeds, RESIDUAL_NOISE, device), base + accepted)
+    own = sampled.index_select(0, to_device([f + len(d) for f, d in zip(firsts, drafts)], torch.int64, device))
+    return torch.where(accepted == lengths, own, drawn), accepted

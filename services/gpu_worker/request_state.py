@@ -19,7 +19,8 @@ class RequestState:
     numpy row so a step's batch table is assembled with array copies, not Python loops over block ids."""
 
     __slots__ = ("req_id", "token_ids", "num_prompt_tokens", "block_table", "num_blocks", "num_computed_tokens",
-                 "params", "seed", "prompt_scores", "grammar", "matcher", "draft_token_ids")
+                 "params", "seed", "prompt_scores", "grammar", "matcher", "draft_token_ids", "draft_probs",
+                 "draft_computed")
 
     def __init__(self, req_id: str, token_ids: list[int], num_prompt_tokens: int, block_ids: list[int],
                  num_computed_tokens: int, params: SamplingParams, seed: int, grammar: Future | None = None):
@@ -41,6 +42,12 @@ class RequestState:
         self.matcher: Any = None
         # Draft tokens the current plan asks to verify after the newest token (speculative decoding); [] if none.
         self.draft_token_ids: list[int] = []
+        # A draft model's drafts only (draft_model.py): [len(draft_token_ids), V] the distribution each was drawn
+        # from, and how many of the request's tokens have their KV written in the draft's cache. A new state (a
+        # resumed request too) starts at 0: the draft then computes the whole prefix itself, so a prefix-cache
+        # hit, whose draft KV nothing guarantees, is never read by it.
+        self.draft_probs: Any = None
+        self.draft_computed = 0
         self.add_blocks(block_ids)
 
     def add_blocks(self, block_ids: list[int]) -> None:
@@ -58,6 +65,8 @@ class RequestState:
         ceil(tokens with valid KV / block_size) blocks kept; num_computed_tokens is still this step's start)."""
         for token_id in drafts[:num_accepted]:
             self.append_token(token_id)
+        # The draft model's KV is valid as far as its fed drafts were accepted (and never past the tokens).
+        self.draft_computed = min(self.draft_computed, len(self.token_ids))
         keep = -(-(self.num_computed_tokens + 1 + num_accepted) // block_size)
         self.num_blocks = min(self.num_blocks, keep)
 

@@ -26,14 +26,15 @@ _GREEDY_EPS = 1e-5
 _U64 = (1 << 64) - 1
 
 
-def _i64(x: int) -> int:
+def wrap_int64(x: int) -> int:
+    """x as the signed int64 of the same low 64 bits (torch has no uint64)."""
     x &= _U64
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-_GAMMA = _i64(0x9E3779B97F4A7C15)
-_MUL1 = _i64(0xBF58476D1CE4E5B9)
-_MUL2 = _i64(0x94D049BB133111EB)
+_GAMMA = wrap_int64(0x9E3779B97F4A7C15)
+_MUL1 = wrap_int64(0xBF58476D1CE4E5B9)
+_MUL2 = wrap_int64(0x94D049BB133111EB)
 
 
 @dataclass
@@ -175,7 +176,7 @@ class _Columns:
         greedy = p.temperature < _GREEDY_EPS
         self.greedy[i] = greedy
         self.temperature[i] = 1.0 if greedy else p.temperature
-        self.seeds[i] = _i64(row.seed)
+        self.seeds[i] = wrap_int64(row.seed)
         self.steps[i] = num_out
         if not greedy:  # sampling filters only matter for random rows
             self._add_filters(i, p)
@@ -345,9 +346,10 @@ def _apply_top_k_top_p(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
     return torch.empty_like(x).scatter_(1, idx, srt)
 
 
-def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-    """x: penalised logits (not modified). Returns [B] sampled ids for every row (greedy rows included)."""
-    assert inputs.temperature is not None and inputs.seeds is not None and inputs.steps is not None
+def filtered_logits(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """x: penalised logits (not modified). The logits a random row draws from: scaled by its temperature, with
+    min-p, top-k and top-p applied (-inf outside); a new tensor."""
+    assert inputs.temperature is not None
     x = x / inputs.temperature[:, None]
     if inputs.min_p is not None:
         # prob < min_p * max_prob  <=>  logit < max_logit + log(min_p); min_p == 0 gives -inf (keep all).
@@ -355,6 +357,13 @@ def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
         x.masked_fill_(x < thresh, float("-inf"))
     if not inputs.no_top_k_top_p:
         x = _apply_top_k_top_p(x, inputs)
+    return x
+
+
+def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """x: penalised logits (not modified). Returns [B] sampled ids for every row (greedy rows included)."""
+    assert inputs.seeds is not None and inputs.steps is not None
+    x = filtered_logits(x, inputs)
     fused = _fused_sampling(x.device)
     if fused is not None:
         # The same draw in one kernel: noise made in registers, logits read once (no [B, V] int64 noise).
@@ -403,14 +412,7 @@ class Sampler:
         logits = logits.float()
         # User-facing logprobs come from the raw model distribution (before penalties / temperature).
         raw_lp = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
-
-        x = logits
-        if inputs.blocked is not None or inputs.grammar_rows is not None:  # out of place: raw logits stay intact
-            x = x.clone()
-        if inputs.blocked is not None:  # min_tokens
-            x[inputs.blocked[0], inputs.blocked[1]] = float("-inf")
-        apply_grammar_masks_(x, inputs)
-        x = apply_penalties(x, inputs)
+        x = self._penalised(logits, inputs)
         if inputs.all_greedy:
             tokens = x.argmax(dim=-1)
         else:
@@ -419,6 +421,27 @@ class Sampler:
                 tokens = torch.where(inputs.is_greedy, x.argmax(dim=-1), tokens)
 
         return SamplerOutput(tokens, None if raw_lp is None else self._logprobs(raw_lp, tokens, inputs))
+
+    @staticmethod
+    def _penalised(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """float32 logits with min-tokens blocks, grammar masks and penalties applied (the input stays intact)."""
+        x = logits
+        if inputs.blocked is not None or inputs.grammar_rows is not None:  # out of place: raw logits stay intact
+            x = x.clone()
+        if inputs.blocked is not None:  # min_tokens
+            x[inputs.blocked[0], inputs.blocked[1]] = float("-inf")
+        apply_grammar_masks_(x, inputs)
+        return apply_penalties(x, inputs)
+
+    def probabilities(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """[B, V] float32: the distribution each row's token is drawn from (what __call__ samples), one-hot at
+        the argmax on greedy rows. Speculative decoding with a draft model compares these."""
+        x = self._penalised(logits.float(), inputs)
+        greedy = torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
+        if inputs.all_greedy:
+            return greedy
+        probs = filtered_logits(x, inputs).softmax(dim=-1)
+        return probs if inputs.is_greedy is None else torch.where(inputs.is_greedy[:, None], greedy, probs)
 
     @staticmethod
     def _logprobs(

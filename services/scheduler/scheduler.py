@@ -45,7 +45,7 @@ from headrace.common.config import CacheConfig, SchedulerConfig, SpeculativeConf
 from headrace.common.messages import CachedRequestData, NewRequestData, RequestOutput, StepPlan, StepResult, TopLogprobs
 from headrace.services.scheduler.block_manager import BlockManager
 from headrace.services.scheduler.request import FINISH_REASONS, Request, RequestStatus
-from headrace.services.scheduler.speculation import Speculation
+from headrace.services.scheduler.speculation import WORKER_DRAFT, Speculation
 
 RUNNING = RequestStatus.RUNNING
 
@@ -186,7 +186,7 @@ class Scheduler:
             draft.cached_counts[req.req_id] = num_new
             req.num_computed_tokens += num_new
             if drafts:
-                draft.spec_token_ids[req.req_id] = drafts
+                draft.add_drafts(req.req_id, drafts)
                 req.num_pending_tokens = 1  # this step verifies the drafts and samples one token past them
             elif req.num_computed_tokens == req.num_tokens + req.num_pending_tokens:
                 req.num_pending_tokens += 1  # this step samples its next token
@@ -314,7 +314,8 @@ class Scheduler:
         if self.in_flight is not None:
             self.in_flight.remove(plan)
         requests = self.requests
-        drafted = plan.spec_token_ids
+        # The verified drafts: the plan's (n-gram), or those the worker's draft model proposed in the step.
+        drafted = plan.spec_token_ids or result.draft_token_ids
         if self.block_manager.enable_prefix_caching:
             # The step has written these tokens' KV: their full blocks may now serve other prompts. (A later
             # step may already be planned, so what is written comes from this plan, not the request.) Drafted
@@ -323,7 +324,8 @@ class Scheduler:
             before.update((r.req_id, r.num_computed_tokens) for r in plan.cached_requests)
             for req_id, count in plan.num_scheduled_tokens.items():
                 req = requests.get(req_id)
-                if req is not None and req.status == RUNNING and req_id not in drafted:
+                if req is not None and req.status == RUNNING and req_id not in drafted \
+                        and req_id not in plan.num_draft_tokens:
                     self.block_manager.commit_blocks(req, before[req_id] + count)
 
         outputs = self._fail_requests(result.failed) if result.failed else []
@@ -451,7 +453,7 @@ class _PlanDraft:
     """The plan of one step while `Scheduler.schedule` builds it."""
 
     __slots__ = ("budget", "finishing", "cached_reqs", "cached_counts", "new_reqs", "new_counts", "preempted",
-                 "spec_token_ids")
+                 "spec_token_ids", "num_draft_tokens")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget  # tokens left this step
@@ -462,10 +464,17 @@ class _PlanDraft:
         self.new_counts: dict[str, int] = {}
         self.preempted: list[str] = []
         self.spec_token_ids: dict[str, list[int]] = {}  # drafts of the requests that verify some this step
+        self.num_draft_tokens: dict[str, int] = {}  # the same, for drafts the worker's draft model proposes
+
+    def add_drafts(self, req_id: str, drafts: list[int]) -> None:
+        if drafts[0] == WORKER_DRAFT:  # placeholders: the worker proposes them
+            self.num_draft_tokens[req_id] = len(drafts)
+        else:
+            self.spec_token_ids[req_id] = drafts
 
     def plan(self, step_id: int, finished_req_ids: list[str]) -> StepPlan:
         counts = self.new_counts
         if counts:
             counts.update(self.cached_counts)  # batch order: new requests first, then cached
         return StepPlan(step_id, self.new_reqs, self.cached_reqs, counts or self.cached_counts, finished_req_ids,
-                        self.preempted, self.spec_token_ids)
+                        self.preempted, self.spec_token_ids, self.num_draft_tokens)

@@ -10,6 +10,12 @@ appends those and the bonus token, and rolls the rejected ones' KV back.
 A request with drafts needs its newest token on the host to propose the next ones, so a request that may
 draft is not planned again while a step of its own is in flight (what vLLM did first): under async
 scheduling such requests step synchronously; everyone else keeps overlapping.
+
+With a draft model (method "draft_model") the tokens are not known here: the plan only says how many drafts a
+request verifies (StepPlan.num_draft_tokens, room for them allocated as for n-gram drafts), the worker's draft
+model proposes them at the start of that very step, and the result names them (StepResult.draft_token_ids).
+Proposing in the step itself, rather than after the previous one, means the draft writes its KV into blocks
+this plan has already allocated, and it drafts from the newest token without a second round trip.
 """
 
 from __future__ import annotations
@@ -75,13 +81,18 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
 
+# A draft token the worker's draft model proposes (method "draft_model"): the scheduler knows only how many.
+WORKER_DRAFT = -1
+
+
 class Speculation:
     """The scheduler's speculative-decoding policy for one engine."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                      config.prompt_lookup_max)
+        # None with a draft model: the worker proposes (drafts() then only says how many).
+        self.proposer = None if config.uses_draft_model else NgramProposer(
+            config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self.stats = SpecDecodeStats()
 
     def active(self, num_running: int) -> bool:
@@ -98,6 +109,11 @@ class Speculation:
 
     def drafts(self, req: Request, token_budget: int) -> list[int]:
         """Drafts for req's next decode: at most token_budget of them, and none past its max_tokens (its last
-        token is never drafted: the step's own sample may be it)."""
+        token is never drafted: the step's own sample may be it). With a draft model, as many WORKER_DRAFT
+        placeholders as the worker's model is to propose."""
         room = min(token_budget, req.max_tokens - req.num_output_tokens - 1)
-        return self.proposer.propose(req.all_token_ids, room) if room > 0 else []
+        if room <= 0:
+            return []
+        if self.proposer is None:
+            return [WORKER_DRAFT] * min(self.config.num_speculative_tokens, room)
+        return self.proposer.propose(req.all_token_ids, room)

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from headrace.common.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from headrace.common.config import (
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from headrace.common.models.resolve import resolve_engine_config
 
 
@@ -90,3 +97,23 @@ def test_a_gguf_on_cpu_keeps_its_weights_quantized_only_with_dtype_bfloat16():
     assert cfg.require_resolved().quantization.kind == "gguf"
     cfg = resolve_engine_config(EngineConfig(device="cpu"), log=lambda *_: None)
     assert cfg.require_resolved().quantization is None
+
+
+def draft(draft_model: str, **flat) -> EngineConfig:
+    return resolve(speculative=SpeculativeConfig(method="draft_model", model=draft_model), **flat)
+
+
+def test_a_draft_model_resolves_before_any_process_starts_and_must_share_the_vocabulary(tmp_path):
+    cfg = draft("random:tiny-mistral", model="random:tiny-llama", max_model_len=256)
+    assert cfg.resolved_draft.preset == "tiny-mistral" and cfg.resolved_draft.max_model_len == 256
+    assert EngineConfig.from_dict(cfg.to_dict()).resolved_draft == cfg.resolved_draft  # shipped to the worker
+    # The embedded model (49,152 tokens) cannot draft for a 512-token vocabulary, nor a random 128k one for it.
+    with pytest.raises(ConfigError, match="vocabulary of 49152 tokens, the target 512"):
+        draft("embedded", model="random:tiny-llama")
+    with pytest.raises(ConfigError, match="share the target's tokenizer"):
+        draft("random:llama-3-8b")
+    with pytest.raises(ConfigError, match="fewer than --max-model-len"):
+        draft("random:tiny-llama", model=hf_folder(tmp_path))  # 1,024 positions drafting for 2,048
+    with pytest.raises(ConfigError, match="not supported with --tensor-parallel-size > 1"):
+        EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2),
+                     speculative=SpeculativeConfig(method="draft_model", model="embedded"))

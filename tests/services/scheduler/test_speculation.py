@@ -5,6 +5,7 @@ prefix caching, aborts and async planning."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -62,9 +63,15 @@ def test_speculative_config_rejects_bad_json_and_fields():
                         ('{"num_speculative_tokens": 0}', ">= 1"), ('{"k": 1}', "unknown field"),
                         ('{"prompt_lookup_min": 4, "prompt_lookup_max": 2}', "must not exceed"),
                         ('{"disable_by_batch_size": "8"}', "disable_by_batch_size"),
-                        ('{"model": "/m", "num_speculative_tokens": 3}', "draft model")):
+                        ('{"method": "draft_model"}', 'needs "model"'), ('{"model": ""}', 'needs "model"'),
+                        ('{"method": "ngram", "model": "/m"}', 'is for method "draft_model"')):
         with pytest.raises(ConfigError, match=match):
             SpeculativeConfig.from_json(text)
+    # vLLM's spellings of a draft model: with its method, or a model alone.
+    for text in ('{"method": "draft_model", "model": "/m", "num_speculative_tokens": 5}',
+                 '{"model": "/m", "num_speculative_tokens": 5}'):
+        cfg = SpeculativeConfig.from_json(text)
+        assert (cfg.method, cfg.model, cfg.num_speculative_tokens) == ("draft_model", "/m", 5) and cfg.uses_draft_model
 
 
 # --------------------------------------------------------------------------- block rollback
@@ -123,11 +130,33 @@ class VerifyingWorker(FakeWorker):
         return result
 
 
+class DraftingWorker(VerifyingWorker):
+    """A worker with a draft model: it proposes the drafts a plan asks for (StepPlan.num_draft_tokens) itself,
+    right for a varying number of tokens and then wrong, verifies them as VerifyingWorker does, and names them
+    in the result (StepResult.draft_token_ids)."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        assert not plan.spec_token_ids
+        proposed = {}
+        for req_id, n in plan.num_draft_tokens.items():
+            history = list(self.reqs[req_id].tokens)
+            right = len(history) % (n + 1)
+            for j in range(n):
+                history.append(periodic_token(history) if j < right else (periodic_token(history) + 1) % VOCAB)
+            proposed[req_id] = history[-n:]
+        result = super().execute(dataclasses.replace(plan, spec_token_ids=proposed))
+        result.draft_token_ids = proposed
+        return result
+
+
 def spec_scheduler(num_blocks: int, block_size: int = 8, prefix_caching: bool = False, max_num_seqs: int = 8,
-                   k: int = 3, disable: int | None = None, budget: int = 64) -> Scheduler:
+                   k: int = 3, disable: int | None = None, budget: int = 64, draft_model: str | None = None
+                   ) -> Scheduler:
+    method = "draft_model" if draft_model else "ngram"
+    spec = SpeculativeConfig(method, num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3,
+                             disable_by_batch_size=disable, model=draft_model)
     return Scheduler(SchedulerConfig(max_num_seqs, budget), CacheConfig(block_size, enable_prefix_caching=prefix_caching),
-                     num_blocks, 256, speculative=SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=1,
-                                                                    prompt_lookup_max=3, disable_by_batch_size=disable))
+                     num_blocks, 256, speculative=spec)
 
 
 def expected(prompt: list[int], max_tokens: int) -> list[int]:
@@ -147,6 +176,20 @@ def test_drafts_are_verified_and_outputs_match_the_model():
     assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert any(len(out.new_token_ids) > 1 for out in run.outputs["r0"])  # a step gave several tokens
     assert len(run.plans) < 3 * 40 / 2  # fewer steps than tokens
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_a_draft_model_proposes_in_the_worker_and_the_result_names_its_drafts(lookahead):
+    sched = spec_scheduler(24, prefix_caching=True, k=4, draft_model="/draft")
+    reqs = [make_req(f"r{i}", [3 + i, 7, 3 + i, 7, 1], max_tokens=40, ignore_eos=True, logprobs=1 if i == 2 else None)
+            for i in range(3)]  # r2 asks for logprobs: it runs without drafts
+    run = drive(sched, {0: reqs}, worker=DraftingWorker(24, 8), lookahead=lookahead)
+    for req in reqs:
+        assert run.tokens(req.req_id) == expected(req.prompt_token_ids, 40)
+    assert any(p.num_draft_tokens for p in run.plans) and not any("r2" in p.num_draft_tokens for p in run.plans)
+    assert all(p.num_scheduled_tokens[rid] == 1 + n for p in run.plans for rid, n in p.num_draft_tokens.items())
+    stats = sched.speculation.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_requests_that_cannot_draft_run_without_drafts_and_disable_by_batch_size():
