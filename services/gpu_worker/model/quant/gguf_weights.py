@@ -14,6 +14,12 @@ activations' dtype. The formats fold into it:
   the kernel cannot tile): dequantized once at load into a dense weight of the model's dtype.
 The integers are kept exactly; scale and zero are rounded to the activations' dtype (bf16 keeps 8 bits of
 the fp16 scales), so the products differ from a float32 forward in the last bits (docs/cpu.md).
+
+The int4 kernel streams a quarter of bf16's bytes, which wins at one row, but it does not amortise its
+unpacking over rows: at 16 rows it is 2-4x slower than oneDNN's bf16 GEMM on the same shapes
+(scripts/probe_cpu_qmm.py, docs/benchmarks.md). So each int4 layer also holds its weight dequantized once
+(exact float32, rounded to bf16 once) for products of `DENSE_FROM_ROWS` rows or more: batched decode steps
+and prefill. Together 2.5 bytes per weight, still less than the float path's 4.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorL
 KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
 INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
 ACT_DTYPE = torch.bfloat16
+# From this many rows a product runs on the dense bf16 copy instead of the int4 kernel: the crossover measured
+# at this model's shapes, 1 thread (scripts/probe_cpu_qmm.py: at 4 rows int4 is still 1.3-1.7x faster, at 8
+# about even on hot caches and ahead of it on the Q8_0 head's two parts, at 16 rows 2-4x slower).
+DENSE_FROM_ROWS = 8
 _CODES = TensorLayout(out_dim=0, in_dim=1)
 _GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
 
@@ -51,14 +61,19 @@ class GGUFLinear(LinearMethod):
         for i, (packed, scale_zero) in enumerate(layer.int4_parts or ()):  # buffers: counted, moved, saved
             layer.register_buffer(f"int4_packed_{i}", packed)
             layer.register_buffer(f"int4_scale_zero_{i}", scale_zero)
-        layer.dense = None
+        layer.dense = layer.batched_dense = None
+        w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
         if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
-            w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
             layer.dense = nn.Parameter(w.to(layer.params_dtype), requires_grad=False)
+        else:  # not a buffer: a single-row step does not read it (bench roofline counts the int4 bytes)
+            layer.batched_dense = w.to(self.act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.dense is not None:
             return F.linear(x, layer.dense, bias)
+        if uses_dense(x.numel() // x.shape[-1]):
+            y = F.linear(x.to(self.act_dtype), layer.batched_dense).to(x.dtype)
+            return y if bias is None else y + bias
         return int4_matmul(x, layer.int4_parts, bias)
 
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
@@ -68,6 +83,11 @@ class GGUFLinear(LinearMethod):
         k = layer.shape.in_local
         eye = torch.eye(k, dtype=layer.int4_parts[0][1].dtype, device=layer.int4_parts[0][0].device)
         return int4_matmul(eye, layer.int4_parts, None).t()
+
+
+def uses_dense(rows: int) -> bool:
+    """Whether a product of this many rows runs on the dense bf16 copy (the one place the rule lives)."""
+    return rows >= DENSE_FROM_ROWS
 
 
 def int4_matmul(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
