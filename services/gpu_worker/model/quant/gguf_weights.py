@@ -35,10 +35,11 @@ from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorL
 KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
 INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
 ACT_DTYPE = torch.bfloat16
-# From this many rows a product runs on the dense bf16 copy instead of the int4 kernel: the crossover measured
-# at this model's shapes, 1 thread (scripts/probe_cpu_qmm.py: at 4 rows int4 is still 1.3-1.7x faster, at 8
-# about even on hot caches and ahead of it on the Q8_0 head's two parts, at 16 rows 2-4x slower).
-DENSE_FROM_ROWS = 8
+# From this many rows a product runs on the dense bf16 copy instead of the int4 kernel. Per product on hot
+# caches the crossover is 4-8 rows (scripts/probe_cpu_qmm.py); in the model, whose 270 MB of bf16 weights a
+# step streams from memory, whole decode steps measured (1 thread, same process, alternating): 8 rows int4
+# faster (47 vs 61 ms), 12 rows even, 16 rows dense faster (73 vs 92 ms), a 200-token prefill 2x faster dense.
+DENSE_FROM_ROWS = 12
 _CODES = TensorLayout(out_dim=0, in_dim=1)
 _GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
 
