@@ -34,6 +34,8 @@ def test_quantized_greedy_tokens_agree_with_the_float32_forward(embedded_hf_mode
     # One thread: a parallel kernel on oversubscribed cores waits for time slices (docs/cpu.md).
     llm = LLM("", device="cpu", dtype="bfloat16", max_model_len=512, cpu_threads=1, log=lambda *_: None)
     assert llm.config.require_resolved().quantization.kind == "gguf"
+    model = llm.engine.runner.model  # the tied head's dense copy (many-row products) is the embedding table
+    assert model.lm_head.batched_dense.data_ptr() == model.embed_tokens.weight.data_ptr()
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     agree = total = 0

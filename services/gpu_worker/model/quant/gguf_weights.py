@@ -86,6 +86,17 @@ class GGUFLinear(LinearMethod):
         return int4_matmul(eye, layer.int4_parts, None).t()
 
 
+def share_tied_dense(head: nn.Module, table: torch.Tensor) -> bool:
+    """A tied LM head's dense copy is the embedding table itself where the two hold the same values (the
+    converter gives a tied GGUF head its own quantized copy; the table is gguf's dequantization rounded to the
+    model's dtype once, as the dense copy is): one table in memory instead of two. Returns whether shared."""
+    dense = getattr(head, "batched_dense", None)
+    if dense is None or dense.shape != table.shape or dense.dtype != table.dtype or not torch.equal(dense, table):
+        return False
+    head.batched_dense = table.data
+    return True
+
+
 def uses_dense(rows: int) -> bool:
     """Whether a product of this many rows runs on the dense bf16 copy (the one place the rule lives)."""
     return rows >= DENSE_FROM_ROWS
