@@ -37,6 +37,7 @@ from headrace.services.gpu_worker.model.layers import (
 from headrace.services.gpu_worker.model.kv_scales import kv_scale_checkpoint_name, scale_value, set_kv_scale
 from headrace.services.gpu_worker.model.moe import MoEBlock, moe_checkpoint_name, warm_up_fused_kernel
 from headrace.services.gpu_worker.model.quant import linear_method
+from headrace.services.gpu_worker.model.quant.gguf_weights import share_tied_dense
 from headrace.services.gpu_worker.model.quant.unquantized import UnquantizedLinear
 from headrace.services.gpu_worker.parallel import TPGroup
 from headrace.services.gpu_worker.pipeline import StageLayers
@@ -346,3 +347,5 @@ class LlamaForCausalLM(nn.Module):
             method = getattr(module, "quant_method", None)
             if method is not None:
                 method.process_after_loading(module)
+        if self.lm_head is not None and self.embed_tokens is not None:  # a GGUF's quantized copy of a tied head
+            share_tied_dense(self.lm_head, self.embed_tokens.weight.data)

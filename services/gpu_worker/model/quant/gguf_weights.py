@@ -14,6 +14,12 @@ activations' dtype. The formats fold into it:
   the kernel cannot tile): dequantized once at load into a dense weight of the model's dtype.
 The integers are kept exactly; scale and zero are rounded to the activations' dtype (bf16 keeps 8 bits of
 the fp16 scales), so the products differ from a float32 forward in the last bits (docs/cpu.md).
+
+The int4 kernel streams a quarter of bf16's bytes, which wins at one row, but it does not amortise its
+unpacking over rows: at 16 rows it is 2-4x slower than oneDNN's bf16 GEMM on the same shapes
+(scripts/probe_cpu_qmm.py, docs/benchmarks.md). So each int4 layer also holds its weight dequantized once
+(exact float32, rounded to bf16 once) for products of `DENSE_FROM_ROWS` rows or more: batched decode steps
+and prefill. Together 2.5 bytes per weight, still less than the float path's 4.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorL
 KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
 INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
 ACT_DTYPE = torch.bfloat16
+# From this many rows a product runs on the dense bf16 copy instead of the int4 kernel. Per product on hot
+# caches the crossover is 4-8 rows (scripts/probe_cpu_qmm.py); in the model, whose 270 MB of bf16 weights a
+# step streams from memory, whole decode steps measured (1 thread, same process, alternating): 8 rows int4
+# faster (47 vs 61 ms), 12 rows even, 16 rows dense faster (73 vs 92 ms), a 200-token prefill 2x faster dense.
+DENSE_FROM_ROWS = 12
 _CODES = TensorLayout(out_dim=0, in_dim=1)
 _GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
 
@@ -51,14 +62,19 @@ class GGUFLinear(LinearMethod):
         for i, (packed, scale_zero) in enumerate(layer.int4_parts or ()):  # buffers: counted, moved, saved
             layer.register_buffer(f"int4_packed_{i}", packed)
             layer.register_buffer(f"int4_scale_zero_{i}", scale_zero)
-        layer.dense = None
+        layer.dense = layer.batched_dense = None
+        w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
         if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
-            w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
             layer.dense = nn.Parameter(w.to(layer.params_dtype), requires_grad=False)
+        else:  # not a buffer: a single-row step does not read it (bench roofline counts the int4 bytes)
+            layer.batched_dense = w.to(self.act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.dense is not None:
             return F.linear(x, layer.dense, bias)
+        if uses_dense(x.numel() // x.shape[-1]):
+            y = F.linear(x.to(self.act_dtype), layer.batched_dense).to(x.dtype)
+            return y if bias is None else y + bias
         return int4_matmul(x, layer.int4_parts, bias)
 
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
@@ -68,6 +84,22 @@ class GGUFLinear(LinearMethod):
         k = layer.shape.in_local
         eye = torch.eye(k, dtype=layer.int4_parts[0][1].dtype, device=layer.int4_parts[0][0].device)
         return int4_matmul(eye, layer.int4_parts, None).t()
+
+
+def share_tied_dense(head: nn.Module, table: torch.Tensor) -> bool:
+    """A tied LM head's dense copy is the embedding table itself where the two hold the same values (the
+    converter gives a tied GGUF head its own quantized copy; the table is gguf's dequantization rounded to the
+    model's dtype once, as the dense copy is): one table in memory instead of two. Returns whether shared."""
+    dense = getattr(head, "batched_dense", None)
+    if dense is None or dense.shape != table.shape or dense.dtype != table.dtype or not torch.equal(dense, table):
+        return False
+    head.batched_dense = table.data
+    return True
+
+
+def uses_dense(rows: int) -> bool:
+    """Whether a product of this many rows runs on the dense bf16 copy (the one place the rule lives)."""
+    return rows >= DENSE_FROM_ROWS
 
 
 def int4_matmul(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],

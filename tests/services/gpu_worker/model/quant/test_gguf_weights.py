@@ -13,7 +13,7 @@ from gguf.quants import dequantize
 
 from headrace.common.models.gguf_blocks import affine_groups
 from headrace.services.gpu_worker.model.layers import ColumnParallelLinear
-from headrace.services.gpu_worker.model.quant.gguf_weights import GGUFLinear
+from headrace.services.gpu_worker.model.quant.gguf_weights import DENSE_FROM_ROWS, GGUFLinear, int4_matmul, uses_dense
 from headrace.services.gpu_worker.parallel import SINGLE
 from tests.common.models.test_gguf_blocks import random_blocks
 
@@ -76,3 +76,16 @@ def test_q6_k_and_layers_mixing_it_are_held_dense_and_exact_before_rounding():
     layer, ref = gguf_layer(["Q4_K", "Q6_K"], 16, torch.float32)
     assert layer.int4_parts is None
     torch.testing.assert_close(layer.dense.data, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_products_of_many_rows_run_on_the_dense_copy_of_ggufs_dequantization(fmt):
+    """From DENSE_FROM_ROWS rows the product reads a bf16 copy of gguf's exact dequantization (one rounding
+    per weight); below it, the int4 kernel."""
+    layer, ref = gguf_layer([fmt], 48, torch.bfloat16)
+    torch.testing.assert_close(layer.batched_dense.float(), ref.bfloat16().float(), atol=0, rtol=0)
+    x = torch.randn(DENSE_FROM_ROWS, K).bfloat16()
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, ref.bfloat16()), atol=0, rtol=0)
+    few = x[: DENSE_FROM_ROWS - 1]
+    torch.testing.assert_close(layer(few), int4_matmul(few, layer.int4_parts, None), atol=0, rtol=0)
+    assert not uses_dense(DENSE_FROM_ROWS - 1) and uses_dense(DENSE_FROM_ROWS)
