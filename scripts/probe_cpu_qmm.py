@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from headrace.bench.roofline import time_median
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 
 
 def timed_us(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    """Median host microseconds of fn() after three untimed calls."""
+    return time_median(fn, torch.device("cpu"), reps, warmup=3) * 1e6
 
 
 def candidates(n: int, k: int, m: int) -> dict:
