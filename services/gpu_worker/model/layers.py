@@ -268,7 +268,11 @@ class QuantizedLMHead(ColumnParallelLinear):
         super().__init__(hidden, [vocab_size], False, tp, dtype, device, quant_method)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(self(hidden).float())[:, : self.vocab_size]
+        logits = self(hidden).float()
+        refine = getattr(self.quant_method, "refine_near_max", None)  # outputs in fewer bits than float32
+        if refine is not None:  # near each row's (this rank's) max: a global top logit is among them
+            logits = refine(self, hidden, logits)
+        return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
 
 
 def store_k_major(modules: Iterable[nn.Module]) -> int:
