@@ -3,10 +3,11 @@ greedy token as a float32 forward over the same dequantized weights (transformer
 most positions of 8 prompts x 64 generated tokens. Each position is compared on the quantized path's own
 prefix (teacher forcing), so one near-tie does not count every later token as a miss.
 
-Issue 21 asks for 98%; measured here: 502 of 512 (98.0%). Each product's output is rounded to bf16 (both
+Issue 21 asks for 98%; measured here: 507 of 512 (99.0%). Each product's output is rounded to bf16 (both
 operators return bf16), and at the LM head that decided near-ties: 497 of 512 until the logits near each
-row's max were recomputed in float32 (GGUFLinear.refine_near_max). The bar is two tokens under the measured
-figure: a CPU whose kernels block the sums differently may move a near-tie or two."""
+row's max were recomputed in float32 (GGUFLinear.refine_near_max, 502), then 507 with the bf16 RMSNorm
+rounding once instead of twice. The bar is two tokens under the measured figure: a CPU whose kernels block
+the sums differently may move a near-tie or two."""
 
 from __future__ import annotations
 
@@ -47,4 +48,4 @@ def test_quantized_greedy_tokens_agree_with_the_float32_forward(embedded_hf_mode
             float_choice = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(float_choice, generated))
             total += NEW_TOKENS
-    assert agree / total >= 0.977, f"{agree}/{total} tokens agree"
+    assert agree / total >= 0.986, f"{agree}/{total} tokens agree"
