@@ -128,14 +128,14 @@ def int4_matmul(x: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]],
     """x @ W^T for W the sum of the packed parts (one for 4-bit codes, two for 8-bit), in x's dtype."""
     lead, k = x.shape[:-1], x.shape[-1]
     act = parts[0][1].dtype
-    x2 = x.reshape(-1, k).to(act)
+    x2 = (x if x.dim() == 2 else x.reshape(-1, k)).to(act)  # views are operators too: two per product saved
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, parts[0][0], KERNEL_GROUP, parts[0][1])
     for packed, scale_zero in parts[1:]:
         y += torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, KERNEL_GROUP, scale_zero)
     y = y.to(x.dtype)
     if bias is not None:
         y += bias
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
 def int4_parts(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
