@@ -3,10 +3,11 @@ greedy token as a float32 forward over the same dequantized weights (transformer
 most positions of 8 prompts x 64 generated tokens. Each position is compared on the quantized path's own
 prefix (teacher forcing), so one near-tie does not count every later token as a miss.
 
-Issue 21 asks for 98%; measured here: 97.1-97.9% (497-501 of 512, by which products run on the int4 kernel and
-which on the dense bf16 copy, docs/cpu.md). What limits it is each product's output rounded to bf16 (both
-operators return bf16): with every other rounding removed, that one alone gives 97.9%; input or weight
-rounding alone give 99.8% and 99.6%. So the bar below is 96% until the products' outputs keep more bits."""
+Issue 21 asks for 98%; measured here: 507 of 512 (99.0%). Each product's output is rounded to bf16 (both
+operators return bf16), and at the LM head that decided near-ties: 497 of 512 until the logits near each
+row's max were recomputed in float32 (GGUFLinear.refine_near_max, 502), then 507 with the bf16 RMSNorm
+rounding once instead of twice. The bar is two tokens under the measured figure: a CPU whose kernels block
+the sums differently may move a near-tie or two."""
 
 from __future__ import annotations
 
@@ -47,4 +48,4 @@ def test_quantized_greedy_tokens_agree_with_the_float32_forward(embedded_hf_mode
             float_choice = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(float_choice, generated))
             total += NEW_TOKENS
-    assert agree / total >= 0.96, f"{agree}/{total} tokens agree"
+    assert agree / total >= 0.986, f"{agree}/{total} tokens agree"

@@ -47,6 +47,8 @@ class RMSNorm(nn.Module):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
         if x.is_cuda and _triton_kernels() is not None:
             return self._forward_triton(x, residual)
+        if x.dtype != torch.float32 and not self.offset and not x.is_cuda:
+            return self._forward_reduced(x, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -58,6 +60,20 @@ class RMSNorm(nn.Module):
             out = (xf * (1.0 + self.weight.float())).to(x.dtype)
         else:
             out = self.weight * xf.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+    def _forward_reduced(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """bf16/fp16 on a CPU (the GGUF kept-quantized path), in six operators where the float32 form takes
+        eight (a batch-1 decode step is mostly small operators): the norm from vector_norm accumulated in
+        float32, scale times weight in float32 and one rounding at the end, as the Triton kernel rounds."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        if getattr(self, "_eps_t", None) is None:  # addcmul's addend: eps as a tensor, made once
+            self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=x.device)
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        inv_rms = torch.addcmul(self._eps_t, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+        out = (x * (inv_rms * self.weight)).to(x.dtype)
         return out if residual is None else (out, residual)
 
     def _kernel_weight(self) -> torch.Tensor:
@@ -268,7 +284,11 @@ class QuantizedLMHead(ColumnParallelLinear):
         super().__init__(hidden, [vocab_size], False, tp, dtype, device, quant_method)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_last_dim(self(hidden).float())[:, : self.vocab_size]
+        logits = self(hidden).float()
+        refine = getattr(self.quant_method, "refine_near_max", None)  # outputs in fewer bits than float32
+        if refine is not None:  # near each row's (this rank's) max: a global top logit is among them
+            logits = refine(self, hidden, logits)
+        return self.tp.all_gather_last_dim(logits)[:, : self.vocab_size]
 
 
 def store_k_major(modules: Iterable[nn.Module]) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from headrace.services.gpu_worker.attention.base import AttentionMetadata
-from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend, apply_rope
+from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend, apply_rope, rotate
 
 
 def dense_reference(q, k, v, scale):
@@ -80,3 +80,15 @@ def test_paged_matches_dense(heads, kv_heads, head_dim, seed):
         for j, p in enumerate(range(ctx, ctx + n)):
             b = tables[i][p // bs]
             torch.testing.assert_close(v_cache[b, p % bs], full_v[i][p])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_by_whole_row_factors_is_the_rotate_half_formula_bit_for_bit(dtype):
+    """rotate_by's x * (cos | cos) + (x2 | x1) * (-sin | sin) is x1 cos - x2 sin | x2 cos + x1 sin exactly:
+    the float path stays equal to transformers' RoPE."""
+    torch.manual_seed(0)
+    x, cs = torch.randn(5, 3, 16).to(dtype), torch.randn(5, 16)
+    cos, sin = cs[:, None, :8], cs[:, None, 8:]
+    x1, x2 = x.float()[..., :8], x.float()[..., 8:]
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+    assert torch.equal(rotate(x, cs), expected)

@@ -13,7 +13,8 @@ from gguf.quants import dequantize
 
 from headrace.common.models.gguf_blocks import affine_groups
 from headrace.services.gpu_worker.model.layers import ColumnParallelLinear
-from headrace.services.gpu_worker.model.quant.gguf_weights import DENSE_FROM_ROWS, GGUFLinear, int4_matmul, uses_dense
+from headrace.services.gpu_worker.model.quant.gguf_weights import (DENSE_FROM_ROWS, NEAR_MAX, GGUFLinear, int4_matmul,
+                                                                  uses_dense)
 from headrace.services.gpu_worker.parallel import SINGLE
 from tests.common.models.test_gguf_blocks import random_blocks
 
@@ -89,3 +90,27 @@ def test_products_of_many_rows_run_on_the_dense_copy_of_ggufs_dequantization(fmt
     few = x[: DENSE_FROM_ROWS - 1]
     torch.testing.assert_close(layer(few), int4_matmul(few, layer.int4_parts, None), atol=0, rtol=0)
     assert not uses_dense(DENSE_FROM_ROWS - 1) and uses_dense(DENSE_FROM_ROWS)
+
+
+@pytest.mark.parametrize("rows", [3, DENSE_FROM_ROWS])
+def test_logits_near_the_max_are_recomputed_in_float32(rows):
+    """An LM head's bf16 logits put near-ties a rounding step apart: the entries near each row's max become
+    the float32 product of the bf16 input and the dense copy, so the greedy token is that product's."""
+    layer, _ = gguf_layer(["Q4_1", "Q8_0"], 256, torch.bfloat16, seed=3)
+    w = layer.batched_dense.float()
+    big = w.norm(dim=1).argsort(descending=True)  # pairs of the longest rows: the tie is each row's max
+    x = torch.stack([_tie(w[big[2 * i]], w[big[2 * i + 1]]) for i in range(rows)]).bfloat16()
+    rough = layer(x).float()
+    refined = layer.quant_method.refine_near_max(layer, x, rough.clone())
+    exact = x.float() @ layer.batched_dense.float().t()
+    near = rough >= rough.amax(-1, keepdim=True) * (1 - NEAR_MAX)
+    assert int(near.sum()) >= 2 * rows  # each row's tie is among them
+    torch.testing.assert_close(refined[near], exact[near], atol=1e-5, rtol=1e-5)
+    assert torch.equal(refined[~near], rough[~near])
+    assert torch.equal(refined.argmax(-1), exact.argmax(-1))
+
+
+def _tie(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An input whose products with rows a and b are equal before rounding and large: a near-tie at the top."""
+    s, d = a + b, a - b
+    return 4 * (s - (s @ d) / (d @ d) * d) / s.norm()
