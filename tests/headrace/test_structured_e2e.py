@@ -12,7 +12,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.headrace.server_process import running_server
 from tests.headrace.structured_corpus import schemas
 
 pytestmark = pytest.mark.slow
@@ -23,11 +22,8 @@ CHOICES = [["Paris", "London", "Berlin"], ["positive", "negative", "neutral"], [
 
 
 @pytest.fixture(scope="module")
-def server():
-    # One torch thread: on a small shared CI machine a second one mostly waits for the first.
-    with running_server("--num-tokenizers", "2", "--max-model-len", "1024", "--max-num-seqs", "64",
-                        env={"OMP_NUM_THREADS": "1"}) as srv:
-        yield srv
+def server(constrained_server):
+    return constrained_server  # tests/headrace/conftest.py: shared with test_tools_e2e.py
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +162,7 @@ def test_bad_constraints_are_400s_naming_the_field(client, extra, param, says):
 def llm():
     from headrace import LLM
 
-    return LLM(max_model_len=1024, device="cpu", log=lambda *_: None)  # the server's defaults
+    return LLM(max_model_len=2048, device="cpu", log=lambda *_: None)  # the server's
 
 
 def test_offline_structured_outputs_validate_and_match(llm):

@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from headrace.services.api.tools import MAX_PARALLEL_CALLS
-from tests.headrace.server_process import running_server
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -36,10 +35,9 @@ QUESTIONS = ["What is the weather in Paris?", "Add 2 and 40.", "Look up items 3 
 
 
 @pytest.fixture(scope="module")
-def client():
-    with running_server("--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                        env={"OMP_NUM_THREADS": "1"}) as srv:
-        yield openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+def client(constrained_server):
+    """The server of tests/headrace/conftest.py (shared with test_structured_e2e.py): auto tool choice, hermes."""
+    return openai.OpenAI(base_url=constrained_server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def ask(client, question: str, **kw):
