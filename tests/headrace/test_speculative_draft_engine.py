@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from headrace.common.config import CacheConfig, EngineConfig, ModelConfig, SpeculativeConfig
+from headrace.common.config import SpeculativeConfig
 from headrace.services.gpu_worker.model_runner import ModelRunner
-from tests.configs import resolved
-from tests.headrace.test_speculative_engine import run, workload
+from tests.headrace.test_speculative_engine import run, tiny_runner, workload
 
 
 def draft_spec(model: str) -> SpeculativeConfig:
@@ -19,10 +18,7 @@ def draft_spec(model: str) -> SpeculativeConfig:
 
 
 def make_runner(draft: str) -> ModelRunner:
-    cfg = resolved(EngineConfig(model=ModelConfig(model="random:tiny-llama", max_model_len=256, dtype="float32"),
-                                cache=CacheConfig(block_size=8, num_blocks=96), device="cpu",
-                                speculative=draft_spec(draft)))
-    return ModelRunner(cfg, log=lambda *_: None)
+    return tiny_runner(speculative=draft_spec(draft))
 
 
 @pytest.fixture(scope="module")

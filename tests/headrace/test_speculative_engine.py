@@ -19,14 +19,19 @@ from tests.configs import resolved
 SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
 
 
+def tiny_runner(device: str = "cpu", speculative: SpeculativeConfig | None = None) -> ModelRunner:
+    """The tiny random Llama these tests serve, in float32 (a draft-model config loads its draft beside it)."""
+    cfg = resolved(EngineConfig(model=ModelConfig(model="random:tiny-llama", max_model_len=256, dtype="float32"),
+                                cache=CacheConfig(block_size=8, num_blocks=96), device=device,
+                                speculative=speculative))
+    return ModelRunner(cfg, log=lambda *_: None)
+
+
 @pytest.fixture(scope="module")
 def runner():
     # HEADRACE_SPEC_TEST_DEVICE=cuda runs the verify steps through the GPU kernels (float32: on a GPU a verify
     # step and a decode may still round differently, so a near-tie could flip; the CPU path is exact).
-    device = os.environ.get("HEADRACE_SPEC_TEST_DEVICE", "cpu")
-    cfg = resolved(EngineConfig(model=ModelConfig(model="random:tiny-llama", max_model_len=256, dtype="float32"),
-                                cache=CacheConfig(block_size=8, num_blocks=96), device=device))
-    return ModelRunner(cfg, log=lambda *_: None)
+    return tiny_runner(os.environ.get("HEADRACE_SPEC_TEST_DEVICE", "cpu"))
 
 
 def run(runner, prompts: dict[str, list[int]], params: dict[str, SamplingParams], spec: SpeculativeConfig | None,
