@@ -54,7 +54,10 @@ log = logging.getLogger("headrace.transport")
 
 
 def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: bool,
-                hwm: int = DEFAULT_HWM, linger_ms: int = 0, identity: Identity | None = None) -> zmq.Socket:
+                hwm: int = DEFAULT_HWM, linger_ms: int = 0, identity: Identity | None = None,
+                monitored: bool = False) -> zmq.Socket:
+    """`monitored`: attach the connection monitor (read it with `monitor_socket`) before connecting, so that
+    it sees the first connection too; one attached after connect() misses it when the peer is already up."""
     key_file = address.curve_key_file if isinstance(address, Endpoint) else None
     if isinstance(address, Endpoint):
         address = address.bind if bind else address.connect
@@ -68,6 +71,8 @@ def make_socket(ctx: zmq.Context, kind: int, address: Endpoint | str, *, bind: b
             sock.setsockopt(zmq.ROUTING_ID, _valid_identity(identity))  # before connect: peers read it on handshake
         if address.startswith("tcp://"):
             _secure_tcp(ctx, sock, address, bind=bind, key_file=key_file)  # before bind/connect: the handshake reads it
+        if monitored:
+            monitor_socket(sock)
         _attach(sock, address, bind=bind)
     except BaseException:
         sock.close(linger=0)  # a half-made socket would hold up the context's termination
@@ -147,12 +152,13 @@ def router_socket(ctx: zmq.Context, address: Endpoint | str, *, bind: bool = Tru
 
 
 def dealer_socket(ctx: zmq.Context, address: Endpoint | str, identity: Identity | None = None, *,
-                  prefix: str = "peer", bind: bool = False, linger_ms: int = 0) -> zmq.Socket:
+                  prefix: str = "peer", bind: bool = False, linger_ms: int = 0, monitored: bool = False) -> zmq.Socket:
     """A DEALER named `identity` (or a fresh `new_identity(prefix)`); read it back with `identity_of`.
     `linger_ms` > 0 for a one-shot sender that closes right after sending (the launcher's notices)."""
     if identity is None:
         identity = new_identity(prefix)
-    return make_socket(ctx, zmq.DEALER, address, bind=bind, identity=identity, linger_ms=linger_ms)
+    return make_socket(ctx, zmq.DEALER, address, bind=bind, identity=identity, linger_ms=linger_ms,
+                       monitored=monitored)
 
 
 def identity_of(sock: zmq.Socket) -> Identity:
@@ -279,7 +285,8 @@ MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECT
 
 def monitor_socket(sock: zmq.Socket) -> zmq.Socket:
     """A PAIR socket that receives `sock`'s connect/accept/disconnect events (read with `monitor_events`).
-    It follows sock's context, so an asyncio socket gets an asyncio monitor."""
+    It follows sock's context, so an asyncio socket gets an asyncio monitor. pyzmq keeps it: a second call
+    returns the same one."""
     return sock.get_monitor_socket(MONITOR_EVENTS)
 
 

@@ -19,7 +19,8 @@ from headrace.common.config import ServerConfig
 class SchedulerWatch:
     def __init__(self, server: ServerConfig) -> None:
         self.ctx = zmq.Context()
-        self.sock = transport.dealer_socket(self.ctx, address_plan(server).scheduler, prefix="node-watch")
+        self.sock = transport.dealer_socket(self.ctx, address_plan(server).scheduler, prefix="node-watch",
+                                             monitored=True)  # a scheduler already up is seen connecting
         self.monitor = transport.monitor_socket(self.sock)
         self.connected = False
 

@@ -119,7 +119,10 @@ def test_two_nodes_serve_pp2_and_a_lost_node_fails_its_requests_fast(reference, 
 
         # Node 0 stops: the headless node notices its scheduler go and stops by itself.
         assert not node0.stop()
-        assert node1.proc.wait(30) == 0
+        try:
+            assert node1.proc.wait(30) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the headless node did not stop after node 0 did:\n{node1.output[-3000:]}")
         assert "node 0's scheduler went away" in node1.output
     finally:
         left = node0.stop() + node1.stop()
