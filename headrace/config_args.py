@@ -59,7 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--model", ModelConfig,
           help="HF folder, .gguf file, or random:<preset>; empty: the embedded SmolLM2-135M-Instruct")
     _flag(g, "--tokenizer", ModelConfig)
-    _flag(g, "--dtype", ModelConfig, choices=DTYPES)
+    _flag(g, "--dtype", ModelConfig, choices=DTYPES,
+          help="auto: bfloat16 on GPUs; on a CPU, a GGUF kept quantized (bfloat16 products) where its linears "
+               "can be, else float32. float32 on a CPU: every weight dequantized, exact against transformers")
     _flag(g, "--max-model-len", ModelConfig, type=int)
     _flag(g, "--served-model-name", ModelConfig)
     _flag(g, "--chat-template", ModelConfig, help="a Jinja file that overrides the model's chat template")

@@ -94,6 +94,39 @@ def _quantized_tensors(reader, family: GGUFFamily, config: dict, modules: list[s
     yield from dense.items()
 
 
+def keeps_linears_quantized(gguf_path: str, cache_root: str) -> bool:
+    """Whether a kept-quantized conversion of this file would keep any linear quantized (its family's
+    projections are separate, and some are in a block format gguf_blocks reads): what decides that `--dtype
+    auto` serves it kept quantized on a CPU. The answer is cached beside the converted folders: reading the
+    file's metadata takes ~2 s (the vocabulary), and every start asks."""
+    marker = converted_folder(gguf_path, cache_root) + ".keeps-quantized"
+    try:
+        with open(marker) as f:
+            return f.read().strip() == "1"
+    except FileNotFoundError:
+        pass
+    answer = _keeps_linears_quantized(gguf_path)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(marker), prefix=".keeps-")
+    with os.fdopen(fd, "w") as f:
+        f.write("1" if answer else "0")
+    os.replace(tmp, marker)  # atomic: processes starting together read a whole answer or none
+    return answer
+
+
+def _keeps_linears_quantized(gguf_path: str) -> bool:
+    from gguf import GGUFReader
+
+    from headrace.common.models.gguf_blocks import FORMATS
+
+    reader = GGUFReader(gguf_path)
+    family = gguf_family(reader)
+    if not family.keeps_quantized:
+        return False
+    keepable = {t.name for t in reader.tensors if _kept(family.hf_name(t.name), t, FORMATS)}
+    return any(name.startswith("blk.") for name in _whole_merge_groups(keepable))
+
+
 _MERGE_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
 

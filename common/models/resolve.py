@@ -8,6 +8,7 @@ service also needs, and a GGUF is converted before anyone waits for it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 from headrace.common.config import (
@@ -19,13 +20,15 @@ from headrace.common.config import (
 )
 from headrace.common.models.arch import ModelArch, arch_from_hf_config, check_tp_experts, check_tp_heads
 from headrace.common.models.quant import QuantizationError, QuantSpec, quant_spec
-from headrace.common.models.source import ModelSource, eos_token_ids, resolve_model
+from headrace.common.models.source import ModelNotFoundError, ModelSource, eos_token_ids, resolve_model
 
 
 def resolve_engine_config(config: EngineConfig, log: Callable[[str], None] = print) -> EngineConfig:
     """`config` with `resolved` filled in and the device-dependent defaults applied (parts already resolved
     are kept). Raises ConfigError (or ModelNotFoundError) for a model that cannot be served as asked."""
     resolved = config.resolved
+    if config.model.dtype == "auto" and resolved is None:
+        config = config.replace(model=dataclasses.replace(config.model, dtype=default_dtype(config)))
     if resolved is None:
         source = resolve_model(config.model.model, config.model.tokenizer, log=log,
                                keep_quantized=keeps_gguf_quantized(config))
@@ -69,12 +72,36 @@ def resolve_draft(model: str, target: ResolvedModel, config: EngineConfig, log: 
                          vocab_size=arch.vocab_size, kv_window=arch.kv_window)
 
 
+def default_dtype(config: EngineConfig) -> str:
+    """What `--dtype auto` means for this config: "bfloat16" for a GGUF on a CPU whose linears can stay
+    quantized (the embedded default included), which `keeps_gguf_quantized` then serves kept quantized;
+    "auto" otherwise (float32 on CPU, bfloat16 on GPU: model_loader.resolve_dtype). Kept quantized, a decode
+    step streams a quarter of the bytes and runs ~4x faster than the dequantized float32 path (docs/cpu.md);
+    that path stays one flag away (`--dtype float32`): exact against transformers on the same weights, and
+    a row's result independent of what it is batched with, which the quantized path's kernels are not."""
+    if config.model.quantization is not None or not resolve_device(config.device).startswith("cpu"):
+        return "auto"
+    from headrace.common.models.gguf_convert import keeps_linears_quantized
+    from headrace.common.models.source import cache_dir, embedded_gguf_path
+
+    model = config.model.model
+    if model:
+        path = os.path.expanduser(model)
+        if not (path.endswith(".gguf") and os.path.isfile(path)):
+            return "auto"
+    else:
+        try:
+            path = embedded_gguf_path()
+        except ModelNotFoundError:  # resolve_model says so, with the install command
+            return "auto"
+    return "bfloat16" if keeps_linears_quantized(path, cache_dir()) else "auto"
+
+
 def keeps_gguf_quantized(config: EngineConfig) -> bool:
-    """A GGUF served on CPU with `--dtype bfloat16` keeps its weights quantized (the int4 CPU kernel, bf16
-    products). Not the default: it is not yet faster than llama.cpp here (docs/benchmarks.md), it agrees with
-    the float forward on ~98% of greedy tokens, and a row's result depends on what it is batched with, so the
-    default (`auto`) stays the dequantized float32 path, exact against transformers and batch-invariant.
-    GPUs serve GGUF dequantized for now (no kernel reads the layout there yet)."""
+    """A GGUF served on CPU in bfloat16 keeps its weights quantized (the int4 CPU kernel, bf16 products):
+    `--dtype auto` picks bfloat16 for one whose linears can stay quantized (`default_dtype`). It agrees with
+    the float forward on ~99% of greedy tokens. GPUs serve GGUF dequantized for now (no kernel reads the
+    layout there yet)."""
     on_cpu = resolve_device(config.device).startswith("cpu")
     return on_cpu and config.model.dtype == "bfloat16" and config.model.quantization is None
 

@@ -23,7 +23,9 @@ TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("--max-model-len", "512", "--max-num-batched-tokens", "64", "--enable-prefix-caching") as srv:
+    # float32: the scores are checked against transformers in float32.
+    with running_server("--max-model-len", "512", "--max-num-batched-tokens", "64", "--enable-prefix-caching",
+                        "--dtype", "float32") as srv:
         yield srv
 
 

@@ -24,7 +24,9 @@ def greedy(srv: ServerProcess, prompts: list, max_tokens: int) -> list[list[str]
 
 
 def run(model_args: list[str], tp: int, prompts: list, max_tokens: int) -> list[list[str]]:
-    srv = ServerProcess(*model_args, "--max-model-len", "512", "--tensor-parallel-size", str(tp))
+    # float32: a tensor-parallel sum adds the ranks' parts in another order, which only the float path's
+    # results survive token for token (the kept-quantized GGUF path rounds each part to bf16; docs/cpu.md).
+    srv = ServerProcess(*model_args, "--max-model-len", "512", "--tensor-parallel-size", str(tp), "--dtype", "float32")
     try:
         srv.wait_ready()
         srv.model = srv.get("/v1/models").json()["data"][0]["id"]
@@ -37,7 +39,7 @@ def offline(model: str, prompts: list, max_tokens: int) -> list[list[str]]:
     """TP=1: the offline engine's greedy tokens, each as the API names it (the text its logprobs carry)."""
     from headrace import LLM, SamplingParams
 
-    llm = LLM(model, max_model_len=512, log=lambda *_: None)
+    llm = LLM(model, max_model_len=512, dtype="float32", log=lambda *_: None)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
     return [llm.codec.token_texts(list(o.outputs[0].token_ids)) for o in outs]

@@ -162,7 +162,7 @@ def test_bad_constraints_are_400s_naming_the_field(client, extra, param, says):
 def llm():
     from headrace import LLM
 
-    return LLM(max_model_len=2048, device="cpu", log=lambda *_: None)  # the server's
+    return LLM(max_model_len=2048, device="cpu", dtype="float32", log=lambda *_: None)  # the server's
 
 
 def test_offline_structured_outputs_validate_and_match(llm):

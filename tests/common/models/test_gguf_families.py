@@ -42,7 +42,7 @@ def family(request, files):
     from transformers import AutoModelForCausalLM
 
     path = files[request.param]
-    cfg = EngineConfig(model=ModelConfig(model=path, max_model_len=256), cache=CacheConfig(num_blocks=64),
+    cfg = EngineConfig(model=ModelConfig(model=path, dtype="float32", max_model_len=256), cache=CacheConfig(num_blocks=64),
                        device="cpu")
     runner = ModelRunner(resolved(cfg), log=lambda *_: None)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
@@ -205,6 +205,18 @@ def test_dtype_bfloat16_on_cpu_serves_each_family(files, arch, kind):
     out = llm.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize("arch, dtype", [("gemma2", "bfloat16"), ("phi3", "auto"), ("qwen3moe", "auto")])
+def test_dtype_auto_on_cpu_keeps_quantized_the_families_that_can_be(files, arch, dtype):
+    """`--dtype auto` on a CPU serves a GGUF kept quantized (bfloat16) where its linears can stay quantized;
+    Phi-3's fused projections and MoE experts cannot, so those files keep the float32 path."""
+    from headrace.common.models.resolve import resolve_engine_config
+
+    cfg = resolve_engine_config(EngineConfig(model=ModelConfig(model=files[arch]), device="cpu"), log=lambda *_: None)
+    assert cfg.model.dtype == dtype
+    quant = cfg.require_resolved().quantization
+    assert (quant.kind if quant else None) == ("gguf" if dtype == "bfloat16" else None)
 
 
 @pytest.mark.parametrize("arch, layers_of_27b", [("gemma2", 46), ("gemma3", 62)])

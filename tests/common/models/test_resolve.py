@@ -86,17 +86,19 @@ def test_resolution_happens_once_and_survives_the_trip_to_every_process():
         EngineConfig().require_resolved()
 
 
-def test_a_gguf_on_cpu_keeps_its_weights_quantized_only_with_dtype_bfloat16():
-    from headrace.common.models.resolve import keeps_gguf_quantized
+def test_the_embedded_gguf_on_cpu_is_kept_quantized_by_default_and_float32_on_request():
+    from headrace.common.models.resolve import default_dtype, keeps_gguf_quantized
 
-    assert not keeps_gguf_quantized(EngineConfig(device="cpu"))  # the default stays the exact float path
-    assert keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cpu"))
-    assert not keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="float32"), device="cpu"))
+    quiet = lambda *_: None  # noqa: E731
+    cfg = resolve_engine_config(EngineConfig(device="cpu"), log=quiet)  # --dtype auto
+    assert cfg.model.dtype == "bfloat16" and cfg.require_resolved().quantization.kind == "gguf"
+    assert keeps_gguf_quantized(cfg)
+    cfg = resolve_engine_config(EngineConfig(model=ModelConfig(dtype="float32"), device="cpu"), log=quiet)
+    assert cfg.model.dtype == "float32" and cfg.require_resolved().quantization is None
+    # Not a GGUF, a GPU, or an explicit --quantization: auto keeps its usual meaning.
+    assert default_dtype(EngineConfig(model=ModelConfig(model="random:tiny-llama"), device="cpu")) == "auto"
+    assert default_dtype(EngineConfig(device="cuda")) == "auto"
     assert not keeps_gguf_quantized(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cuda"))
-    cfg = resolve_engine_config(EngineConfig(model=ModelConfig(dtype="bfloat16"), device="cpu"), log=lambda *_: None)
-    assert cfg.require_resolved().quantization.kind == "gguf"
-    cfg = resolve_engine_config(EngineConfig(device="cpu"), log=lambda *_: None)
-    assert cfg.require_resolved().quantization is None
 
 
 def draft(draft_model: str, **flat) -> EngineConfig:

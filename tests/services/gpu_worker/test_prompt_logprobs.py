@@ -23,7 +23,8 @@ K = 3
 @pytest.fixture(scope="module")
 def runner():
     # CPU, float32: the oracle is transformers in float32 (scripts/check_scoring.py measures a GPU server).
-    cfg = resolved(EngineConfig(model=ModelConfig(max_model_len=512), cache=CacheConfig(num_blocks=120), device="cpu"))
+    cfg = resolved(EngineConfig(model=ModelConfig(dtype="float32", max_model_len=512), cache=CacheConfig(num_blocks=120),
+                                device="cpu"))
     return ModelRunner(cfg, log=lambda *_: None)
 
 

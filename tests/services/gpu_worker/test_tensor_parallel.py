@@ -40,7 +40,7 @@ def _rank_main(config_dict, rank, queue):
 
 
 def run_tp(model: str, tp_size: int) -> list:
-    config = EngineConfig(model=ModelConfig(model=model, max_model_len=512), cache=CacheConfig(num_blocks=64),
+    config = EngineConfig(model=ModelConfig(model=model, dtype="float32", max_model_len=512), cache=CacheConfig(num_blocks=64),
                           parallel=ParallelConfig(tensor_parallel_size=tp_size, dist_init_addr=f"127.0.0.1:{_port()}"),
                           device="cpu")
     ctx = mp.get_context("spawn")
