@@ -19,5 +19,5 @@ def linear_method(spec: QuantSpec | None, module_names: list[str]) -> LinearMeth
     if not quantized.pop():
         return UnquantizedLinear()
     if spec.kind == "gguf":
-        return GGUFLinear()
+        return GGUFLinear(keeps_rows=module_names == ["lm_head"])  # the head refines its top logits from rows
     return IntWeightLinear(spec) if spec.kind == "int" else Fp8Linear(spec)

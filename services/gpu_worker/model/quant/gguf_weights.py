@@ -18,8 +18,9 @@ the fp16 scales), so the products differ from a float32 forward in the last bits
 The int4 kernel streams a quarter of bf16's bytes, which wins at one row, but it does not amortise its
 unpacking over rows: at 16 rows it is 2-4x slower than oneDNN's bf16 GEMM on the same shapes
 (scripts/probe_cpu_qmm.py, docs/benchmarks.md). So each int4 layer also holds its weight dequantized once
-(exact float32, rounded to bf16 once) for products of `DENSE_FROM_ROWS` rows or more: batched decode steps
-and prefill. Together 2.5 bytes per weight, still less than the float path's 4.
+(exact float32, rounded to bf16 once, prepacked for oneDNN) for products of `DENSE_FROM_ROWS` rows or more:
+batched decode steps and prefill. Together 2.5 bytes per weight, still less than the float path's 4 (the LM
+head also keeps its plain copy, whose rows refine_near_max reads; tied, that is the embedding table).
 """
 
 from __future__ import annotations
@@ -29,17 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from headrace.common.models.gguf_blocks import GROUP
+from headrace.services.gpu_worker.model.quant import onednn_packed
 from headrace.services.gpu_worker.model.quant.base import LinearMethod
 from headrace.services.gpu_worker.model.quant.params import LinearShape, TensorLayout, new_param
 
 KERNEL_GROUP = 32  # the int4 kernel's group of inputs (it takes 32, 64, 128 or 256)
 INNER_K_TILES = 2  # how the CPU packing interleaves K; any of 1, 2, 4, 8 gives the same products
 ACT_DTYPE = torch.bfloat16
-# From this many rows a product runs on the dense bf16 copy instead of the int4 kernel. Per product on hot
-# caches the crossover is 4-8 rows (scripts/probe_cpu_qmm.py); in the model, whose 270 MB of bf16 weights a
-# step streams from memory, whole decode steps measured (1 thread, same process, alternating): 8 rows int4
-# faster (47 vs 61 ms), 12 rows even, 16 rows dense faster (73 vs 92 ms), a 200-token prefill 2x faster dense.
-DENSE_FROM_ROWS = 12
+# From this many rows a product runs on the dense bf16 copy (prepacked for oneDNN, onednn_packed.py) instead
+# of the int4 kernel. Whole decode steps of the embedded model, same process, the two rules alternating
+# (2 threads, min / median ms per step): 4 rows int4 13.4 / 16.0 against dense 19.3 / 20.4; 8 rows 21.6 /
+# 26.2 against 22.7 / 28.0 (even); 10 rows 31.6 / 34.2 against 24.7 / 27.8 (docs/benchmarks.md). Before
+# the prepacking (F.linear reordering each weight per product) the crossover was 12 rows.
+DENSE_FROM_ROWS = 10
 # A logit within this fraction of its row's largest is recomputed in float32 by `refine_near_max`. Beside
 # the bf16 output's half step (2^-9 relative), the kernel's bf16 scales and zeros move a logit: on the
 # embedded model's head (Q8_0, two parts) the top logits were off by up to 0.9% of the max, and the float32
@@ -51,8 +54,11 @@ _GROUPS = TensorLayout(out_dim=0, in_dim=1, in_per_elem=GROUP)
 
 
 class GGUFLinear(LinearMethod):
-    def __init__(self, act_dtype: torch.dtype = ACT_DTYPE):
+    def __init__(self, act_dtype: torch.dtype = ACT_DTYPE, keeps_rows: bool = False):
         self.act_dtype = act_dtype  # float32 only for exactness tests: the kernel's slow reference path
+        # The LM head reads rows of its plain dense copy (refine_near_max); other layers keep only the copy
+        # prepacked for oneDNN where there is one (onednn_packed.py): 2 bytes per weight, not 4.
+        self.keeps_rows = keeps_rows
 
     def create_weights(self, layer: nn.Module, shape: LinearShape, dtype: torch.dtype, device: torch.device) -> None:
         if shape.in_local % GROUP:
@@ -68,18 +74,25 @@ class GGUFLinear(LinearMethod):
         for i, (packed, scale_zero) in enumerate(layer.int4_parts or ()):  # buffers: counted, moved, saved
             layer.register_buffer(f"int4_packed_{i}", packed)
             layer.register_buffer(f"int4_scale_zero_{i}", scale_zero)
-        layer.dense = layer.batched_dense = None
+        layer.dense = layer.batched_dense = layer.batched_packed = None
         w = codes.float() * scales.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
         if layer.int4_parts is None:  # not representable in the kernel's layout: a dense weight
             layer.dense = nn.Parameter(w.to(layer.params_dtype), requires_grad=False)
-        else:  # not a buffer: a single-row step does not read it (bench roofline counts the int4 bytes)
-            layer.batched_dense = w.to(self.act_dtype)
+            return
+        # Neither is a buffer: a single-row step reads neither (bench roofline counts the int4 bytes).
+        layer.batched_dense = w.to(self.act_dtype)
+        layer.batched_packed = onednn_packed.prepack(layer.batched_dense)
+        if layer.batched_packed is not None and not self.keeps_rows:
+            layer.batched_dense = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.dense is not None:
             return F.linear(x, layer.dense, bias)
         if uses_dense(x.numel() // x.shape[-1]):
-            y = F.linear(x.to(self.act_dtype), layer.batched_dense).to(x.dtype)
+            if layer.batched_packed is not None:
+                y = onednn_packed.linear(x.to(self.act_dtype), layer.batched_packed).to(x.dtype)
+            else:
+                y = F.linear(x.to(self.act_dtype), layer.batched_dense).to(x.dtype)
             return y if bias is None else y + bias
         return int4_matmul(x, layer.int4_parts, bias)
 

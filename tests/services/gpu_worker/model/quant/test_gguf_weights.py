@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 
 from headrace.common.models.gguf_blocks import affine_groups
 from headrace.services.gpu_worker.model.layers import ColumnParallelLinear
+from headrace.services.gpu_worker.model.quant import onednn_packed
 from headrace.services.gpu_worker.model.quant.gguf_weights import (DENSE_FROM_ROWS, NEAR_MAX, GGUFLinear, int4_matmul,
                                                                   uses_dense)
 from headrace.services.gpu_worker.parallel import SINGLE
@@ -22,9 +23,9 @@ CPU = torch.device("cpu")
 K = 256  # one K-quant super-block per row
 
 
-def gguf_layer(fmts: list[str], rows: int, dtype: torch.dtype, seed: int = 0):
+def gguf_layer(fmts: list[str], rows: int, dtype: torch.dtype, seed: int = 0, keeps_rows: bool = False):
     """A merged linear with one part per format; returns it and gguf's dequantized [out, K] weight."""
-    layer = ColumnParallelLinear(K, [rows] * len(fmts), False, SINGLE, dtype, CPU, GGUFLinear(dtype))
+    layer = ColumnParallelLinear(K, [rows] * len(fmts), False, SINGLE, dtype, CPU, GGUFLinear(dtype, keeps_rows))
     params = dict(layer.named_parameters())
     refs = []
     for shard, fmt in enumerate(fmts):
@@ -83,8 +84,11 @@ def test_q6_k_and_layers_mixing_it_are_held_dense_and_exact_before_rounding():
 def test_products_of_many_rows_run_on_the_dense_copy_of_ggufs_dequantization(fmt):
     """From DENSE_FROM_ROWS rows the product reads a bf16 copy of gguf's exact dequantization (one rounding
     per weight); below it, the int4 kernel."""
-    layer, ref = gguf_layer([fmt], 48, torch.bfloat16)
+    layer, ref = gguf_layer([fmt], 48, torch.bfloat16, keeps_rows=True)
     torch.testing.assert_close(layer.batched_dense.float(), ref.bfloat16().float(), atol=0, rtol=0)
+    if onednn_packed.available():  # prepacked for oneDNN; a layer that reads no rows keeps no plain copy
+        assert layer.batched_packed is not None
+        assert gguf_layer([fmt], 48, torch.bfloat16)[0].batched_dense is None
     x = torch.randn(DENSE_FROM_ROWS, K).bfloat16()
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, ref.bfloat16()), atol=0, rtol=0)
     few = x[: DENSE_FROM_ROWS - 1]
@@ -96,7 +100,7 @@ def test_products_of_many_rows_run_on_the_dense_copy_of_ggufs_dequantization(fmt
 def test_logits_near_the_max_are_recomputed_in_float32(rows):
     """An LM head's bf16 logits put near-ties a rounding step apart: the entries near each row's max become
     the float32 product of the bf16 input and the dense copy, so the greedy token is that product's."""
-    layer, _ = gguf_layer(["Q4_1", "Q8_0"], 256, torch.bfloat16, seed=3)
+    layer, _ = gguf_layer(["Q4_1", "Q8_0"], 256, torch.bfloat16, seed=3, keeps_rows=True)
     w = layer.batched_dense.float()
     big = w.norm(dim=1).argsort(descending=True)  # pairs of the longest rows: the tie is each row's max
     x = torch.stack([_tie(w[big[2 * i]], w[big[2 * i + 1]]) for i in range(rows)]).bfloat16()
