@@ -60,7 +60,7 @@ def server_ttft(client: httpx.Client, url: str, model: str, content: str) -> tup
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--cpu-threads", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--iters", type=int, default=5)
