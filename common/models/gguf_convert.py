@@ -69,11 +69,10 @@ def _quantized_tensors(reader, family: GGUFFamily, config: dict, modules: list[s
     """(name, array) of a kept-quantized folder; appends each quantized linear's module name to `modules`."""
     from gguf import GGMLQuantizationType
 
-    from headrace.common.models.gguf_blocks import FORMATS, affine_groups
+    from headrace.common.models.gguf_blocks import affine_groups
 
     raw = {t.name: t for t in reader.tensors}
-    keepable = {t.name for t in reader.tensors if family.keeps_quantized and _kept(family.hf_name(t.name), t, FORMATS)}
-    kept_names = _whole_merge_groups(keepable)
+    kept_names = _kept_names(reader, family)
     kept = lambda t: t.name in kept_names  # noqa: E731
     dense = dict(_dequantized_tensors(reader, family, config, keep=lambda t: not kept(t)))
     for t in reader.tensors:
@@ -117,14 +116,18 @@ def keeps_linears_quantized(gguf_path: str, cache_root: str) -> bool:
 def _keeps_linears_quantized(gguf_path: str) -> bool:
     from gguf import GGUFReader
 
+    reader = GGUFReader(gguf_path)
+    return any(name.startswith("blk.") for name in _kept_names(reader, gguf_family(reader)))
+
+
+def _kept_names(reader, family: GGUFFamily) -> set[str]:
+    """The GGUF names of the tensors a kept-quantized folder keeps quantized (none for a family whose linears
+    cannot stay quantized)."""
     from headrace.common.models.gguf_blocks import FORMATS
 
-    reader = GGUFReader(gguf_path)
-    family = gguf_family(reader)
     if not family.keeps_quantized:
-        return False
-    keepable = {t.name for t in reader.tensors if _kept(family.hf_name(t.name), t, FORMATS)}
-    return any(name.startswith("blk.") for name in _whole_merge_groups(keepable))
+        return set()
+    return _whole_merge_groups({t.name for t in reader.tensors if _kept(family.hf_name(t.name), t, FORMATS)})
 
 
 _MERGE_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))

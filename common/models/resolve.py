@@ -8,7 +8,6 @@ service also needs, and a GGUF is converted before anyone waits for it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 from headrace.common.config import (
@@ -27,9 +26,9 @@ def resolve_engine_config(config: EngineConfig, log: Callable[[str], None] = pri
     """`config` with `resolved` filled in and the device-dependent defaults applied (parts already resolved
     are kept). Raises ConfigError (or ModelNotFoundError) for a model that cannot be served as asked."""
     resolved = config.resolved
-    if config.model.dtype == "auto" and resolved is None:
-        config = config.replace(model=dataclasses.replace(config.model, dtype=default_dtype(config)))
     if resolved is None:
+        if config.model.dtype == "auto":
+            config = config.replace(model=dataclasses.replace(config.model, dtype=default_dtype(config)))
         source = resolve_model(config.model.model, config.model.tokenizer, log=log,
                                keep_quantized=keeps_gguf_quantized(config))
         resolved = resolve_source(source, config)
@@ -82,19 +81,15 @@ def default_dtype(config: EngineConfig) -> str:
     if config.model.quantization is not None or not resolve_device(config.device).startswith("cpu"):
         return "auto"
     from headrace.common.models.gguf_convert import keeps_linears_quantized
-    from headrace.common.models.source import cache_dir, embedded_gguf_path
+    from headrace.common.models.source import cache_dir, gguf_file
 
-    model = config.model.model
-    if model:
-        path = os.path.expanduser(model)
-        if not (path.endswith(".gguf") and os.path.isfile(path)):
-            return "auto"
-    else:
-        try:
-            path = embedded_gguf_path()
-        except ModelNotFoundError:  # resolve_model says so, with the install command
-            return "auto"
-    return "bfloat16" if keeps_linears_quantized(path, cache_dir()) else "auto"
+    try:
+        path = gguf_file(config.model.model)
+    except ModelNotFoundError:  # the embedded model is missing: resolve_model says so, with the install command
+        return "auto"
+    if path is None or not keeps_linears_quantized(path, cache_dir()):
+        return "auto"
+    return "bfloat16"
 
 
 def keeps_gguf_quantized(config: EngineConfig) -> bool:

@@ -90,6 +90,15 @@ def embedded_gguf_path() -> str:
     return path
 
 
+def gguf_file(model: str) -> str | None:
+    """The GGUF file `--model` names: the embedded one for "" (ModelNotFoundError when its package is
+    missing), a .gguf file's path, or None for anything else."""
+    if not model:
+        return embedded_gguf_path()
+    path = os.path.expanduser(model)
+    return path if os.path.isfile(path) and path.endswith(".gguf") else None
+
+
 def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | None = None,
                   log=print, keep_quantized: bool = False) -> ModelSource:
     """`keep_quantized`: a GGUF is converted keeping its quantized linears as integers (gguf_convert)."""
@@ -110,13 +119,11 @@ def resolve_model(model: str, tokenizer: str | None = None, cache_root: str | No
             except ModelNotFoundError:
                 tok = ""
         return ModelSource("random", model, None, tok, preset=preset)
-    if not model:
-        folder = convert_gguf(embedded_gguf_path(), cache_root, log=log, keep_quantized=keep_quantized)
-        return ModelSource("hf", EMBEDDED_NAME, folder, tokenizer or folder)
+    gguf = gguf_file(model)
+    if gguf is not None:
+        folder = convert_gguf(gguf, cache_root, log=log, keep_quantized=keep_quantized)
+        return ModelSource("hf", model or EMBEDDED_NAME, folder, tokenizer or folder)
     path = os.path.expanduser(model)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        folder = convert_gguf(path, cache_root, log=log, keep_quantized=keep_quantized)
-        return ModelSource("hf", model, folder, tokenizer or folder)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelNotFoundError(f"model folder {path!r} has no config.json")
