@@ -334,6 +334,8 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False
+    # CPU: decode steps as one TorchInductor graph, compiled at start-up (services/gpu_worker/cpu_compiled_decode.py).
+    compile_decode: bool = False
     # --speculative-config (None: no speculative decoding).
     speculative: SpeculativeConfig | None = None
     # Filled in once by resolve_engine_config; None until then.
@@ -374,6 +376,7 @@ class EngineConfig:
             device=data["device"],
             attention_backend=data["attention_backend"],
             enforce_eager=data["enforce_eager"],
+            compile_decode=data["compile_decode"],
             speculative=None if data.get("speculative") is None else SpeculativeConfig(**data["speculative"]),
             resolved=None if resolved is None else _resolved_from_dict(resolved),
             resolved_draft=None if draft is None else _resolved_from_dict(draft),

@@ -103,7 +103,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--cpu-threads", ParallelConfig, type=int,
           help="threads of the CPU worker's kernels (default: every core it may use)")
     _flag(g, "--attention-backend", EngineConfig, choices=["auto", "torch", "triton"])
-    _flag(g, "--enforce-eager", EngineConfig, action="store_true", help="no CUDA graphs")
+    _flag(g, "--enforce-eager", EngineConfig, action="store_true", help="no CUDA graphs, no --compile-decode")
+    _flag(g, "--compile-decode", EngineConfig, action="store_true",
+          help="CPU: run decode steps as one TorchInductor-compiled graph (about 1.3x faster per step at one row); "
+               "compiled at start-up, a minute or two on two cores the first time, cached on disk after")
     g.add_argument("--speculative-config", default=_env("speculative_config", None),
                    help='speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3, '
                         '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 8}, or with a '
@@ -169,5 +172,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        compile_decode=args.compile_decode,
         speculative=SpeculativeConfig.from_json(getattr(args, "speculative_config", None)),
     )

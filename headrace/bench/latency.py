@@ -169,6 +169,7 @@ def measure_engine(config: EngineConfig, args: argparse.Namespace, rates, betwee
         "kv_cache_dtype": config.cache.kv_cache_dtype,
         "device": rates.device, "attention_backend": runner.backend.name,
         "cuda_graphs": runner.decode_graphs is not None,
+        "compiled_decode": runner.compiled_decode is not None,
         "graph_batch_sizes": runner.decode_graphs.sizes if runner.decode_graphs is not None else [],
         "rates": rates.to_dict(), "step_weight_params": roofline.step_weight_params(arch),
         "step_weight_bytes": weight_bytes, "kv_bytes_per_token": roofline.kv_bytes_per_token(arch, nbytes),
@@ -251,7 +252,8 @@ def format_table(summary: dict) -> str:
     quant = f", {summary['quantization']}: weights {summary['step_weight_bytes'] / 2**30:.2f} GiB" \
         if summary.get("quantization") else ""
     lines = [f"latency on {summary['device']} ({summary['model']}, {summary['dtype']}{quant}, "
-             f"in {summary['input_len']} / out {summary['output_len']}, cuda graphs {summary['cuda_graphs']})",
+             f"in {summary['input_len']} / out {summary['output_len']}, cuda graphs {summary['cuda_graphs']}"
+             + (", compiled decode" if summary.get("compiled_decode") else "") + ")",
              f"{'batch':>6} {'ms/token':>9} {'decode tok/s':>13} {'roofline':>10} {'% roof':>7} "
              f"{'HF tok/s':>10} {'ours/HF':>8}"]
     for r in summary["results"]:

@@ -19,6 +19,7 @@ from headrace.common.config import EngineConfig, resolve_device
 from headrace.common.messages import StepPlan, StepResult
 from headrace.services.gpu_worker.attention import make_backend
 from headrace.services.gpu_worker.batch_inputs import PreparedBatch, long_rope_restarts, prepare_batch
+from headrace.services.gpu_worker.cpu_compiled_decode import maybe_compile_decode
 from headrace.services.gpu_worker.cuda_graphs import DecodeGraphs, maybe_capture_decode_graphs
 from headrace.services.gpu_worker.draft_model import DraftModel
 from headrace.services.gpu_worker.grammar import GrammarError, GrammarRuntime
@@ -97,6 +98,11 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None
         self.piecewise_graphs: PiecewiseGraphs | None
         self.decode_graphs, self.piecewise_graphs = self._warm_up_and_capture()
+        # On a CPU with --compile-decode: decode steps of one row, or of many, run as one compiled graph.
+        self.compiled_decode = maybe_compile_decode(
+            config.compile_decode and not config.enforce_eager, self.model, self.kv_caches, self.cos_sin_cache,
+            self.block_size, config.scheduler.max_num_seqs, self.long_rope, self.stage.size, tp.size, self.device,
+            log)
         self._in_flight = InflightQueue()  # launched steps, oldest first: the one queue of them
 
     # ------------------------------------------------------------------ construction
@@ -138,7 +144,7 @@ class ModelRunner:
     @property
     def graph_runners(self) -> list[GraphRunner]:
         """Tried in this order for each step; a step none accepts runs eagerly."""
-        return [g for g in (self.decode_graphs, self.piecewise_graphs) if g is not None]
+        return [g for g in (self.decode_graphs, self.piecewise_graphs, self.compiled_decode) if g is not None]
 
     # ------------------------------------------------------------------ the in-flight queue
 

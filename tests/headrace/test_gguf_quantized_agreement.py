@@ -37,15 +37,48 @@ def test_quantized_greedy_tokens_agree_with_the_float32_forward(embedded_hf_mode
     assert llm.config.require_resolved().quantization.kind == "gguf"
     model = llm.engine.runner.model  # the tied head's dense copy (many-row products) is the embedding table
     assert model.lm_head.batched_dense.data_ptr() == model.embed_tokens.weight.data_ptr()
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    agree, total = agreement(embedded_hf_model, outputs)
+    assert agree / total >= 0.986, f"{agree}/{total} tokens agree"
+
+
+PARAMS = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def agreement(hf_model, outputs) -> tuple[int, int]:
+    """Positions where the output's token is the float32 forward's greedy choice on the output's own prefix,
+    and positions compared."""
     agree = total = 0
     with torch.no_grad():
         for out in outputs:
             prompt, generated = out.prompt_token_ids, out.outputs[0].token_ids
             assert len(generated) == NEW_TOKENS
-            logits = embedded_hf_model(torch.tensor([prompt + generated])).logits[0]
+            logits = hf_model(torch.tensor([prompt + generated])).logits[0]
             float_choice = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(float_choice, generated))
             total += NEW_TOKENS
-    assert agree / total >= 0.986, f"{agree}/{total} tokens agree"
+    return agree, total
+
+
+@pytest.mark.slow
+def test_compiled_decode_steps_agree_as_well(embedded_hf_model):
+    """--compile-decode's two graphs (one row, and ten rows or more) on the same bar: measured 510/512 with
+    each prompt alone (eager: 506) and 756/768 for twelve together (eager: 756), two threads."""
+    lines = []
+    llm = LLM("", device="cpu", dtype="bfloat16", max_model_len=512, cpu_threads=1, compile_decode=True,
+              log=lines.append)
+    compiled = llm.engine.runner.compiled_decode
+    assert compiled is not None, lines
+    assert sum("--compile-decode: graph for" in line for line in lines) == 2, lines
+    alone = [llm.generate([p], PARAMS, use_tqdm=False)[0] for p in PROMPTS]
+    agree, total = agreement(embedded_hf_model, alone)
+    assert agree / total >= 0.986, f"alone: {agree}/{total} tokens agree"
+    replays = compiled.num_replays
+    assert replays >= len(PROMPTS) * (NEW_TOKENS - 16)  # every decode step past the first block of context
+    together = llm.generate(PROMPTS + EXTRA_PROMPTS, PARAMS, use_tqdm=False)
+    agree, total = agreement(embedded_hf_model, together)
+    assert agree / total >= 0.98, f"together: {agree}/{total} tokens agree"
+    assert compiled.num_replays > replays + NEW_TOKENS // 2
+
+
+EXTRA_PROMPTS = ["Tell me a joke.", "What is 2+2?", "Name a color.", "Describe a cat."]

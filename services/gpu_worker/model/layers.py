@@ -42,6 +42,9 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        # _forward_reduced's addcmul addend, made once (a plain attribute: not saved or loaded). Made here
+        # rather than on first use, so a compiled graph reads it rather than sets it.
+        self._eps_t = torch.tensor(eps, dtype=torch.float32, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
@@ -69,8 +72,6 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        if getattr(self, "_eps_t", None) is None:  # addcmul's addend: eps as a tensor, made once
-            self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=x.device)
         n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
         inv_rms = torch.addcmul(self._eps_t, n, n, value=1.0 / x.shape[-1]).rsqrt_()
         out = (x * (inv_rms * self.weight)).to(x.dtype)

@@ -9,12 +9,18 @@ a batch-16 decode step's products took 13.5 ms instead of 20.4 on two cores, and
 row count (tests/services/gpu_worker/model/quant/test_onednn_packed.py).
 
 The packed tensor is opaque (an mkldnn tensor): it is not indexed, saved or moved, so a layer that needs
-the plain weight's rows keeps that too.
+the plain weight's rows keeps that too. Nor can a compiled graph take it as an input (Inductor's lowering of
+the product wants the weight as a frozen constant, fake tensors have no mkldnn layout): inside
+torch.compile the product is the opaque operator `headrace::onednn_linear`, which names the weight by a
+handle (cpu_compiled_decode.py).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -32,13 +38,52 @@ def available() -> bool:
         return False
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A prepacked weight, and the handle a compiled graph names it by."""
+
+    tensor: torch.Tensor  # opaque, oneDNN's layout
+    out_features: int
+    handle: int
+
+
+# handle -> packed tensor, for the opaque operator: weak, so a dropped model's weights are freed (the layer
+# holds the PackedWeight).
+_BY_HANDLE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_NEXT_HANDLE = itertools.count()
+
+
+def prepack(weight: torch.Tensor) -> PackedWeight | None:
     """The [out, in] bf16 CPU weight in oneDNN's layout, or None where it cannot be (then use F.linear)."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not available():
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ROWS_HINT)
+    handle = next(_NEXT_HANDLE)
+    _BY_HANDLE[handle] = packed
+    return PackedWeight(packed, weight.shape[0], handle)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for x bf16 [..., in], W prepacked by `prepack`; bf16 [..., out], as F.linear."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if torch.compiler.is_compiling():
+        return torch.ops.headrace.onednn_linear(x, packed.handle, packed.out_features, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
+
+
+_LIB = torch.library.Library("headrace", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, int handle, int out_features, Tensor? bias=None) -> Tensor")
+
+
+def _onednn_linear(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _BY_HANDLE[handle], bias, "none", [], "")
+
+
+def _onednn_linear_shape(x: torch.Tensor, handle: int, out_features: int, bias: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# Registered through the plain Library API rather than torch.library.custom_op: its autograd and
+# version-counter wrappers cost ~30 us per call, as much as a small product.
+_LIB.impl("onednn_linear", _onednn_linear, "CPU")
+torch.library.register_fake("headrace::onednn_linear", _onednn_linear_shape, lib=_LIB)

@@ -29,3 +29,22 @@ def test_only_bf16_cpu_weights_are_packed():
     assert onednn_packed.prepack(torch.randn(8, 16)) is None  # float32: F.linear's own path (MKL)
     assert onednn_packed.prepack(torch.randn(8, 16, dtype=torch.float16)) is None
     assert onednn_packed.prepack(torch.randn(8, 16).bfloat16()) is not None
+
+
+def test_inside_a_compiled_graph_the_product_is_the_same_operator():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) * 0.05).bfloat16()
+    packed = onednn_packed.prepack(w)
+    x = torch.randn(4, 64, generator=g).bfloat16()
+    bias = torch.randn(96, generator=g).bfloat16()
+    assert torch.equal(torch.ops.headrace.onednn_linear(x, packed.handle, 96), F.linear(x, w))
+    compiled = torch.compile(lambda t: onednn_packed.linear(t * 2, packed, bias), fullgraph=True)
+    assert torch.equal(compiled(x), onednn_packed.linear(x * 2, packed, bias))
+
+
+def test_a_dropped_weight_leaves_no_handle_behind():
+    packed = onednn_packed.prepack(torch.randn(8, 16).bfloat16())
+    handle = packed.handle
+    assert handle in onednn_packed._BY_HANDLE
+    del packed
+    assert handle not in onednn_packed._BY_HANDLE

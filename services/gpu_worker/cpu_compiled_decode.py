@@ -1,0 +1,209 @@
+"""Decode-only steps on a CPU as one TorchInductor graph (`--compile-decode`): the CPU's counterpart of the
+CUDA decode graphs.
+
+Why: at decode sizes a CPU step is ~1,700 small operators (norms, RoPE, casts, residual adds, SiLU) around
+~120 products, and in eager mode each operator costs a few microseconds of host time: at one row that was
+about half of a step of the embedded model. Inductor fuses the elementwise work into a few C++ loops per
+layer and the step runs as one call.
+
+What the graph does not trace:
+- the attention over the paged cache, the opaque operator `headrace::decode_attention`: the torch
+  backend's own gather and SDPA, run eagerly (Inductor's code for the block gather was slower than
+  index_select);
+- the products on oneDNN-prepacked weights (`headrace::onednn_linear`, model/quant/onednn_packed.py).
+The graph writes nothing: each layer attends over the past gathered from the cache plus its new K/V, and
+returns its new K/V; one index_copy_ stores every layer's after the graph. (A cache write inside the graph
+made Inductor copy the whole cache per layer: the caches are views of one tensor.)
+
+Two graphs, each dynamic in the context length: one row (the int4 products) and DENSE_FROM_ROWS rows or
+more (the dense products, dynamic in rows too). Steps of other row counts, prefill and mixed steps, and
+models this does not cover (sliding windows, MoE, an fp8 cache, pipeline or tensor parallelism, LongRoPE)
+run eagerly. Both graphs are compiled at start-up, so no request waits on a compile; Inductor caches them on
+disk, so the next start with the same model compiles much less. Results differ from eager in the last bits
+(Inductor rounds bf16 intermediates once per fused loop), as a different batch size's would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from headrace.services.gpu_worker.attention.torch_backend import apply_rope_qk, attend, rope_factors
+from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner
+from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
+from headrace.services.gpu_worker.model.moe import MoEBlock
+from headrace.services.gpu_worker.model.quant.gguf_weights import DENSE_FROM_ROWS
+
+_LIB = torch.library.Library("headrace", "FRAGMENT")
+_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor blocks, "
+            "Tensor visible, Tensor last, float scale, float softcap) -> Tensor")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, blocks: torch.Tensor, visible: torch.Tensor, last: torch.Tensor,
+                     scale: float, softcap: float) -> torch.Tensor:
+    """Attention of decode rows q [R, H, D] over their past in the cache and their new k/v [R, Hkv, D]:
+    `blocks` [R * nb] their block tables' first nb entries, `visible` [R, L] which of the first L keys each
+    row sees, `last` [R] the column of its new token (its length - 1). [R, H, D]."""
+    rows, num_keys = visible.shape
+    shape = k_cache.shape[2:]
+    kd = k_cache.index_select(0, blocks).view(rows, -1, *shape)[:, :num_keys]
+    vd = v_cache.index_select(0, blocks).view(rows, -1, *shape)[:, :num_keys]
+    row = torch.arange(rows, device=q.device)
+    kd[row, last] = k.to(kd.dtype)  # the gathered copies, not the cache
+    vd[row, last] = v.to(vd.dtype)
+    mask = None if rows == 1 else visible[:, None, :]  # one row sees all its keys
+    return attend(q[:, None], kd, vd, mask, scale, softcap or None)[:, 0]
+
+
+def _decode_attention_shape(q, k, v, k_cache, v_cache, blocks, visible, last, scale, softcap):
+    return torch.empty_like(q)
+
+
+_LIB.impl("decode_attention", decode_attention, "CPU")
+torch.library.register_fake("headrace::decode_attention", _decode_attention_shape, lib=_LIB)
+
+
+class _GraphAttention:
+    """The attention backend while tracing: RoPE in the graph, attention through the opaque operator, the
+    new K/V collected instead of written. Also the forward context's metadata (layers read its
+    slot_mapping, which it does not use)."""
+
+    name = "compiled-decode"
+    slot_mapping = None
+
+    def __init__(self, blocks: torch.Tensor, visible: torch.Tensor, last: torch.Tensor) -> None:
+        self.blocks, self.visible, self.last = blocks, visible, last
+        self.new_kv: list[torch.Tensor] = []
+
+    def prepare(self, meta: Any) -> None:
+        pass
+
+    def write_cache(self, q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping, kv_scale=(1.0, 1.0)):
+        q, k = apply_rope_qk(q, k, rope_factors(cos_sin_cache.index_select(0, positions)))
+        self.new_kv.append(torch.stack((k, v)))
+        return q, k
+
+    def attend(self, q, k, v, kv_cache, meta, scale: float, window=None, softcap=None, kv_scale=(1.0, 1.0)):
+        return torch.ops.headrace.decode_attention(q, k, v, kv_cache[0], kv_cache[1], self.blocks, self.visible,
+                                                   self.last, scale, softcap or 0.0)
+
+
+def _step(model: LlamaForCausalLM, cos_sin_cache: torch.Tensor, storage: torch.Tensor, input_ids: torch.Tensor,
+          positions: torch.Tensor, blocks: torch.Tensor, visible: torch.Tensor, last: torch.Tensor):
+    """What the graph computes: the final hidden states [R, hidden] and every layer's new K/V
+    [layers, 2, R, kv_heads, head_dim]."""
+    attention = _GraphAttention(blocks, visible, last)
+    caches = [(storage[i, 0], storage[i, 1]) for i in range(storage.shape[0])]
+    hidden = model(input_ids, positions, ForwardContext(attention, caches, attention, cos_sin_cache))
+    return hidden, torch.stack(attention.new_kv)
+
+
+def unsupported_reason(model: LlamaForCausalLM, kv_caches: list, long_rope: Any, stage_size: int, tp_size: int,
+                       device: torch.device) -> str | None:
+    """Why this worker's decode steps cannot run compiled, or None when they can."""
+    if device.type != "cpu":
+        return f"device {device.type} (CUDA graphs serve there)"
+    if stage_size > 1 or tp_size > 1:
+        return "pipeline or tensor parallelism"
+    if long_rope is not None:
+        return "LongRoPE"
+    if any(layer.self_attn.window for layer in model.layers):
+        return "sliding-window layers"
+    if any(isinstance(layer.mlp, MoEBlock) for layer in model.layers):
+        return "mixture-of-experts layers"
+    k_cache = kv_caches[0][0]
+    if not k_cache.dtype.is_floating_point or k_cache.element_size() == 1:
+        return f"a {k_cache.dtype} KV cache"
+    if k_cache._base is None or k_cache._base.dim() != 6:
+        return "KV caches that are not views of one tensor"
+    return None
+
+
+class CompiledDecode(GraphRunner):
+    """Runs the decode-only steps of one row or of DENSE_FROM_ROWS rows and more through the compiled graph."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list, cos_sin_cache: torch.Tensor, block_size: int,
+                 max_num_seqs: int) -> None:
+        self.model, self.cos_sin_cache, self.block_size = model, cos_sin_cache, block_size
+        self.storage = kv_caches[0][0]._base  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        self.sizes = [1] + ([DENSE_FROM_ROWS] if max_num_seqs >= DENSE_FROM_ROWS else [])
+        self.max_num_seqs = max_num_seqs
+        self.num_replays = 0
+        # One compiled function per worker (dynamo keeps its graphs per code object, guarded by the model's
+        # parameters: a second engine in one process compiles its own beside these).
+        self._graph = torch.compile(_step, fullgraph=True)
+
+    def accepts(self, batch: ForwardInputs) -> bool:
+        attn = batch.attn
+        rows = attn.num_decodes
+        if not (rows == attn.num_seqs == batch.input_ids.shape[0] and (rows == 1 or rows >= DENSE_FROM_ROWS)):
+            return False
+        # Past one block of context: dynamic sizes start at 2 (a size of 1 would be compiled as a constant).
+        lens = attn.seq_lens_host if attn.seq_lens_host is not None else attn.seq_lens.tolist()
+        return max(lens) > self.block_size
+
+    def run(self, batch: ForwardInputs) -> torch.Tensor:
+        attn = batch.attn
+        lens = attn.seq_lens_host if attn.seq_lens_host is not None else attn.seq_lens.tolist()
+        hidden = self._run(batch.input_ids, batch.positions, attn.block_tables, lens, attn.slot_mapping)
+        self.num_replays += 1
+        return hidden
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, lens: list[int],
+             slot_mapping: torch.Tensor | None) -> torch.Tensor:
+        rows, max_len = len(lens), max(lens)
+        blocks = block_tables[:rows, : -(-max_len // self.block_size)].reshape(-1).long()
+        n = torch.tensor(lens, device=input_ids.device)
+        visible = torch.arange(max_len, device=input_ids.device)[None, :] < n[:, None]
+        last = n - 1
+        # Dynamic: the context length (and, past one row, the rows); a fresh size compiles nothing more.
+        torch._dynamo.mark_dynamic(blocks, 0)
+        torch._dynamo.mark_dynamic(visible, 1)
+        if rows > 1:
+            for t in (input_ids, positions, visible, last):
+                torch._dynamo.mark_dynamic(t, 0)
+        hidden, new_kv = self._graph(self.model, self.cos_sin_cache, self.storage, input_ids, positions, blocks,
+                                     visible, last)
+        if slot_mapping is not None:
+            flat = self.storage.view(self.storage.shape[0], 2, -1, *self.storage.shape[4:])
+            flat.index_copy_(2, slot_mapping, new_kv.to(flat.dtype))
+        return hidden
+
+    @torch.no_grad()  # as steps run (the grad mode is part of what a graph is compiled for)
+    def warm_up(self, log: Callable[[str], None] | None = None) -> None:
+        """Compile both graphs on made-up rows (block 0, two blocks of context, nothing written)."""
+        device = self.storage.device
+        for rows in self.sizes:
+            t0 = time.perf_counter()
+            lens = [self.block_size + 2] * rows
+            tables = torch.zeros(rows, 2, dtype=torch.int32, device=device)
+            ids = torch.zeros(rows, dtype=torch.long, device=device)
+            positions = torch.full((rows,), self.block_size + 1, dtype=torch.long, device=device)
+            self._run(ids, positions, tables, lens, None)
+            if log is not None:
+                log(f"--compile-decode: graph for {'1 row' if rows == 1 else f'{rows}+ rows'} compiled in "
+                    f"{time.perf_counter() - t0:.1f} s")
+
+
+def maybe_compile_decode(enabled: bool, model: LlamaForCausalLM, kv_caches: list, cos_sin_cache: torch.Tensor,
+                         block_size: int, max_num_seqs: int, long_rope: Any, stage_size: int, tp_size: int,
+                         device: torch.device, log: Callable[[str], None]) -> CompiledDecode | None:
+    """The compiled decode runner, warmed up, when asked for and possible; else None (said in the log). A
+    graph that fails to compile leaves the steps eager: a slower worker, not a dead one."""
+    if not enabled:
+        return None
+    reason = unsupported_reason(model, kv_caches, long_rope, stage_size, tp_size, device)
+    if reason is not None:
+        log(f"--compile-decode: off for {reason}; decode steps run eagerly")
+        return None
+    runner = CompiledDecode(model, kv_caches, cos_sin_cache, block_size, max_num_seqs)
+    try:
+        runner.warm_up(log)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: keep serving, eagerly
+        log(f"--compile-decode: compiling failed ({type(e).__name__}: {e}); decode steps run eagerly")
+        return None
+    return runner
