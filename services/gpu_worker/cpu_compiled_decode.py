@@ -15,11 +15,12 @@ The graph writes nothing: each layer attends over the past gathered from the cac
 returns its new K/V; one index_copy_ stores every layer's after the graph. (A cache write inside the graph
 made Inductor copy the whole cache per layer: the caches are views of one tensor.)
 
-Two graphs, each dynamic in the context length: one row (the int4 products) and DENSE_FROM_ROWS rows or
-more (the dense products, dynamic in rows too). Steps of other row counts, prefill and mixed steps, and
-models this does not cover (sliding windows, MoE, an fp8 cache, pipeline or tensor parallelism, LongRoPE)
-run eagerly. Both graphs are compiled at start-up, so no request waits on a compile; Inductor caches them on
-disk, so the next start with the same model compiles much less. Results differ from eager in the last bits
+Graphs, each dynamic in the context length: one row (a GGUF's int4 products), and 2 rows or more,
+dynamic in rows too (a GGUF model compiles two of these: below DENSE_FROM_ROWS the int4 products, from it
+the dense ones). Steps with one block of context or less, prefill and mixed steps, and models this does not
+cover (sliding windows, MoE, an fp8 cache, pipeline or tensor parallelism, LongRoPE) run eagerly. Every
+graph is compiled at start-up, so no request waits on a compile; Inductor caches them on disk, so the next
+start with the same model compiles much less. Results differ from eager in the last bits
 (Inductor rounds bf16 intermediates once per fused loop), as a different batch size's would.
 """
 
@@ -124,13 +125,15 @@ def unsupported_reason(model: LlamaForCausalLM, kv_caches: list, long_rope: Any,
 
 
 class CompiledDecode(GraphRunner):
-    """Runs the decode-only steps of one row or of DENSE_FROM_ROWS rows and more through the compiled graph."""
+    """Runs decode-only steps through the compiled graphs."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list, cos_sin_cache: torch.Tensor, block_size: int,
                  max_num_seqs: int) -> None:
         self.model, self.cos_sin_cache, self.block_size = model, cos_sin_cache, block_size
         self.storage = kv_caches[0][0]._base  # [layers, 2, blocks, block_size, kv_heads, head_dim]
-        self.sizes = [1] + ([DENSE_FROM_ROWS] if max_num_seqs >= DENSE_FROM_ROWS else [])
+        # The row counts warmed up: one graph each where the model's products branch on rows (GGUF), else
+        # the 2-row graph serves every count from 2.
+        self.sizes = [rows for rows in (1, 2, DENSE_FROM_ROWS) if rows <= max_num_seqs]
         self.max_num_seqs = max_num_seqs
         self.num_replays = 0
         # One compiled function per worker (dynamo keeps its graphs per code object, guarded by the model's
@@ -140,7 +143,7 @@ class CompiledDecode(GraphRunner):
     def accepts(self, batch: ForwardInputs) -> bool:
         attn = batch.attn
         rows = attn.num_decodes
-        if not (rows == attn.num_seqs == batch.input_ids.shape[0] and (rows == 1 or rows >= DENSE_FROM_ROWS)):
+        if not rows == attn.num_seqs == batch.input_ids.shape[0]:
             return False
         # Past one block of context: dynamic sizes start at 2 (a size of 1 would be compiled as a constant).
         lens = attn.seq_lens_host if attn.seq_lens_host is not None else attn.seq_lens.tolist()

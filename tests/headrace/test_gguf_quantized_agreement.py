@@ -62,14 +62,14 @@ def agreement(hf_model, outputs) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_compiled_decode_steps_agree_as_well(embedded_hf_model):
-    """--compile-decode's two graphs (one row, and ten rows or more) on the same bar: measured 510/512 with
-    each prompt alone (eager: 506) and 756/768 for twelve together (eager: 756), two threads."""
+    """--compile-decode's three graphs (one row, 2-9 rows, ten rows or more) on the same bar: measured 510/512
+    with each prompt alone (eager: 506) and 756/768 for twelve together (eager: 756), two threads."""
     lines = []
     llm = LLM("", device="cpu", dtype="bfloat16", max_model_len=512, cpu_threads=1, compile_decode=True,
               log=lines.append)
     compiled = llm.engine.runner.compiled_decode
     assert compiled is not None, lines
-    assert sum("--compile-decode: graph for" in line for line in lines) == 2, lines
+    assert sum("--compile-decode: graph for" in line for line in lines) == 3, lines
     alone = [llm.generate([p], PARAMS, use_tqdm=False)[0] for p in PROMPTS]
     agree, total = agreement(embedded_hf_model, alone)
     assert agree / total >= 0.986, f"alone: {agree}/{total} tokens agree"
@@ -78,6 +78,11 @@ def test_compiled_decode_steps_agree_as_well(embedded_hf_model):
     together = llm.generate(PROMPTS + EXTRA_PROMPTS, PARAMS, use_tqdm=False)
     agree, total = agreement(embedded_hf_model, together)
     assert agree / total >= 0.98, f"together: {agree}/{total} tokens agree"
+    assert compiled.num_replays > replays + NEW_TOKENS // 2
+    replays = compiled.num_replays
+    four = llm.generate(PROMPTS[:4], PARAMS, use_tqdm=False)
+    agree, total = agreement(embedded_hf_model, four)
+    assert agree / total >= 0.98, f"four together: {agree}/{total} tokens agree"
     assert compiled.num_replays > replays + NEW_TOKENS // 2
 
 
