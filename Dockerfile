@@ -18,11 +18,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HEADRACE_HOST=0.0.0.0 \
     HEADRACE_CACHE=/cache \
-    TRITON_CACHE_DIR=/cache/triton
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/inductor
 
-# Triton compiles a small C launcher the first time a kernel runs, so the image needs a C compiler.
+# Triton compiles a small C launcher the first time a kernel runs, so the image needs a C compiler; on a CPU,
+# --compile-decode's Inductor graphs need a C++ one.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, from the index chosen above; the project's own `torch>=2.5` is then already satisfied,

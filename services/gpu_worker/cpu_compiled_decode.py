@@ -26,12 +26,14 @@ start with the same model compiles much less. Results differ from eager in the l
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from headrace.common.config import cache_dir
 from headrace.services.gpu_worker.attention.torch_backend import apply_rope_qk, attend, rope_factors
 from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner
 from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
@@ -203,6 +205,9 @@ def maybe_compile_decode(enabled: bool, model: LlamaForCausalLM, kv_caches: list
     if reason is not None:
         log(f"--compile-decode: off for {reason}; decode steps run eagerly")
         return None
+    # Inductor's cache beside the converted models (its default is under /tmp, gone after a reboot), unless
+    # the user placed it.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir(), "inductor"))
     runner = CompiledDecode(model, kv_caches, cos_sin_cache, block_size, max_num_seqs)
     try:
         runner.warm_up(log)
