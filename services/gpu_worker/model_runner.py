@@ -272,8 +272,10 @@ class ModelRunner:
         for s in batch.sample_states:
             rows += verify_rows(s, self.eos_token_ids, 1 if id(s) in pending_rows else 0, s.matcher)
         inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
-        out = self.sampler(logits, inputs)
-        if len(rows) == len(batch.sample_states):
+        verifying = len(rows) > len(batch.sample_states)
+        # Verifying a draft model's tokens needs the target's distributions too: from the same penalised logits.
+        out = self.sampler(logits, inputs, with_probabilities=verifying and self.drafter is not None)
+        if not verifying:
             return out, None, None
         states = batch.sample_states
         drafts = [s.draft_token_ids for s in states]
@@ -281,7 +283,7 @@ class ModelRunner:
             tokens, accepted = accept_drafts(out.sampled_token_ids, drafts)
         else:  # drafts drawn from the draft model's q: the general test, against the target's p
             tokens, accepted = accept_model_drafts(
-                out.sampled_token_ids, self.sampler.probabilities(logits, inputs), drafts,
+                out.sampled_token_ids, out.probabilities, drafts,
                 [s.draft_probs for s in states], [s.seed for s in states],
                 [len(s.token_ids) - s.num_prompt_tokens for s in states], inputs.all_greedy)
             result.draft_token_ids = {s.req_id: d for s, d in zip(states, drafts) if d}

@@ -274,7 +274,7 @@ def _mix64_(z: torch.Tensor) -> torch.Tensor:
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 uniforms in (0, 1), a pure function of (seed_b, step_b, v).
 
-    kernels/sampling.py generates the same bits in registers (the CUDA path of `_sample_random`) and keeps a
+    kernels/sampling.py generates the same bits in registers (the CUDA path of `_draw`) and keeps a
     torch twin (hash_uniform_ref); tests/kernels/test_sampling.py pins all three together: change them
     together, and note that any change alters every seeded output."""
     # Per-row key from (seed, step), then the v-th output of a splitmix64 stream keyed by it.
@@ -360,15 +360,15 @@ def filtered_logits(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
     return x
 
 
-def _sample_random(x: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-    """x: penalised logits (not modified). Returns [B] sampled ids for every row (greedy rows included)."""
+def _draw(filtered: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """filtered: filtered_logits' output, overwritten. Returns [B] ids drawn for every row (greedy rows
+    included)."""
     assert inputs.seeds is not None and inputs.steps is not None
-    x = filtered_logits(x, inputs)
-    fused = _fused_sampling(x.device)
+    fused = _fused_sampling(filtered.device)
     if fused is not None:
         # The same draw in one kernel: noise made in registers, logits read once (no [B, V] int64 noise).
-        return fused.hash_gumbel_argmax(x, inputs.seeds, inputs.steps)
-    return gumbel_argmax_(x, inputs.seeds, inputs.steps)
+        return fused.hash_gumbel_argmax(filtered, inputs.seeds, inputs.steps)
+    return gumbel_argmax_(filtered, inputs.seeds, inputs.steps)
 
 
 def gumbel_argmax_(x: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -398,6 +398,8 @@ def _triton_sampling():
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64
     logprobs: list[TopLogprobs | None] | None  # per row; None when no row asked
+    # [B, V] float32: what each row's token was drawn from (Sampler.probabilities), when asked for.
+    probabilities: torch.Tensor | None = None
 
 
 class Sampler:
@@ -408,19 +410,23 @@ class Sampler:
         if fused is not None:
             fused.warm_up(vocab_size, max_batch, device)
 
-    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, inputs: SamplingInputs, with_probabilities: bool = False
+                 ) -> SamplerOutput:
+        """Each row's token; with_probabilities: also the distributions they were drawn from, from the same
+        penalised logits (speculative verification against a draft model needs both)."""
         logits = logits.float()
         # User-facing logprobs come from the raw model distribution (before penalties / temperature).
         raw_lp = logits.log_softmax(dim=-1) if inputs.max_num_logprobs is not None else None
         x = self._penalised(logits, inputs)
-        if inputs.all_greedy:
+        filtered = None if inputs.all_greedy else filtered_logits(x, inputs)
+        probs = self._distribution(x, filtered, inputs) if with_probabilities else None  # before the draw
+        if filtered is None:
             tokens = x.argmax(dim=-1)
         else:
-            tokens = _sample_random(x, inputs)
+            tokens = _draw(filtered, inputs)
             if inputs.is_greedy is not None:  # mixed batch: greedy rows take the argmax of the penalised logits
                 tokens = torch.where(inputs.is_greedy, x.argmax(dim=-1), tokens)
-
-        return SamplerOutput(tokens, None if raw_lp is None else self._logprobs(raw_lp, tokens, inputs))
+        return SamplerOutput(tokens, None if raw_lp is None else self._logprobs(raw_lp, tokens, inputs), probs)
 
     @staticmethod
     def _penalised(logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
@@ -437,10 +443,15 @@ class Sampler:
         """[B, V] float32: the distribution each row's token is drawn from (what __call__ samples), one-hot at
         the argmax on greedy rows. Speculative decoding with a draft model compares these."""
         x = self._penalised(logits.float(), inputs)
+        return self._distribution(x, None if inputs.all_greedy else filtered_logits(x, inputs), inputs)
+
+    @staticmethod
+    def _distribution(x: torch.Tensor, filtered: torch.Tensor | None, inputs: SamplingInputs) -> torch.Tensor:
+        """probabilities() from the penalised logits x and, unless every row is greedy, filtered_logits(x)."""
         greedy = torch.zeros_like(x).scatter_(1, x.argmax(dim=-1, keepdim=True), 1.0)
-        if inputs.all_greedy:
+        if filtered is None:
             return greedy
-        probs = filtered_logits(x, inputs).softmax(dim=-1)
+        probs = filtered.softmax(dim=-1)
         return probs if inputs.is_greedy is None else torch.where(inputs.is_greedy[:, None], greedy, probs)
 
     @staticmethod

@@ -252,6 +252,28 @@ def test_penalty_steers_greedy():
     assert sample(logits, [r]).sampled_token_ids.item() == 2
 
 
+def test_one_pass_gives_the_tokens_and_the_distributions_they_were_drawn_from():
+    """with_probabilities (speculative verification) penalises once: the same tokens as a plain call, the
+    same distributions as probabilities(), on greedy, random and mixed batches with penalties and filters."""
+    logits = gen_logits(4, 50, seed=7)
+    batches = [
+        [row(output=[1, 4], temperature=0.0, presence_penalty=0.5) for _ in range(4)],
+        [row(seed=i, output=[i], temperature=0.8, top_k=10, frequency_penalty=0.3) for i in range(4)],
+        [row(seed=1, temperature=0.0), row(seed=2, temperature=1.2, top_p=0.9, repetition_penalty=1.3,
+                                           output=[5]),
+         row(seed=3, temperature=0.7, min_p=0.05), row(seed=4, temperature=0.0, presence_penalty=1.0, output=[9])],
+    ]
+    sampler = Sampler()
+    for rows in batches:
+        inputs = build_sampling_inputs(rows, logits.shape[-1], CPU)
+        both = sampler(logits, inputs, with_probabilities=True)
+        assert torch.equal(both.sampled_token_ids, sampler(logits, inputs).sampled_token_ids)
+        assert torch.equal(both.probabilities, sampler.probabilities(logits, inputs))
+        assert sampler(logits, inputs).probabilities is None
+        drawn = both.probabilities.gather(1, both.sampled_token_ids[:, None])
+        assert bool((drawn > 0).all())  # every token has mass in the distribution it was drawn from
+
+
 # --------------------------------------------------------------------------- min_tokens
 
 
