@@ -27,7 +27,9 @@ start with the same model compiles much less. Results differ from eager in the l
 from __future__ import annotations
 
 import os
+import re
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +40,7 @@ from headrace.services.gpu_worker.attention.torch_backend import apply_rope_qk, 
 from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner
 from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 from headrace.services.gpu_worker.model.moe import MoEBlock
-from headrace.services.gpu_worker.model.quant.gguf_weights import DENSE_FROM_ROWS
+from headrace.services.gpu_worker.model.quant.gguf_weights import DENSE_FROM_ROWS, GGUFLinear
 
 _LIB = torch.library.Library("headrace", "FRAGMENT")
 _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor blocks, "
@@ -110,6 +112,71 @@ def _step(model: LlamaForCausalLM, cos_sin_cache: torch.Tensor, storage: torch.T
     return hidden, torch.stack(attention.new_kv)
 
 
+_STATIC_INPUTS = ("model", "cos_sin_cache", "storage")  # _step's arguments that are the same on every call
+_LOCAL_NAME = re.compile(r"^L\['(\w+)'\]")
+
+
+class _CompiledGraph:
+    """_step compiled for one class of steps, and after its warm-up called the way Inductor compiled it.
+
+    A call through dynamo first checks the graph's guards: with the model's ~300 tensors as graph inputs that
+    took ~1 ms of a ~9 ms one-row step. The runner already knows a step matches the graph (its row class, the
+    inputs' dtypes, more than one block of context) and the model's tensors never change, so after the warm-up
+    the graph is called directly: its inputs come from the expressions dynamo recorded for them (those of the
+    model, the RoPE table and the cache read once), in its order. Each copy of _step's code (types.FunctionType
+    over code.replace) keeps its own dynamo cache."""
+
+    def __init__(self, name: str) -> None:
+        self._traced: list[tuple[list[str], Callable]] = []  # (input expressions, compiled graph) per compile
+        code = _step.__code__.replace(co_name=name)
+        fn = types.FunctionType(code, _step.__globals__, name)
+        self._dynamo = torch.compile(fn, fullgraph=True, backend=self._compile)
+        self._direct: tuple[list[Any], list[int], Callable[[dict], tuple], Callable] | None = None
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        names = [node.meta["grapharg"].source.name for node in gm.graph.find_nodes(op="placeholder")]
+        compiled = compile_fx(gm, example_inputs)
+        self._traced.append((names, compiled))
+        return compiled
+
+    def __call__(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._direct is None:
+            return self._dynamo(**inputs)
+        template, slots, read, compiled = self._direct
+        args = list(template)
+        for slot, value in zip(slots, read(inputs)):
+            args[slot] = value
+        hidden, new_kv = compiled(*args)
+        return hidden, new_kv
+
+    @property
+    def is_direct(self) -> bool:
+        return self._direct is not None
+
+    def go_direct(self, **inputs: Any) -> bool:
+        """After the warm-up call with these inputs: call the graph directly from now on, if it was compiled
+        once and gives the same outputs that way. Returns whether it does."""
+        if len(self._traced) != 1:
+            return False
+        names, compiled = self._traced[0]
+        roots = [_LOCAL_NAME.match(name) for name in names]
+        if not all(roots):
+            return False
+        # Dynamo's own source expressions ("L['model']._modules[...]", "L['blocks'].size()[0]"), evaluated on
+        # the call's arguments as its guards are.
+        template = [eval(name, {}, {"L": inputs}) if root[1] in _STATIC_INPUTS else None  # noqa: S307
+                    for name, root in zip(names, roots)]
+        slots = [i for i, root in enumerate(roots) if root[1] not in _STATIC_INPUTS]
+        read = eval("lambda L: (" + "".join(names[i] + ", " for i in slots) + ")")  # noqa: S307
+        expected = self._dynamo(**inputs)
+        self._direct = (template, slots, read, compiled)
+        if not all(torch.equal(a, b) for a, b in zip(self(**inputs), expected)):
+            self._direct = None
+        return self._direct is not None
+
+
 def unsupported_reason(model: LlamaForCausalLM, kv_caches: list, long_rope: Any, stage_size: int, tp_size: int,
                        device: torch.device) -> str | None:
     """Why this worker's decode steps cannot run compiled, or None when they can."""
@@ -138,14 +205,19 @@ class CompiledDecode(GraphRunner):
                  max_num_seqs: int) -> None:
         self.model, self.cos_sin_cache, self.block_size = model, cos_sin_cache, block_size
         self.storage = kv_caches[0][0]._base  # [layers, 2, blocks, block_size, kv_heads, head_dim]
-        # The row counts warmed up: one graph each where the model's products branch on rows (GGUF), else
-        # the 2-row graph serves every count from 2.
+        # The row counts warmed up, one per class of steps: 1 row, fewer than DENSE_FROM_ROWS, more. Where the
+        # model's products do not branch on rows (not a GGUF), the last two share their graph.
         self.sizes = [rows for rows in (1, 2, DENSE_FROM_ROWS) if rows <= max_num_seqs]
         self.max_num_seqs = max_num_seqs
         self.num_replays = 0
-        # One compiled function per worker (dynamo keeps its graphs per code object, guarded by the model's
-        # parameters: a second engine in one process compiles its own beside these).
-        self._graph = torch.compile(_step, fullgraph=True)
+        few = _CompiledGraph("_step_few_rows")
+        branches = any(type(getattr(m, "quant_method", None)) is GGUFLinear for m in model.modules())
+        self._graphs = [_CompiledGraph("_step_one_row"), few, _CompiledGraph("_step_many_rows") if branches else few]
+
+    @property
+    def num_direct(self) -> int:
+        """Graphs called without dynamo (_CompiledGraph.go_direct)."""
+        return sum(graph.is_direct for graph in set(self._graphs))
 
     def accepts(self, batch: ForwardInputs) -> bool:
         attn = batch.attn
@@ -164,7 +236,7 @@ class CompiledDecode(GraphRunner):
         return hidden
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, lens: list[int],
-             slot_mapping: torch.Tensor | None) -> torch.Tensor:
+             slot_mapping: torch.Tensor | None, warming_up: bool = False) -> torch.Tensor:
         rows, max_len = len(lens), max(lens)
         blocks = block_tables[:rows, : -(-max_len // self.block_size)].reshape(-1).long()
         n = torch.tensor(lens, device=input_ids.device)
@@ -176,8 +248,12 @@ class CompiledDecode(GraphRunner):
         if rows > 1:
             for t in (input_ids, positions, visible, last):
                 torch._dynamo.mark_dynamic(t, 0)
-        hidden, new_kv = self._graph(self.model, self.cos_sin_cache, self.storage, input_ids, positions, blocks,
-                                     visible, last)
+        graph = self._graphs[0 if rows == 1 else 1 if rows < DENSE_FROM_ROWS else 2]
+        inputs = dict(model=self.model, cos_sin_cache=self.cos_sin_cache, storage=self.storage, input_ids=input_ids,
+                      positions=positions, blocks=blocks, visible=visible, last=last)
+        hidden, new_kv = graph(**inputs)
+        if warming_up:
+            graph.go_direct(**inputs)
         if slot_mapping is not None:
             flat = self.storage.view(self.storage.shape[0], 2, -1, *self.storage.shape[4:])
             flat.index_copy_(2, slot_mapping, new_kv.to(flat.dtype))
@@ -193,7 +269,7 @@ class CompiledDecode(GraphRunner):
             tables = torch.zeros(rows, 2, dtype=torch.int32, device=device)
             ids = torch.zeros(rows, dtype=torch.long, device=device)
             positions = torch.full((rows,), self.block_size + 1, dtype=torch.long, device=device)
-            self._run(ids, positions, tables, lens, None)
+            self._run(ids, positions, tables, lens, None, warming_up=True)
             if log is not None:
                 log(f"--compile-decode: graph for {'1 row' if rows == 1 else f'{rows}+ rows'} compiled in "
                     f"{time.perf_counter() - t0:.1f} s")
@@ -213,8 +289,8 @@ def maybe_compile_decode(enabled: bool, model: LlamaForCausalLM, kv_caches: list
     # Inductor's cache beside the converted models (its default is under /tmp, gone after a reboot), unless
     # the user placed it.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir(), "inductor"))
-    runner = CompiledDecode(model, kv_caches, cos_sin_cache, block_size, max_num_seqs)
     try:
+        runner = CompiledDecode(model, kv_caches, cos_sin_cache, block_size, max_num_seqs)
         runner.warm_up(log)
     except Exception as e:  # noqa: BLE001 - any compiler failure: keep serving, eagerly
         log(f"--compile-decode: compiling failed ({type(e).__name__}: {e}); decode steps run eagerly")

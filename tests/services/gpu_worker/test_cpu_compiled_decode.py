@@ -50,7 +50,8 @@ def test_decode_attention_equals_the_backend_after_the_cache_write(lens, softcap
 
 def _model(window=None, moe=False):
     mlp = cpu_compiled_decode.MoEBlock.__new__(cpu_compiled_decode.MoEBlock) if moe else object()
-    return SimpleNamespace(layers=[SimpleNamespace(self_attn=SimpleNamespace(window=window), mlp=mlp)])
+    return SimpleNamespace(layers=[SimpleNamespace(self_attn=SimpleNamespace(window=window), mlp=mlp)],
+                           modules=lambda: [])
 
 
 def test_it_says_why_it_is_off():
@@ -103,5 +104,6 @@ def test_float32_decode_steps_compiled_equal_eager_token_for_token():
         outputs[compiled] = (alone, together)
         if compiled:
             replays = llm.engine.runner.compiled_decode.num_replays
+            assert llm.engine.runner.compiled_decode.num_direct == 2  # one row; 2+ rows (no branch on rows)
     assert outputs[True] == outputs[False]
     assert replays >= 2 * (40 - 16) + 20  # both graphs ran: each prompt alone, then the twelve
