@@ -1,4 +1,4 @@
-"""Decode-only steps on a CPU as one TorchInductor graph (`--compile-decode`): the CPU's counterpart of the
+"""Decode-only steps on a CPU as TorchInductor graphs (`--compile-decode`): the CPU's counterpart of the
 CUDA decode graphs.
 
 Why: at decode sizes a CPU step is ~1,700 small operators (norms, RoPE, casts, residual adds, SiLU) around
@@ -20,8 +20,9 @@ dynamic in rows too (a GGUF model compiles two of these: below DENSE_FROM_ROWS t
 the dense ones). Steps with one block of context or less, prefill and mixed steps, and models this does not
 cover (sliding windows, MoE, an fp8 cache, pipeline or tensor parallelism, LongRoPE) run eagerly. Every
 graph is compiled at start-up, so no request waits on a compile; Inductor caches them on disk, so the next
-start with the same model compiles much less. Results differ from eager in the last bits
-(Inductor rounds bf16 intermediates once per fused loop), as a different batch size's would.
+start with the same model compiles much less. After its warm-up a graph is called without dynamo
+(_CompiledGraph). Results differ from eager in the last bits (Inductor rounds bf16 intermediates once per
+fused loop), as a different batch size's would.
 """
 
 from __future__ import annotations
