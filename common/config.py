@@ -334,7 +334,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False
-    # CPU: decode steps as one TorchInductor graph, compiled at start-up (services/gpu_worker/cpu_compiled_decode.py).
+    # CPU: decode steps as TorchInductor graphs, compiled at start-up (services/gpu_worker/cpu_compiled_decode.py).
     compile_decode: bool = False
     # --speculative-config (None: no speculative decoding).
     speculative: SpeculativeConfig | None = None

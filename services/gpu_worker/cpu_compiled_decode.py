@@ -37,7 +37,13 @@ from typing import Any
 import torch
 
 from headrace.common.config import cache_dir
-from headrace.services.gpu_worker.attention.torch_backend import apply_rope_qk, attend, rope_factors
+from headrace.services.gpu_worker.attention.torch_backend import (
+    KVGather,
+    apply_rope_qk,
+    attend,
+    gather_kv,
+    rope_factors,
+)
 from headrace.services.gpu_worker.graph_runner import ForwardInputs, GraphRunner
 from headrace.services.gpu_worker.model.llama import ForwardContext, LlamaForCausalLM
 from headrace.services.gpu_worker.model.moe import MoEBlock
@@ -55,9 +61,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     `blocks` [R * nb] their block tables' first nb entries, `visible` [R, L] which of the first L keys each
     row sees, `last` [R] the column of its new token (its length - 1). [R, H, D]."""
     rows, num_keys = visible.shape
-    shape = k_cache.shape[2:]
-    kd = k_cache.index_select(0, blocks).view(rows, -1, *shape)[:, :num_keys]
-    vd = v_cache.index_select(0, blocks).view(rows, -1, *shape)[:, :num_keys]
+    kd, vd = gather_kv((k_cache, v_cache), KVGather(blocks, rows, num_keys, None))
     row = torch.arange(rows, device=q.device)
     kd[row, last] = k.to(kd.dtype)  # the gathered copies, not the cache
     vd[row, last] = v.to(vd.dtype)
@@ -95,9 +99,8 @@ class _GraphAttention:
 
     def attend(self, q, k, v, kv_cache, meta, scale: float, window=None, softcap=None, kv_scale=(1.0, 1.0)):
         if q.shape[0] == 1:  # one row: traced, Inductor fuses the gather with the casts (1-2 ms a step faster)
-            keys, shape = self.visible.shape[1], kv_cache[0].shape[2:]
-            kd, vd = (torch.cat([cache.index_select(0, self.blocks).view(1, -1, *shape)[:, : keys - 1],
-                                 new[:, None]], 1) for cache, new in zip(kv_cache, (k, v)))
+            past = gather_kv(kv_cache, KVGather(self.blocks, 1, self.visible.shape[1] - 1, None))
+            kd, vd = (torch.cat([old, new[:, None]], 1) for old, new in zip(past, (k, v)))
             return attend(q[:, None], kd, vd, None, scale, softcap)[:, 0]
         return torch.ops.headrace.decode_attention(q, k, v, kv_cache[0], kv_cache[1], self.blocks, self.visible,
                                                    self.last, scale, softcap or 0.0)
@@ -209,7 +212,6 @@ class CompiledDecode(GraphRunner):
         # The row counts warmed up, one per class of steps: 1 row, fewer than DENSE_FROM_ROWS, more. Where the
         # model's products do not branch on rows (not a GGUF), the last two share their graph.
         self.sizes = [rows for rows in (1, 2, DENSE_FROM_ROWS) if rows <= max_num_seqs]
-        self.max_num_seqs = max_num_seqs
         self.num_replays = 0
         few = _CompiledGraph("_step_few_rows")
         branches = any(type(getattr(m, "quant_method", None)) is GGUFLinear for m in model.modules())
@@ -226,13 +228,12 @@ class CompiledDecode(GraphRunner):
         if not rows == attn.num_seqs == batch.input_ids.shape[0]:
             return False
         # Past one block of context: dynamic sizes start at 2 (a size of 1 would be compiled as a constant).
-        lens = attn.seq_lens_host if attn.seq_lens_host is not None else attn.seq_lens.tolist()
-        return max(lens) > self.block_size
+        return max(attn.host_seq_lens()) > self.block_size
 
     def run(self, batch: ForwardInputs) -> torch.Tensor:
         attn = batch.attn
-        lens = attn.seq_lens_host if attn.seq_lens_host is not None else attn.seq_lens.tolist()
-        hidden = self._run(batch.input_ids, batch.positions, attn.block_tables, lens, attn.slot_mapping)
+        hidden = self._run(batch.input_ids, batch.positions, attn.block_tables, attn.host_seq_lens(),
+                           attn.slot_mapping)
         self.num_replays += 1
         return hidden
 
@@ -243,13 +244,13 @@ class CompiledDecode(GraphRunner):
         n = torch.tensor(lens, device=input_ids.device)
         visible = torch.arange(max_len, device=input_ids.device)[None, :] < n[:, None]
         last = n - 1
-        # Dynamic: the context length (and, past one row, the rows); a fresh size compiles nothing more.
-        torch._dynamo.mark_dynamic(blocks, 0)
-        torch._dynamo.mark_dynamic(visible, 1)
-        if rows > 1:
-            for t in (input_ids, positions, visible, last):
-                torch._dynamo.mark_dynamic(t, 0)
         graph = self._graphs[0 if rows == 1 else 1 if rows < DENSE_FROM_ROWS else 2]
+        if not graph.is_direct:  # for dynamo: the context length (and, past one row, the rows) are dynamic
+            torch._dynamo.mark_dynamic(blocks, 0)
+            torch._dynamo.mark_dynamic(visible, 1)
+            if rows > 1:
+                for t in (input_ids, positions, visible, last):
+                    torch._dynamo.mark_dynamic(t, 0)
         inputs = dict(model=self.model, cos_sin_cache=self.cos_sin_cache, storage=self.storage, input_ids=input_ids,
                       positions=positions, blocks=blocks, visible=visible, last=last)
         hidden, new_kv = graph(**inputs)
@@ -262,7 +263,7 @@ class CompiledDecode(GraphRunner):
 
     @torch.no_grad()  # as steps run (the grad mode is part of what a graph is compiled for)
     def warm_up(self, log: Callable[[str], None] | None = None) -> None:
-        """Compile both graphs on made-up rows (block 0, two blocks of context, nothing written)."""
+        """Compile every class's graph on made-up rows (block 0, two blocks of context, nothing written)."""
         device = self.storage.device
         for rows in self.sizes:
             t0 = time.perf_counter()

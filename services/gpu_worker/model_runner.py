@@ -98,7 +98,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None
         self.piecewise_graphs: PiecewiseGraphs | None
         self.decode_graphs, self.piecewise_graphs = self._warm_up_and_capture()
-        # On a CPU with --compile-decode: decode steps of one row, or of many, run as one compiled graph.
+        # On a CPU with --compile-decode: decode-only steps run as compiled graphs.
         self.compiled_decode = maybe_compile_decode(
             config.compile_decode and not config.enforce_eager, self.model, self.kv_caches, self.cos_sin_cache,
             self.block_size, config.scheduler.max_num_seqs, self.long_rope, self.stage.size, tp.size, self.device,

@@ -37,6 +37,10 @@ class AttentionMetadata:
     seq_lens_host: list[int] | None = None
     query_lens_host: list[int] | None = None
 
+    def host_seq_lens(self) -> list[int]:
+        """seq_lens as a host list: the host copy where the batch came with one."""
+        return self.seq_lens_host if self.seq_lens_host is not None else self.seq_lens.tolist()
+
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]

@@ -75,7 +75,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: 
 
 
 @dataclass
-class _Gather:
+class KVGather:
     """Where `rows` sequences' first `num_tokens` keys sit in the cache: `blocks` [rows * nb] (their block
     tables' first nb entries, flattened), and the attention mask [rows, queries, num_tokens] (None: every
     query sees every key, as decode rows of one length do; SDPA then skips building and applying a mask,
@@ -86,7 +86,7 @@ class _Gather:
     mask: torch.Tensor | None
 
 
-def gather_kv(kv_cache: KVCache, g: _Gather, kv_scale: tuple[float, float] = (1.0, 1.0)
+def gather_kv(kv_cache: KVCache, g: KVGather, kv_scale: tuple[float, float] = (1.0, 1.0)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, num_tokens, kv_heads, head_dim] K and V, one row copy per block (index_select); an fp8 cache's
     dequantized to float32 (element times its scale)."""
@@ -99,7 +99,7 @@ def gather_kv(kv_cache: KVCache, g: _Gather, kv_scale: tuple[float, float] = (1.
     return k, v
 
 
-def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int, window: int | None) -> _Gather:
+def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int, window: int | None) -> KVGather:
     """The decode rows as one padded batch. With a window each row starts at its first block inside the
     window (blocks wholly before it are not read); columns past a row's end, or before its window, are
     masked."""
@@ -110,10 +110,10 @@ def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int
         max_len = max(lens)
         blocks = tables[:, : -(-max_len // block_size)].reshape(-1).long()
         if min(lens) == max_len:
-            return _Gather(blocks, nd, max_len, None)
+            return KVGather(blocks, nd, max_len, None)
         n = meta.seq_lens[:nd].to(tables.device)
         visible = torch.arange(max_len, device=tables.device)[None, :] < n[:, None]
-        return _Gather(blocks, nd, max_len, visible[:, None, :])
+        return KVGather(blocks, nd, max_len, visible[:, None, :])
     first = [max(0, n - window) // block_size for n in lens]
     width = max(-(-n // block_size) - f for n, f in zip(lens, first))
     cols = torch.tensor(first, device=tables.device)[:, None] + torch.arange(width, device=tables.device)[None, :]
@@ -122,10 +122,10 @@ def _decode_gather(meta: AttentionMetadata, seq_lens: list[int], block_size: int
         torch.arange(block_size, device=tables.device).repeat(width)[None, :]
     n = torch.tensor(lens, device=tables.device)[:, None]
     visible = (key_pos < n) & (key_pos >= n - window)
-    return _Gather(blocks, nd, width * block_size, visible[:, None, :])
+    return KVGather(blocks, nd, width * block_size, visible[:, None, :])
 
 
-def _prefill_gather(table: torch.Tensor, total: int, n: int, block_size: int, window: int | None) -> _Gather:
+def _prefill_gather(table: torch.Tensor, total: int, n: int, block_size: int, window: int | None) -> KVGather:
     """One prefill chunk's keys: from the first block any of its queries sees (all of them without a
     window) to its end, masked causally and to each query's window."""
     first = max(0, total - n - window + 1) // block_size if window else 0
@@ -135,15 +135,15 @@ def _prefill_gather(table: torch.Tensor, total: int, n: int, block_size: int, wi
     visible = key_pos[None, :] <= q_pos[:, None]
     if window:
         visible &= key_pos[None, :] > q_pos[:, None] - window
-    return _Gather(blocks, 1, total - first * block_size, visible[None])
+    return KVGather(blocks, 1, total - first * block_size, visible[None])
 
 
 def plan_step(meta: AttentionMetadata, block_size: int, window: int | None = None
-              ) -> tuple[_Gather | None, list[tuple[int, int, _Gather]]]:
+              ) -> tuple[KVGather | None, list[tuple[int, int, KVGather]]]:
     """What every layer of a step with this window (None: global) gathers, built once per step and window:
     the decode rows as one padded batch, and (first token, query tokens, gather) per prefill chunk."""
     nd = meta.num_decodes
-    seq_lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
+    seq_lens = meta.host_seq_lens()
     query_lens = meta.query_lens_host if meta.query_lens_host is not None else \
         (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist()
     decode = _decode_gather(meta, seq_lens, block_size, window) if nd else None
@@ -192,7 +192,7 @@ class TorchAttentionBackend(AttentionBackend):
         # The step's gathers and masks, the same for every layer of one window: built once per step and
         # window (a model has one or two windows: None and its sliding window).
         self._meta: AttentionMetadata | None = None
-        self._plans: dict[int | None, tuple[_Gather | None, list[tuple[int, int, _Gather]]]] = {}
+        self._plans: dict[int | None, tuple[KVGather | None, list[tuple[int, int, KVGather]]]] = {}
         # Also the same for every layer of a step (a CPU decode step is mostly small ops: each one saved
         # per layer counts): RoPE's factors per (table, positions), whether a slot mapping has padding.
         self._rope_rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
