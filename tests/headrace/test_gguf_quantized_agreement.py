@@ -71,6 +71,7 @@ def test_compiled_decode_steps_agree_as_well(embedded_hf_model):
     assert compiled is not None, lines
     assert sum("--compile-decode: graph for" in line for line in lines) == 3, lines
     assert compiled.num_direct == 3  # every graph called without dynamo's guard check
+    assert [compiled.graph_for(rows).wrapper for rows in (1, 2, 10)] == ["C++", "Python", "Python"]
     alone = [llm.generate([p], PARAMS, use_tqdm=False)[0] for p in PROMPTS]
     agree, total = agreement(embedded_hf_model, alone)
     assert agree / total >= 0.986, f"alone: {agree}/{total} tokens agree"

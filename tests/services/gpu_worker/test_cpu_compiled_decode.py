@@ -105,5 +105,31 @@ def test_float32_decode_steps_compiled_equal_eager_token_for_token():
         if compiled:
             replays = llm.engine.runner.compiled_decode.num_replays
             assert llm.engine.runner.compiled_decode.num_direct == 2  # one row; 2+ rows (no branch on rows)
+            graphs = llm.engine.runner.compiled_decode
+            assert (graphs.graph_for(1).wrapper, graphs.graph_for(2).wrapper) == ("C++", "Python")
     assert outputs[True] == outputs[False]
     assert replays >= 2 * (40 - 16) + 20  # both graphs ran: each prompt alone, then the twelve
+
+
+@pytest.mark.slow
+def test_a_cpp_wrapper_that_fails_leaves_the_one_row_graph_on_the_python_wrapper(monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    from headrace.common.sampling_params import SamplingParams
+    from headrace.llm import LLM
+
+    compile_fx = inductor.compile_fx
+
+    def no_cpp_wrapper(gm, example_inputs, config_patches=None, **kwargs):
+        if (config_patches or {}).get("cpp_wrapper"):
+            raise RuntimeError("C++ wrapper not built")
+        return compile_fx(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", no_cpp_wrapper)
+    llm = LLM("random:tiny-qwen3", compile_decode=True, cpu_threads=2, max_model_len=256, dtype="float32",
+              log=lambda *_: None)
+    graphs = llm.engine.runner.compiled_decode
+    assert graphs.graph_for(1).wrapper == "Python" and graphs.num_direct == 2
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    assert len(llm.generate([[5, 17, 33] * 8], params, use_tqdm=False)[0].outputs[0].token_ids) == 30
+    assert graphs.num_replays > 0
