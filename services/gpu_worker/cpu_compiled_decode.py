@@ -103,9 +103,26 @@ class _GraphAttention:
         if q.shape[0] == 1:  # one row: traced, Inductor fuses the gather with the casts (1-2 ms a step faster)
             past = gather_kv(kv_cache, KVGather(self.blocks, 1, self.visible.shape[1] - 1, None))
             kd, vd = (torch.cat([old, new[:, None]], 1) for old, new in zip(past, (k, v)))
-            return attend(q[:, None], kd, vd, None, scale, softcap)[:, 0]
+            return one_row_attention(q, kd[0], vd[0], scale, softcap)
         return torch.ops.headrace.decode_attention(q, k, v, kv_cache[0], kv_cache[1], self.blocks, self.visible,
                                                    self.last, scale, softcap or 0.0)
+
+
+def one_row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      softcap: float | None) -> torch.Tensor:
+    """One query row q [1, H, D] over all of k/v [L, Hkv, D] (GQA by grouping), in float32 as `attend`,
+    written as products and sums over broadcast operands: Inductor compiles them into reduction loops fused
+    with the gather's casts. Same-process A/B on the embedded model's one-row graph: 4.5 ms a step against
+    5.1 ms with SDPA at 100 keys, 4.9 against 5.2 at 400 (SDPA's CPU kernel has a fixed cost per call, and
+    needs its float32 K/V materialised)."""
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    qf = q.float().reshape(1, kv_heads, heads // kv_heads, dim)  # [1, Hkv, G, D]
+    scores = (qf * k.float()[:, :, None, :]).sum(-1) * scale  # [L, Hkv, G]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    out = (scores.softmax(0)[..., None] * v.float()[:, :, None, :]).sum(0)  # [Hkv, G, D]
+    return out.reshape(1, heads, dim).to(q.dtype)
 
 
 def _step(model: LlamaForCausalLM, cos_sin_cache: torch.Tensor, storage: torch.Tensor, input_ids: torch.Tensor,

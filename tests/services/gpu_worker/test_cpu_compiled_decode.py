@@ -12,8 +12,23 @@ import torch
 
 from headrace.services.gpu_worker import cpu_compiled_decode
 from headrace.services.gpu_worker.attention.base import AttentionMetadata
-from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend, write_kv
+from headrace.services.gpu_worker.attention.torch_backend import TorchAttentionBackend, attend, write_kv
 from headrace.services.gpu_worker.kv_cache import allocate_kv_caches
+
+
+@pytest.mark.parametrize("num_keys", [1, 37, 300])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_one_row_attention_equals_the_backends_attend(num_keys, softcap):
+    """The one-row graph's attention (sums over broadcast operands) against `attend` (SDPA, or the soft-capped
+    form), eagerly and compiled: float32 either way, so within float32 rounding."""
+    g = torch.Generator().manual_seed(num_keys)
+    q = torch.randn(1, 9, 64, generator=g).bfloat16()
+    k, v = (torch.randn(num_keys, 3, 64, generator=g).bfloat16() for _ in range(2))
+    expected = attend(q[:, None], k[None], v[None], None, 0.125, softcap)[:, 0].float()
+    compiled = torch.compile(cpu_compiled_decode.one_row_attention, fullgraph=True)
+    for fn in (cpu_compiled_decode.one_row_attention, compiled):
+        got = fn(q, k, v, 0.125, softcap).float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=2 ** -7)  # bf16 outputs: one rounding step apart
 
 
 @pytest.mark.parametrize("lens", [[40], [17], [40, 17, 33, 64]])
