@@ -51,6 +51,20 @@ def soft_cap(s, cap):
     return cap * (1.0 - 2.0 / (e + 1.0))
 
 
+@triton.jit
+def head_dim_range(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(offsets 0 .. BLOCK_D - 1 along a head, which of them are inside it): BLOCK_D is HEAD_DIM rounded up to
+    a power of two (tl.arange's and tl.dot's shapes; Phi-3-mini's heads are 96 wide), the rest masked off and
+    loaded as zeros, which add nothing to q.k nor to p.v. A power-of-two head's mask is a constant true, which
+    Triton folds away: those kernels compile as they did unmasked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D == HEAD_DIM:
+        mask_d = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        mask_d = offs_d < HEAD_DIM
+    return offs_d, mask_d
+
+
 # Integer arguments that vary from step to step (table width, split count) are not specialised on: Triton
 # would otherwise compile a new variant the first time one is 1 or a multiple of 16, mid-serving. Nor are
 # the metadata pointers, whose alignment depends on where a step's batch places them.
@@ -66,7 +80,7 @@ def _decode_stage1_kernel(
     stride_bt,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     num_splits,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, DIRECT: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
@@ -82,15 +96,15 @@ def _decode_stage1_kernel(
     end = tl.minimum(start + per_split, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, mask_d = head_dim_range(HEAD_DIM, BLOCK_D)
     mask_h = offs_h < GROUP
     heads = kvh * GROUP + offs_h
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None], other=0.0)
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + b * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -101,7 +115,7 @@ def _decode_stage1_kernel(
             blk = blk.to(tl.int64)
         tok = offs_n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + tok[None, :] * stride_ks
-                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :], other=0.0).to(q.dtype)
+                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_H, BLOCK_N]
         if SOFTCAP:
             s = soft_cap(s, softcap)
@@ -111,7 +125,7 @@ def _decode_stage1_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(q.dtype)
+                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -121,11 +135,11 @@ def _decode_stage1_kernel(
     out = acc / tl.where(has, l, 1.0)[:, None] * v_scale
     if DIRECT:  # the only split: this is the result (a seq_len 0 row stays zeros)
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
     else:
         lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
         tl.store(mid_o_ptr + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
-                 out, mask=mask_h[:, None])
+                 out, mask=mask_h[:, None] & mask_d[None, :])
         tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
 
@@ -134,22 +148,22 @@ def _decode_stage2_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, mask_d = head_dim_range(HEAD_DIM, BLOCK_D)
     mask_s = offs_s < num_splits
     lse = tl.load(mid_lse_ptr + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): weights become 0
     w = tl.exp2(lse - m)
     o = tl.load(mid_o_ptr + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
-                mask=mask_s[:, None], other=0.0)
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     denom = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 def _split_policy(head_dim: int) -> tuple[int, int]:
@@ -208,7 +222,7 @@ def paged_decode_attention(
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
-    assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
+    assert D >= 16, "head_dim must be >= 16"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and seq_lens.shape == (B,)
     out = _utils.empty((B, Hq, D), q.dtype, q.device)
@@ -240,7 +254,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_kv_splits,
-        GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
+        GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=_utils.next_pow2(D), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
         IDX64=_utils.needs_int64(k_cache, v_cache), DIRECT=direct, SOFTCAP=bool(softcap),
         num_warps=warps, num_stages=stages,
     )
@@ -251,7 +265,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_kv_splits,
-        HEAD_DIM=D, BLOCK_S=max(_utils.next_pow2(num_kv_splits), _utils.next_pow2(_split_policy(D)[1])),
+        HEAD_DIM=D, BLOCK_D=_utils.next_pow2(D), BLOCK_S=max(_utils.next_pow2(num_kv_splits), _utils.next_pow2(_split_policy(D)[1])),
         num_warps=4 if D >= 128 else 2,
     )
     return out

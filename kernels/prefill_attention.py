@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import _utils
 from .kv_fp8 import is_fp8
-from .paged_decode_attention import _gather_kv, kernel_window, log2_softcap, soft_cap
+from .paged_decode_attention import _gather_kv, head_dim_range, kernel_window, log2_softcap, soft_cap
 
 _LOG2E = 1.4426950408889634
 
@@ -39,11 +39,11 @@ _LOG2E = 1.4426950408889634
 def _attend_tile(
     acc, m, l, q, n0, row_pos, kv_start, kv_end, window, softcap, bt_row, k_cache_ptr, v_cache_ptr, kvh,
     qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    IDX64: tl.constexpr, SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IDX64: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, mask_d = head_dim_range(HEAD_DIM, BLOCK_D)
     if MASKED:
         mask_n = (offs_n >= kv_start) & (offs_n < kv_end)
         blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
@@ -55,9 +55,9 @@ def _attend_tile(
     k_ptrs = k_cache_ptr + blk[None, :] * stride_kb + tok[None, :] * stride_ks + kvh * stride_kh + offs_d[:, None]
     v_ptrs = v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :]
     if MASKED:
-        k = tl.load(k_ptrs, mask=mask_n[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
     else:
-        k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
     k = k.to(q.dtype)  # an fp8 cache widened (exact); a no-op otherwise
     s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if SOFTCAP:
@@ -72,9 +72,9 @@ def _attend_tile(
     alpha = tl.exp2(m - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     if MASKED:
-        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     else:
-        v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     l = l * alpha + tl.sum(p, axis=1)
@@ -83,7 +83,7 @@ def _attend_tile(
 
 @triton.jit
 def _attend_new_tile(
-    acc, m, l, q, k_ptrs, v_ptrs, offs_n, q_idx, new_start, new_len, window, softcap, qk_scale,
+    acc, m, l, q, k_ptrs, v_ptrs, mask_d, offs_n, q_idx, new_start, new_len, window, softcap, qk_scale,
     MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One tile of this step's keys, read from k_new / v_new; offs_n, q_idx, new_start and new_len count
@@ -91,7 +91,7 @@ def _attend_new_tile(
     q_idx - window < j <= q_idx; keys before new_start are not loaded)."""
     if MASKED:  # the diagonal band or the window's edge: causal and window mask, the sequence's end
         mask_n = (offs_n >= new_start) & (offs_n < new_len)
-        k = tl.load(k_ptrs, mask=mask_n[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if SOFTCAP:
             s = soft_cap(s, softcap)
@@ -101,21 +101,21 @@ def _attend_new_tile(
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m - m_shift)
-        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     elif SOFTCAP:  # below every row's diagonal, inside every row's window: no mask
-        k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
         s = soft_cap(tl.dot(q, k) * qk_scale, softcap)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
-        v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     else:  # below every row's diagonal: no mask, and every row's max is finite after this tile
-        k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
         s = tl.dot(q, k)
         m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: max commutes with the scale
         p = tl.exp2(s * qk_scale - m_new[:, None])  # scale and shift in one FMA
         alpha = tl.exp2(m - m_new)
-        v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate in the MMA's accumulator
@@ -137,7 +137,7 @@ def _prefill_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, HAS_NEW: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IDX64: tl.constexpr, HAS_NEW: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
     # Reverse order: the last query blocks see the most keys, so start them first (tail balance).
@@ -160,14 +160,14 @@ def _prefill_kernel(
     head = kvh * GROUP + offs_m % GROUP
     row_ok = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
     row_pos = ctx + q_idx  # absolute position: attends to keys row_pos - window + 1 .. row_pos
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d, mask_d = head_dim_range(HEAD_DIM, BLOCK_D)
     tok_row = (q_start + q_idx).to(tl.int64)
     q = tl.load(q_ptr + tok_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] & mask_d[None, :], other=0.0)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bt
     # The window's edge, in absolute key positions: key_lo is the first key any row sees, and from
     # win_full (a tile boundary) on every key is inside every row's window. Global layers: 0 and 0.
@@ -184,17 +184,17 @@ def _prefill_kernel(
         for n0 in range(t0, t1, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
                                      SOFTCAP)
         for n0 in range(t1, ctx_full, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, IDX64,
                                      SOFTCAP)
         for n0 in range(tl.maximum(ctx_full, key_lo // BLOCK_N * BLOCK_N), ctx_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
                                      SOFTCAP)
         # This step's keys, counted from the sequence's first new token (row q_start of k_new / v_new).
         # The scalar base is 64-bit and advances BLOCK_N rows per tile; the per-element offsets stay
@@ -214,17 +214,17 @@ def _prefill_kernel(
         k_offs = offs_n[None, :] * stride_knt + offs_d[:, None]  # [HEAD_DIM, BLOCK_N]: K^T tile
         v_offs = offs_n[:, None] * stride_vnt + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
         for n0 in range(j0, j1, BLOCK_N):
-            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, mask_d, n0 + offs_n, q_idx,
                                          new_lo, new_len, window, softcap, qk_scale, True, SOFTCAP)
             k_tile += BLOCK_N * stride_knt
             v_tile += BLOCK_N * stride_vnt
         for n0 in range(j1, new_full, BLOCK_N):
-            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, offs_n, q_idx, new_lo,
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, mask_d, offs_n, q_idx, new_lo,
                                          new_len, window, softcap, qk_scale, False, SOFTCAP)
             k_tile += BLOCK_N * stride_knt
             v_tile += BLOCK_N * stride_vnt
         for n0 in range(new_full, new_end, BLOCK_N):
-            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, n0 + offs_n, q_idx,
+            acc, m, l = _attend_new_tile(acc, m, l, q, k_tile + k_offs, v_tile + v_offs, mask_d, n0 + offs_n, q_idx,
                                          new_lo, new_len, window, softcap, qk_scale, True, SOFTCAP)
             k_tile += BLOCK_N * stride_knt
             v_tile += BLOCK_N * stride_vnt
@@ -236,24 +236,24 @@ def _prefill_kernel(
         for n0 in range(t0, t1, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
                                      SOFTCAP)
         for n0 in range(t1, full_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, IDX64,
                                      SOFTCAP)
         # Phase 2: the diagonal band, masked causally, to the window and against the sequence end.
         kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_first + BLOCK_Q, q_len))
         for n0 in range(tl.maximum(full_end, t0), kv_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, kv_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IDX64,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
                                      SOFTCAP)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale  # fully-masked rows -> 0, not NaN
     tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
 
 
 def _config(head_dim: int, max_query_len: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -305,7 +305,7 @@ def paged_prefill_attention(
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
-    assert D >= 16 and D & (D - 1) == 0, "head_dim must be a power of two >= 16"
+    assert D >= 16, "head_dim must be >= 16"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     S = block_tables.shape[0]
     assert query_start_loc.shape == (S + 1,) and seq_lens.shape == (S,) and context_lens.shape == (S,)
@@ -339,7 +339,7 @@ def paged_prefill_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         *new_strides,
         block_tables.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, BLOCK_D=_utils.next_pow2(D),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, IDX64=_utils.needs_int64(k_cache, v_cache),
         HAS_NEW=has_new, SOFTCAP=bool(softcap), num_warps=warps, num_stages=stages,
     )

@@ -125,7 +125,9 @@ def main() -> None:
             results[name] = SECTIONS[name](args)
         except Exception:  # noqa: BLE001 - one failing section must not lose the others' numbers
             results[name] = {"error": traceback.format_exc()[-3000:]}
-        print(f"[{name}] {time.time() - t0:.1f}s: {json.dumps(results[name])[:1500]}", flush=True)
+        text = json.dumps(results[name])  # long: its head and tail (where a traceback names the error)
+        text = text if len(text) <= 1500 else f"{text[:600]} ... {text[-900:]}"
+        print(f"[{name}] {time.time() - t0:.1f}s: {text}", flush=True)
         with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
             json.dump(results, f, indent=2)
 

@@ -49,12 +49,21 @@ def time_median(fn: Callable[[], object], device: torch.device, reps: int, warmu
     counted, as inside the CUDA graphs that serving runs), host timers elsewhere; warm-up calls untimed."""
     if device.type == "cuda":
         return device_time_median(fn, device, reps, warmup)
+    return wall_time_median(fn, device, reps, warmup)
+
+
+def wall_time_median(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median wall-clock seconds of fn() to its end on the device: for code that waits on the host between
+    its kernels (a loop that reads results back), whose device time cannot be isolated from its launches."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
