@@ -11,9 +11,13 @@ not the compiled form, crosses the wire).
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,20 @@ class GrammarRuntime:
         self._compiler: Any = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._compiled: OrderedDict[str, Future] = OrderedDict()
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher: its own threads fill many rows' masks at once
+
+    def fill_bitmasks(self, matchers: list[Any], bitmask: torch.Tensor) -> None:
+        """Row j of `bitmask` [rows, ceil(vocab / 32)] int32: the tokens matchers[j] allows next. Many rows are
+        filled on xgrammar's threads at once (a serial loop cost ~0.2 ms a row at 64 JSON-schema rows of a
+        128k vocabulary; it releases the GIL)."""
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, 0)
+            return
+        if self._batch is None:
+            import xgrammar as xgr
+
+            self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, len(os.sched_getaffinity(0)))))
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
 
     def prepare_in_background(self) -> None:
         """`prepare` on the compile thread (the server calls it at start; grammars queue behind it)."""

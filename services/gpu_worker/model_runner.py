@@ -215,14 +215,20 @@ class ModelRunner:
         if plan.is_empty:
             step.resolved = True
         else:
-            if pending is not None and (self._needs_host_tokens(plan, pending) or self._restarts_long_rope(plan)):
+            needs_host = pending is not None and self._needs_host_tokens(plan, pending)
+            # Penalties and grammars need the pending tokens on the host to sample, not to run the forward (its
+            # inputs are read on the device): the GPU runs the forward while the host waits for them, advances
+            # the grammars and fills the masks. Drafting reads them before the forward.
+            late = needs_host and not (plan.num_draft_tokens or plan.spec_token_ids)
+            if pending is not None and (self._restarts_long_rope(plan) or (needs_host and not late)):
                 pending.resolve()
                 pending = None
-            self._run(step, pending)
+            self._run(step, pending, late)
         self._in_flight.push(step)
 
-    def _run(self, step: InflightStep, pending: InflightStep | None) -> None:
-        """Prepare, forward and sample the step's batch on the device."""
+    def _run(self, step: InflightStep, pending: InflightStep | None, resolve_pending_late: bool = False) -> None:
+        """Prepare, forward and sample the step's batch on the device; with `resolve_pending_late`, the pending
+        step's tokens come to the host after the forward is queued, before sampling."""
         if step.plan.num_draft_tokens:  # the draft model proposes what this step verifies (draft_model.py)
             assert self.drafter is not None, "a plan with draft-model drafts for a worker without a draft model"
             drafting = step.plan.num_draft_tokens
@@ -241,6 +247,9 @@ class ModelRunner:
             step.resolved = True
             return
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        if resolve_pending_late and pending is not None:
+            pending.resolve()
+            pending = None
         out, drafts, accepted = self._sample(logits, batch, pending, step.result)
         step.hold_sampled(batch.sample_states, batch.sample_req_ids, out, self.device, drafts, accepted,
                           self.block_size)
@@ -271,7 +280,7 @@ class ModelRunner:
         rows = []
         for s in batch.sample_states:
             rows += verify_rows(s, self.eos_token_ids, 1 if id(s) in pending_rows else 0, s.matcher)
-        inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device)
+        inputs = build_sampling_inputs(rows, self.arch.vocab_size, self.device, self.grammars.fill_bitmasks)
         verifying = len(rows) > len(batch.sample_states)
         # Verifying a draft model's tokens needs the target's distributions too: from the same penalised logits.
         out = self.sampler(logits, inputs, with_probabilities=verifying and self.drafter is not None)

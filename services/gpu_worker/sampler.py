@@ -12,6 +12,7 @@ is one Triton kernel (kernels/sampling.py) that makes the noise in registers; el
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -127,12 +128,15 @@ def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor
     return to_device([ids + [pad] * (width - len(ids)) for ids in lists], torch.int64, device)
 
 
-def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingInputs:
-    """One pass over the rows collecting plain Python lists, then the tensors some row needs, made once."""
+def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device,
+                          fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None) -> SamplingInputs:
+    """One pass over the rows collecting plain Python lists, then the tensors some row needs, made once.
+    `fill_bitmasks(matchers, bitmask)` fills the constrained rows' masks at once (GrammarRuntime.fill_bitmasks);
+    without it, one matcher after another."""
     columns = _Columns.empty(len(rows), vocab_size)
     for i, row in enumerate(rows):
         columns.add(i, row)
-    return columns.to_inputs(device)
+    return columns.to_inputs(device, fill_bitmasks)
 
 
 @dataclass
@@ -216,23 +220,28 @@ class _Columns:
                 self.blocked_rows.append(i)
                 self.blocked_tokens.append(t)
 
-    def grammar_masks(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def grammar_masks(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(rows, bitmask) of the constrained rows, filled on the host by their matchers; (None, None) if none."""
         if not self.matchers:
             return None, None
         bitmask = torch.empty(len(self.matchers), (self.vocab_size + 31) // 32, dtype=torch.int32)
-        for j, matcher in enumerate(self.matchers.values()):
-            matcher.fill_next_token_bitmask(bitmask, j)
+        if fill_bitmasks is not None:
+            fill_bitmasks(list(self.matchers.values()), bitmask)
+        else:
+            for j, matcher in enumerate(self.matchers.values()):
+                matcher.fill_next_token_bitmask(bitmask, j)
         return (to_device(list(self.matchers), torch.int64, device),
                 bitmask if device.type != "cuda" else bitmask.pin_memory().to(device, non_blocking=True))
 
-    def to_inputs(self, device: torch.device) -> SamplingInputs:
+    def to_inputs(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None
+                  ) -> SamplingInputs:
         V = self.vocab_size
         all_greedy = all(self.greedy)
         mixed = not all_greedy and any(self.greedy)
         asked = [k for k in self.num_logprobs if k is not None]
         pen = self.any_penalty
-        grammar_rows, grammar_bitmask = self.grammar_masks(device)
+        grammar_rows, grammar_bitmask = self.grammar_masks(device, fill_bitmasks)
         return SamplingInputs(
             vocab_size=V,
             all_greedy=all_greedy,

@@ -1,12 +1,14 @@
 """Constrained requests in the model runner (the embedded model and its tokenizer): overlapped steps (the
-runner then waits for a constrained request's pending token) and a preemption (the matcher is rebuilt from
-the outputs) give exactly the tokens of one step at a time, and the text follows the grammar."""
+runner queues the forward, then waits for a constrained request's pending token before sampling) and a
+preemption (the matcher is rebuilt from the outputs) give exactly the tokens of one step at a time, and the
+text follows the grammar; many rows' masks filled at once equal each matcher's own."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
 
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.messages import CachedRequestData, GrammarSpec, NewRequestData, StepPlan
@@ -107,3 +109,20 @@ def test_a_grammar_that_does_not_compile_fails_its_request_alone(runner, monkeyp
                       num_scheduled_tokens={"bad": 1, "good": 1})
     assert not runner.execute(second).failed  # reported once: the scheduler has ended it by now
     runner.execute(StepPlan(step_id=2, finished_req_ids=["bad", "good", "free"]))
+
+
+def test_masks_filled_at_once_equal_each_matchers_own(runner):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(runner.config.require_resolved().tokenizer_dir)
+    compiled = runner.grammars.start(to_ebnf(GrammarSpec("regex", REGEX)))
+    prefixes = ["", "ab", "abc-1", "abcd-12.", "xy-34.q"]
+    matchers = [runner.grammars.matcher(compiled, tokenizer.encode(p, add_special_tokens=False)) for p in prefixes]
+    width = (runner.grammars.vocab_size + 31) // 32
+    together = torch.zeros(len(matchers), width, dtype=torch.int32)
+    runner.grammars.fill_bitmasks(matchers, together)
+    for j, matcher in enumerate(matchers):
+        alone = torch.zeros(1, width, dtype=torch.int32)
+        matcher.fill_next_token_bitmask(alone, 0)
+        assert torch.equal(together[j], alone[0]), prefixes[j]
+    assert len({tuple(row.tolist()) for row in together}) > 2  # the states differ, and so do their masks
