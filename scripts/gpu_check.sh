@@ -188,8 +188,8 @@ phase_all_tests() {  # every GPU test in the tree (kernels, attention backends i
   # speculative engine's verify steps through the GPU kernels
   # The CPU oracle tests beside them (tests/services/gpu_worker/test_*_vs_hf.py and those loading the embedded
   # GGUF) are left out: on the card they took the call's time and failed on the device's older transformers.
-  # -rfE --tb=line: failures are named and located even when the step's time limit cuts the run.
-  step all_gpu_tests 330 python3 -m pytest -q -rfE --tb=line -p no:cacheprovider tests/kernels \
+  # -v: each test named as it ends, so a run cut by the step's limit still says which failed; -rfE --tb=line: where.
+  step all_gpu_tests 330 python3 -m pytest -v -rfE --tb=line -p no:cacheprovider tests/kernels \
     tests/services/gpu_worker/attention tests/services/gpu_worker/model/quant tests/services/gpu_worker/loader \
     tests/services/gpu_worker/test_cuda_graphs.py tests/services/gpu_worker/test_piecewise_graphs.py \
     tests/services/gpu_worker/test_moe_graphs.py tests/services/gpu_worker/test_model_runner.py \
