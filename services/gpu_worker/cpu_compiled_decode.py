@@ -27,6 +27,7 @@ fused loop), as a different batch size's would.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -141,6 +142,7 @@ def _step(model: LlamaForCausalLM, cos_sin_cache: torch.Tensor, storage: torch.T
 # 110 s when not cached. Graphs of more rows keep the Python wrapper: a smaller share of their step, and
 # ~30 s more compile each.
 CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+_INSTANCES = itertools.count()  # _CompiledGraph's code names
 _STATIC_INPUTS = ("model", "cos_sin_cache", "storage")  # _step's arguments that are the same on every call
 _LOCAL_NAME = re.compile(r"^L\['(\w+)'\]")
 
@@ -159,6 +161,10 @@ class _CompiledGraph:
         self._traced: list[tuple[list[str], Callable]] = []  # (input expressions, compiled graph) per compile
         self.cpp_wrapper = cpp_wrapper  # asked for (CPP_WRAPPER); wrapper: what the last compile got
         self.wrapper: str | None = None
+        # A name of its own per instance too: dynamo keeps what it learnt of a frame's shapes (which dims
+        # vary) by file, line and name, so a second model's graph in one process (tests) would start from
+        # the first one's dims and compile twice.
+        name = f"{name}_{next(_INSTANCES)}"
         code = _step.__code__.replace(co_name=name)
         fn = types.FunctionType(code, _step.__globals__, name)
         self._dynamo = torch.compile(fn, fullgraph=True, backend=self._compile)
