@@ -115,7 +115,8 @@ def _decode_stage1_kernel(
             blk = blk.to(tl.int64)
         tok = offs_n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + tok[None, :] * stride_ks
-                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0).to(q.dtype)
+                    + kvh * stride_kh + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
+                    other=0.0).to(q.dtype)
         s = tl.dot(q, k) * qk_scale  # [BLOCK_H, BLOCK_N]
         if SOFTCAP:
             s = soft_cap(s, softcap)
@@ -125,7 +126,8 @@ def _decode_stage1_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + tok[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+                    + kvh * stride_vh + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -229,6 +231,7 @@ def paged_decode_attention(
     if B == 0:
         return out
     group = Hq // Hkv
+    block_d = _utils.next_pow2(D)  # the kernels' head tile; past D masked (head_dim_range)
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(B, Hkv, D, block_tables.shape[1] * block_size, q.device)
     assert num_kv_splits >= 1
@@ -254,7 +257,7 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_kv_splits,
-        GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=_utils.next_pow2(D), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
+        GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
         IDX64=_utils.needs_int64(k_cache, v_cache), DIRECT=direct, SOFTCAP=bool(softcap),
         num_warps=warps, num_stages=stages,
     )
@@ -265,7 +268,8 @@ def paged_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         num_kv_splits,
-        HEAD_DIM=D, BLOCK_D=_utils.next_pow2(D), BLOCK_S=max(_utils.next_pow2(num_kv_splits), _utils.next_pow2(_split_policy(D)[1])),
+        HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_S=max(_utils.next_pow2(num_kv_splits), _utils.next_pow2(_split_policy(D)[1])),
         num_warps=4 if D >= 128 else 2,
     )
     return out

@@ -184,18 +184,18 @@ def _prefill_kernel(
         for n0 in range(t0, t1, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                     IDX64, SOFTCAP)
         for n0 in range(t1, ctx_full, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False,
+                                     IDX64, SOFTCAP)
         for n0 in range(tl.maximum(ctx_full, key_lo // BLOCK_N * BLOCK_N), ctx_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, ctx_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                     IDX64, SOFTCAP)
         # This step's keys, counted from the sequence's first new token (row q_start of k_new / v_new).
         # The scalar base is 64-bit and advances BLOCK_N rows per tile; the per-element offsets stay
         # within one tile (int32, loop-invariant, hoisted), so no offset can overflow on huge batches.
@@ -236,20 +236,20 @@ def _prefill_kernel(
         for n0 in range(t0, t1, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                     IDX64, SOFTCAP)
         for n0 in range(t1, full_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, seq_len, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False,
+                                     IDX64, SOFTCAP)
         # Phase 2: the diagonal band, masked causally, to the window and against the sequence end.
         kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_first + BLOCK_Q, q_len))
         for n0 in range(tl.maximum(full_end, t0), kv_end, BLOCK_N):
             acc, m, l = _attend_tile(acc, m, l, q, n0, row_pos, key_lo, kv_end, window, softcap, bt_row,
                                      k_cache_ptr, v_cache_ptr, kvh, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, IDX64,
-                                     SOFTCAP)
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                     IDX64, SOFTCAP)
 
     out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale  # fully-masked rows -> 0, not NaN
     tl.store(out_ptr + tok_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],

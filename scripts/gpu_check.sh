@@ -266,7 +266,8 @@ phase_window_throughput() {  # Gemma-3-12B 4096/1024, windowed layers vs the win
   # prompts each ran past 280 s on an H100, 2026-12-05: 100 by default)
   for m in gemma-3-12b gemma-3-12b-no-window; do
     step "throughput_$m" 280 python3 -m headrace.cli bench throughput --model "random:$m" --tokenizer "$TOK" \
-      --max-model-len 5120 $DEVICE_FLAGS --dataset-name random --input-len 4096 --output-len 1024 --num-prompts "${WINDOW_PROMPTS:-100}" \
+      --max-model-len 5120 $DEVICE_FLAGS --dataset-name random --input-len 4096 --output-len 1024 \
+      --num-prompts "${WINDOW_PROMPTS:-100}" \
       --disable-tqdm --output-json "$R/throughput_$m.json"
   done
 }

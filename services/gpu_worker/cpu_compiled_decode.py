@@ -259,7 +259,8 @@ class CompiledDecode(GraphRunner):
         self.num_replays = 0
         few = _CompiledGraph("_step_few_rows")
         branches = any(type(getattr(m, "quant_method", None)) is GGUFLinear for m in model.modules())
-        self._graphs = [_CompiledGraph("_step_one_row", cpp_wrapper=True), few, _CompiledGraph("_step_many_rows") if branches else few]
+        many = _CompiledGraph("_step_many_rows") if branches else few
+        self._graphs = [_CompiledGraph("_step_one_row", cpp_wrapper=True), few, many]
 
     @property
     def num_direct(self) -> int:

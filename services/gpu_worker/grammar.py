@@ -43,7 +43,7 @@ class GrammarRuntime:
         """Row j of `bitmask` [rows, ceil(vocab / 32)] int32: the tokens matchers[j] allows next. Many rows are
         filled on xgrammar's threads at once (a serial loop cost ~0.2 ms a row at 64 JSON-schema rows of a
         128k vocabulary; it releases the GIL)."""
-        if len(matchers) == 1:
+        if len(matchers) == 1:  # no threads to share the work
             matchers[0].fill_next_token_bitmask(bitmask, 0)
             return
         if self._batch is None:

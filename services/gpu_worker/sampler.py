@@ -128,11 +128,17 @@ def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor
     return to_device([ids + [pad] * (width - len(ids)) for ids in lists], torch.int64, device)
 
 
+def fill_each_bitmask(matchers: list, bitmask: torch.Tensor) -> None:
+    """Row j of `bitmask`: what matchers[j] allows next, one matcher after another."""
+    for j, matcher in enumerate(matchers):
+        matcher.fill_next_token_bitmask(bitmask, j)
+
+
 def build_sampling_inputs(rows: list[SamplingRow], vocab_size: int, device: torch.device,
-                          fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None) -> SamplingInputs:
+                          fill_bitmasks: Callable[[list, torch.Tensor], None] = fill_each_bitmask) -> SamplingInputs:
     """One pass over the rows collecting plain Python lists, then the tensors some row needs, made once.
-    `fill_bitmasks(matchers, bitmask)` fills the constrained rows' masks at once (GrammarRuntime.fill_bitmasks);
-    without it, one matcher after another."""
+    `fill_bitmasks(matchers, bitmask)` fills the constrained rows' masks (GrammarRuntime.fill_bitmasks: many at
+    once on xgrammar's threads)."""
     columns = _Columns.empty(len(rows), vocab_size)
     for i, row in enumerate(rows):
         columns.add(i, row)
@@ -220,22 +226,17 @@ class _Columns:
                 self.blocked_rows.append(i)
                 self.blocked_tokens.append(t)
 
-    def grammar_masks(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None
+    def grammar_masks(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None]
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(rows, bitmask) of the constrained rows, filled on the host by their matchers; (None, None) if none."""
         if not self.matchers:
             return None, None
         bitmask = torch.empty(len(self.matchers), (self.vocab_size + 31) // 32, dtype=torch.int32)
-        if fill_bitmasks is not None:
-            fill_bitmasks(list(self.matchers.values()), bitmask)
-        else:
-            for j, matcher in enumerate(self.matchers.values()):
-                matcher.fill_next_token_bitmask(bitmask, j)
+        fill_bitmasks(list(self.matchers.values()), bitmask)
         return (to_device(list(self.matchers), torch.int64, device),
                 bitmask if device.type != "cuda" else bitmask.pin_memory().to(device, non_blocking=True))
 
-    def to_inputs(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None] | None = None
-                  ) -> SamplingInputs:
+    def to_inputs(self, device: torch.device, fill_bitmasks: Callable[[list, torch.Tensor], None]) -> SamplingInputs:
         V = self.vocab_size
         all_greedy = all(self.greedy)
         mixed = not all_greedy and any(self.greedy)
