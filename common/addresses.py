@@ -201,6 +201,23 @@ def check_resolves(address: str) -> None:
                           "--engine-connect-host (headrace serve sets it to --engine-bind-host)") from None
 
 
+def check_bindable(address: str) -> None:
+    """A ConfigError naming the port when a tcp address to bind is taken on this host. Without it the owner
+    (the scheduler, an api) dies on its bind after the others started, and the launcher restarts it until it
+    gives up; this says which port at once. SO_REUSEADDR as ZeroMQ sets it, so a closed connection still in
+    TIME_WAIT does not count as taken."""
+    host, port = tcp_host_port(address)
+    host = "" if host in ("*", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"the engine's port {port} ({address}) cannot be bound: {e.strerror}. Over tcp the "
+                              "engine binds --port + 1000 and the ports after it; pick another --port") from None
+
+
 def _ipc(ipc_dir: str, name: str) -> Endpoint:
     path = os.path.join(ipc_dir, name)
     if len(path.encode()) > _MAX_IPC_PATH:

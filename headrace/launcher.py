@@ -149,7 +149,7 @@ def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles, replicas: int = 1
     """tcp with every process on this host: peers dial the host the engine binds on (the compose service
     names do not resolve here), every host they dial must resolve now, and without a key of the user's the
     processes share a one-off CURVE key, so no other local user's process can reach the engine's ports."""
-    from headrace.common.addresses import address_plan, check_resolves, loopback_peer_host
+    from headrace.common.addresses import address_plan, check_bindable, check_resolves, loopback_peer_host
     from headrace.common.curve import read_key_file, write_new_key_file
     from headrace.common.ipc_dir import make_temp_dir
 
@@ -159,6 +159,7 @@ def tcp_on_one_host(server: ServerConfig, files: RuntimeFiles, replicas: int = 1
         server = dataclasses.replace(server, engine_connect_host=loopback_peer_host(server.engine_bind_host))
     for endpoint in address_plan(server, replicas=replicas).all():
         check_resolves(endpoint.connect)
+        check_bindable(endpoint.bind)
     if server.engine_curve_key_file is not None:
         read_key_file(server.engine_curve_key_file)  # one line now rather than every process failing on it
         return server

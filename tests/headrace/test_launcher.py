@@ -9,8 +9,9 @@ import stat
 import pytest
 
 from headrace.common.addresses import ipc_socket_paths
-from headrace.common.config import EngineConfig, ModelConfig, ParallelConfig, ServerConfig
+from headrace.common.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, ServerConfig
 from headrace.launcher import Launcher, RuntimeFiles, check_devices, prepare_config
+from tests.headrace.server_process import free_port
 
 
 def test_prepare_config_resolves_model_tokenizer_and_addresses():
@@ -113,7 +114,7 @@ def test_tcp_on_one_host_dials_the_bind_host_with_a_one_off_key(bind_host, diale
     from headrace.common.curve import read_key_file
 
     files = RuntimeFiles()
-    server = ServerConfig(transport="tcp", engine_bind_host=bind_host)
+    server = ServerConfig(transport="tcp", engine_bind_host=bind_host, port=free_port())
     config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
     launcher = Launcher(config, files)
     try:
@@ -129,13 +130,25 @@ def test_tcp_on_one_host_dials_the_bind_host_with_a_one_off_key(bind_host, diale
     assert not os.path.exists(files.key_dir)
 
 
+def test_tcp_on_one_host_names_an_engine_port_that_is_taken():
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1001))  # the scheduler's worker-plan
+        taken.listen()
+        files = RuntimeFiles()
+        with pytest.raises(ConfigError, match=f"port {port + 1001} .* cannot be bound.*pick another --port"):
+            prepare_config(tiny(ServerConfig(transport="tcp", port=port)), log_fn=lambda *_: None, files=files)
+    assert files.key_dir is None  # nothing made on disk for a start that fails
+
+
 def test_tcp_keeps_the_users_key_and_hosts(tmp_path):
     from headrace.common.curve import write_new_key_file
 
     key = str(tmp_path / "k")
     write_new_key_file(key)
     files = RuntimeFiles()
-    server = ServerConfig(transport="tcp", engine_connect_host="localhost", engine_curve_key_file=key)
+    server = ServerConfig(transport="tcp", engine_connect_host="localhost", engine_curve_key_file=key,
+                          port=free_port())
     config = prepare_config(tiny(server), log_fn=lambda *_: None, files=files)
     assert config.server == server and files == RuntimeFiles()
     Launcher(config, files).stop(drain=False)
