@@ -35,12 +35,53 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@torch.no_grad()
-def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: int = 512,
-                 decode_steps: int = 8) -> dict:
-    """Our bf16 logits vs transformers bf16 and fp32 on the same weights: prefill and paged decode steps."""
+def per_position_rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[P] relative error of each position's logits row."""
+    return (a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1)
+
+
+def bf16_verdict(ours: torch.Tensor, hf_bf16: torch.Tensor, fp32: torch.Tensor) -> dict:
+    """Ours and transformers' bf16 logits [P, V], each against fp32. Judged by the median position: in a
+    mixture of experts two experts' scores can sit within bf16's noise of each other, and the pick between
+    them, a coin flip for any bf16 engine (transformers' included), moves that one position's logits by tens of
+    percent (random Mixtral weights: 1 to 3 % of positions per layer pick another expert than float32). The
+    positions far off (over 5x transformers' median) are counted for both, so a systematic error still shows:
+    it moves the median, and it puts far more positions far off than transformers has."""
+    ours_err, hf_err = per_position_rel_err(ours, fp32), per_position_rel_err(hf_bf16, fp32)
+    ours_med, hf_med = float(ours_err.median()), float(hf_err.median())
+    far = 5 * max(hf_med, 1e-3)
+    ours_far, hf_far = int((ours_err > far).sum()), int((hf_err > far).sum())
+    return {"median_rel_err_vs_hf_fp32": ours_med, "hf_bf16_median_rel_err_vs_fp32": hf_med,
+            "positions_far_off": ours_far, "hf_bf16_positions_far_off": hf_far,
+            # bf16 tolerance: the median within 1.5x of transformers' own (+ a floor), and at most a few more
+            # coin-flip positions than transformers had.
+            "pass": ours_med <= max(1.5 * hf_med, 1e-2) and ours_far <= 2 * hf_far + max(1, len(ours_err) // 16)}
+
+
+def hf_model_with(runner, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+    """transformers' model of the runner's config in `dtype`, holding `state` (our weights under its names);
+    refused when any of its weights would be left at their random init."""
     from transformers import AutoModelForCausalLM
 
+    hf_cfg, tied = runner.hf_config, runner.arch.tie_word_embeddings
+    # Soft-capped attention (Gemma 2) has no SDPA form in transformers: its eager attention is the oracle.
+    attn = "eager" if getattr(hf_cfg, "attn_logit_softcapping", None) else "sdpa"
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary" not in m and not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers' model does not take our weights: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if tied:
+        hf.tie_weights()
+    return hf.eval()
+
+
+@torch.no_grad()
+def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: int = 512,
+                 decode_steps: int = 32, device: str = "cuda") -> dict:
+    """Our bf16 logits vs transformers bf16 and fp32 on the same weights: prefill and paged decode steps."""
     from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
     from headrace.common.models.resolve import resolve_engine_config
     from headrace.common.sampling_params import SamplingParams
@@ -48,9 +89,10 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     from headrace.services.gpu_worker.model_runner import ModelRunner
     from tests.services.gpu_worker.plan_driver import PlanDriver, capture_logits
 
-    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", max_model_len=2048, seed=1,
+    cfg = EngineConfig(model=ModelConfig(model=f"random:{preset}", dtype="bfloat16", seed=1,
+                                         max_model_len=prompt_len + decode_steps + 16,
                                          tokenizer=tokenizer),
-                       cache=CacheConfig(num_blocks=512), attention_backend=backend)
+                       cache=CacheConfig(num_blocks=512), attention_backend=backend, device=device)
     runner = ModelRunner(resolve_engine_config(cfg), log=print)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, runner.arch.vocab_size, (prompt_len,), generator=gen).tolist()
@@ -65,17 +107,11 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
     positions = list(range(prompt_len - 1, prompt_len - 1 + decode_steps))
 
     state = {k: v.detach() for k, v in export_hf_state_dict(runner.model).items()}
-    hf_cfg = runner.hf_config
     result = {"preset": preset, "backend": runner.backend.name, "prompt_len": prompt_len,
               "decode_steps": decode_steps}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        # Soft-capped attention (Gemma 2) has no SDPA form in transformers: its eager attention is the oracle.
-        attn = "eager" if getattr(hf_cfg, "attn_logit_softcapping", None) else "sdpa"
-        with torch.device("cuda"):
-            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
-        hf.load_state_dict(state, strict=False)
-        hf.eval()
-        logits = hf(torch.tensor([full], device="cuda")).logits[0, positions].float().cpu()
+        hf = hf_model_with(runner, state, dtype, device)
+        logits = hf(torch.tensor([full], device=device)).logits[0, positions].float().cpu()
         result[f"hf_{dtype_name}_tokens_agree"] = logits.argmax(-1).tolist() == ours_tokens
         result[f"rel_err_vs_hf_{dtype_name}"] = rel_err(ours, logits)
         result[f"max_abs_vs_hf_{dtype_name}"] = float((ours - logits).abs().max())
@@ -83,13 +119,17 @@ def check_logits(preset: str, backend: str, tokenizer: str | None, prompt_len: i
             hf_bf16 = logits
         else:
             result["hf_bf16_rel_err_vs_fp32"] = rel_err(hf_bf16, logits)
+            result.update(bf16_verdict(ours, hf_bf16, logits))
         del hf
-        torch.cuda.empty_cache()
-    # bf16 tolerance: our error against the fp32 oracle within 1.5x of transformers' own bf16 error (+ a floor).
-    result["pass"] = result["rel_err_vs_hf_fp32"] <= max(1.5 * result["hf_bf16_rel_err_vs_fp32"], 1e-2)
+        _empty_cache(device)
     del runner
-    torch.cuda.empty_cache()
+    _empty_cache(device)
     return result
+
+
+def _empty_cache(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_pytest(paths: list[str]) -> dict:
