@@ -30,6 +30,7 @@ import zmq.asyncio
 from headrace.common import codec, curve
 from headrace.common.addresses import Endpoint, check_resolves, is_loopback
 from headrace.common.codec import MessageDecodeError
+from headrace.common.config import ConfigError
 from headrace.common.ipc_dir import bind_path_is_free, private_dir
 
 # --------------------------------------------------------------------------- liveness timing (every process)
@@ -84,7 +85,11 @@ def _attach(sock: zmq.Socket, address: str, *, bind: bool) -> None:
     if bind and address.startswith("ipc://"):
         _bind_ipc(sock, address[len("ipc://"):])
     elif bind:
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as e:  # a bare "Address already in use" names neither the port nor its way out
+            raise ConfigError(f"cannot bind {address}: {e.strerror}. Another process holds the port; over tcp "
+                              "the engine binds --port + 1000 and the ports after it (pick another --port)") from e
     else:
         if address.startswith("tcp://"):
             check_resolves(address)

@@ -180,3 +180,18 @@ def test_asyncio_push_pull(plan):
             ctx.destroy(linger=0)
 
     assert asyncio.run(main()) == AbortRequest("r7")
+
+
+def test_a_tcp_port_held_by_another_process_is_named_on_bind(ctx):
+    import socket
+
+    from headrace.common.addresses import Endpoint
+    from headrace.common.config import ConfigError
+    from tests.headrace.server_process import free_port
+
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(ConfigError, match=f"cannot bind tcp://127.0.0.1:{port}: Address already in use"):
+            transport.pull_socket(ctx, Endpoint(f"tcp://127.0.0.1:{port}", "-"))
