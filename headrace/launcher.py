@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 from headrace.common.config import EngineConfig, ServerConfig
 from headrace.common.messages import Shutdown, WorkerFailed
+from headrace.common.ports import free_port_base
 
 log = logging.getLogger("headrace.launcher")
 
@@ -73,12 +73,6 @@ class Child:
     @property
     def name(self) -> str:
         return f"{self.kind}-{self.index}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_pipeline(config: EngineConfig) -> None:
@@ -135,7 +129,9 @@ def prepare_config(config: EngineConfig, log_fn=print, files: RuntimeFiles | Non
     check_devices(config.device, parallel.ranks_per_node, parallel.data_parallel_size)
     check_pipeline(config)
     if parallel.world_size > 1 and not parallel.dist_init_addr:
-        parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{_free_port()}")
+        # Replica d's ranks meet on this port + d (pipeline.replica_dist_init_addr): all of them free.
+        port = free_port_base(range(parallel.data_parallel_size))
+        parallel = dataclasses.replace(parallel, dist_init_addr=f"127.0.0.1:{port}")
     # Last: nothing is made on disk (a one-off key, the ipc folder) for a start that fails earlier.
     files = files if files is not None else RuntimeFiles()
     server = tcp_on_one_host(config.server, files, parallel.data_parallel_size)

@@ -35,7 +35,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from headrace.common.messages import (
     TokenizedRequest,
 )
 from headrace.common.models.resolve import resolve_engine_config
+from headrace.common.ports import free_port_base
 from headrace.common.sampling_params import SamplingParams
 from headrace.bench.metrics_summary import summarize
 
@@ -390,12 +390,6 @@ def _fake_engine(api_inbox: str, scheduler: str) -> None:
         ctx.destroy(linger=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(base_url: str, children: Children) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -455,7 +449,7 @@ API_CASES = (("GET /version (HTTP floor)", "version"), ("POST /v1/completions", 
 
 def api_overhead(num_requests: int, concurrency: int) -> list[dict[str, Any]]:
     """Latency and requests/s of the real api process against instant fake peers."""
-    port = _free_port()
+    port = free_port_base()
     rows = []
     with ipc_dir() as folder, Children() as children:
         config = resolve_engine_config(EngineConfig(

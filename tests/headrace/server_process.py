@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,43 +14,15 @@ from collections.abc import Iterator
 
 import httpx
 
+from headrace.common.ports import free_port_base
 
-ENGINE_PORT_OFFSET = 1000  # over tcp the engine's zmq ports are --port + 1000 + k (common.addresses)
-ENGINE_PORTS_CHECKED = 32
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+# Over tcp the engine's zmq ports are --port + 1000 + k (common.addresses): a test server's whole block is free.
+ENGINE_PORTS = (0, *range(1000, 1032))
 
 
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range, whose engine block (port + 1000 ...) is free and
-    below it too. A port the kernel hands out (bind to 0) can be taken, between this check and the engine's
-    bind, as the source port of any outgoing connection on the machine (the engine's own zmq dials
-    included), which made a tcp test fail now and then with 'Address already in use'."""
-    low, _ = _ephemeral_range()
-    top = min(low, 65536) - ENGINE_PORT_OFFSET - ENGINE_PORTS_CHECKED
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, max(top, 10001))
-        block = [port, *range(port + ENGINE_PORT_OFFSET, port + ENGINE_PORT_OFFSET + ENGINE_PORTS_CHECKED)]
-        if all(_bindable(p) for p in block):
-            return port
-    raise RuntimeError(f"no free port block found below the ephemeral range (starts at {low})")
+    """A free port below the kernel's ephemeral range, with the engine's tcp ports above it free too."""
+    return free_port_base(ENGINE_PORTS)
 
 
 def descendants(pid: int) -> list[int]:

@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from headrace.common.addresses import address_plan
 from headrace.common.config import EngineConfig
+from headrace.common.ports import free_port_base
 from headrace.services.api import errors
 from headrace.services.api.middleware import BodyLimitMiddleware
 from headrace.services.api.server import HTTP_PROTOCOL, bind_socket, build_server, openai_400_protocol, serve
@@ -39,10 +40,7 @@ def test_several_sockets_share_one_port():
 
 
 def _free_port() -> int:
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+    return free_port_base()
 
 
 def _main_command(config: EngineConfig) -> list[str]:
