@@ -158,6 +158,8 @@ def test_client_disconnect_aborts_the_request(server):
 def test_tokenizer_killed_mid_load(server):
     """Kill tokenizer-1 while requests run: the others finish, later requests succeed after the restart."""
     pid = server.child_pid("tokenizer-1")
+    # The api logs "api 0: tokenizer-i (identity) connected" and "... is gone (why)".
+    joined_before, gone_before = server.output.count(" connected"), server.output.count(" is gone (")
 
     async def one(aclient, i):
         try:
@@ -186,7 +188,15 @@ def test_tokenizer_killed_mid_load(server):
         if "started tokenizer-1 (pid" in server.output and server.child_pid("tokenizer-1") != pid:
             break
         time.sleep(0.5)
-    time.sleep(4)  # the api hears the new tokenizer's hello
+    # Until the api has dropped the dead tokenizer and heard the new one (a fixed wait was short on a loaded
+    # machine).
+    def swapped() -> bool:
+        out = server.output
+        return out.count(" is gone (") > gone_before and out.count(" connected") > joined_before
+
+    while time.monotonic() < deadline and not swapped():
+        time.sleep(0.2)
+    assert swapped(), server.output[-3000:]
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
         for i in range(6):
             assert c.completions.create(model=MODEL, prompt=f"Hello {i}", max_tokens=4).choices[0].text is not None
