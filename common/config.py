@@ -39,10 +39,15 @@ class ModelConfig:
     chat_template: str | None = None  # path of a Jinja file that overrides the model's template
     quantization: str | None = None
     seed: int = 0
+    # random:<preset> weights are N(0, random_init_std), norms 1: transformers' initializer_range by default. At
+    # real widths that makes attention near one-hot, where bf16 noise flips which key wins: logit checks of
+    # wide random models use a smaller std (bench/gpu_check.py).
+    random_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.max_model_len is None or self.max_model_len > 0, "--max-model-len must be positive")
+        _require(self.random_init_std > 0, "--random-init-std must be positive")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS,
                  f"--quantization {self.quantization!r} is not supported; choose one of {QUANTIZATION_METHODS} "
                  "(a GGUF file's own quantization is read from it: pass the .gguf path as --model)")

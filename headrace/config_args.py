@@ -67,6 +67,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _flag(g, "--chat-template", ModelConfig, help="a Jinja file that overrides the model's chat template")
     _flag(g, "--quantization", ModelConfig, choices=QUANTIZATION_METHODS)
     _flag(g, "--seed", ModelConfig, type=int)
+    _flag(g, "--random-init-std", ModelConfig, type=float, help="random:<preset> weights are N(0, this)")
     g = p.add_argument_group("cache")
     _flag(g, "--block-size", CacheConfig, type=int)
     _flag(g, "--gpu-memory-utilization", CacheConfig, type=float)

@@ -26,7 +26,7 @@ def load_hf_twin(config: EngineConfig, log=print):
         config = config.replace(model=dataclasses.replace(config.model, dtype="float32"), resolved=None)
     model = resolve_engine_config(config, log=log).require_resolved()
     dtype = resolve_dtype(config.model.dtype, device)
-    ours = load_model(model, device, dtype, seed=config.model.seed)
+    ours = load_model(model, device, dtype, seed=config.model.seed, init_std=config.model.random_init_std)
     # Built on the meta device and given our tensors (assign=True): one copy of the weights, not two, so a
     # model over half the GPU (Mixtral-8x7B, 94 GB) has its baseline in the same run.
     # Soft-capped attention (Gemma 2) has no SDPA form in transformers: eager there.

@@ -57,7 +57,7 @@ class DraftModel:
     def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, block_size: int) -> None:
         draft = config.resolved_draft
         assert draft is not None, "a draft-model config resolves its draft (resolve_engine_config)"
-        loaded = load_model(draft, device, dtype, seed=config.model.seed)
+        loaded = load_model(draft, device, dtype, seed=config.model.seed, init_std=config.model.random_init_std)
         self.model, self.arch, self.device, self.block_size = loaded.model, loaded.arch, device, block_size
         self.dtype = dtype
         self.name = draft.name

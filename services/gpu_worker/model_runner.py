@@ -64,7 +64,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = load_model(resolved, self.device, dtype, tp, seed=config.model.seed, quant=resolved.quantization,
-                            stage=stage.layers)
+                            stage=stage.layers, init_std=config.model.random_init_std)
         self.load_seconds = time.perf_counter() - t0
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         quant = resolved.quantization

@@ -105,8 +105,9 @@ def _moe_shapes(arch: ModelArch, prefix: str) -> Iterator[tuple[str, tuple[int, 
 
 
 def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torch.dtype,
-                   keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full tensors drawn on the device (no host round trip), N(0, 0.02) matrices and unit norms. Each
+                   keep: Callable[[str], bool] | None = None, std: float = 0.02
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full tensors drawn on the device (no host round trip), N(0, std) matrices and unit norms. Each
     tensor's generator is seeded from (seed, its index), so every TP rank slices the same full weights (and a
     pipeline stage, drawing only the tensors `keep` accepts, the same ones as a single stage)."""
     gen = torch.Generator(device=device)
@@ -117,18 +118,20 @@ def random_weights(arch: ModelArch, seed: int, device: torch.device, dtype: torc
             yield name, torch.ones(shape, dtype=dtype, device=device)
             continue
         gen.manual_seed(seed * 1_000_003 + index)
-        yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
 
 
 @torch.no_grad()
 def load_model(source: WeightsLocation, device: torch.device, dtype: torch.dtype, tp: TPGroup = SINGLE,
-               seed: int = 0, quant: QuantSpec | None = None, stage: StageLayers | None = None) -> LoadedModel:
-    """The model (a pipeline stage's part of it when `stage` says so: other stages' tensors are skipped)."""
+               seed: int = 0, quant: QuantSpec | None = None, stage: StageLayers | None = None,
+               init_std: float = 0.02) -> LoadedModel:
+    """The model (a pipeline stage's part of it when `stage` says so: other stages' tensors are skipped);
+    `seed` and `init_std` draw a random preset's weights."""
     hf_config = load_hf_config(source)
     arch = arch_from_hf_config(hf_config)
     model = LlamaForCausalLM(arch, tp, dtype, device, quant, stage)
     keep = lambda name: model._stage_name(name.removeprefix("model.")) is not None  # noqa: E731
-    weights = random_weights(arch, seed, device, dtype, keep) if source.kind == "random" else \
+    weights = random_weights(arch, seed, device, dtype, keep, init_std) if source.kind == "random" else \
         to_llama_names(arch, safetensors_weights(source.weights_dir))
     missing = model.expected_parameter_names() - model.load_weights(weights)
     if missing:
