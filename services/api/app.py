@@ -99,7 +99,8 @@ async def models(request: Request) -> dict[str, Any]:
 @openai_routes.post("/v1/completions", openapi_extra=openapi.request_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     body = await _read(request, CompletionRequest)
-    return await create_completion(_serving(request), body, request, _http_request(request, body.n))
+    return await create_completion(_serving(request), body, request,
+                                   _http_request(request, body.n, score_only=body.max_tokens == 0))
 
 
 @openai_routes.post("/v1/chat/completions", openapi_extra=openapi.request_body(ChatCompletionRequest))
@@ -170,9 +171,9 @@ async def prometheus_metrics(request: Request) -> Response:
 # --------------------------------------------------------------------------- bodies
 
 
-def _http_request(request: Request, n: int) -> HttpRequest:
+def _http_request(request: Request, n: int, score_only: bool = False) -> HttpRequest:
     """What the engine client records about the HTTP request behind its engine requests."""
-    return HttpRequest(getattr(request.state, "request_id", None), n)
+    return HttpRequest(getattr(request.state, "request_id", None), n, score_only)
 
 
 async def _read(request: Request, model: type[B]) -> B:

@@ -87,7 +87,8 @@ class Generation:
         self.tokenizer = tokenizer
         self.req_ids = [r.req_id for r in requests]
         self.records = [RequestRecord(r.req_id, arrival=now) for r in requests]
-        self.http = http if http.n >= 1 and len(requests) % http.n == 0 else HttpRequest(http.request_id)
+        self.http = http if http.n >= 1 and len(requests) % http.n == 0 else \
+            HttpRequest(http.request_id, score_only=http.score_only)
         self._queue: asyncio.Queue[tuple[int, TextDelta]] = asyncio.Queue()
         self._unfinished = set(range(len(requests)))  # not yet finished as delivered by the engine
         self._unread = len(requests)  # finished deltas the consumer has not taken yet

@@ -195,14 +195,15 @@ class Metrics:
     def observe(self, records: list[RequestRecord], http: HttpRequest) -> None:
         """One finished HTTP request (its engine requests' records): observe each, count usage, log a line."""
         for record in records:
-            self._observe(record)
+            self._observe(record, http.score_only)
         prompt, generated = usage_tokens(records, http.n)
+        generated = 0 if http.score_only else generated
         self.prompt_tokens.inc(prompt)
         self.generation_tokens.inc(generated)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info("%s", request_line(records, http, self.model_name, prompt, generated))
 
-    def _observe(self, record: RequestRecord) -> None:
+    def _observe(self, record: RequestRecord, score_only: bool = False) -> None:
         reason = record.finish_reason if record.finish_reason in FINISH_REASONS else "error"
         self.request_success[reason].inc()
         if record.e2e_latency is not None:
@@ -220,7 +221,7 @@ class Metrics:
         if record.num_preemptions:
             self.num_preemptions.inc(record.num_preemptions)
         self.request_prompt_tokens.observe(record.num_prompt_tokens)
-        self.request_generation_tokens.observe(record.num_output_tokens)
+        self.request_generation_tokens.observe(0 if score_only else record.num_output_tokens)
 
     # ------------------------------------------------------------------ GET /metrics
 

@@ -20,6 +20,9 @@ class HttpRequest:
 
     request_id: str | None = None
     n: int = 1
+    # max_tokens 0: the one token the engine generates to score the prompt is not output, so neither the
+    # response's usage nor the token metrics count it.
+    score_only: bool = False
 
 
 @dataclass

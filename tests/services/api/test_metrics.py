@@ -141,6 +141,22 @@ async def test_failed_and_aborted_requests_count_by_reason(stack, caplog):
     assert "finish_reason=abort" in leaver and "generation_tokens=1" in leaver
 
 
+async def test_a_score_only_request_generates_nothing_in_usage_or_metrics(stack):
+    """max_tokens 0 (echo with logprobs): the engine samples one token to score the prompt; the response
+    drops it, and the token counters count as the usage does."""
+    await stack.add_tokenizer(lambda req: [[delta(req.req_id, "a", 0, 1, finish_reason="length",
+                                                  prompt_tokens=4)]])
+    await stack.ready()
+    r = await stack.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0, "echo": True,
+                                                       "logprobs": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 0
+    m = samples((await stack.http.get("/metrics")).text)
+    assert value(m, "headrace:generation_tokens_total") == 0
+    assert value(m, "headrace:request_generation_tokens_sum") == 0
+    assert value(m, "headrace:prompt_tokens_total") == 4
+
+
 def test_token_buckets_and_usage_counting():
     assert one_two_five_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
     assert one_two_five_buckets(1024)[-3:] == [200, 500, 1000]
