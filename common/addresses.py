@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from headrace.common.config import ConfigError, EngineConfig, ServerConfig
 from headrace.common.ipc_dir import make_temp_dir, private_dir
+from headrace.common.ports import bind_error
 
 # Longest path a Unix domain socket accepts (sockaddr_un.sun_path is 108 bytes with the NUL on Linux).
 _MAX_IPC_PATH = 107
@@ -204,18 +205,12 @@ def check_resolves(address: str) -> None:
 def check_bindable(address: str) -> None:
     """A ConfigError naming the port when a tcp address to bind is taken on this host. Without it the owner
     (the scheduler, an api) dies on its bind after the others started, and the launcher restarts it until it
-    gives up; this says which port at once. SO_REUSEADDR as ZeroMQ sets it, so a closed connection still in
-    TIME_WAIT does not count as taken."""
+    gives up; this says which port at once."""
     host, port = tcp_host_port(address)
-    host = "" if host in ("*", "0.0.0.0") else host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"the engine's port {port} ({address}) cannot be bound: {e.strerror}. Over tcp the "
-                              "engine binds --port + 1000 and the ports after it; pick another --port") from None
+    error = bind_error(port, "" if host in ("*", "0.0.0.0") else host, reuse_addr=True)
+    if error is not None:
+        raise ConfigError(f"the engine's port {port} ({address}) cannot be bound: {error.strerror}. Over tcp the "
+                          "engine binds --port + 1000 and the ports after it; pick another --port")
 
 
 def _ipc(ipc_dir: str, name: str) -> Endpoint:

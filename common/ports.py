@@ -24,13 +24,22 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def bindable(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
+def bind_error(port: int, host: str = "127.0.0.1", reuse_addr: bool = False) -> OSError | None:
+    """Why a TCP socket cannot bind (host, port) now, or None when it can. `reuse_addr`: probe as ZeroMQ
+    binds (SO_REUSEADDR), so a closed connection still in TIME_WAIT does not count as taken. Host "" or
+    "0.0.0.0": every IPv4 interface; an IPv6 literal is probed over IPv6."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_addr:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as e:
+            return e
+    return None
+
+
+def bindable(port: int, host: str = "127.0.0.1") -> bool:
+    return bind_error(port, host) is None
 
 
 def free_port_base(offsets: Sequence[int] = (0,), attempts: int = 200) -> int:

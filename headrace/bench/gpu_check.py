@@ -63,18 +63,12 @@ def hf_model_with(runner, state: dict[str, torch.Tensor], dtype: torch.dtype, de
     refused when any of its weights would be left at their random init."""
     from transformers import AutoModelForCausalLM
 
-    hf_cfg, tied = runner.hf_config, runner.arch.tie_word_embeddings
-    # Soft-capped attention (Gemma 2) has no SDPA form in transformers: its eager attention is the oracle.
-    attn = "eager" if getattr(hf_cfg, "attn_logit_softcapping", None) else "sdpa"
+    from headrace.bench.hf_baseline import hf_attention, take_our_weights
+
     with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary" not in m and not (m == "lm_head.weight" and tied)]
-    if missing or unexpected:
-        raise RuntimeError(f"transformers' model does not take our weights: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    if tied:
-        hf.tie_weights()
+        hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=dtype,
+                                              attn_implementation=hf_attention(runner.hf_config))
+    take_our_weights(hf, state, runner.arch.tie_word_embeddings)
     return hf.eval()
 
 

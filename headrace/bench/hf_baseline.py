@@ -29,22 +29,32 @@ def load_hf_twin(config: EngineConfig, log=print):
     ours = load_model(model, device, dtype, seed=config.model.seed, init_std=config.model.random_init_std)
     # Built on the meta device and given our tensors (assign=True): one copy of the weights, not two, so a
     # model over half the GPU (Mixtral-8x7B, 94 GB) has its baseline in the same run.
-    # Soft-capped attention (Gemma 2) has no SDPA form in transformers: eager there.
-    attn = "eager" if getattr(ours.hf_config, "attn_logit_softcapping", None) else "sdpa"
     with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype, attn_implementation=attn)
-    missing, unexpected = hf.load_state_dict(export_hf_state_dict(ours.model), strict=False, assign=True)
-    # A tied LM head is the embedding itself; nothing else may be left at its random init.
-    missing = [m for m in missing if not (m == "lm_head.weight" and ours.arch.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"HF twin does not match our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if ours.arch.tie_word_embeddings:
-        hf.tie_weights()
+        hf = AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype,
+                                              attn_implementation=hf_attention(ours.hf_config))
+    take_our_weights(hf, export_hf_state_dict(ours.model), ours.arch.tie_word_embeddings, assign=True)
     _rebuild_computed_buffers(hf, device)
     del ours
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return hf.eval()
+
+
+def hf_attention(hf_config) -> str:
+    """transformers' attention implementation for an oracle of ours: soft-capped attention (Gemma 2) has no
+    SDPA form there, so eager; SDPA elsewhere."""
+    return "eager" if getattr(hf_config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def take_our_weights(hf, state: dict[str, torch.Tensor], tied: bool, assign: bool = False) -> None:
+    """Load our weights (under transformers' names) into `hf`; refused when any of its weights would be left
+    at its random init. A tied LM head is the embedding itself."""
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=assign)
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"HF twin does not match our weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        hf.tie_weights()
 
 
 def _rebuild_computed_buffers(hf, device: torch.device) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from headrace.bench.hf_baseline import take_our_weights
 from headrace.common.config import CacheConfig, EngineConfig, ModelConfig
 from headrace.common.messages import CachedRequestData, NewRequestData, StepPlan
 from headrace.common.sampling_params import SamplingParams
@@ -23,11 +24,7 @@ def hf_twin(runner: ModelRunner):
     # float32 on the runner's device, whatever the runner's dtype: the oracle.
     hf = AutoModelForCausalLM.from_config(runner.hf_config, dtype=torch.float32).to(runner.device)
     ours = {name: t.float() for name, t in export_hf_state_dict(runner.model).items()}
-    missing, unexpected = hf.load_state_dict(ours, strict=False)
-    assert not unexpected and all("rotary" in m or (m == "lm_head.weight" and runner.arch.tie_word_embeddings)
-                                  for m in missing), (missing, unexpected)
-    if runner.arch.tie_word_embeddings:
-        hf.tie_weights()
+    take_our_weights(hf, ours, runner.arch.tie_word_embeddings)
     return hf.eval()
 
 
